@@ -109,4 +109,11 @@ void decode(const uint8_t* buf, size_t len, void* out, DType out_dtype, uint64_t
 void decode_accumulate(const uint8_t* buf, size_t len, float* acc, uint64_t acc_numel,
                        int threads);
 
+// Kernel selection. The AVX2 path and the baseline path produce identical
+// bytes; forcing the baseline exists so tests can check exactly that. The
+// PEERLEARN_CODEC_SCALAR=1 environment variable forces it at start-up.
+bool simd_available();
+void set_simd(bool enabled);  // enabled=false forces the baseline kernels
+const char* simd_level();     // "avx2" or "baseline": what encode/decode use now
+
 }  // namespace plcodec
