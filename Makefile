@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 # Reinstall when the build inputs change: the native module is compiled here.
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	# torch pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test]'
