@@ -24,8 +24,6 @@ import time
 import torch
 
 SECRET = b"peerlearn-bench-secret-not-for-production"
-_PORT = 47311
-_RAW_PORT = 47312
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
@@ -40,9 +38,9 @@ def receiver(host: str, counts: list[int], numel: int, repeat: int) -> None:
     from peerlearn.transport.stream import LinkListener
 
     out = torch.empty(numel)
-    raw = socket.create_server((host, _RAW_PORT))
-    with LinkListener(host, _PORT, SECRET) as lst:
-        print("ready", flush=True)
+    raw = socket.create_server((host, 0))
+    with LinkListener(host, 0, SECRET) as lst:
+        print("ready", lst.address[1], raw.getsockname()[1], flush=True)
         conn, _ = raw.accept()
         for _ in range(1 + repeat):
             _recv_exact_into(conn, memoryview(out.numpy()).cast("B"))
@@ -57,7 +55,8 @@ def receiver(host: str, counts: list[int], numel: int, repeat: int) -> None:
     raw.close()
 
 
-def sender(host: str, counts: list[int], numel: int, repeat: int) -> dict:
+def sender(host: str, port: int, raw_port: int, counts: list[int], numel: int,
+           repeat: int) -> dict:
     from peerlearn.transport.stream import connect_link
 
     x = torch.randn(numel)
@@ -65,7 +64,7 @@ def sender(host: str, counts: list[int], numel: int, repeat: int) -> dict:
     deadline = time.monotonic() + 30
     while True:
         try:
-            raw = socket.create_connection((host, _RAW_PORT), timeout=5)
+            raw = socket.create_connection((host, raw_port), timeout=5)
             break
         except OSError:
             if time.monotonic() > deadline:
@@ -81,7 +80,7 @@ def sender(host: str, counts: list[int], numel: int, repeat: int) -> dict:
     raw.close()
     result = {"raw_socket_gbit_s": nbytes * 8 / min(raw_times[1:]) / 1e9, "striped": {}}
     for n in counts:
-        link = connect_link(host, _PORT, SECRET, n)
+        link = connect_link(host, port, SECRET, n)
         times = []
         for op in range(1 + repeat):
             t0 = time.perf_counter()
@@ -102,10 +101,11 @@ def _pair(popen, hosts: tuple[str, str], counts, numel, repeat) -> dict:
             "--counts", ",".join(map(str, counts)), "--numel", str(numel), "--repeat", str(repeat)]
     rx = popen(1, base + ["--role", "receiver"], stdout=subprocess.PIPE, text=True)
     try:
-        line = rx.stdout.readline()
-        if line.strip() != "ready":
+        line = rx.stdout.readline().split()
+        if len(line) != 3 or line[0] != "ready":
             raise RuntimeError(f"receiver did not start: {line!r}")
-        tx = popen(0, base + ["--role", "sender"], stdout=subprocess.PIPE, text=True)
+        tx = popen(0, base + ["--role", "sender", "--port", line[1], "--raw-port", line[2]],
+                   stdout=subprocess.PIPE, text=True)
         out, _ = tx.communicate(timeout=600)
         if tx.returncode != 0:
             raise RuntimeError(f"sender failed with exit code {tx.returncode}")
@@ -161,12 +161,14 @@ def _main() -> None:
     ap.add_argument("--counts", required=True)
     ap.add_argument("--numel", type=int, required=True)
     ap.add_argument("--repeat", type=int, required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--raw-port", type=int, default=0)
     a = ap.parse_args()
     counts = [int(c) for c in a.counts.split(",")]
     if a.role == "receiver":
         receiver(a.host, counts, a.numel, a.repeat)
     else:
-        print(json.dumps(sender(a.host, counts, a.numel, a.repeat)))
+        print(json.dumps(sender(a.host, a.port, a.raw_port, counts, a.numel, a.repeat)))
 
 
 if __name__ == "__main__":
