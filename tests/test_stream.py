@@ -319,3 +319,22 @@ def test_non_contiguous_and_wrong_dtype_are_refused(pair):
         pair.client.send(torch.randn(10, 10).t(), op_id=1)
     with pytest.raises(TypeError):
         pair.client.send(torch.arange(10), op_id=1)
+
+
+def test_socket_options_reach_every_connection():
+    import socket as s
+
+    from peerlearn.transport.stream import SocketOptions
+
+    opts = SocketOptions(sndbuf=1 << 20, rcvbuf=1 << 20, congestion="cubic")
+    with LinkListener("127.0.0.1", 0, SECRET, options=opts) as lst:
+        link = connect_link(*lst.address, SECRET, 2, options=opts)
+        server = lst.accept_link(timeout=5)
+        for sock in link._socks + server._socks:
+            # Linux doubles the requested size for bookkeeping overhead.
+            assert sock.getsockopt(s.SOL_SOCKET, s.SO_SNDBUF) == 2 << 20
+            assert sock.getsockopt(s.SOL_SOCKET, s.SO_RCVBUF) == 2 << 20
+            cc = sock.getsockopt(s.IPPROTO_TCP, s.TCP_CONGESTION, 16).rstrip(b"\0")
+            assert cc == b"cubic"
+        link.close()
+        server.close()
