@@ -82,6 +82,10 @@ Frame decode_frame(const uint8_t* in) {
   return f;
 }
 
+size_t elem_size(plcodec::DType d) {
+  return d == plcodec::DType::U8 ? 1 : plcodec::dtype_size(d);
+}
+
 uint32_t chunk_count(uint64_t numel, uint64_t chunk_elems) {
   uint64_t n = (numel + chunk_elems - 1) / chunk_elems;
   if (n > UINT32_MAX) throw StreamError(ErrorKind::PROTOCOL, "too many chunks");
@@ -239,13 +243,15 @@ SendOp::SendOp(std::vector<int> fds, Buffer src, SendOptions opt)
     : Op(std::move(fds), opt.timeout_s), src_(src), opt_(opt) {
   if (opt_.chunk_elems == 0 || opt_.chunk_elems > kMaxChunkElems)
     throw StreamError(ErrorKind::PROTOCOL, "chunk_elems out of range");
+  if (opt_.packed && src_.dtype == plcodec::DType::U8)
+    throw StreamError(ErrorKind::PROTOCOL, "bytes are sent raw, not through a codec");
   if (opt_.packed && plcodec::codec_uses_blocks(opt_.codec.codec) &&
       opt_.chunk_elems % opt_.codec.block_size != 0)
     throw StreamError(ErrorKind::PROTOCOL, "chunk_elems must be a multiple of the codec block");
   uint64_t max_payload = opt_.packed ? plcodec::packed_bytes(opt_.codec.codec, src_.dtype,
                                                              opt_.chunk_elems,
                                                              opt_.codec.block_size)
-                                     : opt_.chunk_elems * plcodec::dtype_size(src_.dtype);
+                                     : opt_.chunk_elems * elem_size(src_.dtype);
   if (max_payload > kMaxPayloadBytes)
     throw StreamError(ErrorKind::PROTOCOL, "a chunk would exceed the frame payload limit");
   n_chunks_ = chunk_count(src_.numel, opt_.chunk_elems);
@@ -262,7 +268,7 @@ SendOp::~SendOp() {
 
 void SendOp::conn_body(size_t conn) {
   const int fd = fds_[conn];
-  const size_t esize = plcodec::dtype_size(src_.dtype);
+  const size_t esize = elem_size(src_.dtype);
   std::vector<uint8_t> packed;
   if (opt_.packed)
     packed.resize(plcodec::packed_bytes(opt_.codec.codec, src_.dtype, opt_.chunk_elems,
@@ -360,7 +366,7 @@ uint64_t RecvOp::claim_chunk(uint64_t chunk_elems, uint32_t n_chunks, uint32_t s
 
 void RecvOp::conn_body(size_t conn) {
   const int fd = fds_[conn];
-  const size_t esize = plcodec::dtype_size(dst_.dtype);
+  const size_t esize = elem_size(dst_.dtype);
   std::vector<uint8_t> scratch;
   uint8_t hdr[kFrameHeaderBytes];
   uint32_t got = 0;

@@ -28,8 +28,9 @@ plcodec::DType dtype_of(const CpuArray& a) {
     if (d.code == (uint8_t)nb::dlpack::dtype_code::Float && d.bits == 16) return plcodec::DType::F16;
     if (d.code == (uint8_t)nb::dlpack::dtype_code::Bfloat && d.bits == 16)
       return plcodec::DType::BF16;
+    if (d.code == (uint8_t)nb::dlpack::dtype_code::UInt && d.bits == 8) return plcodec::DType::U8;
   }
-  throw nb::type_error("streams carry float32, bfloat16 or float16 tensors");
+  throw nb::type_error("streams carry float32, bfloat16, float16 or uint8 tensors");
 }
 
 plstream::Buffer buffer_of(const CpuArray& a) {

@@ -39,7 +39,7 @@ StreamProtocolError = _native.StreamProtocolError
 # 100 ms / 1 Gbit/s path with default buffers, 8 connections fill the link.
 DEFAULT_CONNS = 8
 DEFAULT_CHUNK_ELEMS = 1 << 18
-_STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _check_tensor(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
         raise TypeError("links carry CPU tensors")
     if t.dtype not in _STREAM_DTYPES:
-        raise TypeError(f"links carry float32, bfloat16 or float16 tensors, not {t.dtype}")
+        raise TypeError(f"links carry float32, bfloat16, float16 or uint8 tensors, not {t.dtype}")
     if not t.is_contiguous():
         raise ValueError("links need contiguous tensors (no hidden copy is made)")
     return t.reshape(-1)
