@@ -43,7 +43,7 @@ class WanEmulator:
 
     Each host has an access link of ``rate_mbit`` (one figure, or one per host; 0 means
     unlimited) in each direction, with a drop-tail queue of ``queue_bytes`` (default:
-    one bandwidth-delay product of that link, at least 8 packets of ``mtu``). Packets
+    one bandwidth-delay product of that link, at least 16 packets of ``mtu``). Packets
     are lost at random with probability ``loss``, reproducibly for a given ``seed``.
 
     Use as a context manager; on exit (also on an exception, Ctrl-C, or SIGTERM when
@@ -71,7 +71,7 @@ class WanEmulator:
         self.mtu = int(mtu)
         self._nice = forwarder_nice
         self._queue = [queue_bytes if queue_bytes is not None else
-                       max(int(r * 1e6 / 8 * self.rtt_ms / 1e3), 8 * self.mtu) for r in rates]
+                       max(int(r * 1e6 / 8 * self.rtt_ms / 1e3), 16 * self.mtu) for r in rates]
         tag = f"{_ns.NAME_PREFIX}{os.getpid()}-{id(self) & 0xFFFFFF:x}"
         self.hosts = [Host(i, f"{tag}-h{i}", f"{subnet}.{i + 1}", _IFNAME, float(r))
                       for i, r in enumerate(rates)]
