@@ -129,7 +129,11 @@ class WanEmulator:
         try:
             self._forwarder = subprocess.Popen(
                 [sys.executable, _FORWARDER, json.dumps(cfg)],
-                pass_fds=[*fds, theirs.fileno()], stdin=subprocess.DEVNULL)
+                pass_fds=[*fds, theirs.fileno()], stdin=subprocess.DEVNULL,
+                # Out of our process group, so a signal meant for the group (Ctrl-C,
+                # `timeout`) reaches us and we tear down in order, not the forwarder
+                # first under our feet.
+                start_new_session=True)
         finally:
             theirs.close()
         self._ctl = mine

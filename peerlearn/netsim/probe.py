@@ -34,8 +34,23 @@ def _emit(obj) -> None:
     print(json.dumps(obj), flush=True)
 
 
+# struct tcp_info's tcpi_bytes_received (u64): fixed in the Linux ABI since 4.1.
+_TCPI_BYTES_RECEIVED = 128
+
+
+def _kernel_received(socks) -> int:
+    return sum(struct.unpack_from("Q", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192),
+                                  _TCPI_BYTES_RECEIVED)[0] for s in socks)
+
+
 def sink(port: int, conns: int) -> None:
-    """Default socket buffers on purpose: the receive window is the kernel's choice."""
+    """Default socket buffers on purpose: the receive window is the kernel's choice.
+
+    Samples are (seconds since first data, bytes the kernel has received), both taken
+    at the same instant: a reader that falls behind on a busy machine does not skew
+    the rate, as counting bytes read would (data parked in the receive buffer would
+    later look like a burst above the link rate).
+    """
     lsock = socket.create_server(("0.0.0.0", port), backlog=conns)
     _ready()
     socks = [lsock.accept()[0] for _ in range(conns)]
@@ -62,10 +77,10 @@ def sink(port: int, conns: int) -> None:
             total += n
             per_conn[key.fileobj.fileno()] += n
             if now >= next_sample:
-                samples.append((now - t0, total))
+                samples.append((now - t0, _kernel_received(socks)))
                 next_sample = now + _SAMPLE_S
     if t0 is not None:
-        samples.append((time.monotonic() - t0, total))
+        samples.append((time.monotonic() - t0, _kernel_received(socks)))
     _emit({"bytes": total, "per_conn": list(per_conn.values()), "samples": samples})
 
 
