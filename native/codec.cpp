@@ -199,7 +199,7 @@ const char* codec_name(Codec c) {
   return valid_codec(uint8_t(c)) ? names[uint8_t(c)] : "?";
 }
 
-size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
+size_t dtype_size(DType d) { return d == DType::F32 ? 4 : d == DType::U8 ? 1 : 2; }
 
 bool codec_uses_blocks(Codec c) {
   return c != Codec::RAW && c != Codec::FP16 && c != Codec::BF16;

@@ -33,7 +33,9 @@
 
 namespace plcodec {
 
-enum class DType : uint8_t { F32 = 1, BF16 = 2, F16 = 3 };
+// U8 is raw bytes (e.g. already-packed buffers forwarded as they are): only
+// streams carry it; every codec function rejects it.
+enum class DType : uint8_t { F32 = 1, BF16 = 2, F16 = 3, U8 = 4 };
 
 enum class Codec : uint8_t {
   RAW = 0,          // the source bytes unchanged (dtype = src dtype)

@@ -1,0 +1,25 @@
+"""The command line: entry points exist and benchmarks print parseable JSON."""
+
+import json
+import subprocess
+import sys
+
+
+def peerlearn(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "peerlearn.cli.app", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_version():
+    r = peerlearn("--version")
+    assert r.returncode == 0 and r.stdout.startswith("peerlearn ")
+
+
+def test_bench_stream_prints_json_with_its_baseline():
+    r = peerlearn("bench", "stream", "--conns", "1,2", "--mbytes", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    lo = out["loopback"]
+    assert lo["raw_socket_gbit_s"] > 0
+    assert set(lo["striped"]) == {"1", "2"}
+    assert all(v["gbit_s"] > 0 for v in lo["striped"].values())
