@@ -228,11 +228,19 @@ static int enc_block(const float* x, uint32_t n, uint8_t* rec, const EncJob& j, 
       scale = a >= kTiny ? a : 0.0f;
       inv = a >= kTiny ? 64.0f / a : 0.0f;
       st32(rec, scale);
-      for (uint32_t i = 0; i < n; ++i) {
-        uint32_t u = f2u(x[i]);
-        float t = u2f(u & 0x7FFFFFFFu) * inv;
-        uint8_t c = j.sr ? e3m0_code_sr(t, urand(j.key, idx0 + i)) : e3m0_code(t);
-        tmp[i] = uint8_t(c | (c ? (u >> 31) << 3 : 0u));
+      // Separate loops so the deterministic one vectorises.
+      if (!j.sr) {
+        for (uint32_t i = 0; i < n; ++i) {
+          uint32_t u = f2u(x[i]);
+          uint32_t c = e3m0_code(u2f(u & 0x7FFFFFFFu) * inv);
+          tmp[i] = uint8_t(c | (c ? (u >> 31) << 3 : 0u));
+        }
+      } else {
+        for (uint32_t i = 0; i < n; ++i) {
+          uint32_t u = f2u(x[i]);
+          uint32_t c = e3m0_code_sr(u2f(u & 0x7FFFFFFFu) * inv, urand(j.key, idx0 + i));
+          tmp[i] = uint8_t(c | (c ? (u >> 31) << 3 : 0u));
+        }
       }
       pack_nibbles(tmp, n, rec + 4);
       return kOk;
@@ -241,12 +249,19 @@ static int enc_block(const float* x, uint32_t n, uint8_t* rec, const EncJob& j, 
       if ((st = enc_absmax<448>(x, n, scale, inv))) return st;
       st32(rec, scale);
       uint8_t* q = rec + 4;
-      for (uint32_t i = 0; i < n; ++i) {
-        uint32_t u = f2u(x[i] * inv);
-        uint32_t a = u & 0x7FFFFFFFu;
-        uint32_t c = j.sr ? sr_float(a, 3, 7, mix64(j.key + (idx0 + i) * kGolden)) : f2e4m3(a);
-        c = c > 0x7Eu ? 0x7Eu : c;
-        q[i] = uint8_t(c | (c ? (u >> 31) << 7 : 0u));
+      if (!j.sr) {
+        for (uint32_t i = 0; i < n; ++i) {
+          uint32_t u = f2u(x[i] * inv);
+          uint32_t c = f2e4m3(u & 0x7FFFFFFFu);
+          q[i] = uint8_t(c | (c ? (u >> 31) << 7 : 0u));
+        }
+      } else {
+        for (uint32_t i = 0; i < n; ++i) {
+          uint32_t u = f2u(x[i] * inv);
+          uint32_t c = sr_float(u & 0x7FFFFFFFu, 3, 7, mix64(j.key + (idx0 + i) * kGolden));
+          c = c > 0x7Eu ? 0x7Eu : c;
+          q[i] = uint8_t(c | (c ? (u >> 31) << 7 : 0u));
+        }
       }
       return kOk;
     }

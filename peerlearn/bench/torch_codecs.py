@@ -155,9 +155,10 @@ def _blocks_encode(codec: Codec, X: torch.Tensor, sr: bool, seed: int, first: in
     return torch.cat(parts, dim=1)
 
 
-def encode(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool = False,
-           seed: int = 0, element_offset: int = 0, b: torch.Tensor | None = None) -> bytes:
-    """Reference packed bytes for x (or x - b); raises ValueError on non-finite input."""
+def encode_payload(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool = False,
+                   seed: int = 0, element_offset: int = 0,
+                   b: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference payload (no header) for x (or x - b) as a 1-D uint8 tensor."""
     codec = Codec(codec)
     dtype = x.dtype
     v = x.reshape(-1).float()
@@ -168,9 +169,8 @@ def encode(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool
         raise ValueError("non-finite")
     sr = stochastic and codec != Codec.RAW
     if codec == Codec.RAW:
-        payload = (v.to(dtype) if b is not None else x.reshape(-1)).contiguous()
-        payload = payload.view(torch.uint8).numpy().tobytes()
-    elif codec in (Codec.FP16, Codec.BF16):
+        return (v.to(dtype) if b is not None else x.reshape(-1)).contiguous().view(torch.uint8)
+    if codec in (Codec.FP16, Codec.BF16):
         if sr:
             m, bias, inf = (10, 15, 0x7C00) if codec == Codec.FP16 else (7, 127, 0x7F80)
             bits = v.view(torch.int32).numpy().astype(np.uint32)
@@ -178,24 +178,31 @@ def encode(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool
             if (mag >= inf).any():
                 raise ValueError("overflow")
             h = (mag | ((bits >> 16) & 0x8000)).astype(np.uint16)
-            payload = h.tobytes()
-        else:
-            t = v.to(torch.float16 if codec == Codec.FP16 else torch.bfloat16)
-            if not torch.isfinite(t).all():
-                raise ValueError("overflow")
-            payload = t.view(torch.uint8).numpy().tobytes()
-    else:
-        bs = block_size
-        full = n // bs * bs
-        chunks = []
-        if full:
-            chunks.append(_blocks_encode(codec, v[:full].view(-1, bs), sr, seed, element_offset))
-        if n > full:
-            chunks.append(_blocks_encode(codec, v[full:].view(1, -1), sr, seed,
-                                         element_offset + full))
-        payload = b"".join(c.reshape(-1).numpy().tobytes() for c in chunks)
+            return torch.from_numpy(h.view(np.uint8))
+        t = v.to(torch.float16 if codec == Codec.FP16 else torch.bfloat16)
+        if not torch.isfinite(t).all():
+            raise ValueError("overflow")
+        return t.view(torch.uint8)
+    bs = block_size
+    full = n // bs * bs
+    chunks = []
+    if full:
+        chunks.append(_blocks_encode(codec, v[:full].view(-1, bs), sr, seed, element_offset))
+    if n > full:
+        chunks.append(_blocks_encode(codec, v[full:].view(1, -1), sr, seed, element_offset + full))
+    if not chunks:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat([c.reshape(-1) for c in chunks])
+
+
+def encode(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool = False,
+           seed: int = 0, element_offset: int = 0, b: torch.Tensor | None = None) -> bytes:
+    """Reference packed bytes for x (or x - b); raises ValueError on non-finite input."""
+    codec = Codec(codec)
+    body = encode_payload(x, codec, block_size, stochastic, seed, element_offset, b)
     bs_field = block_size if codec in BLOCK_CODECS else 0
-    return header(codec, dtype, n, bs_field, int(sr), len(payload)) + payload
+    sr = int(stochastic and codec != Codec.RAW)
+    return header(codec, x.dtype, x.numel(), bs_field, sr, body.numel()) + body.numpy().tobytes()
 
 
 _E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -230,14 +237,11 @@ def _blocks_decode(codec: Codec, R: torch.Tensor, n: int) -> torch.Tensor:
     return y if mn is None else mn + y
 
 
-def decode(packed: bytes) -> torch.Tensor:
-    """Reference float32 decode of a valid packed buffer (no validation)."""
-    codec, dt, _flags, _r, bs, _r2, n, _p = struct.unpack_from("<4sBBBBIIQQ", packed)[1:]
-    codec = Codec(codec)
-    body = torch.frombuffer(bytearray(packed[32:]), dtype=torch.uint8)
-    dtype = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}[dt]
+def decode_payload(body: torch.Tensor, codec: Codec, dtype: torch.dtype, n: int,
+                   bs: int) -> torch.Tensor:
+    """Reference float32 decode of a payload (1-D uint8 tensor), no validation."""
     if codec == Codec.RAW:
-        return body.view(dtype).float()
+        return body.view(dtype).to(torch.float32, copy=True)
     if codec == Codec.FP16:
         return body.view(torch.float16).float()
     if codec == Codec.BF16:
@@ -254,3 +258,11 @@ def decode(packed: bytes) -> torch.Tensor:
     if n % bs:
         out.append(_blocks_decode(codec, body[full * rec(bs):].view(1, -1), n % bs).reshape(-1))
     return torch.cat(out) if out else torch.empty(0)
+
+
+def decode(packed: bytes) -> torch.Tensor:
+    """Reference float32 decode of a valid packed buffer (no validation)."""
+    codec, dt, _flags, _r, bs, _r2, n, _p = struct.unpack_from("<4sBBBBIIQQ", packed)[1:]
+    body = torch.frombuffer(bytearray(packed[32:]), dtype=torch.uint8)
+    dtype = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}[dt]
+    return decode_payload(body, Codec(codec), dtype, n, bs)

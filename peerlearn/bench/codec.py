@@ -1,0 +1,93 @@
+"""Codec throughput: native kernels vs plain PyTorch vs a memory copy, in one run.
+
+All rates are GB/s of float32 *input* bytes (numel * 4), best of ``repeat``
+runs, so encode and decode figures compare directly with copying the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from peerlearn.bench import torch_codecs
+from peerlearn.wire import codecs as C
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _bench_codec(codec, x, dst, block_size, nt, repeat, torch_repeat, copy_s) -> dict:
+    numel = x.numel()
+    gb = numel * 4 / 1e9
+    out = torch.empty(C.packed_size(numel, codec, torch.float32, block_size), dtype=torch.uint8)
+    C.encode(x, codec, block_size=block_size, threads=nt, out=out)
+    enc_s = _best(lambda: C.encode(x, codec, block_size=block_size, threads=nt, out=out), repeat)
+    dec_s = _best(lambda: C.decode(out, out=dst, threads=nt), repeat)
+    body = out[C.HEADER_BYTES:]
+    t_enc = _best(lambda: torch_codecs.encode_payload(x, codec, block_size), torch_repeat)
+    t_dec = _best(lambda: torch_codecs.decode_payload(body, codec, torch.float32, numel,
+                                                      block_size), torch_repeat)
+    return {
+        "packed_bytes": out.numel(),
+        "encode_gbps": round(gb / enc_s, 3),
+        "decode_gbps": round(gb / dec_s, 3),
+        "torch_encode_gbps": round(gb / t_enc, 3),
+        "torch_decode_gbps": round(gb / t_dec, 3),
+        "encode_vs_torch": round(t_enc / enc_s, 2),
+        "decode_vs_torch": round(t_dec / dec_s, 2),
+        "encode_vs_memcpy": round(copy_s / enc_s, 3),
+        "decode_vs_memcpy": round(copy_s / dec_s, 3),
+    }
+
+
+def run(numel: int = 64 * 2**20, threads: int | None = None, repeat: int = 5,
+        torch_repeat: int = 2, block_size: int = 64, codecs=None) -> dict:
+    """Benchmark every codec (or ``codecs``) on ``numel`` random float32 values.
+
+    ``threads``: native thread count and torch's intra-op thread count for the
+    baseline and the copy (None: library defaults). Returns a JSON-ready dict.
+    """
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(numel, generator=g)
+        gb = numel * 4 / 1e9
+        dst = torch.empty_like(x)
+        dst.copy_(x)  # first touch outside the timing
+        copy_s = _best(lambda: dst.copy_(x), repeat)
+        nt = threads or 0
+        result = {
+            "numel": numel,
+            "block_size": block_size,
+            "threads": threads,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "simd": C.simd_level(),
+            "repeat": repeat,
+            "memcpy_gbps": round(gb / copy_s, 3),
+            "codecs": {},
+        }
+        for codec in codecs or list(C.Codec):
+            codec = C.Codec(codec)
+            result["codecs"][codec.name] = _bench_codec(codec, x, dst, block_size, nt, repeat,
+                                                        torch_repeat, copy_s)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run()))
