@@ -1,0 +1,165 @@
+"""The control plane: CURVE-encrypted zmq messages between peers (I/O only).
+
+Each peer binds one ROUTER socket and keeps one DEALER per peer it talks to.
+Admission happens in the CURVE handshake and the ZAP authenticator (see
+keys.py); a connection that fails either is counted in `refused_connections`.
+Every message is one frame: the sender's Ed25519 public key (32 bytes), then a
+control message (peerlearn.wire.control). The frame's CURVE User-Id must be
+the CURVE key derived from that Ed25519 key, so a member cannot speak in
+another's name; the sender's id comes from there, never from the message.
+
+Bad input is counted in `rejected_messages` and dropped: oversized frames
+(zmq's MAXMSGSIZE closes such connections), wrong frame counts, unbound keys,
+undecodable or invalid messages. Sending never blocks: a peer that cannot
+take more (its queue is at the high-water mark) loses the message, which the
+round logic tolerates like any lost datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+from peerlearn.state.identity import Identity, peer_id_of
+from peerlearn.transport import keys
+from peerlearn.wire import control as m
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 32 + m.MAX_MESSAGE_BYTES
+_FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _Admission:
+    """ZAP policy: any key in secret mode (CURVE already proved the secret),
+    else only the CURVE keys of allowlisted identities."""
+
+    def __init__(self, allowed: set[bytes] | None):
+        self.allowed = allowed
+        self.denied = 0
+
+    def callback(self, domain, z85_key) -> bool:
+        if self.allowed is None:
+            return True
+        ok = z85.decode(z85_key) in self.allowed
+        self.denied += not ok
+        return ok
+
+
+class ControlPlane:
+    """One peer's control sockets. Owned by one asyncio loop; close() joins everything."""
+
+    def __init__(self, identity: Identity, bind_host: str, port: int, *,
+                 secret: bytes | None = None, allowlist: list[bytes] | None = None,
+                 hwm: int = 1000):
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self._pub = identity.public_raw
+        self._curve_pub, self._curve_sec = keys.curve_keypair_from_ed25519(identity.private_key)
+        self._server_pub, server_sec = keys.swarm_server_keypair(secret, allowlist)
+        allowed = None
+        if not secret:
+            allowed = {keys.curve_public_from_ed25519(k) for k in allowlist}
+        self._admission = _Admission(allowed)
+        self._bound: dict[bytes, bytes] = {}  # Ed25519 key -> its CURVE key (cache)
+        self.ctx = zmq.asyncio.Context()
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self._admission)
+        self._router = self.ctx.socket(zmq.ROUTER)
+        self._router.curve_server = True
+        self._router.curve_secretkey = server_sec
+        self._router.curve_publickey = self._server_pub
+        self._router.maxmsgsize = MAX_FRAME
+        self._router.linger = 0
+        self._router.rcvhwm = hwm
+        self._router.bind(f"tcp://{bind_host}:{port}")
+        endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.port = int(endpoint.rsplit(":", 1)[1])
+        self._monitor = self._router.get_monitor_socket(_FAILED_HANDSHAKE)
+        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._hwm = hwm
+        self.failed_handshakes = 0
+        self.rejected_messages = 0
+        self.dropped_sends = 0
+
+    @property
+    def refused_connections(self) -> int:
+        return self.failed_handshakes + self._admission.denied
+
+    def _dealer(self, address: str) -> zmq.asyncio.Socket:
+        d = self._dealers.get(address)
+        if d is None:
+            d = self.ctx.socket(zmq.DEALER)
+            d.curve_serverkey = self._server_pub
+            d.curve_publickey = self._curve_pub
+            d.curve_secretkey = self._curve_sec
+            d.sndhwm = self._hwm
+            d.linger = 0
+            d.connect(f"tcp://{address}")
+            self._dealers[address] = d
+        return d
+
+    def send(self, address: str, msg) -> None:
+        """Queues msg for the peer at host:port; never blocks."""
+        try:
+            self._dealer(address).send(self._pub + m.encode(msg), flags=zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            self.dropped_sends += 1
+
+    def disconnect(self, address: str) -> None:
+        d = self._dealers.pop(address, None)
+        if d is not None:
+            d.close(linger=0)
+
+    def _sender_of(self, frame: zmq.Frame) -> str:
+        data = frame.bytes
+        pub = data[:32]
+        curve = self._bound.get(pub)
+        if curve is None:
+            curve = keys.curve_public_from_ed25519(pub)
+            if len(self._bound) < 65536:
+                self._bound[pub] = curve
+        if z85.encode(curve).decode() != frame.get("User-Id"):
+            raise m.MessageError("sender key is not bound to its connection")
+        return peer_id_of(pub)
+
+    async def recv(self) -> tuple[str, object]:
+        """The next valid message and its sender's id; invalid ones are counted and skipped."""
+        while True:
+            frames = await self._router.recv_multipart(copy=False)
+            if len(frames) != 2 or len(frames[1]) < 33:
+                self.rejected_messages += 1
+                continue
+            try:
+                sender = self._sender_of(frames[1])
+                return sender, m.decode(frames[1].bytes[32:])
+            except (m.MessageError, ValueError) as e:
+                self.rejected_messages += 1
+                log.debug("dropped a control message: %s", e)
+
+    async def watch_handshakes(self) -> None:
+        """Counts failed CURVE handshakes (strangers); run as a task until close()."""
+        try:
+            while True:
+                parse_monitor_message(await self._monitor.recv_multipart())
+                self.failed_handshakes += 1
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+
+    def close(self) -> None:
+        for d in self._dealers.values():
+            d.close(linger=0)
+        self._dealers.clear()
+        self._router.disable_monitor()
+        self._monitor.close(linger=0)
+        self._router.close(linger=0)
+        self._auth.stop()
+        self.ctx.term()

@@ -1,0 +1,76 @@
+"""Key material for the control plane, derived from what a peer already has.
+
+A peer's CURVE (X25519) key pair is derived from its Ed25519 identity the
+standard way (the private scalar from SHA-512 of the seed; the public point by
+the Edwards-to-Montgomery map), so anyone holding a peer's Ed25519 public key
+can compute the CURVE key it will present, and an allowlist of Ed25519 keys is
+enough for the ZAP authenticator.
+
+The swarm's CURVE *server* key pair is shared by every peer of a swarm:
+  * secret mode: derived from the swarm secret. A CURVE client must know the
+    server's public key to complete the handshake, and that key never crosses
+    the wire, so a stranger without the secret cannot even connect.
+  * allowlist mode: derived from the sorted allowlist (public); admission is
+    then decided by the ZAP authenticator on the client's key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+_P = 2**255 - 19
+
+
+def _raw_private(k: X25519PrivateKey) -> bytes:
+    return k.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                           serialization.NoEncryption())
+
+
+def _raw_public(k: X25519PrivateKey) -> bytes:
+    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _clamp(scalar: bytes) -> bytes:
+    b = bytearray(scalar[:32])
+    b[0] &= 248
+    b[31] &= 127
+    b[31] |= 64
+    return bytes(b)
+
+
+def curve_keypair_from_ed25519(key: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """(public, secret), 32 raw bytes each, for this identity's CURVE sockets."""
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+    x = X25519PrivateKey.from_private_bytes(_clamp(hashlib.sha512(seed).digest()))
+    return _raw_public(x), _raw_private(x)
+
+
+def curve_public_from_ed25519(public_raw: bytes) -> bytes:
+    """The Montgomery u = (1 + y) / (1 - y) of an Ed25519 public key (32 raw bytes).
+
+    Raises ValueError for a key that is not a valid point encoding.
+    """
+    if len(public_raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    y = int.from_bytes(public_raw, "little") & ((1 << 255) - 1)
+    if y >= _P or y == 1:
+        raise ValueError("not an Ed25519 public key")
+    u = (1 + y) * pow(1 - y, _P - 2, _P) % _P
+    return u.to_bytes(32, "little")
+
+
+def swarm_server_keypair(secret: bytes | None, allowlist: list[bytes] | None) -> tuple[bytes, bytes]:
+    """The CURVE server key pair every peer of the swarm binds with."""
+    if secret:
+        seed = hashlib.sha256(b"peerlearn-control-server\0" + secret).digest()
+    elif allowlist:
+        seed = hashlib.sha256(b"peerlearn-allowlist-server\0" + b"".join(sorted(allowlist))).digest()
+    else:
+        raise ValueError("a swarm needs a secret or an allowlist")
+    x = X25519PrivateKey.from_private_bytes(seed)
+    return _raw_public(x), _raw_private(x)
