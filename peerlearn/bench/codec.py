@@ -26,6 +26,33 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
+def _simple_int8_encode(x: torch.Tensor, block_size: int):
+    """The textbook vectorised absmax int8 codec (scales and codes apart, no packing):
+    what a PyTorch user would write, and the baseline the issue's figures quote."""
+    b = x.view(-1, block_size)
+    scale = b.abs().amax(1, keepdim=True) / 127
+    q = torch.round(b / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _simple_int8_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float() * scale).view(-1)
+
+
+def _bench_simple_int8(x, block_size, torch_repeat, enc_s, dec_s) -> dict:
+    gb = x.numel() * 4 / 1e9
+    usable = x[: x.numel() // block_size * block_size]
+    q, scale = _simple_int8_encode(usable, block_size)
+    t_enc = _best(lambda: _simple_int8_encode(usable, block_size), torch_repeat)
+    t_dec = _best(lambda: _simple_int8_decode(q, scale), torch_repeat)
+    return {
+        "torch_simple_encode_gbps": round(gb / t_enc, 3),
+        "torch_simple_decode_gbps": round(gb / t_dec, 3),
+        "encode_vs_torch_simple": round(t_enc / enc_s, 2),
+        "decode_vs_torch_simple": round(t_dec / dec_s, 2),
+    }
+
+
 def _bench_codec(codec, x, dst, block_size, nt, repeat, torch_repeat, copy_s) -> dict:
     numel = x.numel()
     gb = numel * 4 / 1e9
@@ -37,7 +64,10 @@ def _bench_codec(codec, x, dst, block_size, nt, repeat, torch_repeat, copy_s) ->
     t_enc = _best(lambda: torch_codecs.encode_payload(x, codec, block_size), torch_repeat)
     t_dec = _best(lambda: torch_codecs.decode_payload(body, codec, torch.float32, numel,
                                                       block_size), torch_repeat)
+    extra = _bench_simple_int8(x, block_size, torch_repeat, enc_s, dec_s) \
+        if codec == C.Codec.INT8_ABSMAX else {}
     return {
+        **extra,
         "packed_bytes": out.numel(),
         "encode_gbps": round(gb / enc_s, 3),
         "decode_gbps": round(gb / dec_s, 3),
