@@ -83,8 +83,11 @@ def load(path: str | Path) -> SharedState:
             ok = False
         if not ok:
             raise CheckpointError(f"{path}: malformed tensor entry {str(t)[:80]}")
+        if nbytes == 0:
+            state.tensors[name] = torch.empty(shape, dtype=dt)
+            continue
         raw = torch.frombuffer(bytearray(payload[off:off + nbytes]), dtype=torch.uint8)
-        state.tensors[name] = raw.view(dt).reshape(shape) if nbytes else torch.empty(shape, dtype=dt)
+        state.tensors[name] = raw.view(dt).reshape(shape)
     if state.state_hash() != digest:
         raise CheckpointError(f"{path}: state hash does not match its contents")
     return state
