@@ -337,3 +337,54 @@ def test_socket_options_reach_every_connection():
             assert cc == b"cubic"
         link.close()
         server.close()
+
+
+def test_packed_transfer_equals_encode_then_decode(pair):
+    from peerlearn.wire import codecs as C
+
+    x = torch.randn(300_000)
+    expect = C.decode(C.encode(x, C.Codec.INT8_ABSMAX, block_size=64))
+    y = torch.empty_like(x)
+    r = in_thread(pair.server.recv_into, y, op_id=5)
+    sent = pair.client.send(x, op_id=5, codec=C.Codec.INT8_ABSMAX, block_size=64,
+                            chunk_elems=64 * 1000)
+    r.result()
+    assert torch.equal(y, expect)  # chunked encoding == whole encoding, byte for byte
+    assert sent.bytes_on_wire < x.numel() * 4 / 3  # about a quarter of fp32, plus scales
+
+
+def test_packed_accumulate_and_stochastic_rounding_are_deterministic(pair):
+    from peerlearn.wire import codecs as C
+
+    x = torch.randn(100_000)
+    acc = torch.ones(100_000)
+    expect = torch.ones(100_000)
+    C.decode_accumulate(C.encode(x, C.Codec.INT4_ABSMAX, block_size=32, stochastic=True,
+                                 seed=11), expect)
+    r = in_thread(pair.server.recv_into, acc, op_id=6, accumulate=True)
+    pair.client.send(x, op_id=6, codec=C.Codec.INT4_ABSMAX, block_size=32, stochastic=True,
+                     seed=11, chunk_elems=32 * 77)
+    r.result()
+    assert torch.equal(acc, expect)
+
+
+def test_corrupt_packed_chunk_is_a_protocol_error(pair):
+    from peerlearn.wire import codecs as C
+
+    packed = C.encode(torch.randn(4), C.Codec.INT8_ABSMAX, block_size=4).numpy().tobytes()
+    bad = packed[:4] + b"\x63" + packed[5:]  # unknown codec id
+    err = _hostile(pair, frame(flags=1, dtype=0, payload_len=len(bad)) + bad)
+    assert isinstance(err, StreamProtocolError) and "codec" in str(err).lower()
+
+
+def test_non_finite_input_fails_the_send(pair):
+    from peerlearn.wire import codecs as C
+
+    x = torch.randn(1000)
+    x[500] = float("nan")
+    y = torch.empty_like(x)
+    r = in_thread(pair.server.recv_into, y, op_id=8)
+    with pytest.raises(StreamProtocolError, match="(?i)finite"):
+        pair.client.send(x, op_id=8, codec=C.Codec.INT8_ABSMAX)
+    with pytest.raises(StreamError):
+        r.result()
