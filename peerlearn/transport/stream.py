@@ -19,6 +19,7 @@ Ownership and failure:
 from __future__ import annotations
 
 import secrets
+import select
 import socket
 import threading
 import time
@@ -182,6 +183,26 @@ class Link:
             return stats
         finally:
             self._release("_receiving", failed)
+
+    def healthy(self) -> bool:
+        """False if the link is broken, closed, or the other end has closed any socket.
+
+        Cheap (a zero-timeout poll per socket); a link that passes can still
+        fail at the next transfer, which then raises as usual.
+        """
+        if self.broken or self.closed:
+            return False
+        for s in self._socks:
+            r, _, _ = select.select([s], [], [], 0)
+            if r:
+                try:
+                    if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                        return False
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return False
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -93,11 +93,59 @@ def _peers(v) -> tuple[PeerInfo, ...]:
     return out
 
 
+_DTYPE_NAMES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
+MAX_TENSORS = 4096
+MAX_DIMS = 8
+ROLES = ("coordinator", "member", "joiner", "dead")
+
+
+def _tensors(v) -> tuple[tuple, ...]:
+    """A state manifest: [[name, dtype, shape, xxh64], ...]."""
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        raise MessageError(f"manifest must be a list of at most {MAX_TENSORS}")
+    out = []
+    for e in v:
+        if not isinstance(e, list) or len(e) != 4:
+            raise MessageError("manifest entry must be [name, dtype, shape, hash]")
+        name, dtype, shape, h = e
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_ADDR_CHARS:
+            raise MessageError("tensor name must be 1..256 characters")
+        if dtype not in _DTYPE_NAMES:
+            raise MessageError(f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+                any(type(d) is not int or not 0 <= d < 2**40 for d in shape):
+            raise MessageError("bad tensor shape")
+        out.append((name, dtype, tuple(shape), _u64(h)))
+    if len({e[0] for e in out}) != len(out):
+        raise MessageError("manifest has duplicate names")
+    return tuple(out)
+
+
+def _status_rows(v) -> tuple[tuple, ...]:
+    """[[id, control, data, role, step, state_hash, alive], ...]."""
+    if not isinstance(v, list) or len(v) > MAX_MEMBERS:
+        raise MessageError("status must be a list")
+    out = []
+    for e in v:
+        if not isinstance(e, list) or len(e) != 7 or e[3] not in ROLES:
+            raise MessageError("bad status row")
+        out.append((_peer_id(e[0]), _addr(e[1]), _addr(e[2]), e[3], _u64(e[4]), _hash(e[5]),
+                    _flag(e[6])))
+    return tuple(out)
+
+
+def _part(v) -> int:
+    if type(v) is not int or not 0 <= v < 256:
+        raise MessageError("part out of range")
+    return v
+
+
 # field name -> validator; the wire form of ids/peers is a list.
 _CHECKS = {
     "epoch": _u64, "round_id": _u64, "term": _u64, "step": _u64,
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
+    "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
 }
 
 
@@ -189,9 +237,50 @@ class Abort:
     round_id: int
 
 
+@dataclass(frozen=True)
+class StateRequest:
+    """Send me, over your data link to me, the tensors i of state (step, state_hash)
+    with i % parts == part (in name order)."""
+
+    step: int
+    state_hash: bytes
+    part: int
+    parts: int
+
+
+@dataclass(frozen=True)
+class StateOffer:
+    """I hold that state; here is its whole manifest. Tensor i follows as op SYNC_OP + i."""
+
+    step: int
+    state_hash: bytes
+    part: int
+    parts: int
+    tensors: tuple[tuple, ...]
+
+
+@dataclass(frozen=True)
+class StateRefused:
+    step: int
+    state_hash: bytes
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Tell me the swarm as you see it; answer to reply_to (host:port)."""
+
+    reply_to: str
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    peers: tuple[tuple, ...]
+
+
 MESSAGES = {
     cls.__name__.lower(): cls
-    for cls in (Heartbeat, Join, Welcome, Leave, Ready, Propose, Ack, Commit, Done, Apply, Abort)
+    for cls in (Heartbeat, Join, Welcome, Leave, Ready, Propose, Ack, Commit, Done, Apply, Abort,
+                StateRequest, StateOffer, StateRefused, StatusRequest, StatusReply)
 }
 _TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
 
@@ -204,7 +293,9 @@ def encode(msg) -> bytes:
         if isinstance(v, PeerInfo):
             v = v.to_wire()
         elif isinstance(v, tuple):
-            v = [x.to_wire() if isinstance(x, PeerInfo) else x for x in v]
+            v = [x.to_wire() if isinstance(x, PeerInfo)
+                 else [list(y) if isinstance(y, tuple) else y for y in x] if isinstance(x, tuple)
+                 else x for x in v]
         body[f.name] = v
     data = msgpack.packb(body, use_bin_type=True)
     if len(data) > MAX_MESSAGE_BYTES:
@@ -221,7 +312,7 @@ def decode(data: bytes):
     try:
         body = msgpack.unpackb(
             data, raw=False, strict_map_key=True, max_str_len=MAX_ADDR_CHARS,
-            max_bin_len=64, max_array_len=MAX_MEMBERS, max_map_len=16, max_ext_len=0,
+            max_bin_len=64, max_array_len=MAX_TENSORS, max_map_len=16, max_ext_len=0,
         )
     except Exception as e:  # msgpack raises a zoo of types for hostile input
         raise MessageError(f"not a valid msgpack message: {type(e).__name__}") from None
