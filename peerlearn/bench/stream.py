@@ -6,7 +6,11 @@ pays: syscalls, framing, reassembly and the kernel's TCP.
 
 For each connection count the sender opens a fresh link, warms it up with one
 transfer (TCP slow start is a property of a new connection, not of the path)
-and then times `repeat` transfers of `mbytes`; the best is reported. The raw
+and then times `repeat` transfers of `mbytes`; the best is reported. A
+transfer's time runs from the sender's first byte to the receiver holding the
+last one: the receiver answers with its CLOCK_MONOTONIC reading, which both
+processes share (they run on one machine), so the answer's own trip back is
+not counted. The raw
 baseline is one plain TCP socket moving the same bytes with sendall/recv_into,
 no framing and no peerlearn code on the path.
 """
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -44,15 +49,26 @@ def receiver(host: str, counts: list[int], numel: int, repeat: int) -> None:
         conn, _ = raw.accept()
         for _ in range(1 + repeat):
             _recv_exact_into(conn, memoryview(out.numpy()).cast("B"))
-            conn.sendall(b"k")
+            conn.sendall(struct.pack("<d", time.monotonic()))
         conn.close()
         for _ in counts:
             link = lst.accept_link(timeout=60)
             for op in range(1 + repeat):
                 link.recv_into(out, op_id=op, timeout=120)
-                link._socks[0].sendall(b"k")  # ack after the op: the sender's clock stops here
+                link._socks[0].sendall(struct.pack("<d", time.monotonic()))
             link.close()
     raw.close()
+
+
+def _done_at(sock: socket.socket) -> float:
+    """The receiver's clock when it held the last byte."""
+    return struct.unpack("<d", _recv_bytes(sock, 8))[0]
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_exact_into(sock, memoryview(buf))
+    return bytes(buf)
 
 
 def sender(host: str, port: int, raw_port: int, counts: list[int], numel: int,
@@ -73,20 +89,18 @@ def sender(host: str, port: int, raw_port: int, counts: list[int], numel: int,
     raw.settimeout(None)
     raw_times = []
     for _ in range(1 + repeat):
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         raw.sendall(memoryview(x.numpy()).cast("B"))
-        raw.recv(1)
-        raw_times.append(time.perf_counter() - t0)
+        raw_times.append(_done_at(raw) - t0)
     raw.close()
     result = {"raw_socket_gbit_s": nbytes * 8 / min(raw_times[1:]) / 1e9, "striped": {}}
     for n in counts:
         link = connect_link(host, port, SECRET, n)
         times = []
         for op in range(1 + repeat):
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             link.send(x, op_id=op, timeout=120)
-            link._socks[0].recv(1)
-            times.append(time.perf_counter() - t0)
+            times.append(_done_at(link._socks[0]) - t0)
         link.close()
         result["striped"][str(n)] = {
             "gbit_s": nbytes * 8 / min(times[1:]) / 1e9,

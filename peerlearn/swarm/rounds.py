@@ -1,0 +1,469 @@
+"""Membership and round agreement, sans-IO.
+
+`RoundCore` is one peer's view of the swarm. It takes messages and the time as
+inputs and returns actions; it never touches a socket or a clock, so every
+failure (a dead coordinator, a partition, a peer that hangs) is a unit test
+with injected time. The daemon moves its messages and runs its actions.
+
+Model (docs/swarm.md has the reasoning):
+  * The *view* is the set of peers that took part in the last applied round.
+    Only the view's members count towards a quorum: a round is proposed only
+    among peers holding a strict majority of the view, so when the swarm is
+    cut in two at most one side advances the shared step.
+  * Failure detection is by silence: any message from a peer refreshes it; a
+    peer silent for `dead_after` is dead (SIGKILL and SIGSTOP look the same);
+    a Leave makes it dead at once.
+  * The coordinator is the live view member with the smallest id. There is
+    no election: when it dies, everyone's detector agrees on the next one
+    within `dead_after`, which takes over with a higher term. Killing it costs
+    at most the round in flight.
+  * A round: members broadcast Ready(step, hash); the coordinator picks the
+    (step, hash) held by a majority of the view, proposes the round to the
+    peers holding exactly that state (late joiners included), commits when
+    every one of them acked, and the driver runs the collective. Each
+    participant reports Done; Apply follows only if all were ok, else Abort:
+    a result is complete or it is discarded, never partial. A participant
+    keeps its result until Apply or Abort; if the coordinator dies in
+    between, its successor asks again and applies if anyone had applied.
+  * Peers whose state differs from the majority's are not proposed; they get
+    SyncNeeded and fetch the state, then send Ready again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peerlearn.wire import control as m
+
+ZERO_HASH = b"\0" * 8
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    heartbeat_every: float = 0.5
+    dead_after: float = 3.0  # silence after which a peer is dead
+    gather: float = 5.0  # after the first Ready, how long to wait for the rest
+    ack: float = 3.0  # Propose -> every Ack
+    collective: float = 300.0  # Commit -> every Done
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True)
+class Send:
+    to: str
+    msg: object
+
+
+@dataclass(frozen=True)
+class StartCollective:
+    """Run the collective for round_id among participants (sorted; ring order)."""
+
+    round_id: int
+    step: int
+    participants: tuple[str, ...]
+    members: tuple[m.PeerInfo, ...]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """Apply the held result of round_id; the shared state moves to step + 1."""
+
+    round_id: int
+    step: int
+
+
+@dataclass(frozen=True)
+class DiscardResult:
+    round_id: int
+
+
+@dataclass(frozen=True)
+class SyncNeeded:
+    """My state is not the swarm's: fetch (step, state_hash) from donors."""
+
+    step: int
+    state_hash: bytes
+    donors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ViewChanged:
+    epoch: int
+    members: tuple[str, ...]
+
+
+# ------------------------------------------------------------------ core
+
+
+@dataclass
+class _Round:
+    """A round this peer coordinates."""
+
+    propose: m.Propose
+    since: float
+    acks: set[str]
+    commit: m.Commit | None = None
+    done: dict[str, m.Done] | None = None
+
+
+class RoundCore:
+    """One peer's membership and round state. Not thread-safe: one driver owns it."""
+
+    def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
+                 founder: bool = False, step: int = 0, state_hash: bytes = ZERO_HASH):
+        self.me = me
+        self.t = timeouts
+        self.epoch = 0
+        self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
+        self.known: dict[str, m.PeerInfo] = {me.id: me}
+        self.step = step
+        self.state_hash = state_hash
+        self.synced = founder  # a joiner has no shared state until it syncs
+        self.term = 0
+        self.max_round_id = 0
+        self.last_heard: dict[str, float] = {}
+        self.left: set[str] = set()
+        self.beats: dict[str, m.Heartbeat] = {}
+        self.readies: dict[str, m.Ready] = {}
+        self.first_ready_at: float | None = None
+        self.my_ready: m.Ready | None = None
+        self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
+        self.observed: m.Commit | None = None  # latest undecided commit seen
+        self.active: m.Commit | None = None  # ...when I am one of its participants
+        self.my_done: m.Done | None = None
+        self.done_sent_at = -1e18
+        self.leading: _Round | None = None
+        self.last_beat_at = -1e18
+        self.last_dead_beat_at = -1e18
+        self.sync_requested: tuple[int, bytes] | None = None
+        self.rejected = 0  # messages dropped as invalid in context
+
+    # ---------------------------------------------------------- queries
+
+    def alive(self, peer: str, now: float) -> bool:
+        if peer == self.me.id:
+            return True
+        if peer in self.left:
+            return False
+        heard = self.last_heard.get(peer)
+        return heard is not None and now - heard <= self.t.dead_after
+
+    def coordinator(self, now: float) -> str | None:
+        live = [p for p in self.members if self.alive(p, now)]
+        return min(live) if live else None
+
+    def is_coordinator(self, now: float) -> bool:
+        return self.coordinator(now) == self.me.id
+
+    def _quorum(self, ids) -> bool:
+        return 2 * len(set(ids) & set(self.members)) > len(self.members)
+
+    def _broadcast(self, msg, now: float) -> list:
+        return [Send(p, msg) for p in sorted(self.known)
+                if p != self.me.id and (self.alive(p, now) or p not in self.last_heard)]
+
+    # ---------------------------------------------------------- inputs
+
+    def join_via(self, contact: str) -> list:
+        """Start joining through a live member (its id as the transport knows it)."""
+        return [Send(contact, m.Join(self.me))]
+
+    def local_ready(self, now: float, step: int, state_hash: bytes) -> list:
+        """The driver's update for `step` is ready and its state hashes to state_hash."""
+        self.step, self.state_hash, self.synced = step, state_hash, True
+        self.my_ready = m.Ready(step, state_hash, self.me)
+        out = self._broadcast(self.my_ready, now)
+        return out + self.receive(now, self.me.id, self.my_ready)
+
+    def state_synced(self, step: int, state_hash: bytes) -> None:
+        """The driver fetched and verified the state (step, state_hash)."""
+        self.step, self.state_hash, self.synced = step, state_hash, True
+        self.sync_requested = None
+
+    def result_applied(self, step: int, state_hash: bytes) -> None:
+        """After ApplyResult: the driver's new state and its hash."""
+        self.step, self.state_hash = step, state_hash
+
+    def collective_finished(self, now: float, round_id: int, ok: bool,
+                            result_hash: bytes = ZERO_HASH) -> list:
+        if self.active is None or self.active.round_id != round_id:
+            return []
+        self.my_done = m.Done(round_id, ok, result_hash)
+        self.done_sent_at = now
+        coord = self.coordinator(now)
+        if coord is None:
+            return []
+        return [Send(coord, self.my_done)] if coord != self.me.id else \
+            self.receive(now, self.me.id, self.my_done)
+
+    def leave(self, now: float) -> list:
+        return self._broadcast(m.Leave(), now)
+
+    def receive(self, now: float, sender: str, msg) -> list:
+        """One validated message from an authenticated sender."""
+        if sender != self.me.id:
+            self.last_heard[sender] = now
+            self.left.discard(sender)
+        handler = getattr(self, "_on_" + type(msg).__name__.lower())
+        return handler(now, sender, msg)
+
+    def tick(self, now: float) -> list:
+        out: list = []
+        if now - self.last_beat_at >= self.t.heartbeat_every:
+            self.last_beat_at = now
+            beat = m.Heartbeat(self.epoch, self.step, self.state_hash, self.synced, self.me)
+            out += self._broadcast(beat, now)
+            # Peers we think dead still hear from us now and then: that is how
+            # the two sides of a healed partition find each other again.
+            if now - self.last_dead_beat_at >= self.t.dead_after:
+                self.last_dead_beat_at = now
+                out += [Send(p, beat) for p in sorted(self.known)
+                        if p != self.me.id and not self.alive(p, now) and p in self.last_heard]
+        self._forget_long_gone(now)
+        out += self._check_sync(now)
+        if self.is_coordinator(now):
+            out += self._lead(now)
+        elif self.leading is not None:
+            self.leading = None  # someone with a smaller id is back; let it lead
+        coord = self.coordinator(now)
+        if self.my_done is not None and coord not in (None, self.me.id) and \
+                now - self.done_sent_at >= self.t.heartbeat_every:
+            # Keep telling whoever leads now: a new coordinator needs it to end the round.
+            self.done_sent_at = now
+            out.append(Send(coord, self.my_done))
+        return out
+
+    def _forget_long_gone(self, now: float) -> None:
+        gone = [p for p, t in self.last_heard.items()
+                if p not in self.members and now - t > 10 * self.t.dead_after]
+        for p in gone:
+            for d in (self.last_heard, self.known, self.beats, self.readies):
+                d.pop(p, None)
+            self.left.discard(p)
+
+    # ---------------------------------------------------------- handlers
+
+    def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
+        if msg.peer.id != sender:
+            self.rejected += 1
+            return []
+        self.known.setdefault(sender, msg.peer)
+        self.beats[sender] = msg
+        return []
+
+    def _on_join(self, now, sender, msg: m.Join) -> list:
+        if msg.peer.id != sender:
+            self.rejected += 1
+            return []
+        self.known[sender] = msg.peer
+        return [Send(sender, m.Welcome(self.epoch, self.step, tuple(self.members.values())))]
+
+    def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
+        if self.members:
+            return []
+        for p in msg.members:
+            self.known.setdefault(p.id, p)
+            self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
+        self.members = {p.id: p for p in msg.members}
+        self.epoch = msg.epoch
+        # Every member must know us to send us heartbeats: the parity check
+        # that tells us what to sync needs a majority of them.
+        return [Send(p.id, m.Join(self.me)) for p in msg.members
+                if p.id not in (sender, self.me.id)]
+
+    def _on_leave(self, now, sender, msg: m.Leave) -> list:
+        self.left.add(sender)
+        self.readies.pop(sender, None)
+        return []
+
+    def _on_ready(self, now, sender, msg: m.Ready) -> list:
+        if msg.peer.id != sender:
+            self.rejected += 1
+            return []
+        self.known.setdefault(sender, msg.peer)
+        self.readies[sender] = msg
+        if self.first_ready_at is None:
+            self.first_ready_at = now
+        return self._lead(now) if self.is_coordinator(now) else []
+
+    def _on_propose(self, now, sender, msg: m.Propose) -> list:
+        if sender != self.coordinator(now) or msg.term < self.term or \
+                (msg.round_id, msg.term) <= self.acked or self.me.id not in msg.participants:
+            self.rejected += 1
+            return []
+        if (msg.step, msg.state_hash) != (self.step, self.state_hash) or self.active is not None:
+            return []  # not my state, or still finishing a round: the proposal will time out
+        self.term = msg.term
+        self.max_round_id = max(self.max_round_id, msg.round_id)
+        self.acked = (msg.round_id, msg.term)
+        ack = m.Ack(msg.round_id, msg.term)
+        return [Send(sender, ack)] if sender != self.me.id else self.receive(now, sender, ack)
+
+    def _on_ack(self, now, sender, msg: m.Ack) -> list:
+        r = self.leading
+        if r is None or r.commit is not None or (msg.round_id, msg.term) != \
+                (r.propose.round_id, r.propose.term) or sender not in r.propose.participants:
+            return []
+        r.acks.add(sender)
+        if r.acks != set(r.propose.participants):
+            return []
+        p = r.propose
+        members = tuple(self.known[i] for i in p.participants)
+        r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members)
+        r.done, r.since = {}, now
+        # Everyone learns of the commit: a non-participant may have to finish it
+        # as the next coordinator, and all of them adopt its view on Apply.
+        return self._broadcast(r.commit, now) + self._on_commit(now, self.me.id, r.commit)
+
+    def _on_commit(self, now, sender, msg: m.Commit) -> list:
+        if sender != self.coordinator(now) or msg.term < self.term:
+            self.rejected += 1
+            return []
+        self.max_round_id = max(self.max_round_id, msg.round_id)
+        self.term = max(self.term, msg.term)
+        for p in msg.members:
+            self.known.setdefault(p.id, p)
+        if self.me.id not in msg.participants:
+            self.observed = msg
+            return []
+        if self.acked != (msg.round_id, msg.term):
+            self.rejected += 1
+            return []
+        self.observed = self.active = msg
+        self.my_done = None
+        return [StartCollective(msg.round_id, msg.step, msg.participants, msg.members)]
+
+    def _on_done(self, now, sender, msg: m.Done) -> list:
+        r = self.leading
+        if r is None or r.commit is None or msg.round_id != r.commit.round_id or \
+                sender not in r.commit.participants:
+            return []
+        r.done[sender] = msg
+        if not msg.ok:
+            return self._finish(now, apply=False)
+        oks = [d for d in r.done.values() if d.ok]
+        if len(oks) == len(r.commit.participants):
+            agree = len({d.result_hash for d in oks}) == 1
+            return self._finish(now, apply=agree)
+        return []
+
+    def _on_apply(self, now, sender, msg: m.Apply) -> list:
+        return self._settle(now, sender, msg.round_id, apply=True)
+
+    def _on_abort(self, now, sender, msg: m.Abort) -> list:
+        return self._settle(now, sender, msg.round_id, apply=False)
+
+    # ---------------------------------------------------------- coordinator
+
+    def _lead(self, now: float) -> list:
+        r = self.leading
+        if r is not None:
+            if r.commit is None and now - r.since > self.t.ack:
+                self.leading = None  # someone never acked: propose again without it
+            elif r.commit is not None:
+                # An adopted round waits one ack period for a Done that says
+                # "applied" before a dead participant forces the abort.
+                adopted = r.propose.term != r.commit.term
+                if adopted and any(b.epoch >= r.commit.round_id for b in self.beats.values()):
+                    return self._finish(now, apply=True)  # my predecessor decided "apply"
+                grace = adopted and now - r.since < self.t.ack
+                dead = any(not self.alive(p, now) for p in r.commit.participants)
+                if (dead and not grace) or now - r.since > self.t.collective:
+                    return self._finish(now, apply=False)
+                return []
+            else:
+                return []
+        if self.observed is not None:
+            return self._adopt(now)
+        return self._maybe_propose(now)
+
+    def _adopt(self, now: float) -> list:
+        """I lead now and a committed round is undecided: end it before anything new."""
+        c = self.observed
+        self.term += 1
+        self.leading = _Round(m.Propose(c.round_id, self.term, c.step, ZERO_HASH,
+                                        c.participants), now, set(c.participants), c, {})
+        return self._on_done(now, self.me.id, self.my_done) if self.my_done else []
+
+    def _maybe_propose(self, now: float) -> list:
+        live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
+        if not live:
+            return []
+        groups: dict[tuple[int, bytes], list[str]] = {}
+        for i, r in live.items():
+            groups.setdefault((r.step, r.state_hash), []).append(i)
+        eligible = [(k, v) for k, v in groups.items() if self._quorum(v)]
+        if not eligible:
+            return []
+        (step, h), ids = max(eligible, key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
+        # Wait (at most `gather`) for live members, and for synced joiners at
+        # this very step, so a joiner that just caught up enters this round.
+        waiting = [p for p in self.members if self.alive(p, now) and p not in live]
+        waiting += [p for p, b in self.beats.items()
+                    if p not in self.members and self.alive(p, now) and b.synced
+                    and b.step == step and (p not in live or live[p].step != step)]
+        if waiting and now - (self.first_ready_at or now) < self.t.gather:
+            return []
+        self.term += 1
+        self.max_round_id += 1
+        participants = tuple(sorted(ids))
+        prop = m.Propose(self.max_round_id, self.term, step, h, participants)
+        self.leading = _Round(prop, now, set())
+        out = [Send(i, prop) for i in participants if i != self.me.id]
+        if self.me.id in participants:
+            out += self._on_propose(now, self.me.id, prop)
+        return out
+
+    def _finish(self, now: float, apply: bool) -> list:
+        r = self.leading
+        self.leading = None
+        msg = m.Apply(r.commit.round_id) if apply else m.Abort(r.commit.round_id)
+        return self._broadcast(msg, now) + self._settle(now, self.me.id, r.commit.round_id, apply)
+
+    # ---------------------------------------------------------- participant
+
+    def _settle(self, now: float, sender: str, round_id: int, apply: bool) -> list:
+        c = self.observed
+        if c is None or c.round_id != round_id:
+            return []
+        if sender != self.me.id and sender != self.coordinator(now):
+            self.rejected += 1
+            return []
+        mine = self.active is not None
+        self.observed = self.active = self.my_done = None
+        self.first_ready_at = None
+        for i in c.participants:
+            if i in self.readies and self.readies[i].step <= c.step:
+                del self.readies[i]
+        if not apply:
+            return [DiscardResult(round_id)] if mine else []
+        self.epoch = round_id
+        self.members = {p.id: p for p in c.members}
+        out: list = [ViewChanged(self.epoch, c.participants)]
+        if mine:
+            self.step = c.step + 1
+            out.insert(0, ApplyResult(round_id, c.step))
+        return out
+
+    def _check_sync(self, now: float) -> list:
+        """Parity: if a majority of the view holds a state I do not, fetch it."""
+        if self.active is not None:
+            return []
+        views: dict[tuple[int, bytes], list[str]] = {}
+        for i, b in self.beats.items():
+            if i in self.members and self.alive(i, now) and b.synced:
+                views.setdefault((b.step, b.state_hash), []).append(i)
+        if self.synced and self.me.id in self.members:
+            views.setdefault((self.step, self.state_hash), []).append(self.me.id)
+        best = [(k, v) for k, v in views.items() if self._quorum(v)]
+        if not best:
+            return []
+        (step, h), donors = max(best, key=lambda kv: kv[0][0])
+        if (step, h) == (self.step, self.state_hash) and self.synced:
+            return []
+        if step < self.step or self.sync_requested == (step, h):
+            return []
+        self.sync_requested = (step, h)
+        return [SyncNeeded(step, h, tuple(sorted(d for d in donors if d != self.me.id)))]

@@ -1,0 +1,236 @@
+"""Control-plane messages: msgpack maps checked against a declared schema.
+
+Every message is a msgpack map ``{"t": <type>, ...fields}``. Decoding checks
+the size before parsing, parses with msgpack's own length caps, then checks
+every field's presence, type and range; anything else raises MessageError and
+the caller counts and drops the message. Nothing is ever unpickled.
+
+The sender of a message is not in the message: the transport knows who is
+speaking (an authenticated connection), and the round logic takes the sender
+from there. Layouts are listed in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import msgpack
+
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_MEMBERS = 1024
+MAX_ID_CHARS = 64
+MAX_ADDR_CHARS = 256
+U64 = (1 << 64) - 1
+
+
+class MessageError(ValueError):
+    """A control message failed validation; the message must be dropped."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """How to reach a peer: its id (from its public key) and addresses."""
+
+    id: str
+    control: str  # host:port of its control socket
+    data: str  # host:port of its data-plane listener
+
+    def to_wire(self) -> list:
+        return [self.id, self.control, self.data]
+
+    @staticmethod
+    def from_wire(v) -> PeerInfo:
+        if not isinstance(v, list) or len(v) != 3:
+            raise MessageError("peer info must be [id, control, data]")
+        return PeerInfo(_peer_id(v[0]), _addr(v[1]), _addr(v[2]))
+
+
+def _peer_id(v) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= MAX_ID_CHARS or not v.isprintable():
+        raise MessageError("peer id must be 1..64 printable characters")
+    return v
+
+
+def _addr(v) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= MAX_ADDR_CHARS or not v.isprintable():
+        raise MessageError("address must be 1..256 printable characters")
+    return v
+
+
+def _u64(v) -> int:
+    if type(v) is not int or not 0 <= v <= U64:
+        raise MessageError("expected an unsigned 64-bit integer")
+    return v
+
+
+def _hash(v) -> bytes:
+    if not isinstance(v, bytes) or len(v) != 8:
+        raise MessageError("state hash must be 8 bytes")
+    return v
+
+
+def _flag(v) -> bool:
+    if type(v) is not bool:
+        raise MessageError("expected a boolean")
+    return v
+
+
+def _ids(v) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_MEMBERS:
+        raise MessageError(f"id list must be a list of at most {MAX_MEMBERS}")
+    out = tuple(_peer_id(x) for x in v)
+    if len(set(out)) != len(out):
+        raise MessageError("id list has duplicates")
+    return out
+
+
+def _peers(v) -> tuple[PeerInfo, ...]:
+    if not isinstance(v, list) or len(v) > MAX_MEMBERS:
+        raise MessageError(f"peer list must be a list of at most {MAX_MEMBERS}")
+    out = tuple(PeerInfo.from_wire(x) for x in v)
+    if len({p.id for p in out}) != len(out):
+        raise MessageError("peer list has duplicate ids")
+    return out
+
+
+# field name -> validator; the wire form of ids/peers is a list.
+_CHECKS = {
+    "epoch": _u64, "round_id": _u64, "term": _u64, "step": _u64,
+    "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
+    "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
+}
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """I am alive; my applied view, my shared state's step and hash, whether it is synced."""
+
+    epoch: int
+    step: int
+    state_hash: bytes
+    synced: bool
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class Join:
+    """A new peer asks a member for the current view."""
+
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The answer to Join: the members of the last applied view."""
+
+    epoch: int
+    step: int
+    members: tuple[PeerInfo, ...]
+
+
+@dataclass(frozen=True)
+class Leave:
+    """Graceful departure: drop me now, do not wait for my heartbeats to stop."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """My shared state is at `step` with `state_hash` and my update for it is ready."""
+
+    step: int
+    state_hash: bytes
+    peer: PeerInfo
+
+
+@dataclass(frozen=True)
+class Propose:
+    """Coordinator: run round `round_id` at `step` among `participants` (sorted ids)."""
+
+    round_id: int
+    term: int
+    step: int
+    state_hash: bytes
+    participants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Ack:
+    round_id: int
+    term: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Every participant acked: start the collective for round_id."""
+
+    round_id: int
+    term: int
+    step: int
+    participants: tuple[str, ...]
+    members: tuple[PeerInfo, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """My collective for round_id ended: ok with the result's hash, or failed."""
+
+    round_id: int
+    ok: bool
+    result_hash: bytes
+
+
+@dataclass(frozen=True)
+class Apply:
+    round_id: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    round_id: int
+
+
+MESSAGES = {
+    cls.__name__.lower(): cls
+    for cls in (Heartbeat, Join, Welcome, Leave, Ready, Propose, Ack, Commit, Done, Apply, Abort)
+}
+_TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
+
+
+def encode(msg) -> bytes:
+    """Serialises a message; the result always passes decode()."""
+    body = {"t": _TYPE_OF[type(msg)]}
+    for f in fields(msg):
+        v = getattr(msg, f.name)
+        if isinstance(v, PeerInfo):
+            v = v.to_wire()
+        elif isinstance(v, tuple):
+            v = [x.to_wire() if isinstance(x, PeerInfo) else x for x in v]
+        body[f.name] = v
+    data = msgpack.packb(body, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def decode(data: bytes):
+    """Parses and validates one message; raises MessageError on anything off."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError("message must be bytes")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, max_str_len=MAX_ADDR_CHARS,
+            max_bin_len=64, max_array_len=MAX_MEMBERS, max_map_len=16, max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises a zoo of types for hostile input
+        raise MessageError(f"not a valid msgpack message: {type(e).__name__}") from None
+    if not isinstance(body, dict):
+        raise MessageError("message must be a map")
+    cls = MESSAGES.get(body.get("t")) if isinstance(body.get("t"), str) else None
+    if cls is None:
+        raise MessageError("unknown message type")
+    names = {f.name for f in fields(cls)}
+    if set(body) - {"t"} != names:
+        raise MessageError(f"{cls.__name__} needs exactly the fields {sorted(names)}")
+    return cls(**{n: _CHECKS[n](body[n]) for n in names})

@@ -1,0 +1,187 @@
+"""A deterministic, in-memory swarm of RoundCores for protocol tests.
+
+Time is simulated; every message goes through the real wire encoder and
+decoder; collectives, state sync and local training are modelled by the
+simulator with the semantics the daemon gives them: a collective succeeds
+only if every participant is alive and connected to the others for its whole
+duration, and its result is a pure function of the participants' states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+
+from peerlearn.swarm import rounds as r
+from peerlearn.wire import control as m
+
+
+def h(*parts) -> bytes:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+
+
+class SimPeer:
+    def __init__(self, sim, pid: str, founder: bool, timeouts: r.Timeouts):
+        self.sim = sim
+        self.id = pid
+        info = m.PeerInfo(pid, f"{pid}:1", f"{pid}:2")
+        self.core = r.RoundCore(info, timeouts, founder=founder)
+        self.alive = True  # False: killed (never returns) or stopped
+        self.killed = False
+        self.step = 0
+        self.state = r.ZERO_HASH if founder else None
+        self.pending = None  # (round_id, result_hash) held until Apply/Abort
+        self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
+        if founder:
+            self.applied_steps[0] = self.state
+
+
+class Sim:
+    def __init__(self, n: int, timeouts=r.Timeouts(heartbeat_every=0.1, dead_after=0.6,
+                                                   gather=1.0, ack=0.5, collective=5.0),
+                 latency=0.01, compute=0.2, collective_time=0.15, sync_time=0.1):
+        self.now = 0.0
+        self.t = timeouts
+        self.latency = latency
+        self.compute = compute
+        self.collective_time = collective_time
+        self.sync_time = sync_time
+        self.queue: list = []
+        self.seq = itertools.count()
+        self.peers: dict[str, SimPeer] = {}
+        self.cut: set[frozenset] = set()  # unordered pairs that cannot talk
+        self.rejected_wire = 0
+        self.events: list = []
+        self.add("p00", founder=True)
+        for i in range(1, n):
+            self.join(f"p{i:02d}", via="p00")
+
+    # ------------------------------------------------------------ control
+
+    def add(self, pid: str, founder=False) -> SimPeer:
+        p = SimPeer(self, pid, founder, self.t)
+        self.peers[pid] = p
+        if founder:
+            self.at(self.compute, self._ready, p)
+        return p
+
+    def join(self, pid: str, via: str) -> SimPeer:
+        p = self.add(pid)
+        self.run_actions(p, p.core.join_via(via))
+        return p
+
+    def kill(self, pid: str):
+        self.peers[pid].alive = False
+        self.peers[pid].killed = True
+
+    def stop(self, pid: str):
+        self.peers[pid].alive = False
+
+    def partition(self, a, b):
+        self.cut |= {frozenset((x, y)) for x in a for y in b}
+
+    def heal(self):
+        self.cut.clear()
+
+    def connected(self, a: str, b: str) -> bool:
+        return self.peers[a].alive and self.peers[b].alive and frozenset((a, b)) not in self.cut
+
+    # ------------------------------------------------------------ engine
+
+    def at(self, delay: float, fn, *args):
+        heapq.heappush(self.queue, (self.now + delay, next(self.seq), fn, args))
+
+    def run(self, until: float, tick=0.02):
+        next_tick = self.now
+        while True:
+            t_next = self.queue[0][0] if self.queue else float("inf")
+            if min(t_next, next_tick) > until:
+                self.now = until
+                return
+            if next_tick <= t_next:
+                self.now = next_tick
+                next_tick += tick
+                for p in list(self.peers.values()):
+                    if p.alive:
+                        self.run_actions(p, p.core.tick(self.now))
+            else:
+                self.now, _, fn, args = heapq.heappop(self.queue)
+                fn(*args)
+
+    def run_actions(self, p: SimPeer, actions):
+        for a in actions:
+            if isinstance(a, r.Send):
+                self.at(self.latency, self._deliver, p.id, a.to, m.encode(a.msg))
+            elif isinstance(a, r.StartCollective):
+                self.at(self.collective_time, self._collective_end, p, a)
+            elif isinstance(a, r.ApplyResult):
+                rid, result = p.pending
+                assert rid == a.round_id
+                p.step = a.step + 1
+                p.state = h(p.state, result)
+                p.pending = None
+                p.applied_steps[p.step] = p.state
+                p.core.result_applied(p.step, p.state)
+                self.events.append((self.now, "apply", p.id, p.step))
+                self.at(self.compute, self._ready, p)
+            elif isinstance(a, r.DiscardResult):
+                p.pending = None
+                self.at(self.compute / 4, self._ready, p)
+            elif isinstance(a, r.SyncNeeded):
+                self.at(self.sync_time, self._sync, p, a)
+            elif isinstance(a, r.ViewChanged):
+                self.events.append((self.now, "view", p.id, a.members))
+
+    def _deliver(self, src: str, dst: str, data: bytes):
+        if dst not in self.peers or not self.connected(src, dst):
+            return
+        try:
+            msg = m.decode(data)
+        except m.MessageError:
+            self.rejected_wire += 1
+            return
+        peer = self.peers[dst]
+        self.run_actions(peer, peer.core.receive(self.now, src, msg))
+
+    def _ready(self, p: SimPeer):
+        if p.alive and p.state is not None and p.pending is None:
+            self.run_actions(p, p.core.local_ready(self.now, p.step, p.state))
+
+    def _collective_end(self, p: SimPeer, a: r.StartCollective):
+        if not p.alive:
+            return
+        ok = all(self.connected(p.id, q) for q in a.participants if q != p.id)
+        states = tuple(self.peers[q].state for q in a.participants)
+        result = h(a.round_id, a.participants, states) if ok else r.ZERO_HASH
+        p.pending = (a.round_id, result) if ok else None
+        self.run_actions(p, p.core.collective_finished(self.now, a.round_id, ok, result))
+
+    def _sync(self, p: SimPeer, a: r.SyncNeeded):
+        if not p.alive:
+            return
+        for d in a.donors:
+            donor = self.peers[d]
+            if self.connected(p.id, d) and donor.applied_steps.get(a.step) == a.state_hash:
+                p.step, p.state = a.step, a.state_hash
+                p.applied_steps[p.step] = p.state
+                p.core.state_synced(p.step, p.state)
+                self.events.append((self.now, "sync", p.id, p.step))
+                # A peer that just synced enters the next round at once with a
+                # zero update (as prime does), rather than chase the swarm.
+                self._ready(p)
+                return
+        p.core.sync_requested = None  # donor moved on: the parity check will ask again
+
+    # ------------------------------------------------------------ checks
+
+    def parity_violations(self) -> list:
+        """(step, peers) where peers that applied or synced `step` hold different states."""
+        by_step: dict[int, dict[bytes, list[str]]] = {}
+        for p in self.peers.values():
+            for step, state in p.applied_steps.items():
+                by_step.setdefault(step, {}).setdefault(state, []).append(p.id)
+        return [(s, v) for s, v in by_step.items() if len(v) > 1]
+
+    def max_step(self, ids=None) -> int:
+        return max(self.peers[i].step for i in (ids or self.peers))

@@ -1,0 +1,197 @@
+"""Membership and round agreement, driven with simulated time and no sockets.
+
+Every scenario ends the way torchft's fault tests do: by asserting that all
+peers that reached a step hold the same state there.
+"""
+
+from __future__ import annotations
+
+from swarm_sim import Sim
+
+from peerlearn.swarm import rounds as r
+
+
+def views(sim, pid=None):
+    return [(t, e[3]) for t, kind, p, *e in [(ev[0], ev[1], ev[2], ev[2], ev[3])
+                                             for ev in sim.events]
+            if kind == "view" and (pid is None or p == pid)]
+
+
+def applied_rounds(sim):
+    return [(t, p, s) for t, kind, p, s in sim.events if kind == "apply"]
+
+
+def test_swarm_forms_and_advances_in_lockstep():
+    sim = Sim(4)
+    sim.run(10)
+    steps = [p.step for p in sim.peers.values()]
+    assert min(steps) >= 5, steps
+    assert max(steps) - min(steps) <= 1
+    assert sim.parity_violations() == []
+    # Everyone ends in the same view of four.
+    last = {p: v for _, kind, p, v in sim.events if kind == "view"}
+    assert all(set(v) == set(sim.peers) for v in last.values())
+    assert sim.rejected_wire == 0
+
+
+def test_killed_peer_is_evicted_within_the_bound_and_the_swarm_goes_on():
+    sim = Sim(4)
+    sim.run(4)
+    sim.kill("p02")
+    t_kill = sim.now
+    step_at_kill = sim.max_step()
+    sim.run(12)
+    survivors = ["p00", "p01", "p03"]
+    assert sim.max_step(survivors) >= step_at_kill + 5
+    first_view_without = min(t for t, kind, p, v in sim.events
+                             if kind == "view" and t > t_kill and "p02" not in v)
+    # dead_after + one gather + one round is the bound for this configuration.
+    assert first_view_without - t_kill <= sim.t.dead_after + sim.t.gather + 1.0
+    assert sim.parity_violations() == []
+
+
+def test_killing_the_coordinator_costs_at_most_one_round():
+    sim = Sim(4)
+    sim.run(4)
+    before = sim.max_step()
+    sim.kill("p00")  # smallest id: the coordinator
+    sim.run(12)
+    survivors = ["p01", "p02", "p03"]
+    assert sim.peers["p01"].core.is_coordinator(sim.now)
+    assert min(sim.peers[p].step for p in survivors) >= before + 5
+    assert sim.parity_violations() == []
+
+
+def test_peer_killed_mid_collective_is_excluded_from_the_retry():
+    sim = Sim(4, collective_time=0.5)
+    sim.run(3)
+    # Kill p03 while a collective is in flight.
+    while not any(p.core.active for p in sim.peers.values()):
+        sim.run(sim.now + 0.01)
+    rid = sim.peers["p00"].core.active.round_id
+    sim.kill("p03")
+    sim.run(sim.now + 6)
+    survivors = [sim.peers[p] for p in ("p00", "p01", "p02")]
+    # The round in flight was aborted: nobody applied round `rid`.
+    assert all(p.core.epoch != rid for p in survivors)
+    assert all(p.core.epoch > rid for p in survivors)
+    # The rounds after it ran among the survivors only.
+    for p in survivors:
+        assert "p03" not in p.core.members
+    assert sim.parity_violations() == []
+
+
+def test_hung_peer_is_evicted_like_a_dead_one():
+    sim = Sim(3)
+    sim.run(3)
+    sim.stop("p01")  # SIGSTOP: sockets stay open, nothing is answered
+    t0 = sim.now
+    sim.run(t0 + sim.t.dead_after + sim.t.gather + 2)
+    assert not sim.peers["p00"].core.alive("p01", sim.now)
+    assert "p01" not in sim.peers["p00"].core.members
+    assert sim.parity_violations() == []
+
+
+def test_graceful_leave_is_seen_at_once():
+    sim = Sim(3)
+    sim.run(3)
+    p = sim.peers["p02"]
+    sim.run_actions(p, p.core.leave(sim.now))
+    sim.run(sim.now + sim.latency * 1.5)  # the Leave is on its way; then the process exits
+    sim.kill("p02")
+    assert not sim.peers["p00"].core.alive("p02", sim.now)
+    assert sim.peers["p00"].core.alive("p01", sim.now)
+
+
+def test_partition_minority_never_advances_and_converges_after_healing():
+    sim = Sim(5)
+    sim.run(4)
+    minority, majority = ["p00", "p01"], ["p02", "p03", "p04"]
+    sim.partition(minority, majority)
+    frozen = {p: sim.peers[p].step for p in minority}
+    sim.run(14)
+    assert {p: sim.peers[p].step for p in minority} == frozen  # not one step
+    assert sim.max_step(majority) >= max(frozen.values()) + 5
+    sim.heal()
+    sim.run(24)
+    states = {(p.step, p.state) for p in sim.peers.values()}
+    steps = [p.step for p in sim.peers.values()]
+    assert max(steps) - min(steps) <= 1, steps
+    assert sim.parity_violations() == []
+    # The old minority caught up by syncing, then took part in rounds again.
+    assert all(any(e[1] == "sync" and e[2] == p for e in sim.events) for p in minority)
+    assert len({s for s, _ in states}) <= 2
+
+
+def test_even_split_stalls_both_sides():
+    sim = Sim(4)
+    sim.run(3)
+    a, b = ["p00", "p01"], ["p02", "p03"]
+    sim.partition(a, b)
+    frozen = sim.max_step()
+    sim.run(10)
+    assert sim.max_step() <= frozen + 1  # at most the round already in flight
+
+
+def test_joiner_syncs_without_stalling_the_swarm():
+    sim = Sim(3)
+    sim.run(4)
+    sim.join("p09", via="p01")
+    t_join = sim.now
+    sim.run(12)
+    others = ["p00", "p01", "p02"]
+    # Nobody waited: the others' rounds kept their pace while p09 synced.
+    applied_during = [t for t, p, s in applied_rounds(sim) if t_join < t < t_join + 1.0]
+    assert applied_during
+    j = sim.peers["p09"]
+    assert any(e[1] == "sync" and e[2] == "p09" for e in sim.events)
+    assert "p09" in sim.peers["p00"].core.members  # entered a later round
+    assert abs(j.step - sim.max_step(others)) <= 1
+    assert sim.parity_violations() == []
+
+
+def test_coordinator_is_smallest_live_member():
+    sim = Sim(3)
+    sim.run(2)
+    assert [p.core.coordinator(sim.now) for p in sim.peers.values()] == ["p00"] * 3
+
+
+def test_proposal_from_a_non_coordinator_is_ignored():
+    sim = Sim(3)
+    sim.run(2)
+    core = sim.peers["p02"].core
+    before = core.rejected
+    from peerlearn.wire import control as m
+    out = core.receive(sim.now, "p01", m.Propose(999, 999, core.step, core.state_hash,
+                                                 ("p01", "p02")))
+    assert out == [] and core.rejected == before + 1
+
+
+def test_churn_keeps_parity():
+    import random
+
+    rng = random.Random(7)
+    sim = Sim(6)
+    sim.run(3)
+    next_id = 10
+    for _ in range(12):
+        live = [p for p in sim.peers if not sim.peers[p].killed]
+        if len(live) > 4 and rng.random() < 0.6:
+            sim.kill(rng.choice(live))
+        else:
+            sim.join(f"p{next_id:02d}", via=rng.choice(live))
+            next_id += 1
+        sim.run(sim.now + rng.uniform(1.0, 3.0))
+    sim.run(sim.now + 8)
+    assert sim.parity_violations() == []
+    live = [p for p in sim.peers.values() if not p.killed]
+    assert min(p.step for p in live) >= 10
+    # The swarm never went long without completing a step.
+    times = sorted(t for t, _, _ in applied_rounds(sim))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) < sim.t.dead_after + sim.t.gather + sim.t.ack + 2
+
+
+def test_timeouts_defaults_are_sane():
+    t = r.Timeouts()
+    assert t.heartbeat_every * 3 <= t.dead_after
