@@ -70,6 +70,32 @@ def bench_stream(
     _emit(stream.run(conns=counts, mbytes=mbytes, wan=wan_spec), as_json)
 
 
+@bench.command("allreduce")
+def bench_allreduce(
+    peers: int = typer.Option(4, help="Peers, each its own process (and host under --wan)."),
+    numel: int = typer.Option(100_000_000, help="Elements of the fp32 tensor."),
+    codec: str = typer.Option("none", help="Wire codec: none or int8."),
+    wan: Optional[str] = typer.Option(  # noqa: UP007
+        None, help="RTT_MS,MBIT: run over the emulated wide-area path (needs root)."
+    ),
+    repeat: int = typer.Option(3, help="Timed runs after one warm-up; the best is reported."),
+    conns: Optional[int] = typer.Option(  # noqa: UP007
+        None, help="Connections per link (default: 2 on loopback, 8 over --wan)."
+    ),
+    gloo: bool = typer.Option(True, "--gloo/--no-gloo", help="Also time torch.distributed gloo."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
+) -> None:
+    """Ring all-reduce time and bus bandwidth beside gloo's, in one run."""
+    from peerlearn.bench import allreduce
+
+    wan_spec = None
+    if wan:
+        rtt, rate = wan.split(",")
+        wan_spec = (float(rtt), float(rate))
+    _emit(allreduce.run(peers=peers, numel=numel, codec=codec, wan=wan_spec, repeat=repeat,
+                        conns=conns, gloo=gloo), as_json)
+
+
 def main() -> None:
     app()
 

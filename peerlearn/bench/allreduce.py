@@ -1,0 +1,192 @@
+"""`peerlearn bench allreduce`: our ring all-reduce beside torch.distributed's gloo.
+
+N peers run as separate processes, on loopback or each in its own network
+namespace behind the WAN emulator. Every peer first times our all-reduce
+(`peerlearn.swarm.ring_allreduce`, out of place: the copy into the result
+buffer is inside the timing), then gloo's `all_reduce` (in place, SUM) of the
+same tensor over the same addresses, in the same processes.
+
+Timing: a barrier (a one-element all-reduce on the same transport) before
+each run, then one warm-up (TCP slow start belongs to a new connection, not to
+the path) and `repeat` timed runs. A run's time is the slowest peer's; the best
+run is reported. Bus bandwidth = 2(N-1)/N x bytes / time (what each peer sends
+and receives); over the emulator the lower bound is that volume at the link
+rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+SECRET = b"peerlearn-bench-secret-not-for-production"
+CODECS = {"none": None, "int8": 3}  # native/codec.h: INT8_ABSMAX
+RING_PORT, GLOO_PORT = 29611, 29612  # inside namespaces every host has its own address
+
+
+def _peer(a: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from peerlearn.swarm import CodecSpec, connect_ring, ring_allreduce
+    from peerlearn.transport.stream import LinkListener
+
+    addrs = [(h, int(p)) for h, p in (x.rsplit(":", 1) for x in a.addrs.split(","))]
+    world, rank = len(addrs), a.rank
+    torch.manual_seed(rank)
+    x = torch.randn(a.numel)
+    out = torch.empty_like(x)
+    codec = None if CODECS[a.codec] is None else CodecSpec(CODECS[a.codec], 64)
+    timings: dict[str, list[float]] = {"ours": [], "gloo": []}
+
+    with LinkListener(*addrs[rank], SECRET) as lst:
+        ring = connect_ring(rank, addrs, lst, SECRET, ring_tag=1, n_conns=a.conns, timeout=120)
+        one = torch.zeros(1)
+        tag = 0
+
+        def ours(t: torch.Tensor, **kw) -> torch.Tensor:
+            nonlocal tag
+            tag += 1
+            return ring_allreduce(t, rank=rank, world=world, send_link=ring.send,
+                                  recv_link=ring.recv, op_tag=tag, average=False,
+                                  timeout=600, **kw)
+
+        for i in range(1 + a.repeat):
+            ours(one)  # barrier
+            t0 = time.perf_counter()
+            ours(x, codec=codec, out=out, chunk_elems=a.chunk_elems)
+            if i:
+                timings["ours"].append(time.perf_counter() - t0)
+        ring.close()
+
+    if a.gloo:
+        gloo_addr = f"tcp://{addrs[0][0]}:{a.gloo_port}"
+        dist.init_process_group("gloo", init_method=gloo_addr, rank=rank, world_size=world)
+        y = torch.empty_like(x)
+        for i in range(1 + a.repeat):
+            y.copy_(x)
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(y)
+            if i:
+                timings["gloo"].append(time.perf_counter() - t0)
+        dist.destroy_process_group()
+    return {"rank": rank, **timings}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(popen, hosts: list[str], ports: list[int], gloo_port: int, numel: int, codec: str,
+            repeat: int, conns: int, chunk_elems: int, gloo: bool, env: dict,
+            timeout: float) -> list[dict]:
+    addrs = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports))
+    procs = []
+    try:
+        for r in range(len(hosts)):
+            argv = [sys.executable, "-m", "peerlearn.bench.allreduce", "--role", "peer",
+                    "--rank", str(r), "--addrs", addrs, "--numel", str(numel), "--codec", codec,
+                    "--repeat", str(repeat), "--conns", str(conns),
+                    "--chunk-elems", str(chunk_elems), "--gloo-port", str(gloo_port)]
+            if not gloo:
+                argv.append("--no-gloo")
+            procs.append(popen(r, argv, env=env, stdout=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + timeout
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if p.returncode != 0:
+                raise RuntimeError(f"a peer failed with exit code {p.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _summarise(results: list[dict], name: str, nbytes: int, world: int) -> dict | None:
+    runs = list(zip(*(r[name] for r in results)))  # per run: every peer's time
+    if not runs:
+        return None
+    best = min(max(run) for run in runs)
+    return {"seconds": best, "all_runs_s": [max(run) for run in runs],
+            "bus_gbit_s": 2 * (world - 1) / world * nbytes * 8 / best / 1e9}
+
+
+def run(peers: int = 4, numel: int = 100_000_000, codec: str = "none", wan=None,
+        repeat: int = 3, conns: int | None = None, chunk_elems: int = 1 << 18,
+        gloo: bool = True) -> dict:
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}")
+    if codec != "none":
+        try:
+            from peerlearn.wire import codecs  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("--codec int8 needs peerlearn.wire.codecs (the codec branch)") from e
+    nbytes = numel * 4
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    res: dict = {"peers": peers, "numel": numel, "bytes": nbytes, "codec": codec,
+                 "op": "sum", "repeat": repeat, "cores": os.cpu_count(), "chunk_elems": chunk_elems}
+    if wan is None:
+        conns = conns or 2
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        results = _launch(lambda _r, argv, **kw: subprocess.Popen(argv, **kw),
+                          ["127.0.0.1"] * peers, [_free_port() for _ in range(peers)],
+                          _free_port(), numel, codec, repeat, conns, chunk_elems, gloo, env, 900)
+        res["path"] = "loopback"
+    else:
+        from peerlearn.netsim import WanEmulator
+
+        conns = conns or 8
+        rtt_ms, rate_mbit = wan
+        with WanEmulator(n_hosts=peers, rtt_ms=rtt_ms, rate_mbit=rate_mbit) as emu:
+            env["GLOO_SOCKET_IFNAME"] = emu.hosts[0].ifname
+            results = _launch(lambda r, argv, **kw: emu.popen(r, argv, **kw),
+                              [h.addr for h in emu.hosts], [RING_PORT] * peers, GLOO_PORT,
+                              numel, codec, repeat, conns, chunk_elems, gloo, env, 1800)
+            stats = emu.stats()
+        res["path"] = f"emulated WAN, {rtt_ms:g} ms RTT, {rate_mbit:g} Mbit/s per host"
+        res["emulator"] = {k: stats[k] for k in ("dropped_queue", "dropped_loss", "late_max_ms")}
+        bound = 2 * (peers - 1) / peers * nbytes * 8 / (rate_mbit * 1e6)
+        res["lower_bound_s"] = bound
+    res["conns"] = conns
+    res["ours"] = _summarise(results, "ours", nbytes, peers)
+    res["gloo"] = _summarise(results, "gloo", nbytes, peers)
+    if res["gloo"]:
+        res["ours_over_gloo_time"] = res["ours"]["seconds"] / res["gloo"]["seconds"]
+        res["speedup_vs_gloo"] = res["gloo"]["seconds"] / res["ours"]["seconds"]
+    if wan is not None:
+        res["ours_of_lower_bound"] = res["lower_bound_s"] / res["ours"]["seconds"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--role", choices=["peer"], required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--addrs", required=True)
+    p.add_argument("--numel", type=int, required=True)
+    p.add_argument("--codec", default="none")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--conns", type=int, default=2)
+    p.add_argument("--chunk-elems", type=int, default=1 << 18)
+    p.add_argument("--gloo-port", type=int, default=GLOO_PORT)
+    p.add_argument("--no-gloo", dest="gloo", action="store_false")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(_peer(a)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Ring all-reduce across real processes over loopback sockets.
+
+Every peer is a spawned process serving commands from the test (build a ring,
+run an all-reduce with an injected fault). Peers derive their inputs from
+seeds, so each can also compute the exact fp64 reference itself; they report
+a digest of their result, its error and whether their input was left alone.
+Every scenario ends by asserting that all peers that finished hold
+byte-identical results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from peerlearn.swarm import AllReduceAborted, op_id, segment_bounds
+
+SECRET = b"peerlearn-test-secret-0123456789"
+TIMEOUT = 1.5  # per-step limit handed to ring_allreduce in the fault tests
+
+
+def _input(seed: int, numel: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=g) * (1 + seed % 3)
+
+
+def _peer(cmd_q, res_q) -> None:
+    from peerlearn.swarm import ring_allreduce
+    from peerlearn.swarm.ring import connect_ring
+    from peerlearn.transport.stream import LinkListener
+
+    listener = LinkListener("127.0.0.1", 0, SECRET)
+    res_q.put(("port", os.getpid(), listener.address[1]))
+    ring = None
+    while True:
+        cmd = cmd_q.get()
+        if cmd[0] == "quit":
+            return
+        if cmd[0] == "ring":
+            _, rank, addrs, tag = cmd
+            if ring is not None:
+                ring.close()
+            ring = connect_ring(rank, addrs, listener, SECRET, ring_tag=tag, n_conns=2)
+            res_q.put(("ring", rank))
+            continue
+        _, seeds, numel, average, tag, fault, timeout = cmd
+        x = _input(seeds[ring.rank], numel)
+        before = x.clone()
+
+        def on_step(step: int) -> None:
+            if fault is None or fault[1] != step:
+                return
+            kind = fault[0]
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "kill-mid":  # dies while this step's transfers are in flight
+                import threading
+
+                threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            if kind == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        t0 = time.monotonic()
+        try:
+            y = ring_allreduce(x, rank=ring.rank, world=ring.world, send_link=ring.send,
+                               recv_link=ring.recv, op_tag=tag, average=average,
+                               timeout=timeout, on_step=on_step)
+        except AllReduceAborted as e:
+            res_q.put(("aborted", ring.rank, time.monotonic() - t0, torch.equal(x, before),
+                       e.phase, e.step, e.direction))
+            continue
+        exact = sum(_input(s, numel).double() for s in seeds)
+        if average:
+            exact = exact / len(seeds)
+        err = ((y.double() - exact).abs() / (exact.abs() + 1.0)).max().item() if numel else 0.0
+        res_q.put(("done", ring.rank, hashlib.sha256(y.numpy().tobytes()).hexdigest(), err,
+                   torch.equal(x, before), y.data_ptr() != x.data_ptr()))
+
+
+class Swarm:
+    """n peer processes; `ring(members)` wires those peers (by index) in that order."""
+
+    def __init__(self, n: int):
+        ctx = mp.get_context("spawn")
+        self.res_q = ctx.Queue()
+        self.cmd_qs = [ctx.Queue() for _ in range(n)]
+        self.procs = [ctx.Process(target=_peer, args=(q, self.res_q), daemon=True)
+                      for q in self.cmd_qs]
+        for p in self.procs:
+            p.start()
+        ports = {}
+        for _ in range(n):
+            _, pid, port = self._get(60)
+            ports[pid] = port
+        self.ports = [ports[p.pid] for p in self.procs]
+        self.members: list[int] = []
+        self.tag = 0
+
+    def _get(self, timeout: float):
+        return self.res_q.get(timeout=timeout)
+
+    def ring(self, members: list[int]) -> None:
+        self.tag += 1
+        addrs = [("127.0.0.1", self.ports[i]) for i in members]
+        for rank, i in enumerate(members):
+            self.cmd_qs[i].put(("ring", rank, addrs, self.tag))
+        assert sorted(self._get(30)[1] for _ in members) == list(range(len(members)))
+        self.members = members
+
+    def allreduce(self, numel, *, average=True, tag=1, faults=None, timeout=30.0,
+                  expect=None, seeds=None):
+        """Runs one all-reduce on the current ring; returns {rank: report}."""
+        faults = faults or {}
+        seeds = seeds if seeds is not None else [100 + i for i in self.members]
+        for rank, i in enumerate(self.members):
+            self.cmd_qs[i].put(("allreduce", seeds, numel, average, tag, faults.get(rank),
+                                timeout))
+        out = {}
+        for _ in range(expect if expect is not None else len(self.members)):
+            msg = self._get(60)
+            out[msg[1]] = msg
+        return out
+
+    def close(self) -> None:
+        for q, p in zip(self.cmd_qs, self.procs):
+            if p.is_alive():
+                q.put(("quit",))
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    # Six processes shared by the whole file (starting torch dominates its
+    # run time). Each fault test kills its own victim and wires only live
+    # peers, so the tests do not depend on their order.
+    s = Swarm(6)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _assert_identical_and_exact(reports: dict, tol: float) -> None:
+    assert all(r[0] == "done" for r in reports.values()), reports
+    digests = {r[2] for r in reports.values()}
+    assert len(digests) == 1, f"peers disagree: {reports}"
+    for r in reports.values():
+        assert r[3] <= tol, f"error {r[3]} above {tol}"
+        assert r[4], "input tensor was modified"
+        assert r[5], "result aliases the input"
+
+
+def test_segments_and_op_ids_are_well_formed():
+    for numel in (0, 1, 7, 63, 64, 1000, 1_000_003):
+        for world in (1, 2, 3, 4, 7):
+            b = segment_bounds(numel, world, 64)
+            assert b[0] == 0 and b[-1] == numel and len(b) == world + 1
+            assert all(x <= y for x, y in zip(b, b[1:]))
+            assert all(x % 64 == 0 or x == numel for x in b)
+    ids = {op_id(tag, step) for tag in (0, 1, 2, 2**48 - 1) for step in range(8)}
+    assert len(ids) == 32
+    with pytest.raises(ValueError):
+        op_id(2**48, 0)
+
+
+def test_four_peers_sum_and_mean_awkward_sizes(swarm):
+    swarm.ring([0, 1, 2, 3])
+    tag = 10
+    for numel in (1, 7, 1000, 1_000_003):
+        for average in (True, False):
+            tag += 1
+            reports = swarm.allreduce(numel, average=average, tag=tag)
+            # fp32 accumulation of 4 terms: a few ulp of the largest magnitude.
+            _assert_identical_and_exact(reports, 1e-6)
+    # Then world sizes 2 and 1 from the same processes.
+    swarm.ring([2, 0])
+    for numel in (1, 7, 1_000_003):
+        tag += 1
+        _assert_identical_and_exact(swarm.allreduce(numel, tag=tag), 1e-6)
+    swarm.ring([3])
+    _assert_identical_and_exact(swarm.allreduce(1000, tag=tag + 1), 0.0)
+
+
+@pytest.mark.parametrize("members,victim,fault", [
+    ([0, 1, 2, 3], 1, ("kill", 2)),  # between steps, in the all-gather of a 4-ring
+    ([0, 2, 3, 4], 3, ("kill-mid", 1)),  # while step 1's transfers are in flight
+])
+def test_sigkill_aborts_survivors_then_three_retry(swarm, members, victim, fault):
+    swarm.ring(members)
+    numel = 4_000_000 if fault[0] == "kill-mid" else 100_003
+    t0 = time.monotonic()
+    reports = swarm.allreduce(numel, tag=5, faults={victim: fault}, timeout=TIMEOUT, expect=3)
+    assert time.monotonic() - t0 < 5.0
+    assert set(reports) == set(range(4)) - {victim}
+    for r in reports.values():
+        assert r[0] == "aborted", r
+        assert r[2] < 5.0, f"abort took {r[2]:.1f} s"
+        assert r[3], "input modified by an aborted all-reduce"
+    dead = swarm.procs[members[victim]]
+    dead.join(timeout=5)
+    assert dead.exitcode == -signal.SIGKILL
+
+    survivors = [m for r, m in enumerate(members) if r != victim]
+    swarm.ring(survivors)
+    reports = swarm.allreduce(numel, tag=6)
+    # The reference is the mean of the three survivors alone: the dead peer's
+    # contribution must be absent entirely.
+    _assert_identical_and_exact(reports, 1e-6)
+
+
+def test_hung_peer_times_out_instead_of_hanging(swarm):
+    members = [0, 2, 3, 5]
+    swarm.ring(members)
+    victim = 2
+    t0 = time.monotonic()
+    try:
+        reports = swarm.allreduce(200_000, tag=9, faults={victim: ("stop", 1)},
+                                   timeout=TIMEOUT, expect=3)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(swarm.procs[members[victim]].pid, signal.SIGKILL)
+    assert set(reports) == {0, 1, 3}
+    for r in reports.values():
+        assert r[0] == "aborted", r
+        assert r[3]
+        assert r[2] < TIMEOUT + 3.0, f"abort took {r[2]:.1f} s"
+    assert elapsed < 5.0
