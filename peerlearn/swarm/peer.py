@@ -1,0 +1,315 @@
+"""The peer daemon: the I/O shell around RoundCore.
+
+It moves control messages between the zmq plane and the core, runs the
+core's actions (collectives and state transfers on worker threads, whose
+results come back to the loop), keeps the shared state and checkpoints it.
+All decisions are the core's; this module only executes them.
+
+Threads: the asyncio loop owns the core, the state and the control plane.
+Collectives and state transfers run on the loop's default executor and touch
+only what they were handed (a snapshot or a fresh buffer); their results are
+applied on the loop. Shutdown cancels the loop's tasks, waits for the
+executor and closes every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peerlearn.state import checkpoint
+from peerlearn.state.identity import Identity
+from peerlearn.state.shared import DTYPES, SharedState
+from peerlearn.swarm import rounds as r
+from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
+from peerlearn.swarm.datalinks import PeerLinks
+from peerlearn.swarm.synthetic import SyntheticWorkload
+from peerlearn.transport.control import ControlPlane
+from peerlearn.transport.stream import StreamError
+from peerlearn.wire import control as m
+
+log = logging.getLogger("peerlearn.peer")
+
+SYNC_OP = 1 << 62
+CHECKPOINT_FILE = "state.ckpt"
+
+
+@dataclass
+class PeerConfig:
+    data_dir: Path
+    secret: bytes
+    host: str = "127.0.0.1"  # bound and advertised
+    control_port: int = 0
+    data_port: int = 0
+    join: str | None = None  # host:port of any member's control socket; None founds a swarm
+    timeouts: r.Timeouts = field(default_factory=r.Timeouts)
+    codec: int | None = None
+    block_size: int = 64
+    n_conns: int = 4
+    checkpoint_every: int = 10
+    step_timeout: float = 30.0  # one all-reduce step may take this long
+
+
+def data_secret(secret: bytes) -> bytes:
+    return hashlib.sha256(b"peerlearn-data-plane\0" + secret).digest()
+
+
+class PeerDaemon:
+    def __init__(self, config: PeerConfig, workload: SyntheticWorkload):
+        self.cfg = config
+        self.work = workload
+        self.identity = Identity.load_or_create(config.data_dir)
+        self.id = self.identity.peer_id
+        self.plane = ControlPlane(self.identity, config.host, config.control_port,
+                                  secret=config.secret)
+        self.links = PeerLinks(self.id, config.host, config.data_port,
+                               data_secret(config.secret), config.n_conns)
+        self.info = m.PeerInfo(self.id, f"{config.host}:{self.plane.port}",
+                               f"{config.host}:{self.links.port}")
+        self.state = self._load_checkpoint()
+        founder = config.join is None
+        if self.state is None and founder:
+            self.state = workload.initial_state()
+        self.core = r.RoundCore(self.info, config.timeouts, founder=founder)
+        if self.state is not None:
+            self.core.state_synced(self.state.step, self.state.state_hash())
+        self.pending: dict[int, torch.Tensor] = {}
+        self.syncing = False
+        self.busy = False  # a collective is running for us
+        self.ready_handle: asyncio.TimerHandle | None = None
+        self.rounds_applied = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _load_checkpoint(self) -> SharedState | None:
+        path = self.cfg.data_dir / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        try:
+            return checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            log.warning("ignoring checkpoint: %s", e)
+            return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        tasks = [asyncio.ensure_future(self._recv_loop()),
+                 asyncio.ensure_future(self.plane.watch_handshakes())]
+        try:
+            if self.cfg.join:
+                await self._join()
+            self._schedule_ready(self.work.compute_s)
+            while not stop.is_set():
+                self._dispatch(self.core.tick(time.monotonic()))
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._dispatch(self.core.leave(time.monotonic()))
+            await asyncio.sleep(0.05)  # let the Leave go out
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.state is not None:
+                self._checkpoint_now()
+            self.plane.close()
+            await self.loop.run_in_executor(None, self.links.close)
+
+    async def _join(self) -> None:
+        while not self.core.members:
+            self.plane.send(self.cfg.join, m.Join(self.info))
+            await asyncio.sleep(0.5)
+        log.info("%s joined a swarm of %d", self.id[:8], len(self.core.members))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            sender, msg = await self.plane.recv()
+            if isinstance(msg, m.StateRequest):
+                self._serve_state(sender, msg)
+            elif isinstance(msg, (m.StateOffer, m.StateRefused)):
+                fut = self._offers.get(sender) if hasattr(self, "_offers") else None
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, m.StatusRequest):
+                self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
+            elif isinstance(msg, m.StatusReply):
+                pass
+            else:
+                self._dispatch(self.core.receive(time.monotonic(), sender, msg))
+
+    # ------------------------------------------------------------ actions
+
+    def _dispatch(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, r.Send):
+                peer = self.core.known.get(a.to)
+                if peer is not None:
+                    self.plane.send(peer.control, a.msg)
+            elif isinstance(a, r.StartCollective):
+                self.busy = True
+                fut = self.loop.run_in_executor(None, self._collective, a, self.state.step)
+                fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
+            elif isinstance(a, r.ApplyResult):
+                self._apply(a)
+            elif isinstance(a, r.DiscardResult):
+                self.pending.pop(a.round_id, None)
+                log.info("%s round %d aborted", self.id[:8], a.round_id)
+                self._schedule_ready(0.0)
+            elif isinstance(a, r.SyncNeeded):
+                if not self.syncing and a.donors:
+                    self.syncing = True
+                    asyncio.ensure_future(self._sync(a))
+                elif not a.donors:
+                    self.core.sync_requested = None
+            elif isinstance(a, r.ViewChanged):
+                log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
+
+    def _schedule_ready(self, delay: float) -> None:
+        if self.ready_handle is not None:
+            self.ready_handle.cancel()
+        self.ready_handle = self.loop.call_later(delay, self._ready)
+
+    def _ready(self) -> None:
+        self.ready_handle = None
+        if self.state is None or self.syncing or self.busy or self.core.active is not None:
+            return
+        self._dispatch(self.core.local_ready(time.monotonic(), self.state.step,
+                                             self.state.state_hash()))
+
+    def _collective(self, a: r.StartCollective, step: int) -> torch.Tensor:
+        """Worker thread: my update, all-reduced among a.participants (ring order)."""
+        update = self.work.local_update(self.id, step)
+        n, rank = len(a.participants), a.participants.index(self.id)
+        if n == 1:
+            return update
+        succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
+        addr = {p.id: p.data for p in a.members}
+        send = self.links.outgoing(succ, addr[succ], timeout=self.cfg.step_timeout)
+        recv = self.links.incoming(pred, timeout=self.cfg.step_timeout)
+        codec = None if self.cfg.codec is None else CodecSpec(self.cfg.codec, self.cfg.block_size)
+        return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
+                              op_tag=a.round_id, average=True, codec=codec,
+                              timeout=self.cfg.step_timeout)
+
+    def _collective_done(self, a: r.StartCollective, fut) -> None:
+        self.busy = False
+        try:
+            result = fut.result()
+        except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
+            log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
+            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
+            return
+        self.pending[a.round_id] = result
+        digest = hashlib.blake2b(result.numpy().tobytes(), digest_size=8).digest()
+        self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, True, digest))
+
+    def _apply(self, a: r.ApplyResult) -> None:
+        result = self.pending.pop(a.round_id)
+        self.work.apply(self.state, result)
+        self.state.step = a.step + 1
+        digest = self.state.state_hash()
+        self.core.result_applied(self.state.step, digest)
+        self.rounds_applied += 1
+        log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
+                 a.round_id, digest.hex())
+        if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
+            self._checkpoint_now()
+        self._schedule_ready(self.work.compute_s)
+
+    def _checkpoint_now(self) -> None:
+        checkpoint.save(self.state, self.cfg.data_dir / CHECKPOINT_FILE)
+
+    # ------------------------------------------------------------ state sync
+
+    def _serve_state(self, requester: str, req: m.StateRequest) -> None:
+        peer = self.core.known.get(requester)
+        st = self.state
+        if peer is None or st is None or (st.step, st.state_hash()) != (req.step, req.state_hash) \
+                or not 0 <= req.part < req.parts:
+            if peer is not None:
+                self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash))
+            return
+        manifest = st.manifest()
+        # A snapshot: the loop may apply the next round while the bytes are on the wire.
+        snap = [st.tensors[e.name].clone() for e in manifest]
+        self.plane.send(peer.control, m.StateOffer(
+            req.step, req.state_hash, req.part, req.parts,
+            tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)))
+
+        def push():
+            link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout)
+            for i, t in enumerate(snap):
+                if i % req.parts == req.part and t.numel():
+                    link.send(t.view(-1).view(torch.uint8), SYNC_OP + i,
+                              timeout=self.cfg.step_timeout)
+
+        fut = self.loop.run_in_executor(None, push)
+        fut.add_done_callback(lambda f: f.exception() and log.info("state push failed: %s",
+                                                                    f.exception()))
+
+    async def _sync(self, need: r.SyncNeeded) -> None:
+        """Fetch (step, hash) striped over up to 4 donors; install only if the hash matches."""
+        donors = list(need.donors)[:4]
+        self._offers = {d: self.loop.create_future() for d in donors}
+        try:
+            for i, d in enumerate(donors):
+                self.plane.send(self.core.known[d].control,
+                                m.StateRequest(need.step, need.state_hash, i, len(donors)))
+            offers = await asyncio.wait_for(asyncio.gather(*self._offers.values()), 10)
+            if any(isinstance(o, m.StateRefused) for o in offers):
+                raise RuntimeError("a donor no longer holds that state")
+            manifest = offers[0].tensors
+            bufs = [torch.empty(max(1, int(torch.Size(shape).numel()) * DTYPES[dt].itemsize),
+                                dtype=torch.uint8) for _, dt, shape, _ in manifest]
+
+            def pull(part: int, donor: str) -> None:
+                link = self.links.incoming(donor, timeout=self.cfg.step_timeout)
+                for i, (_, dt, shape, _) in enumerate(manifest):
+                    if i % len(donors) == part and torch.Size(shape).numel():
+                        link.recv_into(bufs[i], SYNC_OP + i, timeout=self.cfg.step_timeout)
+
+            await asyncio.gather(*[self.loop.run_in_executor(None, pull, i, d)
+                                   for i, d in enumerate(donors)])
+            state = SharedState(need.step)
+            for (name, dt, shape, _), b in zip(manifest, bufs):
+                n = int(torch.Size(shape).numel())
+                state.tensors[name] = b[: n * DTYPES[dt].itemsize].view(DTYPES[dt]).reshape(shape)
+            if state.state_hash() != need.state_hash:
+                raise RuntimeError("fetched state does not match its hash")
+            self.state = state
+            self.core.state_synced(need.step, need.state_hash)
+            log.info("%s synced to step %d from %d donors", self.id[:8], need.step, len(donors))
+            self._schedule_ready(0.0)  # enter the next round at once, with a fresh update
+        except Exception as e:  # noqa: BLE001 - any failure means: ask again later
+            log.info("%s state sync failed: %s", self.id[:8], e)
+            self.core.sync_requested = None
+        finally:
+            self.syncing = False
+            self._offers = {}
+
+    # ------------------------------------------------------------ status
+
+    def status_rows(self) -> tuple:
+        now = time.monotonic()
+        coord = self.core.coordinator(now)
+        rows = []
+        for pid, info in sorted(self.core.known.items()):
+            if pid == self.id:
+                step = self.state.step if self.state else 0
+                h = self.state.state_hash() if self.state else r.ZERO_HASH
+            else:
+                b = self.core.beats.get(pid)
+                step, h = (b.step, b.state_hash) if b else (0, r.ZERO_HASH)
+            alive = self.core.alive(pid, now)
+            role = "coordinator" if pid == coord else "member" if pid in self.core.members \
+                else "joiner"
+            rows.append((pid, info.control, info.data, role if alive else "dead", step, h, alive))
+        return tuple(rows)
