@@ -32,6 +32,7 @@ def _input(seed: int, numel: int) -> torch.Tensor:
 
 def _peer(cmd_q, res_q) -> None:
     from peerlearn.swarm import ring_allreduce
+    from peerlearn.swarm.allreduce import CodecSpec
     from peerlearn.swarm.ring import connect_ring
     from peerlearn.transport.stream import LinkListener
 
@@ -49,7 +50,7 @@ def _peer(cmd_q, res_q) -> None:
             ring = connect_ring(rank, addrs, listener, SECRET, ring_tag=tag, n_conns=2)
             res_q.put(("ring", rank))
             continue
-        _, seeds, numel, average, tag, fault, timeout = cmd
+        _, seeds, numel, average, tag, fault, timeout, codec = cmd
         x = _input(seeds[ring.rank], numel)
         before = x.clone()
 
@@ -70,7 +71,8 @@ def _peer(cmd_q, res_q) -> None:
         try:
             y = ring_allreduce(x, rank=ring.rank, world=ring.world, send_link=ring.send,
                                recv_link=ring.recv, op_tag=tag, average=average,
-                               timeout=timeout, on_step=on_step)
+                               timeout=timeout, on_step=on_step,
+                               codec=None if codec is None else CodecSpec(codec, 64))
         except AllReduceAborted as e:
             res_q.put(("aborted", ring.rank, time.monotonic() - t0, torch.equal(x, before),
                        e.phase, e.step, e.direction))
@@ -114,13 +116,13 @@ class Swarm:
         self.members = members
 
     def allreduce(self, numel, *, average=True, tag=1, faults=None, timeout=30.0,
-                  expect=None, seeds=None):
+                  expect=None, seeds=None, codec=None):
         """Runs one all-reduce on the current ring; returns {rank: report}."""
         faults = faults or {}
         seeds = seeds if seeds is not None else [100 + i for i in self.members]
         for rank, i in enumerate(self.members):
             self.cmd_qs[i].put(("allreduce", seeds, numel, average, tag, faults.get(rank),
-                                timeout))
+                                timeout, codec))
         out = {}
         for _ in range(expect if expect is not None else len(self.members)):
             msg = self._get(60)
@@ -151,7 +153,7 @@ def swarm():
 
 
 def _assert_identical_and_exact(reports: dict, tol: float) -> None:
-    assert all(r[0] == "done" for r in reports.values()), reports
+    assert all(r[0] == "done" for r in reports.values()), repr(reports)[:3000]
     digests = {r[2] for r in reports.values()}
     assert len(digests) == 1, f"peers disagree: {reports}"
     for r in reports.values():
@@ -189,6 +191,19 @@ def test_four_peers_sum_and_mean_awkward_sizes(swarm):
         _assert_identical_and_exact(swarm.allreduce(numel, tag=tag), 1e-6)
     swarm.ring([3])
     _assert_identical_and_exact(swarm.allreduce(1000, tag=tag + 1), 0.0)
+
+
+def test_int8_all_reduce_is_bit_identical_across_peers(swarm):
+    from peerlearn.wire.codecs import Codec
+
+    swarm.ring([0, 1, 2, 3])
+    for k, numel in enumerate((5, 1000, 1_000_003)):
+        reports = swarm.allreduce(numel, tag=500 + k, codec=int(Codec.INT8_ABSMAX))
+        # Each of the 3 reduce-scatter hops and the owner's final encode adds at
+        # most half a quantisation step (block absmax / 254) of values ~ N(0, 3).
+        _assert_identical_and_exact(reports, 0.25)
+        if numel > 5:
+            assert all(r[3] > 1e-6 for r in reports.values()), "nothing was quantised"
 
 
 @pytest.mark.parametrize("members,victim,fault", [

@@ -26,8 +26,10 @@ import time
 
 import torch
 
+from peerlearn.wire.codecs import Codec
+
 SECRET = b"peerlearn-bench-secret-not-for-production"
-CODECS = {"none": None, "int8": 3}  # native/codec.h: INT8_ABSMAX
+CODECS = {"none": None, "int8": int(Codec.INT8_ABSMAX)}
 RING_PORT, GLOO_PORT = 29611, 29612  # inside namespaces every host has its own address
 
 
@@ -129,11 +131,6 @@ def run(peers: int = 4, numel: int = 100_000_000, codec: str = "none", wan=None,
         gloo: bool = True) -> dict:
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}")
-    if codec != "none":
-        try:
-            from peerlearn.wire import codecs  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("--codec int8 needs peerlearn.wire.codecs (the codec branch)") from e
     nbytes = numel * 4
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     res: dict = {"peers": peers, "numel": numel, "bytes": nbytes, "codec": codec,

@@ -46,6 +46,7 @@ import torch
 
 from peerlearn import _native
 from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link
+from peerlearn.wire import codecs
 
 MAX_CHUNK_ELEMS = int(_native.MAX_CHUNK_ELEMS)
 
@@ -112,22 +113,19 @@ class CodecSpec:
 
 
 class _Codec:
-    """The three codec calls the ring needs, over peerlearn.wire.codecs."""
+    """The three codec calls the ring needs."""
 
     def __init__(self, spec: CodecSpec):
-        from peerlearn.wire import codecs  # lands with the codec branch
-
         self.spec = spec
-        self._codecs = codecs
 
     def packed_size(self, numel: int) -> int:
-        return int(_native.packed_size(int(self.spec.codec), 1, numel, self.spec.block_size))
+        return codecs.packed_size(numel, self.spec.codec, torch.float32, self.spec.block_size)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._codecs.encode(x, self.spec.codec, block_size=self.spec.block_size)
+        return codecs.encode(x, self.spec.codec, block_size=self.spec.block_size)
 
     def decode_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
-        self._codecs.decode(packed, out=out)
+        codecs.decode(packed, out=out)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -298,6 +296,8 @@ def ring_allreduce(
 
     # ---- all-gather: N-1 hops forwarding final values unchanged ----
     def send_final(i: int) -> Callable[[int], None]:
+        i %= world  # `packed` is keyed by segment index
+
         def run(op: int) -> None:
             t = seg(i) if cx is None else packed.get(i)
             if t is not None and t.numel():
@@ -306,6 +306,7 @@ def ring_allreduce(
         return run
 
     def recv_final(i: int) -> Callable[[int], None]:
+        i %= world
         t = seg(i)
 
         def run(op: int) -> None:
