@@ -33,8 +33,9 @@ def _root(
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-    else:
-        typer.echo(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key}: {json.dumps(value)}")
 
 
 @bench.command("codec")
@@ -94,6 +95,65 @@ def bench_allreduce(
         wan_spec = (float(rtt), float(rate))
     _emit(allreduce.run(peers=peers, numel=numel, codec=codec, wan=wan_spec, repeat=repeat,
                         conns=conns, gloo=gloo), as_json)
+
+
+_CODECS = {"none": None, "int8": 3, "int4": 5, "fp16": 1, "bf16": 2, "fp8": 8, "e3m0": 7}
+
+
+@app.command("run")
+def run(
+    listen: str = typer.Option("127.0.0.1:7400", help="HOST:PORT of the control socket."),
+    join: Optional[str] = typer.Option(  # noqa: UP007
+        None, help="HOST:PORT of any live member; omit to found a new swarm."),
+    data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
+    secret_file: Optional[str] = typer.Option(  # noqa: UP007
+        None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
+    data_port: int = typer.Option(0, help="Data-plane port (0: any free one)."),
+    numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
+    compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
+    codec: str = typer.Option("none", help=f"All-reduce codec: {', '.join(_CODECS)}."),
+    dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
+) -> None:
+    """Start a peer daemon (today it runs the built-in synthetic workload)."""
+    from peerlearn.cli import daemon
+
+    daemon.run_peer(listen, join, data_dir, daemon.read_secret(secret_file), numel=numel,
+                    compute_s=compute_s, codec=_CODECS[codec], data_port=data_port,
+                    dead_after=dead_after)
+
+
+@app.command("swarm")
+def swarm(
+    peers: int = typer.Option(4, help="Peers to start on loopback."),
+    duration: Optional[float] = typer.Option(  # noqa: UP007
+        None, help="Stop after this many seconds and print the status (default: until Ctrl-C)."),
+    base_port: int = typer.Option(7400, help="Control port of the first peer; the rest follow."),
+    numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
+    compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds per round."),
+    codec: str = typer.Option("none", help=f"All-reduce codec: {', '.join(_CODECS)}."),
+) -> None:
+    """Start a local swarm and show its rounds."""
+    from peerlearn.cli import daemon
+
+    daemon.run_swarm(peers, duration, base_port, numel, compute_s, codec)
+
+
+@app.command("status")
+def status(
+    target: str = typer.Argument(..., help="HOST:PORT of a peer's control socket."),
+    secret_file: Optional[str] = typer.Option(None),  # noqa: UP007
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""
+    from peerlearn.cli import daemon
+
+    rows = daemon.query_status(target, daemon.read_secret(secret_file))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} step {r['step']:<6} "
+                   f"{r['state_hash']}")
 
 
 def main() -> None:

@@ -1,0 +1,143 @@
+"""`peerlearn run`, `peerlearn swarm` and `peerlearn status`: thin launchers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SECRET_ENV = "PEERLEARN_SECRET"
+
+
+def read_secret(secret_file: str | None) -> bytes:
+    """The swarm secret from a file, else from $PEERLEARN_SECRET; at least 16 bytes."""
+    if secret_file:
+        secret = Path(secret_file).read_bytes().strip()
+    else:
+        secret = os.environ.get(SECRET_ENV, "").encode()
+    if len(secret) < 16:
+        raise SystemExit(f"a swarm secret of at least 16 bytes is needed: --secret-file or "
+                         f"${SECRET_ENV}")
+    return secret
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"expected HOST:PORT, got {addr!r}")
+    return host, int(port)
+
+
+def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, numel: int,
+             compute_s: float, codec: int | None, data_port: int, dead_after: float) -> None:
+    from peerlearn.swarm.peer import PeerConfig, PeerDaemon
+    from peerlearn.swarm.rounds import Timeouts
+    from peerlearn.swarm.synthetic import SyntheticWorkload
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    host, port = split_addr(listen)
+    cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
+                     join=join, codec=codec,
+                     timeouts=Timeouts(heartbeat_every=min(0.5, dead_after / 4),
+                                       dead_after=dead_after, gather=max(2.0, dead_after)))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        daemon = PeerDaemon(cfg, SyntheticWorkload(numel=numel, compute_s=compute_s))
+        print(json.dumps({"peer": daemon.id, "control": daemon.info.control,
+                          "data": daemon.info.data}), flush=True)
+        await daemon.run(stop)
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def query_status(target: str, secret: bytes, timeout: float = 5.0) -> list[dict]:
+    from peerlearn.state.identity import Identity
+    from peerlearn.transport.control import ControlPlane
+    from peerlearn.wire import control as m
+
+    async def ask() -> list[dict]:
+        with tempfile.TemporaryDirectory() as d:
+            plane = ControlPlane(Identity.load_or_create(d), "127.0.0.1", 0, secret=secret)
+            try:
+                plane.send(target, m.StatusRequest(f"127.0.0.1:{plane.port}"))
+                while True:
+                    _, msg = await asyncio.wait_for(plane.recv(), timeout)
+                    if isinstance(msg, m.StatusReply):
+                        break
+            finally:
+                plane.close()
+        keys = ("id", "control", "data", "role", "step", "state_hash", "alive")
+        return [dict(zip(keys, (*row[:5], row[5].hex(), row[6]))) for row in msg.peers]
+
+    try:
+        return asyncio.run(ask())
+    except asyncio.TimeoutError:
+        raise SystemExit(f"no status answer from {target} within {timeout} s") from None
+
+
+def run_swarm(n: int, duration: float | None, base_port: int, numel: int, compute_s: float,
+              codec: str) -> None:
+    """Starts n peers on loopback (the first founds, the rest join it) and shows their rounds."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault(SECRET_ENV, secrets.token_hex(16))
+    work = tempfile.mkdtemp(prefix="peerlearn-swarm-")
+    procs = []
+    founder = f"127.0.0.1:{base_port}"
+    for i in range(n):
+        argv = [sys.executable, "-m", "peerlearn.cli.app", "run",
+                "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
+                "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec]
+        if i:
+            argv += ["--join", founder]
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+
+    def pump(i: int, p: subprocess.Popen) -> None:
+        for line in p.stdout:
+            print(f"[peer{i}] {line.rstrip()}", flush=True)
+
+    pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in pumps:
+        t.start()
+    print(f"swarm of {n} on 127.0.0.1:{base_port}..{base_port + n - 1}, data in {work}; "
+          f"`peerlearn status {founder}` with {SECRET_ENV}={env[SECRET_ENV]}", flush=True)
+    try:
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            if all(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.2)
+        if duration is not None:
+            for row in query_status(founder, env[SECRET_ENV].encode()):
+                print(json.dumps(row), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for t in pumps:
+            t.join(timeout=2)
