@@ -37,7 +37,6 @@ quantized once more by its owner.
 from __future__ import annotations
 
 import math
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -137,13 +136,7 @@ def _shutdown(link: Link) -> None:
     # Wakes any transfer still running on the link (it fails at once) and
     # tells the peer at the other end, which then aborts too: one failure
     # spreads around the ring in milliseconds instead of one timeout per hop.
-    # Sockets are shut down, not closed: a native op may still hold the fds.
-    for s in link._socks:  # Link has no public abort(); see docs/benchmarks.md
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    link.broken = True
+    link.abort()
 
 
 class _Ring:

@@ -80,6 +80,7 @@ class PeerDaemon:
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
+        self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
         self.busy = False  # a collective is running for us
         self.ready_handle: asyncio.TimerHandle | None = None
@@ -161,6 +162,10 @@ class PeerDaemon:
                 self._apply(a)
             elif isinstance(a, r.DiscardResult):
                 self.pending.pop(a.round_id, None)
+                # The round is over for everyone: free our worker now rather
+                # than at its step timeout (a hung peer would hold it there).
+                for link in self.inflight_links.pop(a.round_id, []):
+                    link.abort()
                 log.info("%s round %d aborted", self.id[:8], a.round_id)
                 self._schedule_ready(0.0)
             elif isinstance(a, r.SyncNeeded):
@@ -194,6 +199,7 @@ class PeerDaemon:
         addr = {p.id: p.data for p in a.members}
         send = self.links.outgoing(succ, addr[succ], timeout=self.cfg.step_timeout)
         recv = self.links.incoming(pred, timeout=self.cfg.step_timeout)
+        self.inflight_links[a.round_id] = [send, recv]
         codec = None if self.cfg.codec is None else CodecSpec(self.cfg.codec, self.cfg.block_size)
         return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
                               op_tag=a.round_id, average=True, codec=codec,
@@ -201,11 +207,16 @@ class PeerDaemon:
 
     def _collective_done(self, a: r.StartCollective, fut) -> None:
         self.busy = False
+        self.inflight_links.pop(a.round_id, None)
         try:
             result = fut.result()
         except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
             log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
+            self._schedule_ready(0.0)
+            return
+        if self.core.active is None or self.core.active.round_id != a.round_id:
+            self._schedule_ready(0.0)  # decided (aborted) while we were still at it
             return
         self.pending[a.round_id] = result
         digest = hashlib.blake2b(result.numpy().tobytes(), digest_size=8).digest()

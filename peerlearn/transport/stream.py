@@ -204,6 +204,20 @@ class Link:
                     return False
         return True
 
+    def abort(self) -> None:
+        """Fails any transfer in flight on either end at once; the link is broken after.
+
+        Safe from any thread: it shuts the sockets down (never closes them, so
+        descriptors a native op borrows stay valid until the op ends).
+        """
+        with self._lock:
+            self.broken = True
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         with self._lock:
             self.closed = True

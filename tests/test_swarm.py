@@ -1,0 +1,176 @@
+"""Peer daemons in separate processes on loopback: the swarm end to end.
+
+One scenario walks through the faults in order (starting a Python process
+with torch dominates the cost, so processes are shared): form a swarm, kill
+the coordinator, hang a peer, join a newcomer, restart a peer from its
+checkpoint. After every fault the survivors must keep advancing, and every
+peer that reports a step must hold exactly the same state there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peerlearn.cli.daemon import query_status
+
+SECRET = "swarm-test-secret-0123456789"
+DEAD_AFTER = 1.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Swarm:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addr: dict[str, str] = {}
+        self.founder: str | None = None
+
+    def start(self, name: str, join: str | None = None) -> str:
+        port = free_port()
+        argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--listen",
+                f"127.0.0.1:{port}", "--data-dir", str(self.tmp / name), "--numel", "50000",
+                "--compute-s", "0.2", "--dead-after", str(DEAD_AFTER)]
+        if join:
+            argv += ["--join", join]
+        env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=open(
+            self.tmp / f"{name}.log", "a"), text=True)
+        hello = json.loads(p.stdout.readline())
+        self.procs[name] = p
+        self.addr[name] = hello["control"]
+        return hello["peer"]
+
+    def status(self, name: str) -> list[dict]:
+        return query_status(self.addr[name], SECRET.encode(), timeout=5)
+
+    def steps(self, names) -> dict[str, tuple[int, str]]:
+        """(step, hash) each named peer reports about itself."""
+        out = {}
+        for n in names:
+            me = [r for r in self.status(n) if r["control"] == self.addr[n]]
+            out[n] = (me[0]["step"], me[0]["state_hash"])
+        return out
+
+    def wait_until(self, cond, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = cond()
+            if v:
+                return v
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; logs in {self.tmp}")
+
+    def live(self):
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def close(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def parity(sw: Swarm, names) -> int:
+    """All named peers at one step with one hash (allowing a round in flight: retried)."""
+    for _ in range(20):
+        s = sw.steps(names)
+        if len(set(s.values())) == 1:
+            return next(iter(s.values()))[0]
+        by_step: dict[int, set] = {}
+        for step, h in s.values():
+            by_step.setdefault(step, set()).add(h)
+        assert all(len(hs) == 1 for hs in by_step.values()), f"parity violated: {s}"
+        time.sleep(0.1)
+    raise AssertionError(f"peers never agreed on a step: {s}")
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    sw = Swarm(tmp_path)
+    yield sw
+    sw.close()
+
+
+def test_swarm_survives_faults_and_keeps_parity(swarm):
+    sw = swarm
+    ids = {"a": sw.start("a")}
+    for n in "bcd":
+        ids[n] = sw.start(n, join=sw.addr["a"])
+    names = list("abcd")
+
+    def all_members():
+        rows = sw.status("a")
+        return sum(r["role"] in ("coordinator", "member") for r in rows) == 4
+    sw.wait_until(all_members, 60, "4 members")
+    s0 = parity(sw, names)
+
+    # 1. Kill the coordinator (the smallest id): the others go on.
+    coord = min(names, key=lambda n: ids[n])
+    sw.procs[coord].kill()
+    rest = [n for n in names if n != coord]
+    sw.wait_until(lambda: min(st for st, _ in sw.steps(rest).values()) >= s0 + 5, 40,
+                  "progress after killing the coordinator")
+    parity(sw, rest)
+    rows = sw.status(rest[0])
+    assert [r["role"] for r in rows if r["id"] == ids[coord]] == ["dead"]
+
+    # 2. Hang a peer (SIGSTOP): it is evicted within the bound; the rest go on.
+    hung = rest[-1]
+    sw.procs[hung].send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    rest2 = [n for n in rest if n != hung]
+    sw.wait_until(lambda: [r["role"] for r in sw.status(rest2[0]) if r["id"] == ids[hung]]
+                  == ["dead"], 20, "the hung peer evicted")
+    assert time.monotonic() - t0 < DEAD_AFTER + 3
+    s1 = parity(sw, rest2)
+    sw.wait_until(lambda: min(st for st, _ in sw.steps(rest2).values()) >= s1 + 3, 40,
+                  "progress with a hung peer")
+    sw.procs[hung].send_signal(signal.SIGCONT)
+    sw.procs[hung].kill()
+
+    # 3. A newcomer joins during training, syncs, and enters a later round.
+    ids["e"] = sw.start("e", join=sw.addr[rest2[0]])
+    group = rest2 + ["e"]
+    sw.wait_until(lambda: len({v for v in sw.steps(group).values()}) == 1
+                  and sw.steps(["e"])["e"][0] > s1, 60, "the newcomer in sync")
+    s2 = parity(sw, group)
+    sw.wait_until(lambda: min(st for st, _ in sw.steps(group).values()) >= s2 + 3, 40,
+                  "progress with the newcomer")
+    parity(sw, group)
+
+    # 4. A restarted peer keeps its identity, resumes from its checkpoint, and
+    #    catches up with the swarm.
+    from peerlearn.state import checkpoint
+
+    victim = rest2[0]
+    sw.wait_until(lambda: (sw.tmp / victim / "state.ckpt").exists(), 30, "a checkpoint")
+    sw.procs[victim].terminate()  # graceful: it leaves and writes a final checkpoint
+    sw.procs[victim].wait(timeout=10)
+    saved = checkpoint.load(sw.tmp / victim / "state.ckpt")
+    assert saved.step > 0
+    others = [n for n in group if n != victim]
+    assert sw.start(victim, join=sw.addr[others[0]]) == ids[victim]
+    sw.wait_until(lambda: sw.steps([victim])[victim][0] > saved.step, 60, "the restarted peer")
+    s3 = parity(sw, group)
+    sw.wait_until(lambda: min(st for st, _ in sw.steps(group).values()) >= s3 + 2, 40,
+                  "progress after the restart")
+    parity(sw, group)
