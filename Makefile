@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 
 setup: $(STAMP)
 
-# The main job. Until the swarm lands this runs the data-plane benchmarks.
+# The main job: a local swarm of 4 peers running the built-in synthetic
+# workload for a minute, then the swarm's status (Ctrl-C stops it early).
 run: $(STAMP)
-	$(VENV)/bin/peerlearn bench codec --json
-	$(VENV)/bin/peerlearn bench stream --json
+	$(VENV)/bin/peerlearn swarm --peers 4 --duration 60
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
