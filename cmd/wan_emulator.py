@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import sys
 
 # Run from a checkout without installing: the repository root holds `peerlearn`.
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from peerlearn.netsim import WanEmulator, measure, netns_available  # noqa: E402
+from peerlearn.netsim import WanEmulator, measure, netns_available
 
 
 def _rates(text: str) -> float | list[float]:

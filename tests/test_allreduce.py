@@ -54,7 +54,7 @@ def _peer(cmd_q, res_q) -> None:
         x = _input(seeds[ring.rank], numel)
         before = x.clone()
 
-        def on_step(step: int) -> None:
+        def on_step(step: int, fault=fault) -> None:
             if fault is None or fault[1] != step:
                 return
             kind = fault[0]

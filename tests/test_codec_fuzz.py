@@ -99,7 +99,8 @@ def test_bad_scales_rejected(codec):
     good = bytearray(_valid(codec, torch.float32, 8, 8))
     off = 32 + (4 if codec in (C.Codec.INT8_MINMAX, C.Codec.INT4_MINMAX) else 0)
     # 3e38 overflows qmax * scale except for E3M0, whose largest magnitude is the scale
-    for val in (float("nan"), float("inf"), -1.0, -0.0) + ((3e38,) if codec != C.Codec.E3M0 else ()):
+    huge = (3e38,) if codec != C.Codec.E3M0 else ()
+    for val in (float("nan"), float("inf"), -1.0, -0.0, *huge):
         b = bytearray(good)
         b[off:off + 4] = struct.pack("<f", val)
         with pytest.raises(C.DecodeError, match="scale"):

@@ -30,11 +30,12 @@ def test_unaligned_and_large():
 def test_hash_tensor_any_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8):
         t = (torch.randn(333) * 100).to(dtype)
-        raw = t.numpy().tobytes() if dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+        raw = (t if dtype != torch.bfloat16 else t.view(torch.int16)).numpy().tobytes()
         assert C.hash_tensor(t) == xxhash.xxh64_intdigest(raw)
         assert C.hash_tensor(t, seed=9) == xxhash.xxh64_intdigest(raw, 9)
     m = torch.randn(6, 7)
     assert C.hash_tensor(m.t()) == C.hash_tensor(m.t().contiguous())
     assert C.hash_tensor(m.t()) != C.hash_tensor(m)
     assert C.hash_tensor(torch.empty(0)) == xxhash.xxh64_intdigest(b"")
-    assert C.hash_tensor(torch.tensor(1.5)) == xxhash.xxh64_intdigest(torch.tensor(1.5).numpy().tobytes())
+    one = torch.tensor(1.5)
+    assert C.hash_tensor(one) == xxhash.xxh64_intdigest(one.numpy().tobytes())

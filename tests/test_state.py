@@ -74,7 +74,7 @@ def test_corrupt_checkpoints_are_refused(tmp_path):
         "payload_bit": good[:-100] + bytes([good[-100] ^ 1]) + good[-99:],
         "empty": b"",
     }
-    for name, data in cases.items():
+    for data in cases.values():
         p.write_bytes(data)
         with pytest.raises(checkpoint.CheckpointError):
             checkpoint.load(p)

@@ -23,7 +23,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
+    version: Optional[bool] = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
@@ -41,7 +41,7 @@ def _emit(result: dict, as_json: bool) -> None:
 @bench.command("codec")
 def bench_codec(
     numel: int = typer.Option(64 * 2**20, help="Elements of the fp32 test tensor."),
-    threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),  # noqa: UP007
+    threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
     repeat: int = typer.Option(3, help="Timed repetitions; the best is reported."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
 ) -> None:
@@ -55,7 +55,7 @@ def bench_codec(
 def bench_stream(
     conns: str = typer.Option("1,2,4,8,16", help="Connection counts to measure."),
     mbytes: int = typer.Option(256, help="Megabytes per timed transfer."),
-    wan: Optional[str] = typer.Option(  # noqa: UP007
+    wan: Optional[str] = typer.Option(
         None, help="RTT_MS,MBIT: also measure over the emulated wide-area path (needs root)."
     ),
     as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
@@ -76,11 +76,11 @@ def bench_allreduce(
     peers: int = typer.Option(4, help="Peers, each its own process (and host under --wan)."),
     numel: int = typer.Option(100_000_000, help="Elements of the fp32 tensor."),
     codec: str = typer.Option("none", help="Wire codec: none or int8."),
-    wan: Optional[str] = typer.Option(  # noqa: UP007
+    wan: Optional[str] = typer.Option(
         None, help="RTT_MS,MBIT: run over the emulated wide-area path (needs root)."
     ),
     repeat: int = typer.Option(3, help="Timed runs after one warm-up; the best is reported."),
-    conns: Optional[int] = typer.Option(  # noqa: UP007
+    conns: Optional[int] = typer.Option(
         None, help="Connections per link (default: 2 on loopback, 8 over --wan)."
     ),
     gloo: bool = typer.Option(True, "--gloo/--no-gloo", help="Also time torch.distributed gloo."),
@@ -103,10 +103,10 @@ _CODECS = {"none": None, "int8": 3, "int4": 5, "fp16": 1, "bf16": 2, "fp8": 8, "
 @app.command("run")
 def run(
     listen: str = typer.Option("127.0.0.1:7400", help="HOST:PORT of the control socket."),
-    join: Optional[str] = typer.Option(  # noqa: UP007
+    join: Optional[str] = typer.Option(
         None, help="HOST:PORT of any live member; omit to found a new swarm."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
-    secret_file: Optional[str] = typer.Option(  # noqa: UP007
+    secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
     data_port: int = typer.Option(0, help="Data-plane port (0: any free one)."),
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
@@ -125,7 +125,7 @@ def run(
 @app.command("swarm")
 def swarm(
     peers: int = typer.Option(4, help="Peers to start on loopback."),
-    duration: Optional[float] = typer.Option(  # noqa: UP007
+    duration: Optional[float] = typer.Option(
         None, help="Stop after this many seconds and print the status (default: until Ctrl-C)."),
     base_port: int = typer.Option(7400, help="Control port of the first peer; the rest follow."),
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
@@ -141,7 +141,7 @@ def swarm(
 @app.command("status")
 def status(
     target: str = typer.Argument(..., help="HOST:PORT of a peer's control socket."),
-    secret_file: Optional[str] = typer.Option(None),  # noqa: UP007
+    secret_file: Optional[str] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import netns as _ns
 
@@ -29,7 +29,8 @@ _IFNAME = "wan0"
 
 @dataclasses.dataclass(frozen=True)
 class Host:
-    """One emulated machine: ``ip netns exec {netns} ...`` runs on it; peers reach it at ``addr``."""
+    """One emulated machine: ``ip netns exec {netns} ...`` runs on it; peers reach it
+    at ``addr``."""
 
     index: int
     netns: str
@@ -86,7 +87,7 @@ class WanEmulator:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def __enter__(self) -> "WanEmulator":
+    def __enter__(self) -> WanEmulator:
         self.start()
         return self
 

@@ -54,7 +54,7 @@ class Link:
     of a FIFO drained at a constant rate, so no per-packet queue is needed.
     """
 
-    __slots__ = ("rate", "limit", "next_free")
+    __slots__ = ("limit", "next_free", "rate")
 
     def __init__(self, rate_bytes_per_s: float, queue_bytes: int):
         self.rate = rate_bytes_per_s

@@ -12,7 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .emulator import WanEmulator
 

@@ -159,7 +159,7 @@ def netns_available() -> tuple[bool, str]:
     except OSError as e:
         return False, f"/dev/net/tun unusable: {e.strerror}"
     try:
-        _libc().setns
+        _libc().setns  # noqa: B018 - probing for the symbol
     except AttributeError:
         return False, "libc has no setns()"
     probe = f"{NAME_PREFIX}{os.getpid()}-probe"

@@ -131,7 +131,7 @@ def ping(addr: str, port: int, count: int, gap: float) -> None:
         while True:
             try:
                 data = s.recv(2048)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if struct.unpack("!I", data[:4])[0] == seq:
                 rtts.append((time.monotonic() - t) * 1e3)
@@ -150,7 +150,7 @@ def udpsink(port: int, idle_s: float) -> None:
     while True:
         try:
             seqs.append(struct.unpack("!I", s.recv(65536)[:4])[0])
-        except socket.timeout:
+        except TimeoutError:
             break
         s.settimeout(idle_s)
     _emit({"seqs": seqs})

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -283,7 +283,7 @@ class PeerDaemon:
 
             def pull(part: int, donor: str) -> None:
                 link = self.links.incoming(donor, timeout=self.cfg.step_timeout)
-                for i, (_, dt, shape, _) in enumerate(manifest):
+                for i, (_, _, shape, _) in enumerate(manifest):
                     if i % len(donors) == part and torch.Size(shape).numel():
                         link.recv_into(bufs[i], SYNC_OP + i, timeout=self.cfg.step_timeout)
 

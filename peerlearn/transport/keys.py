@@ -64,12 +64,14 @@ def curve_public_from_ed25519(public_raw: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
-def swarm_server_keypair(secret: bytes | None, allowlist: list[bytes] | None) -> tuple[bytes, bytes]:
+def swarm_server_keypair(secret: bytes | None,
+                         allowlist: list[bytes] | None) -> tuple[bytes, bytes]:
     """The CURVE server key pair every peer of the swarm binds with."""
     if secret:
         seed = hashlib.sha256(b"peerlearn-control-server\0" + secret).digest()
     elif allowlist:
-        seed = hashlib.sha256(b"peerlearn-allowlist-server\0" + b"".join(sorted(allowlist))).digest()
+        listed = b"".join(sorted(allowlist))
+        seed = hashlib.sha256(b"peerlearn-allowlist-server\0" + listed).digest()
     else:
         raise ValueError("a swarm needs a secret or an allowlist")
     x = X25519PrivateKey.from_private_bytes(seed)

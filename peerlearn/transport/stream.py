@@ -339,7 +339,7 @@ class LinkListener:
         while not self._closed:
             try:
                 sock, _ = self._sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 self._expire_pending()
                 continue
             except OSError:
