@@ -86,6 +86,7 @@ class PeerDaemon:
         self.ready_handle: asyncio.TimerHandle | None = None
         self.rounds_applied = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -115,6 +116,9 @@ class PeerDaemon:
                     pass
         finally:
             self._dispatch(self.core.leave(time.monotonic()))
+            self.closing = True  # from here on, timers and worker callbacks do nothing
+            if self.ready_handle is not None:
+                self.ready_handle.cancel()
             await asyncio.sleep(0.05)  # let the Leave go out
             for t in tasks:
                 t.cancel()
@@ -149,6 +153,8 @@ class PeerDaemon:
     # ------------------------------------------------------------ actions
 
     def _dispatch(self, actions) -> None:
+        if self.closing:
+            return
         for a in actions:
             if isinstance(a, r.Send):
                 peer = self.core.known.get(a.to)
@@ -178,6 +184,8 @@ class PeerDaemon:
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
     def _schedule_ready(self, delay: float) -> None:
+        if self.closing:
+            return
         if self.ready_handle is not None:
             self.ready_handle.cancel()
         self.ready_handle = self.loop.call_later(delay, self._ready)

@@ -89,6 +89,7 @@ class ControlPlane:
         self.failed_handshakes = 0
         self.rejected_messages = 0
         self.dropped_sends = 0
+        self.closed = False
 
     @property
     def refused_connections(self) -> int:
@@ -108,7 +109,9 @@ class ControlPlane:
         return d
 
     def send(self, address: str, msg) -> None:
-        """Queues msg for the peer at host:port; never blocks."""
+        """Queues msg for the peer at host:port; never blocks; a no-op once closed."""
+        if self.closed:
+            return
         try:
             self._dealer(address).send(self._pub + m.encode(msg), flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
@@ -155,6 +158,9 @@ class ControlPlane:
             return
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for d in self._dealers.values():
             d.close(linger=0)
         self._dealers.clear()
