@@ -228,9 +228,34 @@ class WanEmulator:
             "dropped_queue": sum(raw["dropped_queue"]),
             "dropped_loss": sum(raw["dropped_loss"]),
             "dropped_other": sum(raw["dropped_other"]),
+            "dropped_partition": sum(raw["dropped_partition"]),
             "late_max_ms": raw["late_max_s"] * 1e3,
             "per_host": {k: v for k, v in raw.items() if isinstance(v, list)},
         }
+
+    def partition(self, *groups: Sequence[int]) -> None:
+        """Cut the network: hosts in different groups stop reaching each other.
+
+        Hosts not named form one more group. Packets already in flight still
+        arrive; new ones across the cut are dropped (counted as dropped_partition).
+        """
+        group = [len(groups)] * len(self.hosts)
+        for g, hosts in enumerate(groups):
+            for h in hosts:
+                group[h] = g
+        self._set_groups(group)
+
+    def heal(self) -> None:
+        """Undo partition(): every host reaches every other again."""
+        self._set_groups([0] * len(self.hosts))
+
+    def _set_groups(self, group: list[int]) -> None:
+        if self._ctl is None or self._closed:
+            raise RuntimeError("emulator is not running")
+        with self._ctl_lock:
+            self._ctl.sendall(b"p" + bytes([len(group), *group]))
+            if self._ctl_file.readline() != b"ok\n":
+                raise RuntimeError("the forwarder refused the partition")
 
     def sysctls(self, host: int = 0) -> dict[str, str]:
         """The TCP settings a host's sockets get (read, never changed, by the emulator)."""

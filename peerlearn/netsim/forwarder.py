@@ -91,12 +91,15 @@ class Forwarder:
         self.heap: list = []
         self.seq = 0
         n = len(hosts)
+        self.group = [0] * n  # hosts in different groups cannot reach each other
+        self.ctl_buf = b""
         self.stats = {
             "rx_packets": [0] * n, "rx_bytes": [0] * n,  # read from host i's TUN
             "tx_packets": [0] * n, "tx_bytes": [0] * n,  # written to host i's TUN
             "dropped_queue": [0] * n,  # by the drop-tail queue of host i's links
             "dropped_loss": [0] * n,  # random loss, by source host
             "dropped_other": [0] * n,  # not IPv4 to another host, by source host
+            "dropped_partition": [0] * n,  # between hosts a partition separates, by source
             "late_max_s": 0.0,  # worst lateness of a delivery vs. its due time
         }
 
@@ -120,6 +123,9 @@ class Forwarder:
             dst = by_addr.get(pkt[16:20]) if size >= 20 and pkt[0] >> 4 == 4 else None
             if dst is None or dst == src:
                 st["dropped_other"][src] += 1
+                continue
+            if self.group[src] != self.group[dst]:
+                st["dropped_partition"][src] += 1
                 continue
             t = egress.admit(now, size)
             if t < 0.0:
@@ -156,15 +162,33 @@ class Forwarder:
             st["tx_bytes"][dst] += len(pkt)
 
     def _control(self) -> bool:
-        """Serve stats requests; False once the emulator has closed the socket."""
+        """Serve the emulator's requests; False once it has closed the socket.
+
+        b"s": send the stats as one JSON line. b"p" n g0..g(n-1): set each host's
+        partition group (one byte each; equal groups can talk), answered b"ok\n".
+        """
         try:
-            req = self.ctl.recv(64)
+            req = self.ctl.recv(4096)
         except BlockingIOError:
             return True
         if not req:
             return False
-        for _ in range(req.count(b"s")):
-            self.ctl.sendall(json.dumps(self.stats).encode() + b"\n")
+        buf = self.ctl_buf + req
+        while buf:
+            if buf[:1] == b"s":
+                self.ctl.sendall(json.dumps(self.stats).encode() + b"\n")
+                buf = buf[1:]
+            elif buf[:1] == b"p":
+                if len(buf) < 2 or len(buf) < 2 + buf[1]:
+                    break  # the rest of the command is still on its way
+                n = buf[1]
+                if n == len(self.group):
+                    self.group = list(buf[2:2 + n])
+                buf = buf[2 + n:]
+                self.ctl.sendall(b"ok\n")
+            else:
+                buf = buf[1:]  # unknown byte: skip it
+        self.ctl_buf = buf
         return True
 
     def run(self) -> None:
