@@ -25,7 +25,7 @@ def beat(i: Identity):
 async def recv_or_none(plane, timeout):
     try:
         return await asyncio.wait_for(plane.recv(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
 
 

@@ -89,7 +89,7 @@ def query_status(target: str, secret: bytes, timeout: float = 5.0) -> list[dict]
 
     try:
         return asyncio.run(ask())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise SystemExit(f"no status answer from {target} within {timeout} s") from None
 
 

@@ -112,7 +112,7 @@ class PeerDaemon:
                 self._dispatch(self.core.tick(time.monotonic()))
                 try:
                     await asyncio.wait_for(stop.wait(), 0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             self._dispatch(self.core.leave(time.monotonic()))
