@@ -113,13 +113,15 @@ def run(
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
     codec: str = typer.Option("none", help=f"All-reduce codec: {', '.join(_CODECS)}."),
     dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
+    metrics: str = typer.Option("127.0.0.1:0",
+                                help="HOST:PORT for Prometheus metrics (port 0: any; 'off')."),
 ) -> None:
     """Start a peer daemon (today it runs the built-in synthetic workload)."""
     from peerlearn.cli import daemon
 
     daemon.run_peer(listen, join, data_dir, daemon.read_secret(secret_file), numel=numel,
                     compute_s=compute_s, codec=_CODECS[codec], data_port=data_port,
-                    dead_after=dead_after)
+                    dead_after=dead_after, metrics=None if metrics == "off" else metrics)
 
 
 @app.command("swarm")

@@ -38,7 +38,8 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, numel: int,
-             compute_s: float, codec: int | None, data_port: int, dead_after: float) -> None:
+             compute_s: float, codec: int | None, data_port: int, dead_after: float,
+             metrics: str | None = "127.0.0.1:0") -> None:
     from peerlearn.swarm.peer import PeerConfig, PeerDaemon
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
@@ -55,10 +56,20 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, num
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        from peerlearn.cli import metrics as prom
+
         daemon = PeerDaemon(cfg, SyntheticWorkload(numel=numel, compute_s=compute_s))
+        metrics_port, stop_metrics = None, None
+        if metrics:
+            mhost, mport = split_addr(metrics)
+            metrics_port, stop_metrics = prom.serve(daemon, mhost, mport)
         print(json.dumps({"peer": daemon.id, "control": daemon.info.control,
-                          "data": daemon.info.data}), flush=True)
-        await daemon.run(stop)
+                          "data": daemon.info.data, "metrics_port": metrics_port}), flush=True)
+        try:
+            await daemon.run(stop)
+        finally:
+            if stop_metrics is not None:
+                stop_metrics()
 
     try:
         import uvloop

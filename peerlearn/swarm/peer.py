@@ -84,7 +84,14 @@ class PeerDaemon:
         self.syncing = False
         self.busy = False  # a collective is running for us
         self.ready_handle: asyncio.TimerHandle | None = None
+        # Counters for metrics (read by peerlearn.cli.metrics at scrape time).
         self.rounds_applied = 0
+        self.rounds_aborted = 0
+        self.collectives = 0
+        self.collective_seconds = 0.0
+        self.syncs = 0
+        self.sync_failures = 0
+        self.parity_mismatches = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
 
@@ -162,11 +169,14 @@ class PeerDaemon:
                     self.plane.send(peer.control, a.msg)
             elif isinstance(a, r.StartCollective):
                 self.busy = True
+                started = time.monotonic()
                 fut = self.loop.run_in_executor(None, self._collective, a, self.state.step)
+                fut.add_done_callback(lambda f, t=started: self._timed(t))
                 fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
             elif isinstance(a, r.ApplyResult):
                 self._apply(a)
             elif isinstance(a, r.DiscardResult):
+                self.rounds_aborted += 1
                 self.pending.pop(a.round_id, None)
                 # The round is over for everyone: free our worker now rather
                 # than at its step timeout (a hung peer would hold it there).
@@ -175,6 +185,8 @@ class PeerDaemon:
                 log.info("%s round %d aborted", self.id[:8], a.round_id)
                 self._schedule_ready(0.0)
             elif isinstance(a, r.SyncNeeded):
+                if self.state is not None:
+                    self.parity_mismatches += 1  # we hold a state, and it is not the swarm's
                 if not self.syncing and a.donors:
                     self.syncing = True
                     asyncio.ensure_future(self._sync(a))
@@ -212,6 +224,10 @@ class PeerDaemon:
         return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
                               op_tag=a.round_id, average=True, codec=codec,
                               timeout=self.cfg.step_timeout)
+
+    def _timed(self, started: float) -> None:
+        self.collectives += 1
+        self.collective_seconds += time.monotonic() - started
 
     def _collective_done(self, a: r.StartCollective, fut) -> None:
         self.busy = False
@@ -304,10 +320,12 @@ class PeerDaemon:
             if state.state_hash() != need.state_hash:
                 raise RuntimeError("fetched state does not match its hash")
             self.state = state
+            self.syncs += 1
             self.core.state_synced(need.step, need.state_hash)
             log.info("%s synced to step %d from %d donors", self.id[:8], need.step, len(donors))
             self._schedule_ready(0.0)  # enter the next round at once, with a fresh update
         except Exception as e:  # noqa: BLE001 - any failure means: ask again later
+            self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)
             self.core.sync_requested = None
         finally:

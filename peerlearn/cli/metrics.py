@@ -1,0 +1,83 @@
+"""Prometheus metrics of one peer daemon.
+
+Read at scrape time from the daemon's own counters (the daemon knows nothing
+of Prometheus), into a registry of its own, served on 127.0.0.1 by default.
+Names follow the usual conventions: one `peerlearn_` prefix, base units,
+counters ending in `_total`, no per-peer labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
+
+from peerlearn import __version__
+
+
+class PeerCollector:
+    def __init__(self, daemon):
+        self.d = daemon
+
+    def collect(self):
+        import time
+
+        d = self.d
+        now = time.monotonic()
+        yield InfoMetricFamily("peerlearn_build", "Version of this peer.",
+                               value={"version": __version__})
+        yield GaugeMetricFamily("peerlearn_step", "Shared-state step this peer holds.",
+                                value=d.state.step if d.state is not None else 0)
+        yield GaugeMetricFamily("peerlearn_members", "Members of the last applied view.",
+                                value=len(d.core.members))
+        yield GaugeMetricFamily("peerlearn_live_peers", "Known peers heard from recently.",
+                                value=sum(d.core.alive(p, now) for p in list(d.core.known)))
+        yield GaugeMetricFamily("peerlearn_is_coordinator", "1 if this peer coordinates rounds.",
+                                value=float(d.core.is_coordinator(now)))
+        counters = [
+            ("peerlearn_rounds_applied", "Rounds whose result this peer applied.",
+             d.rounds_applied),
+            ("peerlearn_rounds_aborted", "Rounds this peer took part in that were aborted.",
+             d.rounds_aborted),
+            ("peerlearn_state_syncs", "Shared states fetched from donors and verified.", d.syncs),
+            ("peerlearn_state_sync_failures", "State fetches that failed or did not verify.",
+             d.sync_failures),
+            ("peerlearn_parity_mismatches", "Times this peer's state differed from the swarm's.",
+             d.parity_mismatches),
+            ("peerlearn_control_rejected_messages", "Control messages dropped as invalid.",
+             d.plane.rejected_messages + d.core.rejected),
+            ("peerlearn_control_refused_connections",
+             "Control connections refused (no secret, not allowlisted).",
+             d.plane.refused_connections),
+            ("peerlearn_control_dropped_sends", "Control messages dropped at a full queue.",
+             d.plane.dropped_sends),
+            ("peerlearn_data_refused_connections",
+             "Data-plane connections refused (handshake, greeting).",
+             d.links.listener.rejected + d.links.bad_greetings),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+        yield SummaryMetricFamily("peerlearn_collective_seconds", "Time of each collective.",
+                                  count_value=d.collectives, sum_value=d.collective_seconds)
+
+
+def serve(daemon, host: str = "127.0.0.1", port: int = 0):
+    """Starts the metrics endpoint on its own thread; returns (port, stop).
+
+    The collector reads the daemon's counters from that thread: plain ints
+    and snapshots of dicts, never anything the loop holds a lock for.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PeerCollector(daemon))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return server.server_address[1], stop

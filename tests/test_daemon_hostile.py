@@ -1,0 +1,111 @@
+"""A running peer daemon under hostile input: every bad thing is refused and
+counted in its Prometheus metrics, and the peer keeps training."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import msgpack
+import zmq
+
+from peerlearn.state.identity import Identity
+from peerlearn.transport import keys
+from peerlearn.transport.control import ControlPlane
+from peerlearn.wire import control as m
+
+SECRET = "hostile-test-secret-0123456789"
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {k: float(v) for k, v in re.findall(r"^(peerlearn_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+
+def wait_for(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fn():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hostile_input_is_refused_counted_and_survived(tmp_path):
+    env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peerlearn.cli.app", "run", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "peer"), "--numel", "10000", "--compute-s", "0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "peer.log", "w"), text=True)
+    try:
+        hello = json.loads(proc.stdout.readline())
+        mport = hello["metrics_port"]
+        chost, cport = hello["control"].rsplit(":", 1)
+        dhost, dport = hello["data"].rsplit(":", 1)
+        assert wait_for(lambda: scrape(mport).get("peerlearn_step", 0) >= 2)
+        base = scrape(mport)
+
+        # 1. A stranger without the secret: the CURVE handshake fails.
+        async def stranger():
+            p = ControlPlane(Identity.load_or_create(tmp_path / "s"), "127.0.0.1", 0,
+                             secret=b"not-the-secret-not-the-secret!!")
+            p.send(hello["control"], m.Leave())
+            await asyncio.sleep(1.0)
+            p.close()
+        asyncio.run(stranger())
+
+        # 2. A member-in-good-standing's key, but hostile frames.
+        me = Identity.load_or_create(tmp_path / "m")
+        pub, sec = keys.curve_keypair_from_ed25519(me.private_key)
+        ctx = zmq.Context()
+        d = ctx.socket(zmq.DEALER)
+        d.curve_serverkey = keys.swarm_server_keypair(SECRET.encode(), None)[0]
+        d.curve_publickey, d.curve_secretkey, d.linger = pub, sec, 0
+        d.connect(f"tcp://{chost}:{cport}")
+        good = msgpack.packb({"t": "heartbeat"})
+        hostile = [
+            [me.public_raw + b"\xc1garbage"],  # not msgpack
+            [me.public_raw + good[:-1]],  # truncated / wrong fields
+            [me.public_raw + b"\x00" * (m.MAX_MESSAGE_BYTES + 100)],  # oversized
+            [me.public_raw + good, b"second frame"],  # wrong frame count
+            [Identity.load_or_create(tmp_path / "v").public_raw + good],  # impersonation
+        ]
+        for frames in hostile:
+            d.send_multipart(frames)
+
+        # 3. The data plane: raw garbage and a handshake with the wrong secret.
+        with socket.create_connection((dhost, int(dport))) as s:
+            s.sendall(b"\x16\x03\x01 definitely not peerlearn" * 4)
+            s.settimeout(5)
+            try:  # closed on us without a word (a reset when our bytes were unread)
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass
+
+        def counted():
+            now = scrape(mport)
+            return (now["peerlearn_control_refused_connections_total"]
+                    >= base["peerlearn_control_refused_connections_total"] + 1
+                    and now["peerlearn_control_rejected_messages_total"]
+                    >= base["peerlearn_control_rejected_messages_total"] + len(hostile)
+                    and now["peerlearn_data_refused_connections_total"]
+                    >= base["peerlearn_data_refused_connections_total"] + 1)
+        assert wait_for(counted), (base, scrape(mport))
+        d.close()
+        ctx.term()
+
+        # 4. And it goes on training.
+        step = scrape(mport)["peerlearn_step"]
+        assert wait_for(lambda: scrape(mport)["peerlearn_step"] >= step + 3)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
