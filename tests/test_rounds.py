@@ -113,7 +113,12 @@ def test_partition_minority_never_advances_and_converges_after_healing():
     assert {p: sim.peers[p].step for p in minority} == frozen  # not one step
     assert sim.max_step(majority) >= max(frozen.values()) + 5
     sim.heal()
+    t_heal = sim.now
     sim.run(24)
+    # Healed means taking part again, not just copying the majority's state.
+    for p in minority:
+        assert any(e[1] == "apply" and e[2] == p and e[0] > t_heal + 5 for e in sim.events), p
+        assert set(sim.peers[p].core.members) == set(sim.peers), p
     states = {(p.step, p.state) for p in sim.peers.values()}
     steps = [p.step for p in sim.peers.values()]
     assert max(steps) - min(steps) <= 1, steps

@@ -80,6 +80,7 @@ class PeerDaemon:
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
+        self._offers: dict[str, asyncio.Future] = {}
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
         self.busy = False  # a collective is running for us
@@ -147,7 +148,7 @@ class PeerDaemon:
             if isinstance(msg, m.StateRequest):
                 self._serve_state(sender, msg)
             elif isinstance(msg, (m.StateOffer, m.StateRefused)):
-                fut = self._offers.get(sender) if hasattr(self, "_offers") else None
+                fut = self._offers.get(sender)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
             elif isinstance(msg, m.StatusRequest):
@@ -267,8 +268,11 @@ class PeerDaemon:
     def _serve_state(self, requester: str, req: m.StateRequest) -> None:
         peer = self.core.known.get(requester)
         st = self.state
-        if peer is None or st is None or (st.step, st.state_hash()) != (req.step, req.state_hash) \
-                or not 0 <= req.part < req.parts:
+        # A donor that has moved past the requested step offers what it holds
+        # now: a joiner chasing a swarm whose rounds are shorter than a state
+        # transfer would otherwise always arrive one step late.
+        if peer is None or st is None or st.step < req.step or not self.core.synced \
+                or not 0 <= req.part < req.parts or self.id not in self.core.members:
             if peer is not None:
                 self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash))
             return
@@ -276,7 +280,7 @@ class PeerDaemon:
         # A snapshot: the loop may apply the next round while the bytes are on the wire.
         snap = [st.tensors[e.name].clone() for e in manifest]
         self.plane.send(peer.control, m.StateOffer(
-            req.step, req.state_hash, req.part, req.parts,
+            st.step, st.state_hash(manifest), req.part, req.parts,
             tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)))
 
         def push():
@@ -291,7 +295,8 @@ class PeerDaemon:
                                                                     f.exception()))
 
     async def _sync(self, need: r.SyncNeeded) -> None:
-        """Fetch (step, hash) striped over up to 4 donors; install only if the hash matches."""
+        """Fetch the donors' state (need.step or newer) striped over up to 4 of them;
+        install it only if every donor offered the same state and it matches its hash."""
         donors = list(need.donors)[:4]
         self._offers = {d: self.loop.create_future() for d in donors}
         try:
@@ -300,8 +305,10 @@ class PeerDaemon:
                                 m.StateRequest(need.step, need.state_hash, i, len(donors)))
             offers = await asyncio.wait_for(asyncio.gather(*self._offers.values()), 10)
             if any(isinstance(o, m.StateRefused) for o in offers):
-                raise RuntimeError("a donor no longer holds that state")
-            manifest = offers[0].tensors
+                raise RuntimeError("a donor refused")
+            step, digest, manifest = offers[0].step, offers[0].state_hash, offers[0].tensors
+            if any((o.step, o.state_hash, o.tensors) != (step, digest, manifest) for o in offers):
+                raise RuntimeError("donors offered different states (a round ended meanwhile)")
             bufs = [torch.empty(max(1, int(torch.Size(shape).numel()) * DTYPES[dt].itemsize),
                                 dtype=torch.uint8) for _, dt, shape, _ in manifest]
 
@@ -313,16 +320,16 @@ class PeerDaemon:
 
             await asyncio.gather(*[self.loop.run_in_executor(None, pull, i, d)
                                    for i, d in enumerate(donors)])
-            state = SharedState(need.step)
+            state = SharedState(step)
             for (name, dt, shape, _), b in zip(manifest, bufs):
                 n = int(torch.Size(shape).numel())
                 state.tensors[name] = b[: n * DTYPES[dt].itemsize].view(DTYPES[dt]).reshape(shape)
-            if state.state_hash() != need.state_hash:
+            if state.state_hash() != digest:
                 raise RuntimeError("fetched state does not match its hash")
             self.state = state
             self.syncs += 1
-            self.core.state_synced(need.step, need.state_hash)
-            log.info("%s synced to step %d from %d donors", self.id[:8], need.step, len(donors))
+            self.core.state_synced(step, digest)
+            log.info("%s synced to step %d from %d donors", self.id[:8], step, len(donors))
             self._schedule_ready(0.0)  # enter the next round at once, with a fresh update
         except Exception as e:  # noqa: BLE001 - any failure means: ask again later
             self.sync_failures += 1

@@ -137,6 +137,7 @@ class RoundCore:
         self.leading: _Round | None = None
         self.last_beat_at = -1e18
         self.last_dead_beat_at = -1e18
+        self.view_asked_at = -1e18
         self.sync_requested: tuple[int, bytes] | None = None
         self.rejected = 0  # messages dropped as invalid in context
 
@@ -251,6 +252,13 @@ class RoundCore:
             return []
         self.known.setdefault(sender, msg.peer)
         self.beats[sender] = msg
+        if msg.epoch > self.epoch and self.members and self.observed is None and \
+                now - self.view_asked_at >= self.t.heartbeat_every * 2:
+            # Rounds were applied without us (we were cut off): our view is
+            # stale, and with it our idea of the coordinator and the quorum.
+            # Ask for the current view; its Welcome replaces ours.
+            self.view_asked_at = now
+            return [Send(sender, m.Join(self.me))]
         return []
 
     def _on_join(self, now, sender, msg: m.Join) -> list:
@@ -262,6 +270,15 @@ class RoundCore:
 
     def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
         if self.members:
+            # Only a newer view replaces ours (epochs are the ids of applied
+            # rounds, each agreed by a majority of the view before it).
+            if msg.epoch > self.epoch and self.observed is None:
+                for p in msg.members:
+                    self.known.setdefault(p.id, p)
+                self.members = {p.id: p for p in msg.members}
+                self.epoch = msg.epoch
+                self.leading = None
+                return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
             return []
         for p in msg.members:
             self.known.setdefault(p.id, p)

@@ -239,8 +239,8 @@ class Abort:
 
 @dataclass(frozen=True)
 class StateRequest:
-    """Send me, over your data link to me, the tensors i of state (step, state_hash)
-    with i % parts == part (in name order)."""
+    """Send me, over your data link to me, the tensors i (in name order) with
+    i % parts == part of state (step, state_hash), or of your newer state."""
 
     step: int
     state_hash: bytes
@@ -250,7 +250,10 @@ class StateRequest:
 
 @dataclass(frozen=True)
 class StateOffer:
-    """I hold that state; here is its whole manifest. Tensor i follows as op SYNC_OP + i."""
+    """The state I hold now (the one asked for, or a newer one): its whole manifest.
+
+    Tensor i follows on my data link to you as op SYNC_OP + i.
+    """
 
     step: int
     state_hash: bytes
