@@ -49,7 +49,7 @@ class PeerCollector:
             ("peerlearn_parity_mismatches", "Times this peer's state differed from the swarm's.",
              d.parity_mismatches),
             ("peerlearn_control_rejected_messages", "Control messages dropped as invalid.",
-             d.plane.rejected_messages + d.core.rejected),
+             d.plane.rejected_messages + d.core.rejected + d.handler_errors),
             ("peerlearn_control_refused_connections",
              "Control connections refused (no secret, not allowlisted).",
              d.plane.refused_connections),

@@ -93,6 +93,7 @@ class PeerDaemon:
         self.syncs = 0
         self.sync_failures = 0
         self.parity_mismatches = 0
+        self.handler_errors = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
 
@@ -145,18 +146,25 @@ class PeerDaemon:
     async def _recv_loop(self) -> None:
         while True:
             sender, msg = await self.plane.recv()
-            if isinstance(msg, m.StateRequest):
-                self._serve_state(sender, msg)
-            elif isinstance(msg, (m.StateOffer, m.StateRefused)):
-                fut = self._offers.get(sender)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, m.StatusRequest):
-                self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
-            elif isinstance(msg, m.StatusReply):
-                pass
-            else:
-                self._dispatch(self.core.receive(time.monotonic(), sender, msg))
+            try:
+                self._handle(sender, msg)
+            except Exception:  # noqa: BLE001 - one bad message must not end the peer
+                self.handler_errors += 1
+                log.exception("%s dropped a %s from %s", self.id[:8], type(msg).__name__,
+                              sender[:8])
+
+    def _handle(self, sender: str, msg) -> None:
+        """Daemon-level messages here; membership and rounds go to the core."""
+        if isinstance(msg, m.StateRequest):
+            self._serve_state(sender, msg)
+        elif isinstance(msg, (m.StateOffer, m.StateRefused)):
+            fut = self._offers.get(sender)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, m.StatusRequest):
+            self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
+        elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
+            self._dispatch(self.core.receive(time.monotonic(), sender, msg))
 
     # ------------------------------------------------------------ actions
 
@@ -248,7 +256,13 @@ class PeerDaemon:
         self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, True, digest))
 
     def _apply(self, a: r.ApplyResult) -> None:
-        result = self.pending.pop(a.round_id)
+        result = self.pending.pop(a.round_id, None)
+        if result is None:
+            # Decided "apply" but we hold no result: stay where we are; the
+            # parity check sees the swarm ahead of us and fetches its state.
+            log.warning("%s has no result for applied round %d", self.id[:8], a.round_id)
+            self.core.state_synced(self.state.step, self.state.state_hash())
+            return
         self.work.apply(self.state, result)
         self.state.step = a.step + 1
         digest = self.state.state_hash()

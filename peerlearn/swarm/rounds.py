@@ -207,7 +207,10 @@ class RoundCore:
         if sender != self.me.id:
             self.last_heard[sender] = now
             self.left.discard(sender)
-        handler = getattr(self, "_on_" + type(msg).__name__.lower())
+        handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
+        if handler is None:  # a message for the daemon, not for the round logic
+            self.rejected += 1
+            return []
         return handler(now, sender, msg)
 
     def tick(self, now: float) -> list:
