@@ -200,3 +200,27 @@ def test_churn_keeps_parity():
 def test_timeouts_defaults_are_sane():
     t = r.Timeouts()
     assert t.heartbeat_every * 3 <= t.dead_after
+
+
+def test_resuming_founder_waits_then_adopts_the_newest_state():
+    from peerlearn.wire import control as m
+
+    t = r.Timeouts(rejoin_grace=5.0)
+    me = m.PeerInfo("a", "a:1", "a:2")
+    core = r.RoundCore(me, t, founder=True, resuming=True)
+    core.state_synced(3, b"\x03" * 8)
+    core.tick(0.0)
+    # Our own Ready does not start a round during the grace...
+    out = core.local_ready(0.1, 3, b"\x03" * 8)
+    assert not any(isinstance(a, r.Send) and isinstance(a.msg, m.Propose) for a in out)
+    assert core.leading is None
+    # ...and a peer that comes back with a newer state is where we resume from.
+    b = m.PeerInfo("b", "b:1", "b:2")
+    core.receive(1.0, "b", m.Heartbeat(0, 7, b"\x07" * 8, True, b))
+    need = [a for a in core.tick(1.1) if isinstance(a, r.SyncNeeded)]
+    assert need == [r.SyncNeeded(7, b"\x07" * 8, ("b",))]
+    # A founder of a new swarm (nothing to resume) does not wait at all.
+    fresh = r.RoundCore(me, t, founder=True)
+    fresh.tick(0.0)
+    out = fresh.local_ready(0.1, 0, r.ZERO_HASH)
+    assert any(isinstance(a, r.StartCollective) for a in out)

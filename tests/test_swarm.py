@@ -46,8 +46,8 @@ class Swarm:
         if join:
             argv += ["--join", join]
         env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
-        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=open(
-            self.tmp / f"{name}.log", "a"), text=True)
+        with open(self.tmp / f"{name}.log", "a") as log:  # the child keeps its own copy
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         hello = json.loads(p.stdout.readline())
         self.procs[name] = p
         self.addr[name] = hello["control"]
@@ -241,3 +241,45 @@ def test_churn_keeps_parity_and_progress(swarm):
     assert last_step >= 20
     # Bound: eviction (dead_after) + a gather + a retried round, with slack for 2 busy cores.
     assert longest_stall < 10, f"the swarm went {longest_stall:.1f} s without a step"
+
+
+def test_whole_swarm_restart_resumes_from_the_newest_step(swarm):
+    """The founder stops first, the others train on; all stop; all restart with
+    the founder first: the swarm resumes from the newest checkpoint any peer holds."""
+    from peerlearn.state import checkpoint
+
+    sw = swarm
+    sw.start("a")
+    sw.start("b", join=sw.addr["a"])
+    sw.start("c", join=sw.addr["a"])
+    sw.wait_until(lambda: sum(r["role"] in ("coordinator", "member")
+                              for r in sw.status("a")) == 3, 60, "3 members")
+    sw.wait_until(lambda: sw.steps(["a"])["a"][0] >= 5, 30, "a few steps")
+    sw.procs["a"].terminate()  # graceful: leaves, writes its checkpoint
+    sw.procs["a"].wait(timeout=10)
+    a_step = checkpoint.load(sw.tmp / "a" / "state.ckpt").step
+    sw.wait_until(lambda: sw.steps(["b"])["b"][0] >= a_step + 5, 30, "b and c to train on")
+    for n in ("b", "c"):
+        sw.procs[n].terminate()
+        sw.procs[n].wait(timeout=10)
+    saved = {n: checkpoint.load(sw.tmp / n / "state.ckpt") for n in "abc"}
+    newest = max(s.step for s in saved.values())
+    assert saved["a"].step < newest
+    logged = {n: len(applied_lines(sw.tmp / f"{n}.log")) for n in "abc"}
+
+    sw.start("a")  # the founder again, with the oldest checkpoint
+    sw.start("b", join=sw.addr["a"])
+    sw.start("c", join=sw.addr["a"])
+    sw.wait_until(lambda: all(len(applied_lines(sw.tmp / f"{n}.log")) > logged[n] + 2
+                              for n in "abc"), 60, "rounds after the restart")
+    for n in "abc":
+        after = applied_lines(sw.tmp / f"{n}.log")[logged[n]:]
+        assert min(step for step, _ in after) > newest, (n, after[:3], newest)
+    assert {s: h for s, h in applied_hashes(sw.tmp).items() if len(h) > 1} == {}
+
+
+def applied_lines(log) -> list[tuple[int, str]]:
+    import re
+
+    return [(int(a), b) for a, b in re.findall(
+        r"step (\d+) applied \(round \d+\) state ([0-9a-f]{16})", log.read_text())]

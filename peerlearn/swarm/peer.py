@@ -74,9 +74,10 @@ class PeerDaemon:
                                f"{config.host}:{self.links.port}")
         self.state = self._load_checkpoint()
         founder = config.join is None
+        resuming = founder and self.state is not None
         if self.state is None and founder:
             self.state = workload.initial_state()
-        self.core = r.RoundCore(self.info, config.timeouts, founder=founder)
+        self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming)
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
@@ -286,7 +287,7 @@ class PeerDaemon:
         # now: a joiner chasing a swarm whose rounds are shorter than a state
         # transfer would otherwise always arrive one step late.
         if peer is None or st is None or st.step < req.step or not self.core.synced \
-                or not 0 <= req.part < req.parts or self.id not in self.core.members:
+                or not 0 <= req.part < req.parts:
             if peer is not None:
                 self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash))
             return

@@ -45,6 +45,7 @@ class Timeouts:
     gather: float = 5.0  # after the first Ready, how long to wait for the rest
     ack: float = 3.0  # Propose -> every Ack
     collective: float = 300.0  # Commit -> every Done
+    rejoin_grace: float = 10.0  # a founder resuming from a checkpoint waits this long for peers
 
 
 # ------------------------------------------------------------------ actions
@@ -112,7 +113,8 @@ class RoundCore:
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
-                 founder: bool = False, step: int = 0, state_hash: bytes = ZERO_HASH):
+                 founder: bool = False, step: int = 0, state_hash: bytes = ZERO_HASH,
+                 resuming: bool = False):
         self.me = me
         self.t = timeouts
         self.epoch = 0
@@ -140,6 +142,10 @@ class RoundCore:
         self.view_asked_at = -1e18
         self.sync_requested: tuple[int, bytes] | None = None
         self.rejected = 0  # messages dropped as invalid in context
+        self.started_at: float | None = None
+        # A founder resuming from a checkpoint: peers that held newer states
+        # before the restart get rejoin_grace to come back before round one.
+        self.resuming = resuming
 
     # ---------------------------------------------------------- queries
 
@@ -214,6 +220,8 @@ class RoundCore:
         return handler(now, sender, msg)
 
     def tick(self, now: float) -> list:
+        if self.started_at is None:
+            self.started_at = now
         out: list = []
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
@@ -408,6 +416,9 @@ class RoundCore:
         return self._on_done(now, self.me.id, self.my_done) if self.my_done else []
 
     def _maybe_propose(self, now: float) -> list:
+        if self.resuming and self.epoch == 0 and self.started_at is not None and \
+                now - self.started_at < self.t.rejoin_grace:
+            return []
         live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
         if not live:
             return []
@@ -424,7 +435,8 @@ class RoundCore:
         waiting += [p for p, b in self.beats.items()
                     if p not in self.members and self.alive(p, now) and b.synced
                     and b.step == step and (p not in live or live[p].step != step)]
-        if waiting and now - (self.first_ready_at or now) < self.t.gather:
+        first = self.first_ready_at if self.first_ready_at is not None else now
+        if waiting and now - first < self.t.gather:
             return []
         self.term += 1
         self.max_round_id += 1
@@ -471,6 +483,8 @@ class RoundCore:
         """Parity: if a majority of the view holds a state I do not, fetch it."""
         if self.active is not None:
             return []
+        if self.epoch == 0 and set(self.members) <= {self.me.id}:
+            return self._resume_newest(now)
         views: dict[tuple[int, bytes], list[str]] = {}
         for i, b in self.beats.items():
             if i in self.members and self.alive(i, now) and b.synced:
@@ -487,3 +501,19 @@ class RoundCore:
             return []
         self.sync_requested = (step, h)
         return [SyncNeeded(step, h, tuple(sorted(d for d in donors if d != self.me.id)))]
+
+    def _resume_newest(self, now: float) -> list:
+        """A founder that has applied nothing yet (a swarm restarting from its
+        checkpoints) adopts the newest state any synced peer brings, so the
+        swarm resumes from the newest step its peers hold, not the founder's."""
+        newer: dict[tuple[int, bytes], list[str]] = {}
+        for i, b in self.beats.items():
+            if self.alive(i, now) and b.synced and b.step > self.step:
+                newer.setdefault((b.step, b.state_hash), []).append(i)
+        if not newer:
+            return []
+        (step, h), donors = max(newer.items(), key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
+        if self.sync_requested == (step, h):
+            return []
+        self.sync_requested = (step, h)
+        return [SyncNeeded(step, h, tuple(sorted(donors)))]
