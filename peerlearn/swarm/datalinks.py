@@ -4,7 +4,8 @@ Each peer keeps at most one outgoing link to every peer it sends to (it
 connected) and one incoming link from every peer it receives from (it
 accepted). The connecting side names itself in a 64-byte greeting, the first
 op on a new link, so the acceptor can file the link under the right peer; the
-link itself is authenticated by the data-plane secret.
+link itself is authenticated by the data-plane secret. Greetings are read on
+short-lived threads bounded by a 5 s timeout.
 
 Broken links are replaced, never repaired: `outgoing` reconnects when the
 cached link is unhealthy, and a new link from a peer replaces (and closes) the
@@ -47,22 +48,31 @@ class PeerLinks:
                 continue
             except StreamError:
                 return
-            greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
-            try:
-                link.recv_into(greet, GREETING_OP, timeout=5)
-                peer = bytes(greet.numpy()).rstrip(b"\0").decode("ascii")
-                if not peer or not peer.isprintable():
-                    raise ValueError("empty greeting")
-            except (StreamError, ValueError, UnicodeDecodeError):
-                self.bad_greetings += 1
-                link.close()
-                continue
+            # Each greeting on its own short-lived thread (bounded by its
+            # timeout), so a silent or slow link cannot hold up the others.
+            threading.Thread(target=self._greet, args=(link,), daemon=True).start()
+
+    def _greet(self, link: Link) -> None:
+        greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
+        try:
+            link.recv_into(greet, GREETING_OP, timeout=5)
+            peer = bytes(greet.numpy()).rstrip(b"\0").decode("ascii")
+            if not peer or not peer.isprintable():
+                raise ValueError("empty greeting")
+        except (StreamError, ValueError, UnicodeDecodeError):
             with self._cv:
+                self.bad_greetings += 1
+            link.close()
+            return
+        with self._cv:
+            if self._closed:
+                old = link  # too late: close it rather than file it
+            else:
                 old = self._in.pop(peer, None)
                 self._in[peer] = link
                 self._cv.notify_all()
-            if old is not None:
-                old.close()
+        if old is not None:
+            old.close()
 
     def outgoing(self, peer: str, address: str, timeout: float = 10.0) -> Link:
         """A healthy link to peer at host:port, connecting (and greeting) if needed."""
