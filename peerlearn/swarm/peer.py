@@ -97,6 +97,7 @@ class PeerDaemon:
         self.handler_errors = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.checkpointing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -133,6 +134,8 @@ class PeerDaemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            while self.checkpointing:  # an older snapshot must not land after the final one
+                await asyncio.sleep(0.05)
             if self.state is not None:
                 self._checkpoint_now()
             self.plane.close()
@@ -271,12 +274,28 @@ class PeerDaemon:
         self.rounds_applied += 1
         log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
                  a.round_id, digest.hex())
-        if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
-            self._checkpoint_now()
+        if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0 \
+                and not self.checkpointing:
+            # Written from a copy on a worker: fsyncing a large state on the
+            # loop would hold up heartbeats long enough to get us evicted.
+            snap = SharedState(self.state.step)
+            snap.tensors = {k: t.clone() for k, t in self.state.tensors.items()}
+            self.checkpointing = True
+            fut = self.loop.run_in_executor(None, self._write_checkpoint, snap)
+            fut.add_done_callback(lambda f: self._checkpoint_done(f))
         self._schedule_ready(self.work.compute_s)
 
+    def _write_checkpoint(self, state: SharedState) -> None:
+        checkpoint.save(state, self.cfg.data_dir / CHECKPOINT_FILE)
+
+    def _checkpoint_done(self, fut) -> None:
+        self.checkpointing = False
+        if fut.exception() is not None:
+            log.warning("%s checkpoint failed: %s", self.id[:8], fut.exception())
+
     def _checkpoint_now(self) -> None:
-        checkpoint.save(self.state, self.cfg.data_dir / CHECKPOINT_FILE)
+        """At shutdown, on the loop: nothing else runs then."""
+        self._write_checkpoint(self.state)
 
     # ------------------------------------------------------------ state sync
 
