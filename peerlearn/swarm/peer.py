@@ -33,6 +33,7 @@ from peerlearn.swarm.synthetic import SyntheticWorkload
 from peerlearn.transport.control import ControlPlane
 from peerlearn.transport.stream import StreamError
 from peerlearn.wire import control as m
+from peerlearn.wire.codecs import hash_tensor
 
 log = logging.getLogger("peerlearn.peer")
 
@@ -256,7 +257,7 @@ class PeerDaemon:
             self._schedule_ready(0.0)  # decided (aborted) while we were still at it
             return
         self.pending[a.round_id] = result
-        digest = hashlib.blake2b(result.numpy().tobytes(), digest_size=8).digest()
+        digest = hash_tensor(result).to_bytes(8, "little")  # native XXH64, no copy
         self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, True, digest))
 
     def _apply(self, a: r.ApplyResult) -> None:
@@ -343,21 +344,22 @@ class PeerDaemon:
             step, digest, manifest = offers[0].step, offers[0].state_hash, offers[0].tensors
             if any((o.step, o.state_hash, o.tensors) != (step, digest, manifest) for o in offers):
                 raise RuntimeError("donors offered different states (a round ended meanwhile)")
-            bufs = [torch.empty(max(1, int(torch.Size(shape).numel()) * DTYPES[dt].itemsize),
-                                dtype=torch.uint8) for _, dt, shape, _ in manifest]
+            # Received straight into the final tensors, as raw bytes (the wire
+            # carries any dtype that way); nothing is installed before the hash check.
+            state = SharedState(step)
+            for name, dt, shape, _ in manifest:
+                state.tensors[name] = torch.empty(shape, dtype=DTYPES[dt])
+            tensors = list(state.tensors.values())
 
             def pull(part: int, donor: str) -> None:
                 link = self.links.incoming(donor, timeout=self.cfg.step_timeout)
-                for i, (_, _, shape, _) in enumerate(manifest):
-                    if i % len(donors) == part and torch.Size(shape).numel():
-                        link.recv_into(bufs[i], SYNC_OP + i, timeout=self.cfg.step_timeout)
+                for i, t in enumerate(tensors):
+                    if i % len(donors) == part and t.numel():
+                        link.recv_into(t.view(-1).view(torch.uint8), SYNC_OP + i,
+                                       timeout=self.cfg.step_timeout)
 
             await asyncio.gather(*[self.loop.run_in_executor(None, pull, i, d)
                                    for i, d in enumerate(donors)])
-            state = SharedState(step)
-            for (name, dt, shape, _), b in zip(manifest, bufs):
-                n = int(torch.Size(shape).numel())
-                state.tensors[name] = b[: n * DTYPES[dt].itemsize].view(DTYPES[dt]).reshape(shape)
             if state.state_hash() != digest:
                 raise RuntimeError("fetched state does not match its hash")
             self.state = state
