@@ -23,3 +23,19 @@ def test_bench_stream_prints_json_with_its_baseline():
     assert lo["raw_socket_gbit_s"] > 0
     assert set(lo["striped"]) == {"1", "2"}
     assert all(v["gbit_s"] > 0 for v in lo["striped"].values())
+
+
+def test_codec_help_lists_exactly_the_known_names():
+    import re
+
+    from peerlearn.cli.app import _CODEC_HELP
+    from peerlearn.wire.codecs import CODEC_NAMES, codec_from_name
+
+    listed = re.findall(r"[\w-]+", _CODEC_HELP.split(":", 1)[1])
+    assert sorted(listed) == sorted(CODEC_NAMES)
+    try:
+        codec_from_name("int9")
+    except ValueError as e:
+        assert "int8" in str(e)
+    else:
+        raise AssertionError("an unknown codec name was accepted")

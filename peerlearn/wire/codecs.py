@@ -74,6 +74,22 @@ BLOCK_CODECS = frozenset(
     {Codec.INT8_ABSMAX, Codec.INT8_MINMAX, Codec.INT4_ABSMAX, Codec.INT4_MINMAX, Codec.E3M0,
      Codec.FP8_E4M3})
 
+# What users type (CLI, configs): "none" sends raw fp32; the rest name a codec.
+CODEC_NAMES: dict[str, Codec | None] = {
+    "none": None, "fp16": Codec.FP16, "bf16": Codec.BF16, "int8": Codec.INT8_ABSMAX,
+    "int8-minmax": Codec.INT8_MINMAX, "int4": Codec.INT4_ABSMAX,
+    "int4-minmax": Codec.INT4_MINMAX, "e3m0": Codec.E3M0, "fp8": Codec.FP8_E4M3,
+}
+
+
+def codec_from_name(name: str) -> Codec | None:
+    """The codec a user-facing name stands for; ValueError for an unknown name."""
+    try:
+        return CODEC_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODEC_NAMES)}") from None
+
+
 _DTYPE_IDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _ID_DTYPES = {v: k for k, v in _DTYPE_IDS.items()}
 
