@@ -224,3 +224,20 @@ def test_resuming_founder_waits_then_adopts_the_newest_state():
     fresh.tick(0.0)
     out = fresh.local_ready(0.1, 0, r.ZERO_HASH)
     assert any(isinstance(a, r.StartCollective) for a in out)
+
+
+def test_coordinator_killed_mid_round_successor_finishes_it():
+    sim = Sim(4, collective_time=0.5)
+    sim.run(3)
+    # Wait until every participant has the Commit: the round is decided-to-run.
+    while not all(p.core.active for p in sim.peers.values()):
+        sim.run(sim.now + 0.01)
+    rid = sim.peers["p00"].core.active.round_id
+    sim.kill("p00")  # coordinator and participant, its Done never comes
+    sim.run(sim.now + sim.t.dead_after + sim.t.ack + 0.2)
+    survivors = [sim.peers[p] for p in ("p01", "p02", "p03")]
+    # p01 took the round over and ended it: nobody still holds it open, nobody applied it.
+    assert all(p.core.observed is None and p.core.epoch != rid for p in survivors)
+    sim.run(sim.now + 5)
+    assert all(p.core.epoch > rid for p in survivors)
+    assert sim.parity_violations() == []

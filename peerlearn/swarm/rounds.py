@@ -107,6 +107,7 @@ class _Round:
     acks: set[str]
     commit: m.Commit | None = None
     done: dict[str, m.Done] | None = None
+    adopted: bool = False  # committed by a coordinator that is gone; we finish it
 
 
 class RoundCore:
@@ -130,7 +131,6 @@ class RoundCore:
         self.beats: dict[str, m.Heartbeat] = {}
         self.readies: dict[str, m.Ready] = {}
         self.first_ready_at: float | None = None
-        self.my_ready: m.Ready | None = None
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
         self.observed: m.Commit | None = None  # latest undecided commit seen
         self.active: m.Commit | None = None  # ...when I am one of its participants
@@ -180,9 +180,8 @@ class RoundCore:
     def local_ready(self, now: float, step: int, state_hash: bytes) -> list:
         """The driver's update for `step` is ready and its state hashes to state_hash."""
         self.step, self.state_hash, self.synced = step, state_hash, True
-        self.my_ready = m.Ready(step, state_hash, self.me)
-        out = self._broadcast(self.my_ready, now)
-        return out + self.receive(now, self.me.id, self.my_ready)
+        ready = m.Ready(step, state_hash, self.me)
+        return self._broadcast(ready, now) + self.receive(now, self.me.id, ready)
 
     def state_synced(self, step: int, state_hash: bytes) -> None:
         """The driver fetched and verified the state (step, state_hash)."""
@@ -393,10 +392,9 @@ class RoundCore:
             elif r.commit is not None:
                 # An adopted round waits one ack period for a Done that says
                 # "applied" before a dead participant forces the abort.
-                adopted = r.propose.term != r.commit.term
-                if adopted and any(b.epoch >= r.commit.round_id for b in self.beats.values()):
+                if r.adopted and any(b.epoch >= r.commit.round_id for b in self.beats.values()):
                     return self._finish(now, apply=True)  # my predecessor decided "apply"
-                grace = adopted and now - r.since < self.t.ack
+                grace = r.adopted and now - r.since < self.t.ack
                 dead = any(not self.alive(p, now) for p in r.commit.participants)
                 if (dead and not grace) or now - r.since > self.t.collective:
                     return self._finish(now, apply=False)
@@ -412,7 +410,8 @@ class RoundCore:
         c = self.observed
         self.term += 1
         self.leading = _Round(m.Propose(c.round_id, self.term, c.step, ZERO_HASH,
-                                        c.participants), now, set(c.participants), c, {})
+                                        c.participants), now, set(c.participants), c, {},
+                              adopted=True)
         return self._on_done(now, self.me.id, self.my_done) if self.my_done else []
 
     def _maybe_propose(self, now: float) -> list:
