@@ -390,8 +390,10 @@ class RoundCore:
             if r.commit is None and now - r.since > self.t.ack:
                 self.leading = None  # someone never acked: propose again without it
             elif r.commit is not None:
-                # An adopted round waits one ack period for a Done that says
-                # "applied" before a dead participant forces the abort.
+                # An adopted round: if any heartbeat shows the round applied, the
+                # dead coordinator had decided "apply"; otherwise wait one ack
+                # period for such a heartbeat before a dead participant forces
+                # the abort.
                 if r.adopted and any(b.epoch >= r.commit.round_id for b in self.beats.values()):
                     return self._finish(now, apply=True)  # my predecessor decided "apply"
                 grace = r.adopted and now - r.since < self.t.ack

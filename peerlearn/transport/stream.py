@@ -106,8 +106,7 @@ class Link:
         self.link_id = link_id
         self._fds = [s.fileno() for s in socks]
         self._lock = threading.Lock()
-        self._sending = False
-        self._receiving = False
+        self._busy: set[str] = set()  # "send" and/or "receive" in flight
         self.broken = False
         self.closed = False
 
@@ -121,13 +120,13 @@ class Link:
                 raise StreamError("link is closed")
             if self.broken:
                 raise StreamError("link is broken by an earlier failed transfer; open a new one")
-            if getattr(self, direction):
-                raise StreamError(f"a {direction[1:]} is already in flight on this link")
-            setattr(self, direction, True)
+            if direction in self._busy:
+                raise StreamError(f"a {direction} is already in flight on this link")
+            self._busy.add(direction)
 
     def _release(self, direction: str, failed: bool) -> None:
         with self._lock:
-            setattr(self, direction, False)
+            self._busy.discard(direction)
             self.broken = self.broken or failed
 
     def send(
@@ -149,7 +148,7 @@ class Link:
         The tensor must not be written to until this returns.
         """
         flat = _check_tensor(tensor)
-        self._claim("_sending")
+        self._claim("send")
         failed = True
         try:
             started = time.monotonic()
@@ -162,7 +161,7 @@ class Link:
             failed = False
             return stats
         finally:
-            self._release("_sending", failed)
+            self._release("send", failed)
 
     def recv_into(
         self, out: torch.Tensor, op_id: int, *, accumulate: bool = False, timeout: float = 0.0
@@ -173,7 +172,7 @@ class Link:
         the link is broken; the caller must treat out as garbage.
         """
         flat = _check_tensor(out)
-        self._claim("_receiving")
+        self._claim("receive")
         failed = True
         try:
             started = time.monotonic()
@@ -182,7 +181,7 @@ class Link:
             failed = False
             return stats
         finally:
-            self._release("_receiving", failed)
+            self._release("receive", failed)
 
     def healthy(self) -> bool:
         """False if the link is broken, closed, or the other end has closed any socket.
