@@ -290,8 +290,13 @@ void SendOp::conn_body(size_t conn) {
     f.chunk_elems = opt_.chunk_elems;
     iovec iov[2];
     if (opt_.packed) {
-      size_t n = plcodec::encode(src, nullptr, src_.dtype, elems, first, opt_.codec,
-                                 packed.data(), packed.size(), 1);
+      size_t n;
+      try {
+        n = plcodec::encode(src, nullptr, src_.dtype, elems, first, opt_.codec, packed.data(),
+                            packed.size(), 1);
+      } catch (const plcodec::CodecError& e) {
+        throw StreamError(ErrorKind::INPUT, std::string("cannot encode the tensor: ") + e.what());
+      }
       f.flags = FLAG_PACKED;
       f.payload_len = static_cast<uint32_t>(n);
       iov[1] = {packed.data(), n};

@@ -41,7 +41,9 @@ constexpr size_t kFrameHeaderBytes = 40;
 constexpr uint64_t kMaxChunkElems = 1ull << 24;
 constexpr uint32_t kMaxPayloadBytes = 1u << 27;  // 128 MiB
 
-enum class ErrorKind { NONE, IO, PROTOCOL, TIMEOUT, CANCELLED, CODEC };
+// CODEC: a received chunk failed to decode (the peer's fault, like PROTOCOL);
+// INPUT: our own tensor could not be encoded (e.g. it holds NaN or Inf).
+enum class ErrorKind { NONE, IO, PROTOCOL, TIMEOUT, CANCELLED, CODEC, INPUT };
 
 struct StreamError : std::runtime_error {
   ErrorKind kind;

@@ -20,6 +20,7 @@ PyObject* g_stream_error = nullptr;
 PyObject* g_timeout_error = nullptr;
 PyObject* g_cancelled_error = nullptr;
 PyObject* g_protocol_error = nullptr;
+PyObject* g_input_error = nullptr;
 
 plcodec::DType dtype_of(const CpuArray& a) {
   nb::dlpack::dtype d = a.dtype();
@@ -85,7 +86,11 @@ void bind_stream(nb::module_& m) {
   g_cancelled_error = PyErr_NewException("peerlearn._native.StreamCancelled", g_stream_error, nullptr);
   g_protocol_error =
       PyErr_NewException("peerlearn._native.StreamProtocolError", g_stream_error, nullptr);
+  PyObject* input_bases = PyTuple_Pack(2, g_stream_error, PyExc_ValueError);
+  g_input_error = PyErr_NewException("peerlearn._native.StreamInputError", input_bases, nullptr);
+  Py_DECREF(input_bases);
   m.attr("StreamError") = nb::borrow(g_stream_error);
+  m.attr("StreamInputError") = nb::borrow(g_input_error);
   m.attr("StreamTimeout") = nb::borrow(g_timeout_error);
   m.attr("StreamCancelled") = nb::borrow(g_cancelled_error);
   m.attr("StreamProtocolError") = nb::borrow(g_protocol_error);
@@ -100,6 +105,7 @@ void bind_stream(nb::module_& m) {
         case ErrorKind::CANCELLED: cls = g_cancelled_error; break;
         case ErrorKind::PROTOCOL:
         case ErrorKind::CODEC: cls = g_protocol_error; break;
+        case ErrorKind::INPUT: cls = g_input_error; break;
         default: break;
       }
       PyErr_SetString(cls, e.what());

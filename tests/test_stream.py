@@ -384,7 +384,10 @@ def test_non_finite_input_fails_the_send(pair):
     x[500] = float("nan")
     y = torch.empty_like(x)
     r = in_thread(pair.server.recv_into, y, op_id=8)
-    with pytest.raises(StreamProtocolError, match="(?i)finite"):
+    from peerlearn.transport.stream import StreamInputError
+
+    with pytest.raises(StreamInputError, match="(?i)finite") as ei:
         pair.client.send(x, op_id=8, codec=C.Codec.INT8_ABSMAX)
+    assert isinstance(ei.value, ValueError) and not isinstance(ei.value, StreamProtocolError)
     with pytest.raises(StreamError):
         r.result()

@@ -35,6 +35,7 @@ StreamError = _native.StreamError
 StreamTimeout = _native.StreamTimeout
 StreamCancelled = _native.StreamCancelled
 StreamProtocolError = _native.StreamProtocolError
+StreamInputError = _native.StreamInputError  # our own tensor could not be encoded
 
 # Chosen from `peerlearn bench stream` (docs/benchmarks.md): on the emulated
 # 100 ms / 1 Gbit/s path with default buffers, 8 connections fill the link.
