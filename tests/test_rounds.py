@@ -216,7 +216,7 @@ def test_resuming_founder_waits_then_adopts_the_newest_state():
     assert core.leading is None
     # ...and a peer that comes back with a newer state is where we resume from.
     b = m.PeerInfo("b", "b:1", "b:2")
-    core.receive(1.0, "b", m.Heartbeat(0, 7, b"\x07" * 8, True, b))
+    core.receive(1.0, "b", m.Heartbeat(0, 0, 7, b"\x07" * 8, True, b))
     need = [a for a in core.tick(1.1) if isinstance(a, r.SyncNeeded)]
     assert need == [r.SyncNeeded(7, b"\x07" * 8, ("b",))]
     # A founder of a new swarm (nothing to resume) does not wait at all.
@@ -240,4 +240,34 @@ def test_coordinator_killed_mid_round_successor_finishes_it():
     assert all(p.core.observed is None and p.core.epoch != rid for p in survivors)
     sim.run(sim.now + 5)
     assert all(p.core.epoch > rid for p in survivors)
+    assert sim.parity_violations() == []
+
+
+def test_decision_missed_while_the_old_coordinator_seemed_alive_is_learned_later():
+    """A participant that still hears its dead coordinator (a late message, a slow
+    detector) rejects the successor's Abort; it must still learn the decision
+    and take part in later rounds, not hold the round open forever."""
+    from peerlearn.wire import control as m
+
+    sim = Sim(4, collective_time=0.5)
+    sim.run(3)
+    while not all(p.core.active for p in sim.peers.values()):
+        sim.run(sim.now + 0.01)
+    rid = sim.peers["p00"].core.active.round_id
+    sim.kill("p00")
+    beat = m.Heartbeat(sim.peers["p00"].core.epoch, 0, 0, r.ZERO_HASH, True,
+                       sim.peers["p00"].core.me)
+    # p03 keeps hearing p00 (delivered late) until well after p01 has decided.
+    t_end = sim.now + sim.t.dead_after + sim.t.ack + 1.0
+    while sim.now < t_end:
+        p3 = sim.peers["p03"]
+        sim.run_actions(p3, p3.core.receive(sim.now, "p00", beat))
+        sim.run(sim.now + sim.t.heartbeat_every)
+    assert sim.peers["p01"].core.observed is None  # p01 ended the round
+    stuck_at = {p: sim.peers[p].step for p in ("p01", "p02", "p03")}
+    sim.run(sim.now + 8)
+    # p03 learned the abort from the others' heartbeats, so the three of them
+    # (a quorum of the view only with p03) go on together.
+    assert all(sim.peers[p].step >= s + 5 for p, s in stuck_at.items())
+    assert sim.peers["p03"].core.aborted >= rid
     assert sim.parity_violations() == []

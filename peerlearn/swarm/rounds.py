@@ -33,67 +33,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Re-exported: callers use them as rounds.Send, rounds.Timeouts, ...
+from peerlearn.swarm.actions import (  # noqa: F401
+    ZERO_HASH,
+    ApplyResult,
+    DiscardResult,
+    Send,
+    StartCollective,
+    SyncNeeded,
+    Timeouts,
+    ViewChanged,
+)
 from peerlearn.wire import control as m
-
-ZERO_HASH = b"\0" * 8
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    heartbeat_every: float = 0.5
-    dead_after: float = 3.0  # silence after which a peer is dead
-    gather: float = 5.0  # after the first Ready, how long to wait for the rest
-    ack: float = 3.0  # Propose -> every Ack
-    collective: float = 300.0  # Commit -> every Done
-    rejoin_grace: float = 10.0  # a founder resuming from a checkpoint waits this long for peers
-
-
-# ------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True)
-class Send:
-    to: str
-    msg: object
-
-
-@dataclass(frozen=True)
-class StartCollective:
-    """Run the collective for round_id among participants (sorted; ring order)."""
-
-    round_id: int
-    step: int
-    participants: tuple[str, ...]
-    members: tuple[m.PeerInfo, ...]
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    """Apply the held result of round_id; the shared state moves to step + 1."""
-
-    round_id: int
-    step: int
-
-
-@dataclass(frozen=True)
-class DiscardResult:
-    round_id: int
-
-
-@dataclass(frozen=True)
-class SyncNeeded:
-    """My state is not the swarm's: fetch (step, state_hash) from donors."""
-
-    step: int
-    state_hash: bytes
-    donors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ViewChanged:
-    epoch: int
-    members: tuple[str, ...]
-
 
 # ------------------------------------------------------------------ core
 
@@ -118,7 +69,8 @@ class RoundCore:
                  resuming: bool = False):
         self.me = me
         self.t = timeouts
-        self.epoch = 0
+        self.epoch = 0  # id of the last round applied here
+        self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
         self.known: dict[str, m.PeerInfo] = {me.id: me}
         self.step = step
@@ -132,7 +84,9 @@ class RoundCore:
         self.readies: dict[str, m.Ready] = {}
         self.first_ready_at: float | None = None
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
+        self.acked_to: str | None = None  # ...and the coordinator it went to
         self.observed: m.Commit | None = None  # latest undecided commit seen
+        self.committer: str | None = None  # who sent it
         self.active: m.Commit | None = None  # ...when I am one of its participants
         self.my_done: m.Done | None = None
         self.done_sent_at = -1e18
@@ -224,7 +178,8 @@ class RoundCore:
         out: list = []
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
-            beat = m.Heartbeat(self.epoch, self.step, self.state_hash, self.synced, self.me)
+            beat = m.Heartbeat(self.epoch, self.aborted, self.step, self.state_hash,
+                               self.synced, self.me)
             out += self._broadcast(beat, now)
             # Peers we think dead still hear from us now and then: that is how
             # the two sides of a healed partition find each other again.
@@ -233,6 +188,7 @@ class RoundCore:
                 out += [Send(p, beat) for p in sorted(self.known)
                         if p != self.me.id and not self.alive(p, now) and p in self.last_heard]
         self._forget_long_gone(now)
+        out += self._learn_missed_decision(now)
         out += self._check_sync(now)
         if self.is_coordinator(now):
             out += self._lead(now)
@@ -245,6 +201,29 @@ class RoundCore:
             self.done_sent_at = now
             out.append(Send(coord, self.my_done))
         return out
+
+    def _outcome_seen(self, round_id: int) -> bool | None:
+        """How round_id ended, as other peers' heartbeats tell: True applied,
+        False aborted or superseded (a later round was decided, so this one
+        was too; its result can be dropped: the parity check syncs what the
+        swarm applied), None not known yet."""
+        if any(b.epoch == round_id for b in self.beats.values()):
+            return True
+        if any(b.aborted >= round_id or b.epoch > round_id for b in self.beats.values()):
+            return False
+        return None
+
+    def _learn_missed_decision(self, now: float) -> list:
+        """A decision is sent once; one that was missed (the decider died while
+        sending it, or we still believed its predecessor alive and refused it)
+        must not hold the round open here forever, and with it our quorum vote."""
+        c = self.observed
+        if c is None or (self.leading is not None and self.leading.commit is c):
+            return []
+        outcome = self._outcome_seen(c.round_id)
+        if outcome is None:
+            return []
+        return self._settle(now, self.me.id, c.round_id, apply=outcome)
 
     def _forget_long_gone(self, now: float) -> None:
         gone = [p for p, t in self.last_heard.items()
@@ -325,6 +304,7 @@ class RoundCore:
         self.term = msg.term
         self.max_round_id = max(self.max_round_id, msg.round_id)
         self.acked = (msg.round_id, msg.term)
+        self.acked_to = sender
         ack = m.Ack(msg.round_id, msg.term)
         return [Send(sender, ack)] if sender != self.me.id else self.receive(now, sender, ack)
 
@@ -345,13 +325,18 @@ class RoundCore:
         return self._broadcast(r.commit, now) + self._on_commit(now, self.me.id, r.commit)
 
     def _on_commit(self, now, sender, msg: m.Commit) -> list:
-        if sender != self.coordinator(now) or msg.term < self.term:
+        # The Commit for the proposal we acked is taken from the peer we acked,
+        # even if our detector has meanwhile changed its mind about who leads:
+        # refusing it would leave the others waiting for us in the collective.
+        mine = self.acked == (msg.round_id, msg.term) and sender == self.acked_to
+        if (sender != self.coordinator(now) and not mine) or msg.term < self.term:
             self.rejected += 1
             return []
         self.max_round_id = max(self.max_round_id, msg.round_id)
         self.term = max(self.term, msg.term)
         for p in msg.members:
             self.known.setdefault(p.id, p)
+        self.committer = sender
         if self.me.id not in msg.participants:
             self.observed = msg
             return []
@@ -394,8 +379,9 @@ class RoundCore:
                 # dead coordinator had decided "apply"; otherwise wait one ack
                 # period for such a heartbeat before a dead participant forces
                 # the abort.
-                if r.adopted and any(b.epoch >= r.commit.round_id for b in self.beats.values()):
-                    return self._finish(now, apply=True)  # my predecessor decided "apply"
+                seen = self._outcome_seen(r.commit.round_id) if r.adopted else None
+                if seen is not None:
+                    return self._finish(now, apply=seen)  # my predecessor had decided
                 grace = r.adopted and now - r.since < self.t.ack
                 dead = any(not self.alive(p, now) for p in r.commit.participants)
                 if (dead and not grace) or now - r.since > self.t.collective:
@@ -461,7 +447,7 @@ class RoundCore:
         c = self.observed
         if c is None or c.round_id != round_id:
             return []
-        if sender != self.me.id and sender != self.coordinator(now):
+        if sender not in (self.me.id, self.committer, self.coordinator(now)):
             self.rejected += 1
             return []
         mine = self.active is not None
@@ -471,6 +457,7 @@ class RoundCore:
             if i in self.readies and self.readies[i].step <= c.step:
                 del self.readies[i]
         if not apply:
+            self.aborted = max(self.aborted, round_id)
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
         self.members = {p.id: p for p in c.members}

@@ -142,7 +142,7 @@ def _part(v) -> int:
 
 # field name -> validator; the wire form of ids/peers is a list.
 _CHECKS = {
-    "epoch": _u64, "round_id": _u64, "term": _u64, "step": _u64,
+    "epoch": _u64, "aborted": _u64, "round_id": _u64, "term": _u64, "step": _u64,
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
@@ -151,9 +151,12 @@ _CHECKS = {
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """I am alive; my applied view, my shared state's step and hash, whether it is synced."""
+    """I am alive; my applied view, the last committed round I saw aborted, my
+    shared state's step and hash, whether it is synced. `epoch` and `aborted`
+    let a peer that missed a round's Apply or Abort learn how it ended."""
 
     epoch: int
+    aborted: int
     step: int
     state_hash: bytes
     synced: bool
