@@ -40,7 +40,13 @@ def split_addr(addr: str) -> tuple[str, int]:
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, numel: int,
              compute_s: float, codec: int | None, data_port: int, dead_after: float,
              metrics: str | None = "127.0.0.1:0") -> None:
-    from peerlearn.swarm.peer import PeerConfig, PeerDaemon
+    """One peer running the built-in synthetic task through the Python API,
+    exactly as a training loop would: wait for the swarm's state, contribute,
+    let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully."""
+    from peerlearn.cli import metrics as prom
+    from peerlearn.swarm.api import Peer
+    from peerlearn.swarm.errors import PeerClosed, StateReplaced
+    from peerlearn.swarm.peer import PeerConfig
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
 
@@ -50,33 +56,45 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, num
                      join=join, codec=codec,
                      timeouts=Timeouts(heartbeat_every=min(0.5, dead_after / 4),
                                        dead_after=dead_after, gather=max(2.0, dead_after)))
+    work = SyntheticWorkload(numel=numel, compute_s=compute_s)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    peer = Peer(cfg, work.initial_state)
+    peer.start(timeout=None)
+    stop_metrics = None
+    metrics_port = None
+    if metrics:
+        mhost, mport = split_addr(metrics)
+        metrics_port, stop_metrics = prom.serve(peer.daemon, mhost, mport)
+    print(json.dumps({"peer": peer.id, "control": peer.control_address,
+                      "data": peer.daemon.info.data, "metrics_port": metrics_port}), flush=True)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        from peerlearn.cli import metrics as prom
+    def train() -> None:
+        fresh = False  # after a sync, contribute at once (as prime does), not after compute
+        while not stop.is_set():
+            try:
+                step = peer.sync_state()
+                if not fresh and stop.wait(work.compute_s):
+                    return
+                peer.all_reduce(work.local_update(peer.id, step), apply=work.apply)
+                fresh = False
+            except StateReplaced:
+                fresh = True
+            except PeerClosed:
+                return
 
-        daemon = PeerDaemon(cfg, SyntheticWorkload(numel=numel, compute_s=compute_s))
-        metrics_port, stop_metrics = None, None
-        if metrics:
-            mhost, mport = split_addr(metrics)
-            metrics_port, stop_metrics = prom.serve(daemon, mhost, mport)
-        print(json.dumps({"peer": daemon.id, "control": daemon.info.control,
-                          "data": daemon.info.data, "metrics_port": metrics_port}), flush=True)
-        try:
-            await daemon.run(stop)
-        finally:
-            if stop_metrics is not None:
-                stop_metrics()
-
+    trainer = threading.Thread(target=train, name="synthetic-task", daemon=True)
+    trainer.start()
     try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+        while not stop.wait(0.2) and trainer.is_alive():
+            pass
+    finally:
+        stop.set()
+        peer.close()
+        trainer.join(10)
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def query_status(target: str, secret: bytes, timeout: float = 5.0) -> list[dict]:

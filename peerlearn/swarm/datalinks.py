@@ -1,11 +1,14 @@
 """Data-plane links keyed by peer id, for the daemon.
 
-Each peer keeps at most one outgoing link to every peer it sends to (it
-connected) and one incoming link from every peer it receives from (it
-accepted). The connecting side names itself in a 64-byte greeting, the first
-op on a new link, so the acceptor can file the link under the right peer; the
-link itself is authenticated by the data-plane secret. Greetings are read on
-short-lived threads bounded by a 5 s timeout.
+Each peer keeps at most one outgoing link per (peer, channel) it sends to (it
+connected) and one incoming link per (peer, channel) it receives from (it
+accepted). A link carries one operation at a time, so operations that may be
+in flight together use different channels (an all-reduce round, gossip,
+state transfer: see the CHANNEL_* constants). The connecting side names
+itself and the channel in a 64-byte greeting, the first op on a new link, so
+the acceptor can file the link under the right key; the link itself is
+authenticated by the data-plane secret. Greetings are read on short-lived
+threads bounded by a 5 s timeout.
 
 Broken links are replaced, never repaired: `outgoing` reconnects when the
 cached link is unhealthy, and a new link from a peer replaces (and closes) the
@@ -22,7 +25,13 @@ import torch
 from peerlearn.transport.stream import Link, LinkListener, StreamError, connect_link
 
 GREETING_OP = (1 << 64) - 1
-GREETING_BYTES = 64
+GREETING_BYTES = 64  # peer id (ASCII, NUL padded) in [0, 56), channel u64 LE in [56, 64)
+ID_BYTES = 56
+MAX_CHANNEL = 1 << 16
+
+CHANNEL_ROUND = 0  # the all-reduce of a round (and its fragments: CHANNEL_ROUND + k)
+CHANNEL_STATE = 1 << 12  # state transfer to a syncing peer
+CHANNEL_GOSSIP = 1 << 13  # gossip exchanges, outside rounds
 
 
 class PeerLinks:
@@ -32,8 +41,8 @@ class PeerLinks:
         self.n_conns = n_conns
         self.listener = LinkListener(host, port, secret)
         self.port = self.listener.address[1]
-        self._out: dict[str, Link] = {}
-        self._in: dict[str, Link] = {}
+        self._out: dict[tuple[str, int], Link] = {}
+        self._in: dict[tuple[str, int], Link] = {}
         self._cv = threading.Condition()
         self._closed = False
         self.bad_greetings = 0
@@ -56,9 +65,11 @@ class PeerLinks:
         greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
         try:
             link.recv_into(greet, GREETING_OP, timeout=5)
-            peer = bytes(greet.numpy()).rstrip(b"\0").decode("ascii")
-            if not peer or not peer.isprintable():
-                raise ValueError("empty greeting")
+            raw = bytes(greet.numpy())
+            peer = raw[:ID_BYTES].rstrip(b"\0").decode("ascii")
+            channel = int.from_bytes(raw[ID_BYTES:], "little")
+            if not peer or not peer.isprintable() or channel >= MAX_CHANNEL:
+                raise ValueError("bad greeting")
         except (StreamError, ValueError, UnicodeDecodeError):
             with self._cv:
                 self.bad_greetings += 1
@@ -68,16 +79,19 @@ class PeerLinks:
             if self._closed:
                 old = link  # too late: close it rather than file it
             else:
-                old = self._in.pop(peer, None)
-                self._in[peer] = link
+                old = self._in.pop((peer, channel), None)
+                self._in[(peer, channel)] = link
                 self._cv.notify_all()
         if old is not None:
             old.close()
 
-    def outgoing(self, peer: str, address: str, timeout: float = 10.0) -> Link:
-        """A healthy link to peer at host:port, connecting (and greeting) if needed."""
+    def outgoing(self, peer: str, address: str, timeout: float = 10.0,
+                 channel: int = CHANNEL_ROUND) -> Link:
+        """A healthy link to peer at host:port on channel, connecting (and greeting) if needed."""
+        if not 0 <= channel < MAX_CHANNEL:
+            raise ValueError(f"channel {channel} out of range")
         with self._cv:
-            link = self._out.get(peer)
+            link = self._out.get((peer, channel))
         if link is not None and link.healthy():
             return link
         if link is not None:
@@ -85,23 +99,25 @@ class PeerLinks:
         host, port = address.rsplit(":", 1)
         link = connect_link(host, int(port), self.secret, self.n_conns, timeout=timeout)
         greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
-        name = self.my_id.encode("ascii")[:GREETING_BYTES]
+        name = self.my_id.encode("ascii")[:ID_BYTES]
         greet[: len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
+        greet[ID_BYTES:] = torch.frombuffer(bytearray(channel.to_bytes(8, "little")),
+                                            dtype=torch.uint8)
         try:
             link.send(greet, GREETING_OP, timeout=timeout)
         except StreamError:
             link.close()
             raise
         with self._cv:
-            self._out[peer] = link
+            self._out[(peer, channel)] = link
         return link
 
-    def incoming(self, peer: str, timeout: float = 10.0) -> Link:
-        """The healthy link from peer, waiting up to timeout for it to connect."""
+    def incoming(self, peer: str, timeout: float = 10.0, channel: int = CHANNEL_ROUND) -> Link:
+        """The healthy link from peer on channel, waiting up to timeout for it to connect."""
         deadline = time.monotonic() + timeout
         with self._cv:
             while True:
-                link = self._in.get(peer)
+                link = self._in.get((peer, channel))
                 if link is not None and link.healthy():
                     return link
                 left = deadline - time.monotonic()
@@ -110,11 +126,12 @@ class PeerLinks:
                 self._cv.wait(min(left, 0.1))
 
     def drop(self, peer: str) -> None:
+        """Closes every link to and from peer, on all channels."""
         with self._cv:
-            links = [self._out.pop(peer, None), self._in.pop(peer, None)]
+            keys = [k for k in (*self._out, *self._in) if k[0] == peer]
+            links = [d.pop(k) for k in keys for d in (self._out, self._in) if k in d]
         for link in links:
-            if link is not None:
-                link.close()
+            link.close()
 
     def close(self) -> None:
         self._closed = True

@@ -5,6 +5,12 @@ core's actions (collectives and state transfers on worker threads, whose
 results come back to the loop), keeps the shared state and checkpoints it.
 All decisions are the core's; this module only executes them.
 
+What a round reduces comes from the caller: `submit` hands the daemon a
+`Submission` (a flat fp32 contribution and how to apply the mean to the
+shared state); the daemon takes part in rounds while one is pending, retries
+aborted rounds with it, and settles its future when a round applies it.
+peerlearn.swarm.api.Peer is the thread-safe face of this.
+
 Threads: the asyncio loop owns the core, the state and the control plane.
 Collectives and state transfers run on the loop's default executor and touch
 only what they were handed (a snapshot or a fresh buffer); their results are
@@ -18,6 +24,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +36,8 @@ from peerlearn.state.identity import Identity
 from peerlearn.state.shared import DTYPES, SharedState
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
-from peerlearn.swarm.datalinks import PeerLinks
-from peerlearn.swarm.synthetic import SyntheticWorkload
+from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
+from peerlearn.swarm.errors import PeerClosed, StateReplaced
 from peerlearn.transport.control import ControlPlane
 from peerlearn.transport.stream import StreamError
 from peerlearn.wire import control as m
@@ -57,14 +65,33 @@ class PeerConfig:
     step_timeout: float = 30.0  # one all-reduce step may take this long
 
 
+@dataclass(eq=False)
+class Submission:
+    """One contribution waiting for a round.
+
+    tensor: flat contiguous fp32, owned by the daemon until the future is
+    settled (it is only read). apply(state, mean) runs on the loop thread
+    when a round applies; it must be deterministic (every peer runs it on
+    identical inputs) and must not block for long (heartbeats wait on it).
+    The future gets the mean, or StateReplaced / PeerClosed.
+    """
+
+    tensor: torch.Tensor
+    apply: Callable[[SharedState, torch.Tensor], None] | None
+    future: Future = field(default_factory=Future)
+    withdrawn: bool = False  # the caller gave up: take part in no new round
+
+
 def data_secret(secret: bytes) -> bytes:
     return hashlib.sha256(b"peerlearn-data-plane\0" + secret).digest()
 
 
 class PeerDaemon:
-    def __init__(self, config: PeerConfig, workload: SyntheticWorkload):
+    def __init__(self, config: PeerConfig,
+                 initial_state: Callable[[], SharedState] | None = None):
+        """initial_state builds the state a founder starts from (when it has no
+        checkpoint); None starts from an empty state at step 0."""
         self.cfg = config
-        self.work = workload
         self.identity = Identity.load_or_create(config.data_dir)
         self.id = self.identity.peer_id
         self.plane = ControlPlane(self.identity, config.host, config.control_port,
@@ -77,11 +104,12 @@ class PeerDaemon:
         founder = config.join is None
         resuming = founder and self.state is not None
         if self.state is None and founder:
-            self.state = workload.initial_state()
+            self.state = initial_state() if initial_state is not None else SharedState(0)
         self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming)
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
+        self.submission: Submission | None = None
         self._offers: dict[str, asyncio.Future] = {}
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
@@ -96,6 +124,8 @@ class PeerDaemon:
         self.sync_failures = 0
         self.parity_mismatches = 0
         self.handler_errors = 0
+        self.gossips = 0  # counted by the Peer API, which runs gossip
+        self.gossip_failures = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.checkpointing = False
@@ -119,7 +149,6 @@ class PeerDaemon:
         try:
             if self.cfg.join:
                 await self._join()
-            self._schedule_ready(self.work.compute_s)
             while not stop.is_set():
                 self._dispatch(self.core.tick(time.monotonic()))
                 try:
@@ -129,6 +158,9 @@ class PeerDaemon:
         finally:
             self._dispatch(self.core.leave(time.monotonic()))
             self.closing = True  # from here on, timers and worker callbacks do nothing
+            if self.submission is not None:
+                _settle(self.submission.future, exc=PeerClosed("the peer is shutting down"))
+                self.submission = None
             if self.ready_handle is not None:
                 self.ready_handle.cancel()
             await asyncio.sleep(0.05)  # let the Leave go out
@@ -184,7 +216,8 @@ class PeerDaemon:
             elif isinstance(a, r.StartCollective):
                 self.busy = True
                 started = time.monotonic()
-                fut = self.loop.run_in_executor(None, self._collective, a, self.state.step)
+                contribution = self.submission.tensor if self.submission is not None else None
+                fut = self.loop.run_in_executor(None, self._collective, a, contribution)
                 fut.add_done_callback(lambda f, t=started: self._timed(t))
                 fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
             elif isinstance(a, r.ApplyResult):
@@ -197,7 +230,7 @@ class PeerDaemon:
                 for link in self.inflight_links.pop(a.round_id, []):
                     link.abort()
                 log.info("%s round %d aborted", self.id[:8], a.round_id)
-                self._schedule_ready(0.0)
+                self._retry()
             elif isinstance(a, r.SyncNeeded):
                 if self.state is not None:
                     self.parity_mismatches += 1  # we hold a state, and it is not the swarm's
@@ -209,6 +242,33 @@ class PeerDaemon:
             elif isinstance(a, r.ViewChanged):
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
+    def submit(self, sub: Submission) -> None:
+        """On the loop: take part in rounds with sub until one applies it."""
+        if self.closing:
+            _settle(sub.future, exc=PeerClosed("the peer is shutting down"))
+            return
+        if self.submission is not None:
+            raise RuntimeError("one contribution at a time: the previous one is pending")
+        self.submission = sub
+        self._schedule_ready(0.0)
+
+    def withdraw(self, sub: Submission) -> None:
+        """On the loop: the caller gave up on sub. A round already running with
+        it still completes (and applies it) for everyone's sake."""
+        if self.submission is not sub:
+            return
+        sub.withdrawn = True
+        if not self.busy and self.core.active is None:
+            self.submission = None
+
+    def _retry(self) -> None:
+        """A round ended without applying: go again with the same contribution,
+        unless the caller withdrew it (then it is dropped here)."""
+        sub = self.submission
+        if sub is not None and sub.withdrawn and not self.busy and self.core.active is None:
+            self.submission = None
+        self._schedule_ready(0.0)
+
     def _schedule_ready(self, delay: float) -> None:
         if self.closing:
             return
@@ -218,14 +278,16 @@ class PeerDaemon:
 
     def _ready(self) -> None:
         self.ready_handle = None
-        if self.state is None or self.syncing or self.busy or self.core.active is not None:
+        if self.state is None or self.syncing or self.busy or self.core.active is not None \
+                or self.submission is None or self.submission.withdrawn:
             return
         self._dispatch(self.core.local_ready(time.monotonic(), self.state.step,
                                              self.state.state_hash()))
 
-    def _collective(self, a: r.StartCollective, step: int) -> torch.Tensor:
-        """Worker thread: my update, all-reduced among a.participants (ring order)."""
-        update = self.work.local_update(self.id, step)
+    def _collective(self, a: r.StartCollective, update: torch.Tensor | None) -> torch.Tensor:
+        """Worker thread: my contribution, all-reduced among a.participants (ring order)."""
+        if update is None:  # withdrawn after our Ready went out: fail the round
+            raise AllReduceAborted("no contribution: the caller withdrew it")
         n, rank = len(a.participants), a.participants.index(self.id)
         if n == 1:
             return update
@@ -251,10 +313,10 @@ class PeerDaemon:
         except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
             log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
-            self._schedule_ready(0.0)
+            self._retry()
             return
         if self.core.active is None or self.core.active.round_id != a.round_id:
-            self._schedule_ready(0.0)  # decided (aborted) while we were still at it
+            self._retry()  # decided (aborted) while we were still at it
             return
         self.pending[a.round_id] = result
         digest = hash_tensor(result).to_bytes(8, "little")  # native XXH64, no copy
@@ -268,7 +330,9 @@ class PeerDaemon:
             log.warning("%s has no result for applied round %d", self.id[:8], a.round_id)
             self.core.state_synced(self.state.step, self.state.state_hash())
             return
-        self.work.apply(self.state, result)
+        sub, self.submission = self.submission, None
+        if sub is not None and sub.apply is not None:
+            sub.apply(self.state, result)
         self.state.step = a.step + 1
         digest = self.state.state_hash()
         self.core.result_applied(self.state.step, digest)
@@ -284,7 +348,8 @@ class PeerDaemon:
             self.checkpointing = True
             fut = self.loop.run_in_executor(None, self._write_checkpoint, snap)
             fut.add_done_callback(lambda f: self._checkpoint_done(f))
-        self._schedule_ready(self.work.compute_s)
+        if sub is not None:
+            _settle(sub.future, result=result)
 
     def _write_checkpoint(self, state: SharedState) -> None:
         checkpoint.save(state, self.cfg.data_dir / CHECKPOINT_FILE)
@@ -319,7 +384,8 @@ class PeerDaemon:
             tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)))
 
         def push():
-            link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout)
+            link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout,
+                                       channel=CHANNEL_STATE)
             for i, t in enumerate(snap):
                 if i % req.parts == req.part and t.numel():
                     link.send(t.view(-1).view(torch.uint8), SYNC_OP + i,
@@ -352,7 +418,8 @@ class PeerDaemon:
             tensors = list(state.tensors.values())
 
             def pull(part: int, donor: str) -> None:
-                link = self.links.incoming(donor, timeout=self.cfg.step_timeout)
+                link = self.links.incoming(donor, timeout=self.cfg.step_timeout,
+                                           channel=CHANNEL_STATE)
                 for i, t in enumerate(tensors):
                     if i % len(donors) == part and t.numel():
                         link.recv_into(t.view(-1).view(torch.uint8), SYNC_OP + i,
@@ -366,7 +433,9 @@ class PeerDaemon:
             self.syncs += 1
             self.core.state_synced(step, digest)
             log.info("%s synced to step %d from %d donors", self.id[:8], step, len(donors))
-            self._schedule_ready(0.0)  # enter the next round at once, with a fresh update
+            sub, self.submission = self.submission, None
+            if sub is not None:  # made against the state we just dropped
+                _settle(sub.future, exc=StateReplaced(step))
         except Exception as e:  # noqa: BLE001 - any failure means: ask again later
             self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)
@@ -393,3 +462,13 @@ class PeerDaemon:
                 else "joiner"
             rows.append((pid, info.control, info.data, role if alive else "dead", step, h, alive))
         return tuple(rows)
+
+
+def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    """Sets a caller's future once; a future the caller cancelled is left alone."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,286 @@
+"""The Python API: a peer the caller drives.
+
+    with Peer(PeerConfig(data_dir, secret, join="host:port"), initial_state=make) as peer:
+        peer.sync_state()                       # a joiner fetches the swarm's state
+        while training:
+            delta = compute_pseudo_gradient(peer.state)
+            mean = peer.all_reduce(delta, apply=outer_step)   # one agreed round
+            ...
+            avg = peer.gossip(params, round_=k, seed=run_seed)  # no barrier
+
+The peer daemon (membership, rounds, parity, checkpoints) runs on an event
+loop in a background thread; every method here is a thread-safe call into it
+and every failure is a peerlearn.swarm.errors exception.
+
+Ownership: tensors passed in are only read, and only until the call returns.
+`apply` callbacks run on the daemon's thread, between rounds, with the shared
+state that the daemon owns: they may mutate it (that is their job) but must be
+deterministic, since every peer runs them on identical inputs and the swarm
+then compares hashes. `Peer.state` is the live object: read it only between
+your own calls, never concurrently with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+
+from peerlearn.state.shared import SharedState
+from peerlearn.swarm import gossip as g
+from peerlearn.swarm.errors import (
+    CollectiveTimeout,
+    GossipFailed,
+    PeerClosed,
+    PeerError,
+    PeerStartError,
+)
+from peerlearn.swarm.peer import PeerConfig, PeerDaemon, Submission
+
+Tensors = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def flatten(tensors: Tensors) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tensors]]:
+    """One flat fp32 copy of tensors, and how to cut a flat result back into
+    the same names, shapes and dtypes."""
+    single = isinstance(tensors, torch.Tensor)
+    items = [("", tensors)] if single else sorted(tensors.items())
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for _, t in items]) \
+        if items else torch.empty(0)
+
+    def unflatten(res: torch.Tensor) -> Tensors:
+        out, at = {}, 0
+        for name, t in items:
+            out[name] = res[at:at + t.numel()].view(t.shape).to(t.dtype)
+            at += t.numel()
+        return out[""] if single else out
+
+    return flat.contiguous(), unflatten
+
+
+class Peer:
+    def __init__(self, config: PeerConfig,
+                 initial_state: SharedState | Callable[[], SharedState] | None = None):
+        """initial_state: what a founder starts from when it has no checkpoint
+        (a joiner's state always comes from the swarm)."""
+        self.cfg = config
+        self._initial = initial_state if callable(initial_state) or initial_state is None \
+            else (lambda: initial_state)
+        self.daemon: PeerDaemon | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._gossip_lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 60.0) -> Peer:
+        """Starts the daemon; founds a swarm, or joins config.join (within timeout)."""
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                self.daemon = PeerDaemon(self.cfg, self._initial)
+            except Exception as e:  # noqa: BLE001 - reported to the caller of start()
+                failure.append(e)
+                return
+            finally:
+                started.set()
+            await self.daemon.run(self._stop)
+
+        def run() -> None:
+            try:
+                import uvloop
+
+                uvloop.run(main())
+            except ImportError:
+                asyncio.run(main())
+
+        self._thread = threading.Thread(target=run, name="peerlearn-peer", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            self._closed = True
+            raise PeerStartError(f"peer failed to start: {failure[0]}") from failure[0]
+        try:
+            self._wait(lambda: bool(self.daemon.core.members), timeout, "joining the swarm")
+        except (CollectiveTimeout, PeerClosed) as e:
+            self.close()
+            raise PeerStartError(str(e)) from e
+        return self
+
+    def close(self) -> None:
+        """Leaves the swarm (peers see it at once), writes a final checkpoint, stops.
+        A pending all_reduce raises PeerClosed."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # the loop already ended
+        if self._thread is not None:
+            self._thread.join(60)
+
+    def __enter__(self) -> Peer:
+        return self if self.daemon is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def id(self) -> str:
+        return self._daemon().id
+
+    @property
+    def control_address(self) -> str:
+        return self._daemon().info.control
+
+    @property
+    def state(self) -> SharedState | None:
+        return self._daemon().state
+
+    @property
+    def step(self) -> int:
+        st = self._daemon().state
+        return st.step if st is not None else -1
+
+    def members(self) -> list[str]:
+        """Ids of the last applied view (who took part in the last round)."""
+        return self._on_loop(lambda: sorted(self.daemon.core.members))
+
+    def live_members(self) -> list[str]:
+        """Members of the view this peer believes alive, itself included."""
+        def live():
+            now = time.monotonic()
+            return sorted(p for p in self.daemon.core.members if self.daemon.core.alive(p, now))
+        return self._on_loop(live)
+
+    # ------------------------------------------------------------ operations
+
+    def sync_state(self, timeout: float | None = None) -> int:
+        """Blocks until this peer holds the swarm's shared state (a joiner fetches
+        it; a peer whose hash differs from the majority's is repaired); returns
+        its step. Raises CollectiveTimeout or PeerClosed."""
+        d = self._daemon()
+        self._wait(lambda: d.state is not None and d.core.synced and not d.syncing
+                   and d.core.sync_requested is None, timeout, "the swarm's state")
+        return d.state.step
+
+    def all_reduce(self, tensors: Tensors, *,
+                   apply: Callable[[SharedState, Tensors], None] | None = None,
+                   timeout: float | None = None) -> Tensors:
+        """The mean of tensors over the peers of one agreed round.
+
+        Every participant gets byte-identical results. apply(state, mean), if
+        given, runs on every participant as the round applies, before the
+        shared step advances; this call returns after that. Aborted rounds
+        (a peer died) are retried with the same contribution. Raises
+        StateReplaced if the swarm replaced our state meanwhile (recompute),
+        CollectiveTimeout, PeerClosed.
+        """
+        flat, unflatten = flatten(tensors)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.sync_state(timeout)
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+        wrapped = None if apply is None else (lambda st, res: apply(st, unflatten(res)))
+        sub = Submission(flat, wrapped, Future())
+        self._on_loop(self.daemon.submit, sub)
+        try:
+            result = self._result(sub.future, timeout)
+        except CollectiveTimeout:
+            self._on_loop(self.daemon.withdraw, sub)
+            raise
+        return unflatten(result)
+
+    def gossip(self, tensors: Tensors, *, round_: int, seed: int = 0, group_size: int = 2,
+               codec: int | None = None, block_size: int = 64,
+               timeout: float = 30.0) -> Tensors:
+        """The mean of tensors within this peer's gossip group for round_.
+
+        Groups are a pure function of (live members, round_, seed, group_size):
+        peers that agree on the view meet without any message. No round, no
+        barrier; runs alongside all_reduce (separate links). Raises GossipFailed.
+        """
+        flat, unflatten = flatten(tensors)
+        me = self.id
+        members = self.live_members()
+        group = g.group_of(me, g.gossip_groups(members, round_, seed, group_size))
+        addresses = self._on_loop(lambda: {p: self.daemon.core.known[p].data for p in group
+                                           if p in self.daemon.core.known})
+        if not self._gossip_lock.acquire(blocking=False):
+            raise RuntimeError("one gossip at a time per peer")
+        try:
+            out = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
+                             codec=codec, block_size=block_size, timeout=timeout)
+        except GossipFailed:
+            self.daemon.gossip_failures += 1
+            raise
+        finally:
+            self._gossip_lock.release()
+        self.daemon.gossips += 1
+        return unflatten(out)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _daemon(self) -> PeerDaemon:
+        if self.daemon is None:
+            raise PeerClosed("the peer is not started")
+        return self.daemon
+
+    def _on_loop(self, fn, *args):
+        """Runs fn(*args) on the daemon's loop and returns its result."""
+        if self._closed or self._loop is None or self._loop.is_closed():
+            raise PeerClosed("the peer is closed")
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                fut.set_exception(e)
+
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:
+            raise PeerClosed("the peer is closed") from None
+        return self._result(fut, 30.0)
+
+    def _result(self, fut: Future, timeout: float | None):
+        """fut's result, polling so that a peer closing meanwhile ends the wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            try:
+                return fut.result(max(left, 0.0))
+            except FutureTimeout:
+                pass
+            if self._thread is not None and not self._thread.is_alive():
+                raise PeerClosed("the peer stopped")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CollectiveTimeout(f"nothing within {timeout} s")
+
+    def _wait(self, cond, timeout: float | None, what: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not cond():
+            if self._closed or (self._thread is not None and not self._thread.is_alive()):
+                raise PeerClosed("the peer is closed")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CollectiveTimeout(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.02)
+
+
+__all__ = ["Peer", "PeerConfig", "PeerError", "flatten"]

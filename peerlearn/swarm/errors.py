@@ -1,0 +1,42 @@
+"""The exceptions the swarm's Python API raises; every failure is one of these.
+
+PeerError is the base. A caller that trains catches StateReplaced (recompute
+the contribution against the new state) and CollectiveTimeout (decide whether
+to wait longer); GossipFailed is expected now and then (NoLoCo goes on with
+its own tensor); PeerClosed ends the loop.
+"""
+
+from __future__ import annotations
+
+
+class PeerError(Exception):
+    """Base of every failure the Peer API reports."""
+
+
+class PeerClosed(PeerError):
+    """The peer is shut down (or shutting down); nothing more can be submitted."""
+
+
+class PeerStartError(PeerError):
+    """The peer could not start (bind, identity, checkpoint) or join in time."""
+
+
+class StateReplaced(PeerError):
+    """While a contribution waited for its round, this peer's shared state was
+    replaced by the swarm's (it had fallen behind, or differed). The
+    contribution was computed against a state that is gone: recompute it."""
+
+    def __init__(self, step: int):
+        super().__init__(f"shared state replaced by the swarm's at step {step}")
+        self.step = step
+
+
+class CollectiveTimeout(PeerError, TimeoutError):
+    """No round completed within the timeout. The submission is withdrawn, but a
+    round already committed may still apply it: read `Peer.step` to know."""
+
+
+class GossipFailed(PeerError):
+    """A gossip exchange did not complete (partner gone, views disagreed on the
+    pairing, timeout). The caller keeps its own tensor; the partner may or may
+    not have averaged with ours (gossip results are not agreed)."""

@@ -1,0 +1,119 @@
+"""Gossip averaging: exchange a tensor with a small group, no global barrier.
+
+NoLoCo and gossip averaging replace the all-reduce of a round by an average
+within a group of two (or a few) peers. There is no coordinator and no extra
+message: every peer computes the same partition of the members from
+(members, round, seed) alone, so two peers that agree on the view agree on
+who pairs with whom. Peers whose views disagree simply fail to meet (the
+exchange times out) and keep their own tensor.
+
+Invariants:
+  * `gossip_groups` is a pure function; its order is a keyed hash, not
+    Python's `random`, so peers on different Python versions agree.
+  * Every member of a group ends with byte-identical results when the
+    exchange succeeds everywhere: values are summed in sorted-id order, and
+    with a codec each member's own value is its dequantized bytes, which is
+    exactly what the others decode.
+  * Not agreed: if one side's exchange fails after the other side finished,
+    the two hold different tensors. Gossip algorithms tolerate this; a
+    caller needing agreement uses a round (all-reduce) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, PeerLinks
+from peerlearn.swarm.errors import GossipFailed
+from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link, StreamError
+from peerlearn.wire import codecs
+
+GOSSIP_OP = 1 << 61  # | round: gossip frames never share an op id with a round's
+MAX_ROUND = (1 << 48) - 1
+
+
+def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
+                  size: int = 2) -> list[tuple[str, ...]]:
+    """Partitions members into groups of `size` (ids sorted within a group).
+
+    A leftover smaller than 2 joins the last full group, so nobody is alone
+    unless there is one member. Same inputs, same output, on every peer.
+    """
+    if size < 2:
+        raise ValueError("a gossip group has at least 2 members")
+    key = f"{seed}/{round_}/".encode()
+    ids = sorted(set(members), key=lambda i: (hashlib.blake2b(key + i.encode(),
+                                                              digest_size=8).digest(), i))
+    groups = [ids[i:i + size] for i in range(0, len(ids), size)]
+    if len(groups) > 1 and len(groups[-1]) < 2:
+        groups[-2] += groups.pop()
+    return [tuple(sorted(g)) for g in groups]
+
+
+def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
+    for g in groups:
+        if me in g:
+            return g
+    raise GossipFailed(f"{me} is not among the members being paired")
+
+
+def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[str, str],
+             tensor: torch.Tensor, round_: int, *, codec: int | None = None,
+             block_size: int = 64, timeout: float = 30.0) -> torch.Tensor:
+    """Averages tensor (flat fp32, only read) over group; returns a new tensor.
+
+    Sends to every other member and receives from each at the same time (the
+    sends on helper threads). Raises GossipFailed on any failure, after
+    aborting the links it used so the partners fail fast too.
+    """
+    if not 0 <= round_ <= MAX_ROUND:
+        raise ValueError("gossip round out of range")
+    others = [p for p in group if p != me]
+    if not others:
+        return tensor.clone()
+    if codec is not None and DEFAULT_CHUNK_ELEMS % block_size:
+        raise ValueError("block_size must divide the stream chunk size")
+    op = GOSSIP_OP | round_
+    # Our own value as the others will see it: quantized chunk by chunk on the
+    # wire equals quantized whole (blocks divide chunks), so decode(encode(x)).
+    mine = tensor if codec is None else codecs.decode(
+        codecs.encode(tensor, codec, block_size=block_size))
+    values = {me: mine}
+    used: list[Link] = []
+    errors: list[BaseException] = []
+
+    def send(peer: str) -> None:
+        try:
+            link = links.outgoing(peer, addresses[peer], timeout=timeout, channel=CHANNEL_GOSSIP)
+            used.append(link)
+            link.send(tensor, op, codec=codec, block_size=block_size, timeout=timeout)
+        except (StreamError, TimeoutError, OSError, KeyError) as e:
+            errors.append(e)
+
+    senders = [threading.Thread(target=send, args=(p,), daemon=True) for p in others]
+    for t in senders:
+        t.start()
+    try:
+        for peer in others:
+            link = links.incoming(peer, timeout=timeout, channel=CHANNEL_GOSSIP)
+            used.append(link)
+            values[peer] = torch.empty_like(tensor)
+            link.recv_into(values[peer], op, timeout=timeout)
+    except (StreamError, TimeoutError, OSError) as e:
+        errors.append(e)
+    if errors:
+        for link in used:
+            link.abort()
+    for t in senders:
+        t.join()
+    if errors:
+        raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}") from \
+            errors[0]
+    out = torch.zeros_like(tensor)
+    for p in group:  # sorted: the same additions in the same order everywhere
+        out.add_(values[p])
+    return out.div_(len(group))
