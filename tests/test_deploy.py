@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def exported_names(tmp_path) -> set[str]:
-    daemon = PeerDaemon(PeerConfig(tmp_path, b"deploy-test-secret-0123"), SyntheticWorkload(16))
+    daemon = PeerDaemon(PeerConfig(tmp_path, b"deploy-test-secret-0123"),
+                        SyntheticWorkload(16).initial_state)
     try:
         reg = CollectorRegistry()
         reg.register(PeerCollector(daemon))

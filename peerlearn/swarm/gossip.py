@@ -23,13 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
 
 from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, PeerLinks
 from peerlearn.swarm.errors import GossipFailed
-from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link, StreamError
+from peerlearn.transport.stream import (
+    DEFAULT_CHUNK_ELEMS,
+    Link,
+    StreamError,
+    StreamProtocolError,
+)
 from peerlearn.wire import codecs
 
 GOSSIP_OP = 1 << 61  # | round: gossip frames never share an op id with a round's
@@ -50,7 +56,8 @@ def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
                                                               digest_size=8).digest(), i))
     groups = [ids[i:i + size] for i in range(0, len(ids), size)]
     if len(groups) > 1 and len(groups[-1]) < 2:
-        groups[-2] += groups.pop()
+        leftover = groups.pop()
+        groups[-1] = groups[-1] + leftover
     return [tuple(sorted(g)) for g in groups]
 
 
@@ -97,12 +104,23 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     senders = [threading.Thread(target=send, args=(p,), daemon=True) for p in others]
     for t in senders:
         t.start()
+    deadline = time.monotonic() + timeout
     try:
         for peer in others:
-            link = links.incoming(peer, timeout=timeout, channel=CHANNEL_GOSSIP)
-            used.append(link)
             values[peer] = torch.empty_like(tensor)
-            link.recv_into(values[peer], op, timeout=timeout)
+            while True:
+                left = max(0.1, deadline - time.monotonic())
+                link = links.incoming(peer, timeout=left, channel=CHANNEL_GOSSIP)
+                used.append(link)
+                try:
+                    link.recv_into(values[peer], op, timeout=left)
+                    break
+                except StreamProtocolError:
+                    # Frames left by an exchange that failed at our partner's
+                    # end after it had sent: that link is broken now, and the
+                    # partner has connected afresh for this round. Retry on it.
+                    if time.monotonic() >= deadline:
+                        raise
     except (StreamError, TimeoutError, OSError) as e:
         errors.append(e)
     if errors:

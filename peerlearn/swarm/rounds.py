@@ -416,9 +416,10 @@ class RoundCore:
         if not eligible:
             return []
         (step, h), ids = max(eligible, key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
-        # Wait (at most `gather`) for live members, and for synced joiners at
-        # this very step, so a joiner that just caught up enters this round.
-        waiting = [p for p in self.members if self.alive(p, now) and p not in live]
+        # Wait (at most `gather`) for live members not yet ready with this
+        # state (one being repaired re-sends Ready once synced), and for synced
+        # joiners at this very step, so a peer that just caught up enters this round.
+        waiting = [p for p in self.members if self.alive(p, now) and p not in ids]
         waiting += [p for p, b in self.beats.items()
                     if p not in self.members and self.alive(p, now) and b.synced
                     and b.step == step and (p not in live or live[p].step != step)]
@@ -461,6 +462,13 @@ class RoundCore:
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
         self.members = {p.id: p for p in c.members}
+        # Every participant finished the round moments ago (the Apply says so):
+        # count that as hearing from them. A peer that joined the view through
+        # this round may not have heartbeated us yet, and the next round must
+        # wait for it rather than go ahead without a member it never heard.
+        for p in c.participants:
+            if p != self.me.id:
+                self.last_heard[p] = max(now, self.last_heard.get(p, now))
         out: list = [ViewChanged(self.epoch, c.participants)]
         if mine:
             self.step = c.step + 1

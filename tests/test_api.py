@@ -1,0 +1,201 @@
+"""The Python API (peerlearn.swarm.api.Peer): several peers in one process,
+each with its own event loop thread, real sockets on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from peerlearn.state.shared import SharedState
+from peerlearn.swarm import gossip as g
+from peerlearn.swarm.api import Peer, flatten
+from peerlearn.swarm.errors import (
+    CollectiveTimeout,
+    GossipFailed,
+    PeerClosed,
+    StateReplaced,
+)
+from peerlearn.swarm.peer import PeerConfig
+from peerlearn.swarm.rounds import Timeouts
+from peerlearn.wire.codecs import Codec
+
+SECRET = b"api-test-secret-0123456789"
+FAST = Timeouts(heartbeat_every=0.1, dead_after=3.0, gather=2.0, ack=2.0)
+N = 5000
+
+
+def initial() -> SharedState:
+    st = SharedState(0)
+    st.register("w", torch.zeros(N))
+    st.register("m", torch.zeros(3, 7, dtype=torch.bfloat16))
+    return st
+
+
+def add_mean(state: SharedState, mean: dict) -> None:
+    state.tensors["w"].add_(mean["w"])
+    state.tensors["m"].add_(mean["m"])
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    peers: list[Peer] = []
+
+    def make(n: int) -> list[Peer]:
+        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST), initial).start()
+        peers.append(first)
+        for i in range(1, n):
+            peers.append(Peer(PeerConfig(tmp_path / f"p{i}", SECRET, timeouts=FAST,
+                                         join=first.control_address)).start(timeout=20))
+        for p in peers:
+            p.sync_state(timeout=20)
+        # Until the coordinator has heard that the joiners hold the state, its
+        # first round would go ahead without them (correctly: they would get
+        # StateReplaced and enter a later one); the tests want them all in it.
+        core = first.daemon.core
+        deadline = time.monotonic() + 10
+        while not all(p.id in core.beats and core.beats[p.id].synced for p in peers[1:]):
+            assert time.monotonic() < deadline, "joiners never reported their state"
+            time.sleep(0.02)
+        return peers
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+def contribution(i: int, k: int) -> dict:
+    gen = torch.Generator().manual_seed(1000 * i + k)
+    return {"w": torch.randn(N, generator=gen),
+            "m": torch.randn(3, 7, generator=gen).to(torch.bfloat16)}
+
+
+def run_all(peers, fn):
+    out, errors = {}, []
+
+    def one(i, p):
+        try:
+            out[i] = fn(i, p)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(peers)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    return out
+
+
+def test_all_reduce_is_the_exact_mean_and_identical_everywhere(swarm):
+    peers = swarm(3)
+    # Every peer is a member once one round has included them all.
+    results = run_all(peers, lambda i, p: [p.all_reduce(contribution(i, k), apply=add_mean,
+                                                        timeout=30) for k in range(3)])
+    steps = {p.step for p in peers}
+    hashes = {p.state.state_hash() for p in peers}
+    assert len(steps) == 1 and len(hashes) == 1
+    for k in range(3):
+        got = [results[i][k] for i in range(3)]
+        for name in ("w", "m"):
+            assert all(torch.equal(got[0][name], x[name]) for x in got[1:])  # byte-identical
+    # A round's participants are whoever was ready; the last round had all three.
+    last = [results[i][2]["w"] for i in range(3)]
+    exact = torch.stack([contribution(i, 2)["w"] for i in range(3)]).double().mean(0).float()
+    assert torch.allclose(last[0], exact, rtol=0, atol=1e-6)
+    assert results[0][2]["m"].dtype == torch.bfloat16 and results[0][2]["m"].shape == (3, 7)
+    assert sorted(peers[0].members()) == sorted(p.id for p in peers)
+
+
+def test_gossip_pairs_agree_without_messages_and_average_exactly(swarm):
+    peers = swarm(4)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    assert all(len(p.live_members()) == 4 for p in peers)
+    x = {i: torch.full((N,), float(i)) + torch.arange(N) / N for i in range(4)}
+    out = run_all(peers, lambda i, p: p.gossip(x[i], round_=7, seed=3, timeout=20))
+    ids = {p.id: i for i, p in enumerate(peers)}
+    for group in g.gossip_groups(list(ids), 7, 3, 2):
+        a, b = (ids[q] for q in group)
+        assert torch.equal(out[a], out[b])
+        assert torch.equal(out[a], (x[a] + x[b]) / 2)
+    # Quantized: still byte-identical within a pair, within the int8 bound of the mean.
+    out8 = run_all(peers, lambda i, p: p.gossip(x[i], round_=8, seed=3, codec=Codec.INT8_ABSMAX,
+                                               timeout=20))
+    for group in g.gossip_groups(list(ids), 8, 3, 2):
+        a, b = (ids[q] for q in group)
+        assert torch.equal(out8[a], out8[b])
+        assert (out8[a] - (x[a] + x[b]) / 2).abs().max() < 4 / 127
+    assert all(p.daemon.gossips == 2 for p in peers)
+
+
+def test_gossip_groups_are_a_pure_function():
+    ids = [f"peer{i:02d}" for i in range(7)]
+    a = g.gossip_groups(ids, 5, 1, 2)
+    assert a == g.gossip_groups(list(reversed(ids)), 5, 1, 2)  # order of input irrelevant
+    assert sorted(p for grp in a for p in grp) == sorted(ids)
+    assert [len(grp) for grp in a].count(3) == 1 and all(len(grp) >= 2 for grp in a)
+    assert a != g.gossip_groups(ids, 6, 1, 2)  # rounds reshuffle
+    assert g.gossip_groups(["x"], 0) == [("x",)]
+    with pytest.raises(ValueError):
+        g.gossip_groups(ids, 0, 0, 1)
+
+
+def test_gossip_with_an_absent_partner_fails_cleanly(swarm):
+    peers = swarm(2)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    with pytest.raises(GossipFailed):
+        peers[0].gossip(torch.ones(N), round_=1, timeout=1.0)  # the partner never calls
+    assert peers[0].daemon.gossip_failures == 1
+    # Both sides try again with a fresh round: it works.
+    run_all(peers, lambda i, p: p.gossip(torch.ones(N), round_=2, timeout=10))
+
+
+def test_a_drifted_peer_is_repaired_and_its_stale_contribution_refused(swarm):
+    peers = swarm(3)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    good = peers[0].state.state_hash()
+    bad = peers[2]
+    bad._on_loop(lambda: bad.state.tensors["w"].add_(1.0))  # a silent bit-level drift
+    with pytest.raises(StateReplaced):
+        bad.all_reduce(contribution(2, 1), timeout=30)
+    assert bad.state.state_hash() == good
+    assert bad.daemon.parity_mismatches >= 1 and bad.daemon.syncs >= 1
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 2), apply=add_mean, timeout=30))
+    assert len({p.state.state_hash() for p in peers}) == 1
+
+
+def test_timeout_withdraws_and_close_ends_a_pending_call(swarm):
+    a, b = swarm(2)
+    run_all([a, b], lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    step = a.step
+    # b does not contribute: a alone is not a majority of the view {a, b}.
+    with pytest.raises(CollectiveTimeout):
+        a.all_reduce(contribution(0, 1), timeout=2.5)
+    assert a.step == step and a.daemon.submission is None
+    # Withdrawn means gone: the next call is the one that counts.
+    run_all([a, b], lambda i, p: p.all_reduce(contribution(i, 2), apply=add_mean, timeout=30))
+    assert a.step == b.step == step + 1
+    caught = []
+    t = threading.Thread(target=lambda: caught.append(pytest.raises(PeerClosed, a.all_reduce,
+                                                                    contribution(0, 3))))
+    t.start()
+    time.sleep(0.5)
+    a.close()
+    t.join(30)
+    assert len(caught) == 1
+    with pytest.raises(PeerClosed):
+        a.all_reduce(contribution(0, 4))
+
+
+def test_flatten_round_trips_names_shapes_dtypes():
+    t = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    flat, unflatten = flatten(t)
+    assert flat.dtype == torch.float32 and flat.numel() == 10
+    back = unflatten(flat)
+    assert set(back) == {"a", "b"} and back["a"].dtype == torch.float16
+    assert torch.equal(back["b"], t["b"])
+    single, un = flatten(torch.ones(2, 2))
+    assert un(single).shape == (2, 2)
