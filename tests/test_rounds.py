@@ -21,6 +21,15 @@ def applied_rounds(sim):
     return [(t, p, s) for t, kind, p, s in sim.events if kind == "apply"]
 
 
+def mid_round(quantifier) -> tuple[Sim, int]:
+    """A swarm of 4 stopped while `quantifier` (any/all) of its peers run a collective."""
+    sim = Sim(4, collective_time=0.5)
+    sim.run(3)
+    while not quantifier(p.core.active for p in sim.peers.values()):
+        sim.run(sim.now + 0.01)
+    return sim, sim.peers["p00"].core.active.round_id
+
+
 def test_swarm_forms_and_advances_in_lockstep():
     sim = Sim(4)
     sim.run(10)
@@ -63,12 +72,8 @@ def test_killing_the_coordinator_costs_at_most_one_round():
 
 
 def test_peer_killed_mid_collective_is_excluded_from_the_retry():
-    sim = Sim(4, collective_time=0.5)
-    sim.run(3)
     # Kill p03 while a collective is in flight.
-    while not any(p.core.active for p in sim.peers.values()):
-        sim.run(sim.now + 0.01)
-    rid = sim.peers["p00"].core.active.round_id
+    sim, rid = mid_round(any)
     sim.kill("p03")
     sim.run(sim.now + 6)
     survivors = [sim.peers[p] for p in ("p00", "p01", "p02")]
@@ -227,12 +232,8 @@ def test_resuming_founder_waits_then_adopts_the_newest_state():
 
 
 def test_coordinator_killed_mid_round_successor_finishes_it():
-    sim = Sim(4, collective_time=0.5)
-    sim.run(3)
-    # Wait until every participant has the Commit: the round is decided-to-run.
-    while not all(p.core.active for p in sim.peers.values()):
-        sim.run(sim.now + 0.01)
-    rid = sim.peers["p00"].core.active.round_id
+    # Every participant has the Commit: the round is decided-to-run.
+    sim, rid = mid_round(all)
     sim.kill("p00")  # coordinator and participant, its Done never comes
     sim.run(sim.now + sim.t.dead_after + sim.t.ack + 0.2)
     survivors = [sim.peers[p] for p in ("p01", "p02", "p03")]
@@ -249,11 +250,7 @@ def test_decision_missed_while_the_old_coordinator_seemed_alive_is_learned_later
     and take part in later rounds, not hold the round open forever."""
     from peerlearn.wire import control as m
 
-    sim = Sim(4, collective_time=0.5)
-    sim.run(3)
-    while not all(p.core.active for p in sim.peers.values()):
-        sim.run(sim.now + 0.01)
-    rid = sim.peers["p00"].core.active.round_id
+    sim, rid = mid_round(all)
     sim.kill("p00")
     beat = m.Heartbeat(sim.peers["p00"].core.epoch, 0, 0, r.ZERO_HASH, True,
                        sim.peers["p00"].core.me)
