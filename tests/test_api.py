@@ -16,6 +16,7 @@ from peerlearn.swarm.errors import (
     CollectiveTimeout,
     GossipFailed,
     PeerClosed,
+    PeerStartError,
     StateReplaced,
 )
 from peerlearn.swarm.peer import PeerConfig
@@ -39,6 +40,17 @@ def add_mean(state: SharedState, mean: dict) -> None:
     state.tensors["m"].add_(mean["m"])
 
 
+def wait_joiners_reported(first: Peer, joiners: list[Peer]) -> None:
+    """Until the coordinator has heard that the joiners hold the state, its
+    first round would go ahead without them (correctly: they would get
+    StateReplaced and enter a later one); the tests want them all in it."""
+    core = first.daemon.core
+    deadline = time.monotonic() + 10
+    while not all(p.id in core.beats and core.beats[p.id].synced for p in joiners):
+        assert time.monotonic() < deadline, "joiners never reported their state"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def swarm(tmp_path):
     peers: list[Peer] = []
@@ -51,14 +63,7 @@ def swarm(tmp_path):
                                          join=first.control_address)).start(timeout=20))
         for p in peers:
             p.sync_state(timeout=20)
-        # Until the coordinator has heard that the joiners hold the state, its
-        # first round would go ahead without them (correctly: they would get
-        # StateReplaced and enter a later one); the tests want them all in it.
-        core = first.daemon.core
-        deadline = time.monotonic() + 10
-        while not all(p.id in core.beats and core.beats[p.id].synced for p in peers[1:]):
-            assert time.monotonic() < deadline, "joiners never reported their state"
-            time.sleep(0.02)
+        wait_joiners_reported(first, peers[1:])
         return peers
 
     yield make
@@ -199,3 +204,32 @@ def test_flatten_round_trips_names_shapes_dtypes():
     assert torch.equal(back["b"], t["b"])
     single, un = flatten(torch.ones(2, 2))
     assert un(single).shape == (2, 2)
+
+
+def test_allowlist_swarm_without_a_secret(tmp_path):
+    """Admission by public key: the data plane's key travels to admitted peers
+    over the encrypted control plane; a stranger is refused and counted."""
+    from peerlearn.state.identity import Identity
+
+    dirs = {n: tmp_path / n for n in "abc"}
+    keys = [Identity.load_or_create(dirs[n]).public_raw for n in "ab"]  # c is not listed
+    a = Peer(PeerConfig(dirs["a"], None, timeouts=FAST, allowlist=keys), initial).start()
+    peers = [a]
+    try:
+        b = Peer(PeerConfig(dirs["b"], None, timeouts=FAST, allowlist=keys,
+                            join=a.control_address)).start(timeout=20)
+        peers.append(b)
+        b.sync_state(timeout=20)  # the state comes over the data plane: b has the key
+        assert (dirs["b"] / "data.key").read_bytes() == (dirs["a"] / "data.key").read_bytes()
+        wait_joiners_reported(a, [b])
+        out = run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), timeout=30))
+        assert torch.equal(out[0]["w"], out[1]["w"])
+        stranger = Peer(PeerConfig(dirs["c"], None, timeouts=FAST, allowlist=keys + [
+            Identity.load_or_create(dirs["c"]).public_raw], join=a.control_address))
+        with pytest.raises(PeerStartError):
+            stranger.start(timeout=3)
+        assert a.daemon.plane.refused_connections >= 1
+        assert not (dirs["c"] / "data.key").exists()
+    finally:
+        for p in peers:
+            p.close()

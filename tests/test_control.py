@@ -25,6 +25,7 @@ SAMPLES = [
     m.StateRequest(7, H, 1, 3),
     m.StateOffer(7, H, 1, 3, (("w", "float32", (3, 4), 2**64 - 1), ("b", "bfloat16", (), 0))),
     m.StateRefused(7, H),
+    m.DataKey(b"k" * 32),
     m.StatusRequest("127.0.0.1:4000"),
     m.StatusReply((("abc", "h:1", "h:2", "coordinator", 5, H, True),)),
 ]

@@ -4,6 +4,7 @@ call into the library, printing JSON where a machine reads the output."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 import typer
@@ -116,14 +117,21 @@ def run(
     dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
     metrics: str = typer.Option("127.0.0.1:0",
                                 help="HOST:PORT for Prometheus metrics (port 0: any; 'off')."),
+    allowlist: Optional[str] = typer.Option(
+        None, help="File of admitted Ed25519 public keys (hex, one per line) instead of a "
+                   "secret."),
 ) -> None:
     """Start a peer daemon (today it runs the built-in synthetic workload)."""
     from peerlearn.cli import daemon
     from peerlearn.wire.codecs import codec_from_name
 
-    daemon.run_peer(listen, join, data_dir, daemon.read_secret(secret_file), numel=numel,
+    keys = daemon.read_allowlist(allowlist) if allowlist else None
+    secret = None if keys and not secret_file and not os.environ.get(daemon.SECRET_ENV) \
+        else daemon.read_secret(secret_file)
+    daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
-                    dead_after=dead_after, metrics=None if metrics == "off" else metrics)
+                    dead_after=dead_after, metrics=None if metrics == "off" else metrics,
+                    allowlist=keys)
 
 
 @app.command("swarm")

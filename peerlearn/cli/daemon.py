@@ -30,6 +30,25 @@ def read_secret(secret_file: str | None) -> bytes:
     return secret
 
 
+def read_allowlist(path: str) -> list[bytes]:
+    """Ed25519 public keys, hex, one per line ('#' starts a comment)."""
+    keys = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            key = bytes.fromhex(line)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise SystemExit(f"{path}:{n}: expected a 64-hex-digit Ed25519 public key")
+        keys.append(key)
+    if not keys:
+        raise SystemExit(f"{path}: the allowlist is empty")
+    return keys
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
@@ -37,9 +56,9 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, numel: int,
+def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None, *, numel: int,
              compute_s: float, codec: int | None, data_port: int, dead_after: float,
-             metrics: str | None = "127.0.0.1:0") -> None:
+             metrics: str | None = "127.0.0.1:0", allowlist: list[bytes] | None = None) -> None:
     """One peer running the built-in synthetic task through the Python API,
     exactly as a training loop would: wait for the swarm's state, contribute,
     let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully."""
@@ -53,7 +72,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes, *, num
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
-                     join=join, codec=codec,
+                     join=join, codec=codec, allowlist=allowlist,
                      timeouts=Timeouts(heartbeat_every=min(0.5, dead_after / 4),
                                        dead_after=dead_after, gather=max(2.0, dead_after)))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)

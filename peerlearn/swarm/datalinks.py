@@ -49,6 +49,11 @@ class PeerLinks:
         self._thread = threading.Thread(target=self._accept_loop, name="peer-links", daemon=True)
         self._thread.start()
 
+    def set_secret(self, secret: bytes) -> None:
+        """Links opened or accepted from now on authenticate with this secret."""
+        self.listener.set_secret(secret)
+        self.secret = secret
+
     def _accept_loop(self) -> None:
         while not self._closed:
             try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from peerlearn.state import checkpoint
+from peerlearn.state.atomic import write_atomic
 from peerlearn.state.identity import Identity
 from peerlearn.state.shared import DTYPES, SharedState
 from peerlearn.swarm import rounds as r
@@ -47,12 +49,13 @@ log = logging.getLogger("peerlearn.peer")
 
 SYNC_OP = 1 << 62
 CHECKPOINT_FILE = "state.ckpt"
+DATA_KEY_FILE = "data.key"
 
 
 @dataclass
 class PeerConfig:
     data_dir: Path
-    secret: bytes
+    secret: bytes | None  # None: an allowlist swarm (then allowlist is required)
     host: str = "127.0.0.1"  # bound and advertised
     control_port: int = 0
     data_port: int = 0
@@ -63,6 +66,7 @@ class PeerConfig:
     n_conns: int = 4
     checkpoint_every: int = 10
     step_timeout: float = 30.0  # one all-reduce step may take this long
+    allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
 
 
 @dataclass(eq=False)
@@ -95,9 +99,12 @@ class PeerDaemon:
         self.identity = Identity.load_or_create(config.data_dir)
         self.id = self.identity.peer_id
         self.plane = ControlPlane(self.identity, config.host, config.control_port,
-                                  secret=config.secret)
+                                  secret=config.secret, allowlist=config.allowlist)
+        self.data_key = self._data_key(config.join is None)
+        # A joiner of an allowlist swarm gets the key when it is admitted (DataKey);
+        # until then its listener holds a random key that nobody can prove.
         self.links = PeerLinks(self.id, config.host, config.data_port,
-                               data_secret(config.secret), config.n_conns)
+                               self.data_key or os.urandom(32), config.n_conns)
         self.info = m.PeerInfo(self.id, f"{config.host}:{self.plane.port}",
                                f"{config.host}:{self.links.port}")
         self.state = self._load_checkpoint()
@@ -132,6 +139,27 @@ class PeerDaemon:
 
     # ------------------------------------------------------------ lifecycle
 
+    def _data_key(self, founder: bool) -> bytes | None:
+        """The data-plane key: from the secret, else the one this peer holds
+        (saved when it founded or joined), else a new one if it founds."""
+        if self.cfg.secret:
+            return data_secret(self.cfg.secret)
+        path = self.cfg.data_dir / DATA_KEY_FILE
+        if path.exists() and len(path.read_bytes()) == 32:
+            return path.read_bytes()
+        if not founder:
+            return None
+        key = os.urandom(32)
+        write_atomic(path, [key], mode=0o600)
+        return key
+
+    def _on_data_key(self, key: bytes) -> None:
+        if self.data_key is not None or self.cfg.secret:
+            return  # we have one; a member cannot make us switch
+        self.data_key = key
+        self.links.set_secret(key)
+        write_atomic(self.cfg.data_dir / DATA_KEY_FILE, [key], mode=0o600)
+
     def _load_checkpoint(self) -> SharedState | None:
         path = self.cfg.data_dir / CHECKPOINT_FILE
         if not path.exists():
@@ -148,7 +176,7 @@ class PeerDaemon:
                  asyncio.ensure_future(self.plane.watch_handshakes())]
         try:
             if self.cfg.join:
-                await self._join()
+                await self._join(stop)
             while not stop.is_set():
                 self._dispatch(self.core.tick(time.monotonic()))
                 try:
@@ -174,10 +202,14 @@ class PeerDaemon:
             self.plane.close()
             await self.loop.run_in_executor(None, self.links.close)
 
-    async def _join(self) -> None:
+    async def _join(self, stop: asyncio.Event) -> None:
         while not self.core.members:
             self.plane.send(self.cfg.join, m.Join(self.info))
-            await asyncio.sleep(0.5)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+                return  # told to stop before anyone let us in
+            except TimeoutError:
+                pass
         log.info("%s joined a swarm of %d", self.id[:8], len(self.core.members))
 
     async def _recv_loop(self) -> None:
@@ -198,9 +230,15 @@ class PeerDaemon:
             fut = self._offers.get(sender)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+        elif isinstance(msg, m.DataKey):
+            self._on_data_key(msg.key)
         elif isinstance(msg, m.StatusRequest):
             self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
+            if isinstance(msg, m.Join) and msg.peer.id == sender and self.data_key is not None \
+                    and not self.cfg.secret:
+                # The sender is allowlisted (the control plane admitted it).
+                self.plane.send(msg.peer.control, m.DataKey(self.data_key))
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
 
     # ------------------------------------------------------------ actions

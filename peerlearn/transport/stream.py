@@ -329,6 +329,11 @@ class LinkListener:
         self._thread = threading.Thread(target=self._accept_loop, name="link-accept", daemon=True)
         self._thread.start()
 
+    def set_secret(self, secret: bytes) -> None:
+        """Handshakes from now on check this secret (ones in progress keep theirs)."""
+        hs._check_secret(secret)
+        self._secret = bytes(secret)
+
     def _reject(self, sock: socket.socket, why: str) -> None:
         sock.close()
         with self._cv:

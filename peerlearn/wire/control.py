@@ -134,6 +134,12 @@ def _status_rows(v) -> tuple[tuple, ...]:
     return tuple(out)
 
 
+def _key32(v) -> bytes:
+    if not isinstance(v, bytes) or len(v) != 32:
+        raise MessageError("key must be 32 bytes")
+    return v
+
+
 def _part(v) -> int:
     if type(v) is not int or not 0 <= v < 256:
         raise MessageError("part out of range")
@@ -146,6 +152,7 @@ _CHECKS = {
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
+    "key": _key32,
 }
 
 
@@ -272,6 +279,16 @@ class StateRefused:
 
 
 @dataclass(frozen=True)
+class DataKey:
+    """The data-plane key of an allowlist swarm, sent to a peer that joins.
+
+    Only ever sent over the CURVE-encrypted control plane, to an admitted
+    (allowlisted) peer; secret swarms derive the key from the secret instead."""
+
+    key: bytes
+
+
+@dataclass(frozen=True)
 class StatusRequest:
     """Tell me the swarm as you see it; answer to reply_to (host:port)."""
 
@@ -286,7 +303,7 @@ class StatusReply:
 MESSAGES = {
     cls.__name__.lower(): cls
     for cls in (Heartbeat, Join, Welcome, Leave, Ready, Propose, Ack, Commit, Done, Apply, Abort,
-                StateRequest, StateOffer, StateRefused, StatusRequest, StatusReply)
+                StateRequest, StateOffer, StateRefused, DataKey, StatusRequest, StatusReply)
 }
 _TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
 
