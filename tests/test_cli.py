@@ -37,3 +37,16 @@ def test_codec_help_lists_exactly_the_known_names():
     assert sorted(listed) == sorted(CODEC_NAMES)
     with pytest.raises(ValueError, match="int8"):
         codec_from_name("int9")
+
+
+def test_allowlist_file_is_parsed_strictly(tmp_path):
+    from peerlearn.cli.daemon import read_allowlist
+
+    good = tmp_path / "allow"
+    good.write_text("# swarm members\n" + "ab" * 32 + "  # peer a\n\n" + "CD" * 32 + "\n")
+    assert read_allowlist(str(good)) == [b"\xab" * 32, b"\xcd" * 32]
+    for text in ("ab" * 31, "zz" * 32, "# only a comment\n"):
+        bad = tmp_path / "bad"
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            read_allowlist(str(bad))
