@@ -391,3 +391,31 @@ def test_non_finite_input_fails_the_send(pair):
     assert isinstance(ei.value, ValueError) and not isinstance(ei.value, StreamProtocolError)
     with pytest.raises(StreamError):
         r.result()
+
+
+def test_healthy_works_for_descriptors_past_fd_setsize():
+    """select() refuses fds >= 1024; a busy peer has that many sockets."""
+    import os
+    import resource
+
+    from peerlearn.transport.stream import Link
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    a, b = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(a.fileno(), 1100))
+        link = Link([high], b"\0" * 16)
+        assert link.healthy()
+        b.sendall(b"x")  # pending data: still healthy
+        assert link.healthy()
+        b.close()
+        high.recv(1)
+        assert not link.healthy()  # the other end closed
+        link.close()
+    finally:
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -19,7 +19,6 @@ Ownership and failure:
 from __future__ import annotations
 
 import secrets
-import select
 import socket
 import threading
 import time
@@ -187,21 +186,20 @@ class Link:
     def healthy(self) -> bool:
         """False if the link is broken, closed, or the other end has closed any socket.
 
-        Cheap (a zero-timeout poll per socket); a link that passes can still
-        fail at the next transfer, which then raises as usual.
+        Cheap (a non-blocking peek per socket: no select(), which fails for
+        descriptors past FD_SETSIZE); a link that passes can still fail at the
+        next transfer, which then raises as usual.
         """
         if self.broken or self.closed:
             return False
         for s in self._socks:
-            r, _, _ = select.select([s], [], [], 0)
-            if r:
-                try:
-                    if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                        return False
-                except BlockingIOError:
-                    pass
-                except OSError:
+            try:
+                if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
                     return False
+            except BlockingIOError:
+                pass  # nothing to read: open and idle
+            except OSError:
+                return False
         return True
 
     def abort(self) -> None:
