@@ -22,7 +22,13 @@ import time
 
 import torch
 
-from peerlearn.transport.stream import Link, LinkListener, StreamError, connect_link
+from peerlearn.transport.stream import (
+    Link,
+    LinkListener,
+    StreamError,
+    StreamProtocolError,
+    connect_link,
+)
 
 GREETING_OP = (1 << 64) - 1
 GREETING_BYTES = 64  # peer id (ASCII, NUL padded) in [0, 56), channel u64 LE in [56, 64)
@@ -130,13 +136,34 @@ class PeerLinks:
                     raise TimeoutError(f"no healthy link from {peer}")
                 self._cv.wait(min(left, 0.1))
 
-    def drop(self, peer: str) -> None:
-        """Closes every link to and from peer, on all channels."""
+    def recv_into(self, peer: str, out: torch.Tensor, op_id: int, *, channel: int,
+                  timeout: float) -> None:
+        """Receives op_id from peer on channel into out (Link.recv_into semantics).
+
+        A link whose sender failed an earlier op after sending it still looks
+        healthy here (its frames are pending, so no EOF shows) until reading
+        meets those stale frames and breaks it; the sender has meanwhile
+        connected afresh, so the receive moves to that link. Raises what
+        Link.recv_into raises, or TimeoutError, at the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            link = self.incoming(peer, timeout=left, channel=channel)
+            try:
+                link.recv_into(out, op_id, timeout=left)
+                return
+            except StreamProtocolError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def abort(self, peer: str, channel: int) -> None:
+        """Fails whatever is in flight to or from peer on channel, at both ends."""
         with self._cv:
-            keys = [k for k in (*self._out, *self._in) if k[0] == peer]
-            links = [d.pop(k) for k in keys for d in (self._out, self._in) if k in d]
+            links = [d.get((peer, channel)) for d in (self._out, self._in)]
         for link in links:
-            link.close()
+            if link is not None:
+                link.abort()
 
     def close(self) -> None:
         self._closed = True

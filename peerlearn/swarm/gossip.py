@@ -30,12 +30,7 @@ import torch
 
 from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, PeerLinks
 from peerlearn.swarm.errors import GossipFailed
-from peerlearn.transport.stream import (
-    DEFAULT_CHUNK_ELEMS,
-    Link,
-    StreamError,
-    StreamProtocolError,
-)
+from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, StreamError
 from peerlearn.wire import codecs
 
 GOSSIP_OP = 1 << 61  # | round: gossip frames never share an op id with a round's
@@ -75,7 +70,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
 
     Sends to every other member and receives from each at the same time (the
     sends on helper threads). Raises GossipFailed on any failure, after
-    aborting the links it used so the partners fail fast too.
+    aborting the group's gossip links so the partners fail fast too.
     """
     if not 0 <= round_ <= MAX_ROUND:
         raise ValueError("gossip round out of range")
@@ -90,13 +85,11 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     mine = tensor if codec is None else codecs.decode(
         codecs.encode(tensor, codec, block_size=block_size))
     values = {me: mine}
-    used: list[Link] = []
     errors: list[BaseException] = []
 
     def send(peer: str) -> None:
         try:
             link = links.outgoing(peer, addresses[peer], timeout=timeout, channel=CHANNEL_GOSSIP)
-            used.append(link)
             link.send(tensor, op, codec=codec, block_size=block_size, timeout=timeout)
         except (StreamError, TimeoutError, OSError, KeyError) as e:
             errors.append(e)
@@ -108,24 +101,13 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     try:
         for peer in others:
             values[peer] = torch.empty_like(tensor)
-            while True:
-                left = max(0.1, deadline - time.monotonic())
-                link = links.incoming(peer, timeout=left, channel=CHANNEL_GOSSIP)
-                used.append(link)
-                try:
-                    link.recv_into(values[peer], op, timeout=left)
-                    break
-                except StreamProtocolError:
-                    # Frames left by an exchange that failed at our partner's
-                    # end after it had sent: that link is broken now, and the
-                    # partner has connected afresh for this round. Retry on it.
-                    if time.monotonic() >= deadline:
-                        raise
+            links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
+                            timeout=max(0.1, deadline - time.monotonic()))
     except (StreamError, TimeoutError, OSError) as e:
         errors.append(e)
     if errors:
-        for link in used:
-            link.abort()
+        for peer in others:
+            links.abort(peer, CHANNEL_GOSSIP)
     for t in senders:
         t.join()
     if errors:

@@ -456,12 +456,11 @@ class PeerDaemon:
             tensors = list(state.tensors.values())
 
             def pull(part: int, donor: str) -> None:
-                link = self.links.incoming(donor, timeout=self.cfg.step_timeout,
-                                           channel=CHANNEL_STATE)
                 for i, t in enumerate(tensors):
                     if i % len(donors) == part and t.numel():
-                        link.recv_into(t.view(-1).view(torch.uint8), SYNC_OP + i,
-                                       timeout=self.cfg.step_timeout)
+                        self.links.recv_into(donor, t.view(-1).view(torch.uint8), SYNC_OP + i,
+                                             channel=CHANNEL_STATE,
+                                             timeout=self.cfg.step_timeout)
 
             await asyncio.gather(*[self.loop.run_in_executor(None, pull, i, d)
                                    for i, d in enumerate(donors)])
