@@ -171,7 +171,7 @@ class Sim:
                 # zero update (as prime does), rather than chase the swarm.
                 self._ready(p)
                 return
-        p.core.sync_requested = None  # donor moved on: the parity check will ask again
+        p.core.sync_failed()  # donor moved on: the parity check will ask again
 
     # ------------------------------------------------------------ checks
 

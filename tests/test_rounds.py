@@ -268,3 +268,23 @@ def test_decision_missed_while_the_old_coordinator_seemed_alive_is_learned_later
     assert all(sim.peers[p].step >= s + 5 for p, s in stuck_at.items())
     assert sim.peers["p03"].core.aborted >= rid
     assert sim.parity_violations() == []
+
+
+def test_a_member_speaking_in_anothers_name_is_rejected():
+    from peerlearn.wire import control as m
+
+    me = m.PeerInfo("a", "a:1", "a:2")
+    core = r.RoundCore(me, founder=True)
+    forged = m.PeerInfo("c", "c:1", "c:2")
+    for msg in (m.Heartbeat(0, 0, 5, b"\x05" * 8, True, forged), m.Join(forged),
+                m.Ready(5, b"\x05" * 8, forged)):
+        assert core.receive(1.0, "b", msg) == []
+    assert core.rejected == 3
+    assert "c" not in core.known and "c" not in core.readies and "c" not in core.beats
+
+
+def test_timeouts_scaled_to_a_dead_after():
+    t = r.Timeouts.for_dead_after(10.0)
+    assert t.dead_after == 10.0 and t.gather >= t.dead_after and t.heartbeat_every * 3 <= 10.0
+    fast = r.Timeouts.for_dead_after(1.0)
+    assert fast.heartbeat_every == 0.25 and fast.gather == 2.0

@@ -73,8 +73,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist,
-                     timeouts=Timeouts(heartbeat_every=min(0.5, dead_after / 4),
-                                       dead_after=dead_after, gather=max(2.0, dead_after)))
+                     timeouts=Timeouts.for_dead_after(dead_after))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

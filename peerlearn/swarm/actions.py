@@ -22,6 +22,13 @@ class Timeouts:
     collective: float = 300.0  # Commit -> every Done
     rejoin_grace: float = 10.0  # a founder resuming from a checkpoint waits this long for peers
 
+    @classmethod
+    def for_dead_after(cls, dead_after: float) -> Timeouts:
+        """Timeouts scaled to one eviction bound: a few heartbeats per bound,
+        and stragglers waited for no less than a peer takes to be evicted."""
+        return cls(heartbeat_every=min(0.5, dead_after / 4), dead_after=dead_after,
+                   gather=max(2.0, dead_after))
+
 
 @dataclass(frozen=True)
 class Send:

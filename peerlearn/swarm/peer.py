@@ -272,11 +272,9 @@ class PeerDaemon:
             elif isinstance(a, r.SyncNeeded):
                 if self.state is not None:
                     self.parity_mismatches += 1  # we hold a state, and it is not the swarm's
-                if not self.syncing and a.donors:
+                if not self.syncing:  # else the running sync ends with synced or failed
                     self.syncing = True
                     asyncio.ensure_future(self._sync(a))
-                elif not a.donors:
-                    self.core.sync_requested = None
             elif isinstance(a, r.ViewChanged):
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
@@ -476,7 +474,7 @@ class PeerDaemon:
         except Exception as e:  # noqa: BLE001 - any failure means: ask again later
             self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)
-            self.core.sync_requested = None
+            self.core.sync_failed()
         finally:
             self.syncing = False
             self._offers = {}

@@ -142,6 +142,11 @@ class RoundCore:
         self.step, self.state_hash, self.synced = step, state_hash, True
         self.sync_requested = None
 
+    def sync_failed(self) -> None:
+        """The driver could not fetch or verify the state it was told to: the
+        parity check asks again (perhaps for a newer state) at the next tick."""
+        self.sync_requested = None
+
     def result_applied(self, step: int, state_hash: bytes) -> None:
         """After ApplyResult: the driver's new state and its hash."""
         self.step, self.state_hash = step, state_hash
@@ -169,6 +174,10 @@ class RoundCore:
         handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
         if handler is None:  # a message for the daemon, not for the round logic
             self.rejected += 1
+            return []
+        peer = getattr(msg, "peer", None)  # Heartbeat, Join, Ready describe their sender
+        if peer is not None and peer.id != sender:
+            self.rejected += 1  # a member speaking in another's name
             return []
         return handler(now, sender, msg)
 
@@ -236,9 +245,6 @@ class RoundCore:
     # ---------------------------------------------------------- handlers
 
     def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
-        if msg.peer.id != sender:
-            self.rejected += 1
-            return []
         self.known.setdefault(sender, msg.peer)
         self.beats[sender] = msg
         if msg.epoch > self.epoch and self.members and self.observed is None and \
@@ -251,9 +257,6 @@ class RoundCore:
         return []
 
     def _on_join(self, now, sender, msg: m.Join) -> list:
-        if msg.peer.id != sender:
-            self.rejected += 1
-            return []
         self.known[sender] = msg.peer
         return [Send(sender, m.Welcome(self.epoch, self.step, tuple(self.members.values())))]
 
@@ -285,9 +288,6 @@ class RoundCore:
         return []
 
     def _on_ready(self, now, sender, msg: m.Ready) -> list:
-        if msg.peer.id != sender:
-            self.rejected += 1
-            return []
         self.known.setdefault(sender, msg.peer)
         self.readies[sender] = msg
         if self.first_ready_at is None:
