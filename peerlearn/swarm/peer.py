@@ -235,10 +235,6 @@ class PeerDaemon:
         elif isinstance(msg, m.StatusRequest):
             self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
-            if isinstance(msg, m.Join) and msg.peer.id == sender and self.data_key is not None \
-                    and not self.cfg.secret:
-                # The sender is allowlisted (the control plane admitted it).
-                self.plane.send(msg.peer.control, m.DataKey(self.data_key))
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
 
     # ------------------------------------------------------------ actions
@@ -251,6 +247,10 @@ class PeerDaemon:
                 peer = self.core.known.get(a.to)
                 if peer is not None:
                     self.plane.send(peer.control, a.msg)
+                    if isinstance(a.msg, m.Welcome) and not self.cfg.secret and self.data_key:
+                        # The core let it in, and the control plane admitted it
+                        # by the allowlist: it gets the data key with the view.
+                        self.plane.send(peer.control, m.DataKey(self.data_key))
             elif isinstance(a, r.StartCollective):
                 self.busy = True
                 started = time.monotonic()
