@@ -57,6 +57,15 @@ def test_partition_minority_stalls_majority_advances_then_all_converge(tmp_path)
             raise AssertionError(f"timed out waiting for {what}")
 
         wait(lambda: all("5 members" in log.read_text() for log in logs), 90, "5 members")
+        # `peerlearn status` from another host: the answer must come back to an
+        # address that host can be reached at, not to the target's own loopback.
+        q = wan.popen(1, [sys.executable, "-m", "peerlearn.cli.app", "status", founder, "--json"],
+                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = q.communicate(timeout=60)
+        assert q.returncode == 0, err
+        rows = json.loads(out)
+        assert len(rows) == 5 and {r["control"] for r in rows} == \
+            {f"{h.addr}:7400" for h in wan.hosts}
         minority, majority = [0, 1], [2, 3, 4]
         wan.partition(minority, majority)
         cut = {i: len(applied(logs[i])) for i in range(5)}

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -115,22 +116,37 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
             stop_metrics()
 
 
+def local_address_towards(host: str, port: int) -> str:
+    """The address of this machine that the route to host:port leaves from:
+    what a peer there can reach us at. (A UDP connect sends nothing.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]
+
+
 def query_status(target: str, secret: bytes, timeout: float = 5.0) -> list[dict]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from peerlearn.state.identity import Identity
     from peerlearn.transport.control import ControlPlane
     from peerlearn.wire import control as m
 
+    host, port = split_addr(target)
+    # The answer comes to reply_to: it must be an address the target can reach.
+    here = local_address_towards(host, port)
+
     async def ask() -> list[dict]:
-        with tempfile.TemporaryDirectory() as d:
-            plane = ControlPlane(Identity.load_or_create(d), "127.0.0.1", 0, secret=secret)
-            try:
-                plane.send(target, m.StatusRequest(f"127.0.0.1:{plane.port}"))
-                while True:
-                    _, msg = await asyncio.wait_for(plane.recv(), timeout)
-                    if isinstance(msg, m.StatusReply):
-                        break
-            finally:
-                plane.close()
+        # A throwaway identity: secret swarms admit anyone holding the secret.
+        plane = ControlPlane(Identity(Ed25519PrivateKey.generate()), here, 0, secret=secret)
+        try:
+            plane.send(target, m.StatusRequest(f"{here}:{plane.port}"))
+            while True:
+                _, msg = await asyncio.wait_for(plane.recv(), timeout)
+                if isinstance(msg, m.StatusReply):
+                    break
+        finally:
+            plane.close()
         keys = ("id", "control", "data", "role", "step", "state_hash", "alive")
         return [dict(zip(keys, (*row[:5], row[5].hex(), row[6]))) for row in msg.peers]
 
