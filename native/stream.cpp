@@ -103,7 +103,7 @@ double monotonic_s() {
 // ---------------------------------------------------------------- Op
 
 Op::Op(std::vector<int> fds, double timeout_s) : fds_(std::move(fds)) {
-  if (fds_.empty()) throw StreamError(ErrorKind::IO, "an op needs at least one connection");
+  if (fds_.empty()) throw StreamError(ErrorKind::INPUT, "an op needs at least one connection");
   if (timeout_s > 0) deadline_ = monotonic_s() + timeout_s;
   conn_chunks_.reset(new std::atomic<uint32_t>[fds_.size()]);
   for (size_t i = 0; i < fds_.size(); ++i) conn_chunks_[i] = 0;
@@ -241,19 +241,20 @@ void Op::recv_all(int fd, uint8_t* dst, size_t len) {
 
 SendOp::SendOp(std::vector<int> fds, Buffer src, SendOptions opt)
     : Op(std::move(fds), opt.timeout_s), src_(src), opt_(opt) {
+  // Checks of the caller's own arguments: INPUT, never PROTOCOL (that blames the peer).
   if (opt_.chunk_elems == 0 || opt_.chunk_elems > kMaxChunkElems)
-    throw StreamError(ErrorKind::PROTOCOL, "chunk_elems out of range");
+    throw StreamError(ErrorKind::INPUT, "chunk_elems out of range");
   if (opt_.packed && src_.dtype == plcodec::DType::U8)
-    throw StreamError(ErrorKind::PROTOCOL, "bytes are sent raw, not through a codec");
+    throw StreamError(ErrorKind::INPUT, "bytes are sent raw, not through a codec");
   if (opt_.packed && plcodec::codec_uses_blocks(opt_.codec.codec) &&
       opt_.chunk_elems % opt_.codec.block_size != 0)
-    throw StreamError(ErrorKind::PROTOCOL, "chunk_elems must be a multiple of the codec block");
+    throw StreamError(ErrorKind::INPUT, "chunk_elems must be a multiple of the codec block");
   uint64_t max_payload = opt_.packed ? plcodec::packed_bytes(opt_.codec.codec, src_.dtype,
                                                              opt_.chunk_elems,
                                                              opt_.codec.block_size)
                                      : opt_.chunk_elems * elem_size(src_.dtype);
   if (max_payload > kMaxPayloadBytes)
-    throw StreamError(ErrorKind::PROTOCOL, "a chunk would exceed the frame payload limit");
+    throw StreamError(ErrorKind::INPUT, "a chunk would exceed the frame payload limit");
   n_chunks_ = chunk_count(src_.numel, opt_.chunk_elems);
   start(static_cast<void (Op::*)(size_t)>(&SendOp::conn_body));
 }
@@ -326,7 +327,7 @@ void SendOp::conn_body(size_t conn) {
 RecvOp::RecvOp(std::vector<int> fds, Buffer dst, RecvOptions opt)
     : Op(std::move(fds), opt.timeout_s), dst_(dst), opt_(opt) {
   if (opt_.mode == RecvMode::ACCUMULATE && dst_.dtype != plcodec::DType::F32)
-    throw StreamError(ErrorKind::PROTOCOL, "accumulating needs a float32 destination");
+    throw StreamError(ErrorKind::INPUT, "accumulating needs a float32 destination");
   start(static_cast<void (Op::*)(size_t)>(&RecvOp::conn_body));
 }
 

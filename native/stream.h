@@ -42,7 +42,8 @@ constexpr uint64_t kMaxChunkElems = 1ull << 24;
 constexpr uint32_t kMaxPayloadBytes = 1u << 27;  // 128 MiB
 
 // CODEC: a received chunk failed to decode (the peer's fault, like PROTOCOL);
-// INPUT: our own tensor could not be encoded (e.g. it holds NaN or Inf).
+// INPUT: our own side is at fault: a tensor that cannot be encoded (NaN, Inf)
+// or arguments out of range. Raised as StreamInputError, a ValueError.
 enum class ErrorKind { NONE, IO, PROTOCOL, TIMEOUT, CANCELLED, CODEC, INPUT };
 
 struct StreamError : std::runtime_error {

@@ -419,3 +419,20 @@ def test_healthy_works_for_descriptors_past_fd_setsize():
         a.close()
         b.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_bad_arguments_of_our_own_are_input_errors_not_the_peers_fault(pair):
+    from peerlearn.transport.stream import StreamInputError
+
+    with pytest.raises(StreamInputError, match="chunk_elems"):
+        _native.start_send(pair.client._fds, torch.ones(10), 1, 0)
+    with pytest.raises(StreamInputError, match="float32"):
+        _native.start_recv(pair.server._fds, torch.ones(10, dtype=torch.float16), 1, True, 0.0)
+    with pytest.raises(StreamInputError, match="connection"):
+        _native.start_recv([], torch.ones(10), 1, False, 0.0)
+    # The link is still usable: nothing was sent or read.
+    y = torch.empty(10)
+    r = in_thread(pair.server.recv_into, y, op_id=2)
+    pair.client.send(torch.arange(10.0), op_id=2)
+    r.result()
+    assert torch.equal(y, torch.arange(10.0))
