@@ -250,3 +250,33 @@ def test_hung_peer_times_out_instead_of_hanging(swarm):
         assert r[3]
         assert r[2] < TIMEOUT + 3.0, f"abort took {r[2]:.1f} s"
     assert elapsed < 5.0
+
+
+def test_ring_refuses_a_link_from_another_ring():
+    """The predecessor names its ring and rank in the data-plane greeting; a
+    link from an earlier ring (another tag) is refused, not wired in."""
+    import threading
+
+    from peerlearn.swarm.ring import RingError, connect_ring
+    from peerlearn.transport.stream import LinkListener
+
+    listeners = [LinkListener("127.0.0.1", 0, SECRET) for _ in range(2)]
+    addrs = [lst.address for lst in listeners]
+    errors: dict[int, BaseException] = {}
+
+    def rank(r: int, tag: int) -> None:
+        try:
+            connect_ring(r, addrs, listeners[r], SECRET, ring_tag=tag, n_conns=1,
+                         timeout=10).close()
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors[r] = e
+
+    ts = [threading.Thread(target=rank, args=(0, 7)), threading.Thread(target=rank, args=(1, 8))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for lst in listeners:
+        lst.close()
+    assert isinstance(errors.get(0), RingError) and "ring:0000000000000008" in str(errors[0])
+    assert isinstance(errors.get(1), RingError)

@@ -40,6 +40,34 @@ CHANNEL_STATE = 1 << 12  # state transfer to a syncing peer
 CHANNEL_GOSSIP = 1 << 13  # gossip exchanges, outside rounds
 
 
+def send_greeting(link: Link, name: str, channel: int, timeout: float) -> None:
+    """The first op on a new link: who connected (printable ASCII, at most 56
+    bytes) and for which channel. Raises StreamError; the caller closes the link."""
+    raw = name.encode("ascii")
+    if not raw or len(raw) > ID_BYTES or not name.isprintable():
+        raise ValueError(f"greeting name {name!r} is not 1..{ID_BYTES} printable ASCII bytes")
+    if not 0 <= channel < MAX_CHANNEL:
+        raise ValueError(f"channel {channel} out of range")
+    greet = raw.ljust(ID_BYTES, b"\0") + channel.to_bytes(8, "little")
+    link.send(torch.frombuffer(bytearray(greet), dtype=torch.uint8), GREETING_OP, timeout=timeout)
+
+
+def read_greeting(link: Link, timeout: float) -> tuple[str, int]:
+    """(name, channel) from a new link's greeting. Raises StreamError, or
+    ValueError for a malformed one."""
+    greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
+    link.recv_into(greet, GREETING_OP, timeout=timeout)
+    raw = bytes(greet.numpy())
+    try:
+        name = raw[:ID_BYTES].rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("greeting name is not ASCII") from None
+    channel = int.from_bytes(raw[ID_BYTES:], "little")
+    if not name or not name.isprintable() or channel >= MAX_CHANNEL:
+        raise ValueError("bad greeting")
+    return name, channel
+
+
 class PeerLinks:
     def __init__(self, my_id: str, host: str, port: int, secret: bytes, n_conns: int = 4):
         self.my_id = my_id
@@ -73,15 +101,9 @@ class PeerLinks:
             threading.Thread(target=self._greet, args=(link,), daemon=True).start()
 
     def _greet(self, link: Link) -> None:
-        greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
         try:
-            link.recv_into(greet, GREETING_OP, timeout=5)
-            raw = bytes(greet.numpy())
-            peer = raw[:ID_BYTES].rstrip(b"\0").decode("ascii")
-            channel = int.from_bytes(raw[ID_BYTES:], "little")
-            if not peer or not peer.isprintable() or channel >= MAX_CHANNEL:
-                raise ValueError("bad greeting")
-        except (StreamError, ValueError, UnicodeDecodeError):
+            peer, channel = read_greeting(link, timeout=5)
+        except (StreamError, ValueError):
             with self._cv:
                 self.bad_greetings += 1
             link.close()
@@ -109,13 +131,8 @@ class PeerLinks:
             link.close()
         host, port = address.rsplit(":", 1)
         link = connect_link(host, int(port), self.secret, self.n_conns, timeout=timeout)
-        greet = torch.zeros(GREETING_BYTES, dtype=torch.uint8)
-        name = self.my_id.encode("ascii")[:ID_BYTES]
-        greet[: len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
-        greet[ID_BYTES:] = torch.frombuffer(bytearray(channel.to_bytes(8, "little")),
-                                            dtype=torch.uint8)
         try:
-            link.send(greet, GREETING_OP, timeout=timeout)
+            send_greeting(link, self.my_id, channel, timeout)
         except StreamError:
             link.close()
             raise

@@ -3,20 +3,18 @@
 Each peer listens with a `LinkListener`, connects to its successor and accepts
 from its predecessor, both at once (with two peers, each is the other's
 successor and predecessor, so each opens one link and accepts one). Then every
-link carries a 16-byte greeting from its connecting side, the ring tag and
-the sender's rank, so a link from a stranger holding the secret, or from an
-earlier ring, is refused rather than wired in.
+link carries the data-plane greeting (swarm.datalinks) from its connecting
+side, naming the ring tag and the sender's rank, so a link from a stranger
+holding the secret, or from an earlier ring, is refused rather than wired in.
 """
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 from dataclasses import dataclass
 
-import torch
-
+from peerlearn.swarm.datalinks import read_greeting, send_greeting
 from peerlearn.transport.stream import (
     DEFAULT_CONNS,
     Link,
@@ -24,11 +22,6 @@ from peerlearn.transport.stream import (
     SocketOptions,
     connect_link,
 )
-
-# The greeting is op 0 on a fresh link; all-reduce op ids of tag 0 step 0 are
-# also 0, but a fresh link has carried nothing yet and the greeting is first.
-_GREETING_OP = 0
-
 
 class RingError(RuntimeError):
     """The ring could not be wired (a neighbour is missing or is not who it should be)."""
@@ -49,8 +42,8 @@ class RingLinks:
                 link.close()
 
 
-def _greeting(ring_tag: int, rank: int) -> torch.Tensor:
-    return torch.frombuffer(bytearray(struct.pack("<QQ", ring_tag, rank)), dtype=torch.uint8)
+def _ring_name(ring_tag: int) -> str:
+    return f"ring:{ring_tag:016x}"
 
 
 def connect_ring(
@@ -86,7 +79,7 @@ def connect_ring(
             try:
                 out["send"] = link = connect_link(succ[0], succ[1], secret, n_conns,
                                                   options=options, timeout=5.0)
-                link.send(_greeting(ring_tag, rank), _GREETING_OP, timeout=timeout)
+                send_greeting(link, _ring_name(ring_tag), rank, timeout)
                 return
             except ConnectionRefusedError as e:
                 if time.monotonic() > deadline:
@@ -101,12 +94,10 @@ def connect_ring(
     dialer.start()
     try:
         link = out["recv"] = listener.accept_link(timeout=max(0.0, deadline - time.monotonic()))
-        got = torch.empty(16, dtype=torch.uint8)
-        link.recv_into(got, _GREETING_OP, timeout=max(0.1, deadline - time.monotonic()))
-        tag, who = struct.unpack("<QQ", got.numpy().tobytes())
-        if (tag, who) != (ring_tag, (rank - 1) % world):
-            raise RingError(f"rank {rank}: link from rank {who} of ring {tag:#x}, expected rank "
-                            f"{(rank - 1) % world} of ring {ring_tag:#x}")
+        name, who = read_greeting(link, timeout=max(0.1, deadline - time.monotonic()))
+        if (name, who) != (_ring_name(ring_tag), (rank - 1) % world):
+            raise RingError(f"rank {rank}: link from rank {who} of {name}, expected rank "
+                            f"{(rank - 1) % world} of {_ring_name(ring_tag)}")
     except BaseException as e:  # noqa: BLE001
         errors.append(e)
     finally:
