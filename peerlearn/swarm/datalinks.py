@@ -35,7 +35,7 @@ GREETING_BYTES = 64  # peer id (ASCII, NUL padded) in [0, 56), channel u64 LE in
 ID_BYTES = 56
 MAX_CHANNEL = 1 << 16
 
-CHANNEL_ROUND = 0  # the all-reduce of a round (and its fragments: CHANNEL_ROUND + k)
+CHANNEL_ROUND = 0  # the all-reduce of a round
 CHANNEL_STATE = 1 << 12  # state transfer to a syncing peer
 CHANNEL_GOSSIP = 1 << 13  # gossip exchanges, outside rounds
 

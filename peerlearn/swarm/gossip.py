@@ -33,7 +33,9 @@ from peerlearn.swarm.errors import GossipFailed
 from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, StreamError
 from peerlearn.wire import codecs
 
-GOSSIP_OP = 1 << 61  # | round: gossip frames never share an op id with a round's
+# | round. Unique among gossip ops; round ops may reach this range (op_id of a
+# tag >= 2^45), which is harmless: gossip has its own channel, so its own links.
+GOSSIP_OP = 1 << 61
 MAX_ROUND = (1 << 48) - 1
 
 
