@@ -413,8 +413,10 @@ class PeerDaemon:
                 self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash))
             return
         manifest = st.manifest()
-        # A snapshot: the loop may apply the next round while the bytes are on the wire.
-        snap = [st.tensors[e.name].clone() for e in manifest]
+        # A snapshot of this donor's share only (tensor i goes out from donor
+        # i % parts): the loop may apply the next round while it is on the wire.
+        snap = {i: st.tensors[e.name].clone() for i, e in enumerate(manifest)
+                if i % req.parts == req.part}
         self.plane.send(peer.control, m.StateOffer(
             st.step, st.state_hash(manifest), req.part, req.parts,
             tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)))
@@ -422,8 +424,8 @@ class PeerDaemon:
         def push():
             link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout,
                                        channel=CHANNEL_STATE)
-            for i, t in enumerate(snap):
-                if i % req.parts == req.part and t.numel():
+            for i, t in snap.items():
+                if t.numel():
                     link.send(t.view(-1).view(torch.uint8), SYNC_OP + i,
                               timeout=self.cfg.step_timeout)
 
