@@ -50,3 +50,14 @@ def test_allowlist_file_is_parsed_strictly(tmp_path):
         bad.write_text(text)
         with pytest.raises(SystemExit):
             read_allowlist(str(bad))
+
+
+def test_bench_allreduce_times_each_codec_and_gloo_in_one_run():
+    r = peerlearn("bench", "allreduce", "--peers", "2", "--numel", "100000", "--codec",
+                  "none,int8", "--repeat", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["ours"]) == {"none", "int8"}
+    assert all(v["seconds"] > 0 and len(v["all_runs_s"]) == 1 for v in out["ours"].values())
+    assert out["gloo"]["seconds"] > 0
+    assert set(out["speedup_vs_gloo"]) == {"none", "int8"} and set(out["codec_speedup"]) == {"int8"}

@@ -76,13 +76,18 @@ def bench_stream(
 def bench_allreduce(
     peers: int = typer.Option(4, help="Peers, each its own process (and host under --wan)."),
     numel: int = typer.Option(100_000_000, help="Elements of the fp32 tensor."),
-    codec: str = typer.Option("none", help="Wire codec: none or int8."),
+    codec: str = typer.Option(
+        "none", help="Wire codecs, comma-separated (e.g. none,int8): each timed in the same run."
+    ),
     wan: Optional[str] = typer.Option(
         None, help="RTT_MS,MBIT: run over the emulated wide-area path (needs root)."
     ),
     repeat: int = typer.Option(3, help="Timed runs after one warm-up; the best is reported."),
     conns: Optional[int] = typer.Option(
         None, help="Connections per link (default: 2 on loopback, 8 over --wan)."
+    ),
+    piece_elems: int = typer.Option(
+        1 << 22, help="Elements per pipelined piece of a ring segment (1 = one piece per step)."
     ),
     gloo: bool = typer.Option(True, "--gloo/--no-gloo", help="Also time torch.distributed gloo."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
@@ -94,8 +99,8 @@ def bench_allreduce(
     if wan:
         rtt, rate = wan.split(",")
         wan_spec = (float(rtt), float(rate))
-    _emit(allreduce.run(peers=peers, numel=numel, codec=codec, wan=wan_spec, repeat=repeat,
-                        conns=conns, gloo=gloo), as_json)
+    _emit(allreduce.run(peers=peers, numel=numel, codecs=tuple(codec.split(",")), wan=wan_spec,
+                        repeat=repeat, conns=conns, piece_elems=piece_elems, gloo=gloo), as_json)
 
 
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.

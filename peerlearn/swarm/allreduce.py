@@ -14,9 +14,14 @@ classic two phases run, 2(N-1) steps in all:
         send   seg[(r + 1 - s) % N]  to the successor      (final, unchanged)
         recv   seg[(r - s) % N]      from the predecessor, overwrite
 
-In every step the send and the receive run at the same time (the receive on a
-helper thread; the native transfers release the GIL), so each link carries
-traffic in both phases without waiting on the other direction.
+Pipelined by pieces: every segment is cut into the same P pieces, and each
+(step, piece) is one transfer with its own op id. The receive side (a helper
+thread) takes them in order; the send side starts piece p of step g as soon
+as piece p of step g-1 has arrived, while later pieces of step g-1 are still
+in flight. So no link idles at a step boundary waiting for the slowest
+connection and the one-way delay (with 100 ms round trips that bubble, six
+times per all-reduce of four peers, cost more than the codec saved). The
+native transfers release the GIL, so both directions run at once.
 
 Invariants:
   * Out of place: the input is only read; the result is a new tensor.
@@ -49,9 +54,10 @@ from peerlearn.wire import codecs
 
 MAX_CHUNK_ELEMS = int(_native.MAX_CHUNK_ELEMS)
 
-# op_id = op_tag << STEP_BITS | step. Steps need 2(N-1) < 2^16 values, tags
-# get the other 48 bits; the map is injective, so two all-reduces with
-# different tags (or two steps of one) never share an op id on a link.
+# op_id = op_tag << STEP_BITS | step * P + piece. The 2(N-1)P transfers of
+# one all-reduce need < 2^16 values, tags get the other 48 bits; the map is
+# injective, so two all-reduces with different tags (or two transfers of one)
+# never share an op id on a link.
 STEP_BITS = 16
 MAX_OP_TAG = (1 << (64 - STEP_BITS)) - 1
 MAX_WORLD = (1 << (STEP_BITS - 1))  # 2(N-1) steps must fit in STEP_BITS
@@ -59,6 +65,13 @@ MAX_WORLD = (1 << (STEP_BITS - 1))  # 2(N-1) steps must fit in STEP_BITS
 # Segment boundaries are multiples of this (and of the codec block), so a
 # codec's blocks never straddle two owners and raw copies stay cache aligned.
 SEGMENT_ALIGN = 64
+
+# Segments are cut into pieces of at most this many elements, moved one op
+# each, so the next step can start on a piece while the rest of the step is
+# still in flight (see the module docstring). 4 Mi elements: large enough
+# that a piece is striped over every connection, small enough that a step of
+# a 100M-element all-reduce is cut in several.
+DEFAULT_PIECE_ELEMS = 1 << 22
 
 
 class AllReduceAborted(RuntimeError):
@@ -111,85 +124,73 @@ class CodecSpec:
     block_size: int = 64
 
 
-class _Codec:
-    """The three codec calls the ring needs."""
-
-    def __init__(self, spec: CodecSpec):
-        self.spec = spec
-
-    def packed_size(self, numel: int) -> int:
-        return codecs.packed_size(numel, self.spec.codec, torch.float32, self.spec.block_size)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return codecs.encode(x, self.spec.codec, block_size=self.spec.block_size)
-
-    def decode_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
-        codecs.decode(packed, out=out)
-
-
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * 4 and b0 < a0 + a.numel() * 4
 
 
-def _shutdown(link: Link) -> None:
-    # Wakes any transfer still running on the link (it fails at once) and
-    # tells the peer at the other end, which then aborts too: one failure
-    # spreads around the ring in milliseconds instead of one timeout per hop.
-    link.abort()
+def piece_count(numel: int, world: int, piece_elems: int) -> int:
+    """How many pieces each segment is cut into (the same at every peer).
+
+    Enough that a piece is at most piece_elems, and few enough that every
+    (step, piece) pair has its own op id.
+    """
+    if piece_elems < 1:
+        raise ValueError("piece_elems must be positive")
+    longest = -(-numel // world)
+    wanted = max(1, -(-longest // piece_elems))
+    return min(wanted, ((1 << STEP_BITS) - 1) // max(1, 2 * (world - 1)))
 
 
-class _Ring:
-    """One all-reduce's place in the ring: its links, its tag, its limits."""
+class _Pipeline:
+    """One all-reduce's place in the ring: its links, its op ids, its progress.
 
-    def __init__(self, rank: int, send_link: Link, recv_link: Link, op_tag: int,
-                 on_step: Callable[[int], None] | None):
+    The receiver (a helper thread) works through (step, piece) in order and
+    publishes how far it got; the sender (the caller's thread) waits only for
+    the piece it needs next. Whichever side fails first records the cause and
+    shuts both links down, so the other side and the neighbours fail at once.
+    """
+
+    def __init__(self, rank: int, send_link: Link, recv_link: Link, op_tag: int, pieces: int):
         self.rank = rank
         self.send_link, self.recv_link = send_link, recv_link
         self.op_tag = op_tag
-        self.on_step = on_step
+        self.pieces = pieces
+        self.received = 0  # (step, piece) pairs finished by the receiver, in order
+        self.errors: list[tuple[str, int, str | None, BaseException]] = []  # first: the cause
+        self.cv = threading.Condition()
 
-    def abort(self, message: str, phase: str, step: int, direction: str | None,
-              cause: BaseException | None) -> AllReduceAborted:
-        _shutdown(self.send_link)
-        _shutdown(self.recv_link)
+    def op(self, step: int, piece: int) -> int:
+        return op_id(self.op_tag, step * self.pieces + piece)
+
+    def fail(self, phase: str, step: int, direction: str | None, cause: BaseException) -> None:
+        with self.cv:
+            self.errors.append((phase, step, direction, cause))
+            self.cv.notify_all()
+        # Wakes any transfer still running on the links (it fails at once) and
+        # tells the peers at the other ends, which then abort too: one failure
+        # spreads around the ring in milliseconds instead of one timeout per hop.
+        self.send_link.abort()
+        self.recv_link.abort()
+
+    def mark_received(self) -> None:
+        with self.cv:
+            self.received += 1
+            self.cv.notify_all()
+
+    def wait_received(self, step: int, piece: int) -> bool:
+        """Blocks until (step, piece) has arrived; False if the all-reduce failed."""
+        index = step * self.pieces + piece
+        with self.cv:
+            self.cv.wait_for(lambda: self.received > index or self.errors)
+            return not self.errors
+
+    def aborted(self) -> AllReduceAborted:
+        phase, step, direction, cause = self.errors[0]
+        where = f"{phase} step {step}" + (f" on the {direction} link" if direction else "")
         return AllReduceAborted(
-            f"rank {self.rank}: {message}", rank=self.rank, phase=phase, step=step,
-            direction=direction, cause=cause)
-
-    def step(self, index: int, phase: str, send: Callable[[int], None],
-             recv: Callable[[int], None]) -> None:
-        """Runs send(op_id) on this thread and recv(op_id) on a helper, both to the end.
-
-        If either fails, both links are shut down (so the other transfer and
-        the neighbours fail fast) and AllReduceAborted names the first failure.
-        """
-        if self.on_step is not None:
-            self.on_step(index)
-        op = op_id(self.op_tag, index)
-        errors: list[tuple[str, BaseException]] = []  # first entry: the root cause
-
-        def guarded(direction: str, fn: Callable[[int], None]) -> None:
-            try:
-                fn(op)
-            except BaseException as e:  # noqa: BLE001 - reported by the owner below
-                errors.append((direction, e))
-                _shutdown(self.send_link)
-                _shutdown(self.recv_link)
-
-        receiver = threading.Thread(target=guarded, args=("recv", recv),
-                                    name=f"allreduce-recv-{index}")
-        receiver.start()
-        try:
-            guarded("send", send)
-        finally:
-            receiver.join()  # never leave a thread writing into our buffers
-        if errors:
-            direction, cause = errors[0]
-            raise self.abort(
-                f"{phase} step {index} failed on the {direction} link: "
-                f"{type(cause).__name__}: {cause}", phase, index, direction, cause,
-            ) from cause
+            f"rank {self.rank}: {where} failed: {type(cause).__name__}: {cause}", rank=self.rank,
+            phase=phase, step=step, direction=direction, cause=cause)
 
 
 def ring_allreduce(
@@ -204,6 +205,7 @@ def ring_allreduce(
     codec: CodecSpec | None = None,
     timeout: float = 60.0,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    piece_elems: int = DEFAULT_PIECE_ELEMS,
     on_step: Callable[[int], None] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -212,9 +214,11 @@ def ring_allreduce(
     tensor: contiguous fp32 on CPU, the same numel at every peer.
     send_link goes to rank (rank+1) % world, recv_link comes from
     (rank-1) % world; both None when world == 1. op_tag (< 2^48) must be the
-    same at every peer and differ between all-reduces sharing links.
-    timeout: seconds any one step (one segment each way) may take.
-    on_step(step) is called before each step (tests inject faults there).
+    same at every peer and differ between all-reduces sharing links, and so
+    must piece_elems (it decides how the op ids are laid out).
+    timeout: seconds any one transfer (one piece of one step) may take.
+    on_step(step) is called as the sender starts each step (tests inject
+    faults there).
     out: an fp32 tensor of the same numel, not overlapping `tensor`, to hold
     the result (reusing one saves a fresh allocation's page faults per call);
     by default a new tensor. On failure its content is unspecified.
@@ -243,79 +247,107 @@ def ring_allreduce(
 
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
     chunk = max(align, chunk_elems // align * align)  # chunks never cut a codec block
-    bounds = segment_bounds(tensor.numel(), world, align)
-    ring = _Ring(rank, send_link, recv_link, op_tag, on_step)
-    cx = None if codec is None else _Codec(codec)
-    wire_codec = None if codec is None else codec.codec
-    block = 64 if codec is None else codec.block_size
+    byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)  # packed frames as large as raw ones
+    n_pieces = piece_count(tensor.numel(), world, piece_elems)
+    seg_bounds = segment_bounds(tensor.numel(), world, align)
+    # piece p of segment i: the same cut at every peer, aligned like segments
+    cuts = [[seg_bounds[i] + b for b in
+             segment_bounds(seg_bounds[i + 1] - seg_bounds[i], n_pieces, align)]
+            for i in range(world)]
+    pipe = _Pipeline(rank, send_link, recv_link, op_tag, n_pieces)
+    n_steps = 2 * (world - 1)
+    own = (rank + 1) % world  # the segment this rank finalises
+    packed: dict[tuple[int, int], torch.Tensor] = {}  # (segment, piece) -> owner's bytes
 
-    def seg(i: int) -> torch.Tensor:
-        i %= world
-        return out[bounds[i]:bounds[i + 1]]
+    def piece(i: int, p: int) -> torch.Tensor:
+        return out[cuts[i][p]:cuts[i][p + 1]]
 
-    # Both ends know every segment's size, so both skip empty ones alike.
-    def send_partial(t: torch.Tensor) -> Callable[[int], None]:
-        def run(op: int) -> None:
-            if t.numel():
-                send_link.send(t, op, codec=wire_codec, block_size=block,
-                               chunk_elems=chunk, timeout=timeout)
-        return run
+    def phase_of(step: int) -> str:
+        return "reduce-scatter" if step < world - 1 else "all-gather"
 
-    def recv_add(t: torch.Tensor) -> Callable[[int], None]:
-        def run(op: int) -> None:
-            if t.numel():
-                recv_link.recv_into(t, op, accumulate=True, timeout=timeout)
-        return run
+    # Which segment moves in global step g, seen from this rank:
+    #   reduce-scatter g = 0..N-2: send (r - g), receive (r - g - 1) and add
+    #   all-gather g = N-1..2N-3:  send (r + 1 - s), receive (r - s), s = g - (N-1)
+    def sent_segment(g: int) -> int:
+        return (rank - g) % world if g < world - 1 else (rank + 1 - (g - world + 1)) % world
 
-    # ---- reduce-scatter: N-1 hops, each adds one more peer's share ----
-    for s in range(world - 1):
-        ring.step(s, "reduce-scatter", send_partial(seg(rank - s)), recv_add(seg(rank - s - 1)))
+    def received_segment(g: int) -> int:
+        return (rank - g - 1) % world if g < world - 1 else (rank - (g - world + 1)) % world
 
-    # ---- finalise the segment this rank now owns (summed over all N) ----
-    own = (rank + 1) % world
-    mine = seg(own)
-    packed: dict[int, torch.Tensor] = {}  # segment -> its owner's packed bytes
-    try:
+    def finalise(p: int) -> None:
+        t = piece(own, p)
         if average:
-            mine.div_(world)
-        if cx is not None and mine.numel():
+            t.div_(world)
+        if codec is not None and t.numel():
             # Quantize once and adopt the dequantized value: the owner must end
             # with exactly what everybody else decodes from these bytes.
-            packed[own] = cx.encode(mine)
-            cx.decode_into(packed[own], mine)
-    except Exception as e:  # e.g. a non-finite sum the codec refuses
-        raise ring.abort(f"finalise failed: {type(e).__name__}: {e}", "finalise",
-                         world - 1, None, e) from e
+            packed[own, p] = codecs.encode(t, codec.codec, block_size=codec.block_size)
+            codecs.decode(packed[own, p], out=t)
 
-    # ---- all-gather: N-1 hops forwarding final values unchanged ----
-    def send_final(i: int) -> Callable[[int], None]:
-        i %= world  # `packed` is keyed by segment index
+    def receive_all() -> None:
+        for g in range(n_steps):
+            i = received_segment(g)
+            for p in range(n_pieces):
+                t = piece(i, p)
+                try:
+                    if not t.numel():  # both ends know every piece's size: both skip it
+                        pass
+                    elif g < world - 1:
+                        recv_link.recv_into(t, pipe.op(g, p), accumulate=True, timeout=timeout)
+                    elif codec is None:
+                        recv_link.recv_into(t, pipe.op(g, p), timeout=timeout)
+                    else:
+                        size = codecs.packed_size(t.numel(), codec.codec, torch.float32,
+                                                  codec.block_size)
+                        packed[i, p] = buf = torch.empty(size, dtype=torch.uint8)
+                        recv_link.recv_into(buf, pipe.op(g, p), timeout=timeout)
+                        # the next step forwards these bytes, not the decoded ones
+                        codecs.decode(buf, out=t)
+                except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
+                    pipe.fail(phase_of(g), g, "recv", e)
+                    return
+                if g == world - 2:
+                    try:
+                        finalise(p)
+                    except Exception as e:  # e.g. a non-finite sum the codec refuses
+                        pipe.fail("finalise", g + 1, None, e)
+                        return
+                pipe.mark_received()
 
-        def run(op: int) -> None:
-            t = seg(i) if cx is None else packed.get(i)
-            if t is not None and t.numel():
-                send_link.send(t, op, chunk_elems=chunk if cx is None else byte_chunk,
-                               timeout=timeout)
-        return run
+    def send(g: int, p: int) -> None:
+        i = sent_segment(g)
+        t = piece(i, p)
+        if not t.numel():
+            return
+        if g < world - 1:
+            send_link.send(t, pipe.op(g, p), codec=None if codec is None else codec.codec,
+                           block_size=64 if codec is None else codec.block_size,
+                           chunk_elems=chunk, timeout=timeout)
+        elif codec is None:
+            send_link.send(t, pipe.op(g, p), chunk_elems=chunk, timeout=timeout)
+        else:
+            send_link.send(packed[i, p], pipe.op(g, p), chunk_elems=byte_chunk, timeout=timeout)
 
-    def recv_final(i: int) -> Callable[[int], None]:
-        i %= world
-        t = seg(i)
-
-        def run(op: int) -> None:
-            if not t.numel():
-                return
-            if cx is None:
-                recv_link.recv_into(t, op, timeout=timeout)  # straight into the result
-                return
-            packed[i] = buf = torch.empty(cx.packed_size(t.numel()), dtype=torch.uint8)
-            recv_link.recv_into(buf, op, timeout=timeout)
-            # Decoding here overlaps the send still running on the other
-            # thread; the next step forwards these bytes, not the decoded ones.
-            cx.decode_into(buf, t)
-        return run
-
-    byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)  # packed frames as large as raw ones
-    for s in range(world - 1):
-        ring.step(world - 1 + s, "all-gather", send_final(rank + 1 - s), recv_final(rank - s))
+    receiver = threading.Thread(target=receive_all, name=f"allreduce-recv-{op_tag}")
+    receiver.start()
+    try:
+        for g in range(n_steps):
+            for p in range(n_pieces):
+                # step g forwards what step g-1 brought in (or its finalised sum)
+                if g and not pipe.wait_received(g - 1, p):
+                    break
+                if p == 0 and on_step is not None:
+                    on_step(g)
+                try:
+                    send(g, p)
+                except BaseException as e:  # noqa: BLE001 - re-raised below as AllReduceAborted
+                    pipe.fail(phase_of(g), g, "send", e)
+                    break
+            if pipe.errors:
+                break
+    finally:
+        receiver.join()  # never leave a thread writing into our buffers
+    if pipe.errors:
+        err = pipe.aborted()
+        raise err from err.cause
     return out.view_as(tensor)
