@@ -50,7 +50,7 @@ def _peer(cmd_q, res_q) -> None:
             ring = connect_ring(rank, addrs, listener, SECRET, ring_tag=tag, n_conns=2)
             res_q.put(("ring", rank))
             continue
-        _, seeds, numel, average, tag, fault, timeout, codec = cmd
+        _, seeds, numel, average, tag, fault, timeout, codec, shape = cmd
         x = _input(seeds[ring.rank], numel)
         before = x.clone()
 
@@ -71,7 +71,7 @@ def _peer(cmd_q, res_q) -> None:
         try:
             y = ring_allreduce(x, rank=ring.rank, world=ring.world, send_link=ring.send,
                                recv_link=ring.recv, op_tag=tag, average=average,
-                               timeout=timeout, on_step=on_step,
+                               timeout=timeout, on_step=on_step, **shape,
                                codec=None if codec is None else CodecSpec(codec, 64))
         except AllReduceAborted as e:
             res_q.put(("aborted", ring.rank, time.monotonic() - t0, torch.equal(x, before),
@@ -116,13 +116,14 @@ class Swarm:
         self.members = members
 
     def allreduce(self, numel, *, average=True, tag=1, faults=None, timeout=30.0,
-                  expect=None, seeds=None, codec=None):
-        """Runs one all-reduce on the current ring; returns {rank: report}."""
+                  expect=None, seeds=None, codec=None, **shape):
+        """Runs one all-reduce on the current ring; returns {rank: report}.
+        shape: lanes= and piece_elems= for ring_allreduce."""
         faults = faults or {}
         seeds = seeds if seeds is not None else [100 + i for i in self.members]
         for rank, i in enumerate(self.members):
             self.cmd_qs[i].put(("allreduce", seeds, numel, average, tag, faults.get(rank),
-                                timeout, codec))
+                                timeout, codec, shape))
         out = {}
         for _ in range(expect if expect is not None else len(self.members)):
             msg = self._get(60)
@@ -142,10 +143,10 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm():
-    # Six processes shared by the whole file (starting torch dominates its
+    # Seven processes shared by the whole file (starting torch dominates its
     # run time). Each fault test kills its own victim and wires only live
     # peers, so the tests do not depend on their order.
-    s = Swarm(6)
+    s = Swarm(7)
     try:
         yield s
     finally:
@@ -193,6 +194,20 @@ def test_four_peers_sum_and_mean_awkward_sizes(swarm):
     _assert_identical_and_exact(swarm.allreduce(1000, tag=tag + 1), 0.0)
 
 
+@pytest.mark.parametrize("codec", [None, "int8"])
+def test_pieces_and_lanes_give_the_same_exact_identical_results(swarm, codec):
+    """Many pieces per step (the pipeline) and two lanes (one connection
+    each): still exact, byte-identical everywhere, awkward sizes included."""
+    from peerlearn.wire.codecs import Codec
+
+    swarm.ring([0, 1, 2, 3])
+    c = None if codec is None else int(Codec.INT8_ABSMAX)
+    for k, (numel, lanes, piece) in enumerate([(1_000_003, 1, 4096), (1_000_003, 2, 10_000),
+                                               (130, 2, 64), (1, 2, 64)]):
+        reports = swarm.allreduce(numel, tag=700 + k, codec=c, lanes=lanes, piece_elems=piece)
+        _assert_identical_and_exact(reports, 1e-6 if c is None else 0.25)
+
+
 def test_int8_all_reduce_is_bit_identical_across_peers(swarm):
     from peerlearn.wire.codecs import Codec
 
@@ -209,12 +224,15 @@ def test_int8_all_reduce_is_bit_identical_across_peers(swarm):
 @pytest.mark.parametrize("members,victim,fault", [
     ([0, 1, 2, 3], 1, ("kill", 2)),  # between steps, in the all-gather of a 4-ring
     ([0, 2, 3, 4], 3, ("kill-mid", 1)),  # while step 1's transfers are in flight
+    ([0, 2, 3, 6], 3, ("kill-mid", 2)),  # the same, two lanes, pieces in flight
 ])
 def test_sigkill_aborts_survivors_then_three_retry(swarm, members, victim, fault):
     swarm.ring(members)
     numel = 4_000_000 if fault[0] == "kill-mid" else 100_003
+    shape = {"lanes": 2, "piece_elems": 100_000} if fault[1] == 2 and numel > 1e6 else {}
     t0 = time.monotonic()
-    reports = swarm.allreduce(numel, tag=5, faults={victim: fault}, timeout=TIMEOUT, expect=3)
+    reports = swarm.allreduce(numel, tag=5, faults={victim: fault}, timeout=TIMEOUT, expect=3,
+                              **shape)
     assert time.monotonic() - t0 < 5.0
     assert set(reports) == set(range(4)) - {victim}
     for r in reports.values():

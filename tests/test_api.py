@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peerlearn.state.shared import SharedState
+from peerlearn.cli.daemon import query_status
 from peerlearn.swarm import gossip as g
 from peerlearn.swarm.api import Peer, flatten
 from peerlearn.swarm.errors import (
@@ -195,6 +196,46 @@ def test_timeout_withdraws_and_close_ends_a_pending_call(swarm):
         a.all_reduce(contribution(0, 4))
 
 
+def test_async_all_reduces_queue_into_successive_rounds_in_order(swarm):
+    peers = swarm(3)
+    step = peers[0].step
+    applied = {i: [] for i in range(3)}
+
+    def submit_three(i, p):
+        def record(state, mean, i=i):
+            add_mean(state, mean)
+            applied[i].append(state.step)
+
+        pending = [p.all_reduce_async(contribution(i, k), apply=record) for k in range(3)]
+        assert len(p.daemon.queued) >= 1  # several in flight at once, not one by one
+        return [x.result(30) for x in pending]
+
+    results = run_all(peers, submit_three)
+    assert {p.step for p in peers} == {step + 3}
+    assert len({p.state.state_hash() for p in peers}) == 1
+    assert all(applied[i] == [step, step + 1, step + 2] for i in range(3))  # in order
+    for k in range(3):
+        assert all(torch.equal(results[0][k]["w"], results[i][k]["w"]) for i in (1, 2))
+    exact = torch.stack([contribution(i, 2)["w"] for i in range(3)]).double().mean(0).float()
+    assert torch.allclose(results[0][2]["w"], exact, rtol=0, atol=1e-6)
+
+
+def test_a_queued_all_reduce_can_be_withdrawn_and_a_pending_one_waited_again(swarm):
+    a, b = swarm(2)
+    run_all([a, b], lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    step = a.step
+    first = a.all_reduce_async(contribution(0, 1), apply=add_mean)
+    second = a.all_reduce_async(contribution(0, 2), apply=add_mean)
+    second.withdraw()
+    assert len(a.daemon.queued) == 0 and a.daemon.submission is not None
+    with pytest.raises(CollectiveTimeout):  # b has not contributed: no majority yet
+        first.result(0.5)
+    assert not first.done()
+    mine = b.all_reduce(contribution(1, 1), apply=add_mean, timeout=30)
+    assert torch.equal(first.result(30)["w"], mine["w"])
+    assert a.step == b.step == step + 1 and a.daemon.submission is None
+
+
 def test_flatten_round_trips_names_shapes_dtypes():
     t = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.float16)}
     flat, unflatten = flatten(t)
@@ -230,6 +271,16 @@ def test_allowlist_swarm_without_a_secret(tmp_path):
             stranger.start(timeout=3)
         assert a.daemon.plane.refused_connections >= 1
         assert not (dirs["c"] / "data.key").exists()
+        # `peerlearn status` speaks to an allowlist swarm with a listed identity ...
+        rows = query_status(a.control_address, None, data_dir=str(dirs["b"]), allowlist=keys)
+        assert {r["id"] for r in rows} == {a.id, b.id}
+        # ... and gets nothing with an unlisted one
+        with pytest.raises(SystemExit, match="no status answer"):
+            query_status(a.control_address, None, timeout=1.5, data_dir=str(dirs["c"]),
+                         allowlist=keys)
+        with pytest.raises(SystemExit, match="listed identity"):
+            query_status(a.control_address, None, data_dir=str(tmp_path / "none"),
+                         allowlist=keys)
     finally:
         for p in peers:
             p.close()

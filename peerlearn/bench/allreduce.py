@@ -50,6 +50,7 @@ def _peer(a: argparse.Namespace) -> dict:
         specs[name] = None if chosen is None else CodecSpec(int(chosen), 64)
     timings: dict[str, list[float]] = {f"ours:{name}": [] for name in specs}
     timings["gloo"] = []
+    cpu: dict[str, list[float]] = {name: [] for name in specs}  # this process, user + system
 
     with LinkListener(*addrs[rank], SECRET) as lst:
         ring = connect_ring(rank, addrs, lst, SECRET, ring_tag=1, n_conns=a.conns, timeout=120)
@@ -66,11 +67,12 @@ def _peer(a: argparse.Namespace) -> dict:
         for name, codec in specs.items():
             for i in range(1 + a.repeat):
                 ours(one)  # barrier
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 ours(x, codec=codec, out=out, chunk_elems=a.chunk_elems,
-                     piece_elems=a.piece_elems)
+                     piece_elems=a.piece_elems, lanes=a.lanes)
                 if i:
                     timings[f"ours:{name}"].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
         ring.close()
 
     if a.gloo:
@@ -85,7 +87,7 @@ def _peer(a: argparse.Namespace) -> dict:
             if i:
                 timings["gloo"].append(time.perf_counter() - t0)
         dist.destroy_process_group()
-    return {"rank": rank, **timings}
+    return {"rank": rank, **timings, "cpu": cpu}
 
 
 def _free_port() -> int:
@@ -95,8 +97,8 @@ def _free_port() -> int:
 
 
 def _launch(popen, hosts: list[str], ports: list[int], gloo_port: int, numel: int, codec: str,
-            repeat: int, conns: int, chunk_elems: int, piece_elems: int, gloo: bool, env: dict,
-            timeout: float) -> list[dict]:
+            repeat: int, conns: int, chunk_elems: int, piece_elems: int, lanes: int, gloo: bool,
+            env: dict, timeout: float) -> list[dict]:
     addrs = ",".join(f"{h}:{p}" for h, p in zip(hosts, ports))
     procs = []
     try:
@@ -105,6 +107,7 @@ def _launch(popen, hosts: list[str], ports: list[int], gloo_port: int, numel: in
                     "--rank", str(r), "--addrs", addrs, "--numel", str(numel), "--codec", codec,
                     "--repeat", str(repeat), "--conns", str(conns),
                     "--chunk-elems", str(chunk_elems), "--piece-elems", str(piece_elems),
+                    "--lanes", str(lanes),
                     "--gloo-port", str(gloo_port)]
             if not gloo:
                 argv.append("--no-gloo")
@@ -135,8 +138,14 @@ def _summarise(results: list[dict], name: str, nbytes: int, world: int) -> dict 
 
 def run(peers: int = 4, numel: int = 100_000_000, codecs: tuple[str, ...] = ("none",), wan=None,
         repeat: int = 3, conns: int | None = None, chunk_elems: int = 1 << 18,
-        piece_elems: int = DEFAULT_PIECE_ELEMS, gloo: bool = True) -> dict:
+        piece_elems: int = DEFAULT_PIECE_ELEMS, lanes: int | None = None, gloo: bool = True,
+        probe_s: float = 6.0) -> dict:
     """Times our all-reduce once per codec, then gloo's, in the same processes.
+
+    Over the emulator, first `probe_s` seconds of plain TCP bulk flows in the
+    ring's pattern (each host to its successor, `conns` connections) show what
+    the emulated path really carries on this machine: a rate it cannot carry
+    with plain TCP is not a fair test of anything above it.
 
     Bus figures are fp32-equivalent (the tensor's bytes, whatever the wire
     carries), so codecs compare by time; `codec_speedup` is fp32's time over
@@ -150,29 +159,44 @@ def run(peers: int = 4, numel: int = 100_000_000, codecs: tuple[str, ...] = ("no
                  "op": "sum", "repeat": repeat, "cores": os.cpu_count(), "chunk_elems": chunk_elems,
                  "piece_elems": piece_elems}
     args = (numel, ",".join(codecs), repeat)
+    conns = conns or (2 if wan is None else 8)
+    lanes = lanes or conns  # one lane per connection, as the daemon runs it
+    res["lanes"] = lanes
     if wan is None:
-        conns = conns or 2
         env["GLOO_SOCKET_IFNAME"] = "lo"
         results = _launch(lambda _r, argv, **kw: subprocess.Popen(argv, **kw),
                           ["127.0.0.1"] * peers, [_free_port() for _ in range(peers)],
-                          _free_port(), *args, conns, chunk_elems, piece_elems, gloo, env, 900)
+                          _free_port(), *args, conns, chunk_elems, piece_elems, lanes, gloo, env,
+                          900)
         res["path"] = "loopback"
     else:
-        from peerlearn.netsim import WanEmulator
+        from peerlearn.netsim import WanEmulator, measure
 
-        conns = conns or 8
         rtt_ms, rate_mbit = wan
         with WanEmulator(n_hosts=peers, rtt_ms=rtt_ms, rate_mbit=rate_mbit) as emu:
+            # Is the emulator faithful at this rate on this machine? Plain TCP
+            # (no peerlearn code) in the ring's pattern, same connection count.
+            if probe_s > 0:
+                flows = measure.tcp_flows(emu, [(i, (i + 1) % peers) for i in range(peers)],
+                                          conns=conns, seconds=probe_s)
+                res["plain_tcp_ring_mbit"] = [round(f["mbit"], 1) for f in flows]
             env["GLOO_SOCKET_IFNAME"] = emu.hosts[0].ifname
             results = _launch(lambda r, argv, **kw: emu.popen(r, argv, **kw),
                               [h.addr for h in emu.hosts], [RING_PORT] * peers, GLOO_PORT,
-                              *args, conns, chunk_elems, piece_elems, gloo, env, 1800)
+                              *args, conns, chunk_elems, piece_elems, lanes, gloo, env, 1800)
             stats = emu.stats()
         res["path"] = f"emulated WAN, {rtt_ms:g} ms RTT, {rate_mbit:g} Mbit/s per host"
         res["emulator"] = {k: stats[k] for k in ("dropped_queue", "dropped_loss", "late_max_ms")}
         res["lower_bound_s"] = 2 * (peers - 1) / peers * nbytes * 8 / (rate_mbit * 1e6)
     res["conns"] = conns
     res["ours"] = {name: _summarise(results, f"ours:{name}", nbytes, peers) for name in codecs}
+    for name, summary in res["ours"].items():
+        # CPU seconds of all peers together per run, and the share of the
+        # machine that is while the run lasts: near 1.0 the peers, which would
+        # each have their own machine in a real swarm, wait for cores here.
+        per_run = [sum(r["cpu"][name][k] for r in results) for k in range(repeat)]
+        summary["cpu_s_all_peers"] = min(per_run)
+        summary["machine_cpu_share"] = min(per_run) / (summary["seconds"] * (os.cpu_count() or 1))
     res["gloo"] = _summarise(results, "gloo", nbytes, peers)
     secs = {name: r["seconds"] for name, r in res["ours"].items()}
     if res["gloo"]:
@@ -196,6 +220,7 @@ def main() -> None:
     p.add_argument("--conns", type=int, default=2)
     p.add_argument("--chunk-elems", type=int, default=1 << 18)
     p.add_argument("--piece-elems", type=int, default=DEFAULT_PIECE_ELEMS)
+    p.add_argument("--lanes", type=int, default=1)
     p.add_argument("--gloo-port", type=int, default=GLOO_PORT)
     p.add_argument("--no-gloo", dest="gloo", action="store_false")
     a = p.parse_args()

@@ -89,6 +89,8 @@ def bench_allreduce(
     piece_elems: int = typer.Option(
         1 << 22, help="Elements per pipelined piece of a ring segment (1 = one piece per step)."
     ),
+    lanes: Optional[int] = typer.Option(
+        None, help="Parts all-reduced at once, each over its own connections (default: conns)."),
     gloo: bool = typer.Option(True, "--gloo/--no-gloo", help="Also time torch.distributed gloo."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
 ) -> None:
@@ -100,7 +102,8 @@ def bench_allreduce(
         rtt, rate = wan.split(",")
         wan_spec = (float(rtt), float(rate))
     _emit(allreduce.run(peers=peers, numel=numel, codecs=tuple(codec.split(",")), wan=wan_spec,
-                        repeat=repeat, conns=conns, piece_elems=piece_elems, gloo=gloo), as_json)
+                        repeat=repeat, conns=conns, piece_elems=piece_elems, lanes=lanes,
+                        gloo=gloo), as_json)
 
 
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.
@@ -158,13 +161,21 @@ def swarm(
 @app.command("status")
 def status(
     target: str = typer.Argument(..., help="HOST:PORT of a peer's control socket."),
-    secret_file: Optional[str] = typer.Option(None),
+    secret_file: Optional[str] = typer.Option(
+        None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
+    allowlist: Optional[str] = typer.Option(
+        None, help="An allowlist swarm's key file; then --data-dir names a listed identity."),
+    data_dir: Optional[str] = typer.Option(
+        None, help="Data directory whose identity is on the allowlist (with --allowlist)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""
     from peerlearn.cli import daemon
 
-    rows = daemon.query_status(target, daemon.read_secret(secret_file))
+    keys = daemon.read_allowlist(allowlist) if allowlist else None
+    secret = None if keys and not secret_file and not os.environ.get(daemon.SECRET_ENV) \
+        else daemon.read_secret(secret_file)
+    rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -125,20 +125,31 @@ def local_address_towards(host: str, port: int) -> str:
         return s.getsockname()[0]
 
 
-def query_status(target: str, secret: bytes, timeout: float = 5.0) -> list[dict]:
+def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
+                 data_dir: str | None = None, allowlist: list[bytes] | None = None) -> list[dict]:
+    """The target's status rows. A secret swarm answers anyone holding the
+    secret (a throwaway identity asks); an allowlist swarm only an identity on
+    its allowlist: pass the data_dir holding one (read, never created)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from peerlearn.state.identity import Identity
+    from peerlearn.state.identity import KEY_FILE, Identity
     from peerlearn.transport.control import ControlPlane
     from peerlearn.wire import control as m
+
+    if secret:
+        identity = Identity(Ed25519PrivateKey.generate())
+    elif data_dir is None or not (Path(data_dir) / KEY_FILE).exists():
+        raise SystemExit("an allowlist swarm answers only a listed identity: "
+                         "give --data-dir of a peer on the allowlist")
+    else:
+        identity = Identity.load_or_create(data_dir)
 
     host, port = split_addr(target)
     # The answer comes to reply_to: it must be an address the target can reach.
     here = local_address_towards(host, port)
 
     async def ask() -> list[dict]:
-        # A throwaway identity: secret swarms admit anyone holding the secret.
-        plane = ControlPlane(Identity(Ed25519PrivateKey.generate()), here, 0, secret=secret)
+        plane = ControlPlane(identity, here, 0, secret=secret, allowlist=allowlist)
         try:
             plane.send(target, m.StatusRequest(f"{here}:{plane.port}"))
             while True:

@@ -206,6 +206,7 @@ def ring_allreduce(
     timeout: float = 60.0,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     piece_elems: int = DEFAULT_PIECE_ELEMS,
+    lanes: int = 1,
     on_step: Callable[[int], None] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -217,8 +218,12 @@ def ring_allreduce(
     same at every peer and differ between all-reduces sharing links, and so
     must piece_elems (it decides how the op ids are laid out).
     timeout: seconds any one transfer (one piece of one step) may take.
+    lanes: the tensor is cut into this many parts, each all-reduced at the
+    same time over its own group of each link's connections (Link.lanes),
+    so a connection that falls behind stalls only its lane's pipeline; the
+    same at every peer, at most either link's connection count.
     on_step(step) is called as the sender starts each step (tests inject
-    faults there).
+    faults there; with lanes, only lane 0 calls it).
     out: an fp32 tensor of the same numel, not overlapping `tensor`, to hold
     the result (reusing one saves a fresh allocation's page faults per call);
     by default a new tensor. On failure its content is unspecified.
@@ -244,12 +249,50 @@ def ring_allreduce(
         return out.view_as(tensor)
     if send_link is None or recv_link is None:
         raise ValueError("a ring of more than one peer needs both links")
-
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
+    args = dict(rank=rank, world=world, op_tag=op_tag, average=average, codec=codec,
+                timeout=timeout, chunk_elems=chunk_elems, piece_elems=piece_elems, align=align)
+    if lanes == 1:
+        _ring_pipeline(out, send_link=send_link, recv_link=recv_link, on_step=on_step, **args)
+        return out.view_as(tensor)
+
+    cut = segment_bounds(out.numel(), lanes, align)
+    sends, recvs = send_link.lanes(lanes), recv_link.lanes(lanes)
+    errors: list[AllReduceAborted] = []
+
+    def lane(i: int) -> None:
+        try:
+            _ring_pipeline(out[cut[i]:cut[i + 1]], send_link=sends[i], recv_link=recvs[i],
+                           on_step=on_step if i == 0 else None, **args)
+        except AllReduceAborted as e:
+            errors.append(e)
+            send_link.abort()  # every lane and both neighbours fail at once
+            recv_link.abort()
+
+    threads = [threading.Thread(target=lane, args=(i,), name=f"allreduce-lane-{i}")
+               for i in range(1, lanes)]
+    for t in threads:
+        t.start()
+    try:
+        lane(0)
+    finally:
+        for t in threads:
+            t.join()  # never leave a thread writing into our buffers
+    if errors:
+        raise errors[0]
+    return out.view_as(tensor)
+
+
+def _ring_pipeline(out: torch.Tensor, *, rank: int, world: int, send_link: Link,
+                   recv_link: Link, op_tag: int, average: bool, codec: CodecSpec | None,
+                   timeout: float, chunk_elems: int, piece_elems: int, align: int,
+                   on_step: Callable[[int], None] | None) -> None:
+    """All-reduces the flat fp32 `out` in place over one pair of links (see
+    the module docstring); raises AllReduceAborted after shutting both down."""
     chunk = max(align, chunk_elems // align * align)  # chunks never cut a codec block
     byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)  # packed frames as large as raw ones
-    n_pieces = piece_count(tensor.numel(), world, piece_elems)
-    seg_bounds = segment_bounds(tensor.numel(), world, align)
+    n_pieces = piece_count(out.numel(), world, piece_elems)
+    seg_bounds = segment_bounds(out.numel(), world, align)
     # piece p of segment i: the same cut at every peer, aligned like segments
     cuts = [[seg_bounds[i] + b for b in
              segment_bounds(seg_bounds[i + 1] - seg_bounds[i], n_pieces, align)]
@@ -350,4 +393,3 @@ def ring_allreduce(
     if pipe.errors:
         err = pipe.aborted()
         raise err from err.cause
-    return out.view_as(tensor)

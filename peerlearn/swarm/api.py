@@ -5,6 +5,7 @@
         while training:
             delta = compute_pseudo_gradient(peer.state)
             mean = peer.all_reduce(delta, apply=outer_step)   # one agreed round
+            pending = peer.all_reduce_async(fragment)         # computes on meanwhile
             ...
             avg = peer.gossip(params, round_=k, seed=run_seed)  # no barrier
 
@@ -189,22 +190,35 @@ class Peer:
         shared step advances; this call returns after that. Aborted rounds
         (a peer died) are retried with the same contribution. Raises
         StateReplaced if the swarm replaced our state meanwhile (recompute),
-        CollectiveTimeout, PeerClosed.
+        CollectiveTimeout (the contribution is withdrawn), PeerClosed.
         """
-        flat, unflatten = flatten(tensors)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.sync_state(timeout)
-        if deadline is not None:
-            timeout = max(0.0, deadline - time.monotonic())
+        pending = self.all_reduce_async(tensors, apply=apply)
+        try:
+            return pending.result(None if deadline is None
+                                  else max(0.0, deadline - time.monotonic()))
+        except CollectiveTimeout:
+            pending.withdraw()
+            raise
+
+    def all_reduce_async(self, tensors: Tensors, *,
+                         apply: Callable[[SharedState, Tensors], None] | None = None
+                         ) -> PendingAllReduce:
+        """Submits tensors for an all_reduce and returns at once.
+
+        Several can be pending: each goes into its own round (its own op tag),
+        in submission order, while the caller computes (Streaming DiLoCo
+        overlaps a fragment's reduction with the next inner steps this way).
+        The tensors are copied before this returns. Call sync_state first: a
+        contribution made against a state the swarm then replaces fails with
+        StateReplaced, and so does every one queued behind it.
+        """
+        flat, unflatten = flatten(tensors)
         wrapped = None if apply is None else (lambda st, res: apply(st, unflatten(res)))
         sub = Submission(flat, wrapped, Future())
-        self._on_loop(self.daemon.submit, sub)
-        try:
-            result = self._result(sub.future, timeout)
-        except CollectiveTimeout:
-            self._on_loop(self.daemon.withdraw, sub)
-            raise
-        return unflatten(result)
+        self._on_loop(self._daemon().submit, sub)
+        return PendingAllReduce(self, sub, unflatten)
 
     def gossip(self, tensors: Tensors, *, round_: int, seed: int = 0, group_size: int = 2,
                codec: int | None = None, block_size: int = 64,
@@ -283,4 +297,28 @@ class Peer:
             time.sleep(0.02)
 
 
-__all__ = ["Peer", "PeerConfig", "PeerError", "flatten"]
+class PendingAllReduce:
+    """An all_reduce_async in progress: its rounds run while the caller goes on."""
+
+    def __init__(self, peer: Peer, sub: Submission, unflatten: Callable[[torch.Tensor], Tensors]):
+        self._peer, self._sub, self._unflatten = peer, sub, unflatten
+
+    def done(self) -> bool:
+        return self._sub.future.done()
+
+    def result(self, timeout: float | None = None) -> Tensors:
+        """The mean, once its round applied (and its apply ran). Raises
+        CollectiveTimeout if not within timeout (it stays pending: wait again
+        or withdraw), StateReplaced, PeerClosed."""
+        return self._unflatten(self._peer._result(self._sub.future, timeout))
+
+    def withdraw(self) -> None:
+        """Gives up: a queued contribution is dropped; one whose round is already
+        running still completes for everyone's sake (and then applies)."""
+        try:
+            self._peer._on_loop(self._peer._daemon().withdraw, self._sub)
+        except PeerClosed:
+            pass  # closing settles it anyway
+
+
+__all__ = ["Peer", "PeerConfig", "PeerError", "PendingAllReduce", "flatten"]

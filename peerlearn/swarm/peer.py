@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class PeerConfig:
     codec: int | None = None
     block_size: int = 64
     n_conns: int = 4
+    # The ring all-reduce runs this many lanes, one per connection by default
+    # (see swarm.allreduce). Like codec, it must be the same at every peer.
+    ring_lanes: int = 4
     checkpoint_every: int = 10
     step_timeout: float = 30.0  # one all-reduce step may take this long
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
@@ -116,7 +120,8 @@ class PeerDaemon:
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
-        self.submission: Submission | None = None
+        self.submission: Submission | None = None  # the one rounds are run with
+        self.queued: deque[Submission] = deque()  # waiting behind it, in order
         self._offers: dict[str, asyncio.Future] = {}
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
@@ -186,9 +191,7 @@ class PeerDaemon:
         finally:
             self._dispatch(self.core.leave(time.monotonic()))
             self.closing = True  # from here on, timers and worker callbacks do nothing
-            if self.submission is not None:
-                _settle(self.submission.future, exc=PeerClosed("the peer is shutting down"))
-                self.submission = None
+            self._fail_submissions(PeerClosed("the peer is shutting down"))
             if self.ready_handle is not None:
                 self.ready_handle.cancel()
             await asyncio.sleep(0.05)  # let the Leave go out
@@ -279,30 +282,52 @@ class PeerDaemon:
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
     def submit(self, sub: Submission) -> None:
-        """On the loop: take part in rounds with sub until one applies it."""
+        """On the loop: take part in rounds with sub until one applies it.
+
+        Contributions submitted while one is pending wait behind it and go
+        into later rounds, one round each, in submission order.
+        """
         if self.closing:
             _settle(sub.future, exc=PeerClosed("the peer is shutting down"))
             return
         if self.submission is not None:
-            raise RuntimeError("one contribution at a time: the previous one is pending")
+            self.queued.append(sub)
+            return
         self.submission = sub
         self._schedule_ready(0.0)
 
     def withdraw(self, sub: Submission) -> None:
         """On the loop: the caller gave up on sub. A round already running with
         it still completes (and applies it) for everyone's sake."""
+        if sub in self.queued:
+            self.queued.remove(sub)
+            return
         if self.submission is not sub:
             return
         sub.withdrawn = True
         if not self.busy and self.core.active is None:
-            self.submission = None
+            self._next_submission()
+
+    def _next_submission(self) -> None:
+        """The head is done (applied, failed or withdrawn): the next one leads."""
+        self.submission = self.queued.popleft() if self.queued else None
+        if self.submission is not None:
+            self._schedule_ready(0.0)
+
+    def _fail_submissions(self, exc: BaseException) -> None:
+        """Every contribution, the leading one and those queued, fails with exc."""
+        subs = ([self.submission] if self.submission is not None else []) + list(self.queued)
+        self.submission = None
+        self.queued.clear()
+        for sub in subs:
+            _settle(sub.future, exc=exc)
 
     def _retry(self) -> None:
         """A round ended without applying: go again with the same contribution,
         unless the caller withdrew it (then it is dropped here)."""
         sub = self.submission
         if sub is not None and sub.withdrawn and not self.busy and self.core.active is None:
-            self.submission = None
+            self._next_submission()
         self._schedule_ready(0.0)
 
     def _schedule_ready(self, delay: float) -> None:
@@ -333,9 +358,13 @@ class PeerDaemon:
         recv = self.links.incoming(pred, timeout=self.cfg.step_timeout)
         self.inflight_links[a.round_id] = [send, recv]
         codec = None if self.cfg.codec is None else CodecSpec(self.cfg.codec, self.cfg.block_size)
+        if min(send.n_conns, recv.n_conns) < self.cfg.ring_lanes:
+            raise AllReduceAborted(
+                f"a link has fewer connections than the swarm's {self.cfg.ring_lanes} lanes",
+                rank=rank, phase="setup", step=0, direction=None, cause=None)
         return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
                               op_tag=a.round_id, average=True, codec=codec,
-                              timeout=self.cfg.step_timeout)
+                              timeout=self.cfg.step_timeout, lanes=self.cfg.ring_lanes)
 
     def _timed(self, started: float) -> None:
         self.collectives += 1
@@ -366,7 +395,8 @@ class PeerDaemon:
             log.warning("%s has no result for applied round %d", self.id[:8], a.round_id)
             self.core.state_synced(self.state.step, self.state.state_hash())
             return
-        sub, self.submission = self.submission, None
+        sub = self.submission
+        self._next_submission()
         if sub is not None and sub.apply is not None:
             sub.apply(self.state, result)
         self.state.step = a.step + 1
@@ -470,9 +500,8 @@ class PeerDaemon:
             self.syncs += 1
             self.core.state_synced(step, digest)
             log.info("%s synced to step %d from %d donors", self.id[:8], step, len(donors))
-            sub, self.submission = self.submission, None
-            if sub is not None:  # made against the state we just dropped
-                _settle(sub.future, exc=StateReplaced(step))
+            # every contribution waiting was made against the state just dropped
+            self._fail_submissions(StateReplaced(step))
         except Exception as e:  # noqa: BLE001 - any failure means: ask again later
             self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)

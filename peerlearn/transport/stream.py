@@ -101,14 +101,30 @@ def _check_tensor(t: torch.Tensor) -> torch.Tensor:
 class Link:
     """N connected, authenticated sockets to one peer. See the module docstring."""
 
-    def __init__(self, socks: list[socket.socket], link_id: bytes):
+    def __init__(self, socks: list[socket.socket], link_id: bytes, *, owns: bool = True):
         self._socks = socks
         self.link_id = link_id
         self._fds = [s.fileno() for s in socks]
         self._lock = threading.Lock()
         self._busy: set[str] = set()  # "send" and/or "receive" in flight
+        self._owns = owns  # False for a lane: close() leaves the sockets to the parent
         self.broken = False
         self.closed = False
+
+    def lanes(self, n: int) -> list[Link]:
+        """n views of this link over disjoint, contiguous groups of its connections.
+
+        Both ends number connections alike, so lane i here is lane i there.
+        Lanes transfer independently (a slow connection holds up only its own
+        lane's transfer); aborting a lane shuts only its sockets down; closing
+        one does nothing, the parent owns the sockets. The caller must not use
+        the parent while its lanes are in use.
+        """
+        if not 1 <= n <= self.n_conns:
+            raise ValueError(f"need 1 <= lanes <= {self.n_conns} connections")
+        cut = [self.n_conns * i // n for i in range(n + 1)]
+        return [Link(self._socks[cut[i]:cut[i + 1]], self.link_id, owns=False)
+                for i in range(n)]
 
     @property
     def n_conns(self) -> int:
@@ -219,6 +235,8 @@ class Link:
     def close(self) -> None:
         with self._lock:
             self.closed = True
+        if not self._owns:
+            return
         for s in self._socks:
             try:
                 s.close()
