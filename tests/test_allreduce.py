@@ -53,6 +53,7 @@ def _peer(cmd_q, res_q) -> None:
         _, seeds, numel, average, tag, fault, timeout, codec, shape = cmd
         x = _input(seeds[ring.rank], numel)
         before = x.clone()
+        in_place = shape.pop("in_place", False)
 
         def on_step(step: int, fault=fault) -> None:
             if fault is None or fault[1] != step:
@@ -72,6 +73,7 @@ def _peer(cmd_q, res_q) -> None:
             y = ring_allreduce(x, rank=ring.rank, world=ring.world, send_link=ring.send,
                                recv_link=ring.recv, op_tag=tag, average=average,
                                timeout=timeout, on_step=on_step, **shape,
+                               out=x if in_place else None,
                                codec=None if codec is None else CodecSpec(codec, 64))
         except AllReduceAborted as e:
             res_q.put(("aborted", ring.rank, time.monotonic() - t0, torch.equal(x, before),
@@ -82,7 +84,7 @@ def _peer(cmd_q, res_q) -> None:
             exact = exact / len(seeds)
         err = ((y.double() - exact).abs() / (exact.abs() + 1.0)).max().item() if numel else 0.0
         res_q.put(("done", ring.rank, hashlib.sha256(y.numpy().tobytes()).hexdigest(), err,
-                   torch.equal(x, before), y.data_ptr() != x.data_ptr()))
+                   in_place or torch.equal(x, before), (y.data_ptr() == x.data_ptr()) == in_place))
 
 
 class Swarm:
@@ -206,6 +208,10 @@ def test_pieces_and_lanes_give_the_same_exact_identical_results(swarm, codec):
                                                (130, 2, 64), (1, 2, 64)]):
         reports = swarm.allreduce(numel, tag=700 + k, codec=c, lanes=lanes, piece_elems=piece)
         _assert_identical_and_exact(reports, 1e-6 if c is None else 0.25)
+    # in place (out=tensor), as torch.distributed does it: the same result
+    _assert_identical_and_exact(swarm.allreduce(1_000_003, tag=710, codec=c, lanes=2,
+                                                piece_elems=10_000, in_place=True),
+                                1e-6 if c is None else 0.25)
 
 
 def test_int8_all_reduce_is_bit_identical_across_peers(swarm):

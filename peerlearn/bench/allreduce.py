@@ -2,9 +2,9 @@
 
 N peers run as separate processes, on loopback or each in its own network
 namespace behind the WAN emulator. Every peer first times our all-reduce
-(`peerlearn.swarm.ring_allreduce`, out of place: the copy into the result
-buffer is inside the timing), then gloo's `all_reduce` (in place, SUM) of the
-same tensor over the same addresses, in the same processes.
+(`peerlearn.swarm.ring_allreduce`, in place, SUM) once per codec, then
+gloo's `all_reduce` (in place, SUM) of the same tensor over the same
+addresses, in the same processes.
 
 Timing: a barrier (a one-element all-reduce on the same transport) before
 each run, then one warm-up (TCP slow start belongs to a new connection, not to
@@ -66,9 +66,10 @@ def _peer(a: argparse.Namespace) -> dict:
 
         for name, codec in specs.items():
             for i in range(1 + a.repeat):
+                out.copy_(x)
                 ours(one)  # barrier
                 t0, c0 = time.perf_counter(), time.process_time()
-                ours(x, codec=codec, out=out, chunk_elems=a.chunk_elems,
+                ours(out, codec=codec, out=out, chunk_elems=a.chunk_elems,  # in place, as gloo
                      piece_elems=a.piece_elems, lanes=a.lanes)
                 if i:
                     timings[f"ours:{name}"].append(time.perf_counter() - t0)

@@ -23,8 +23,18 @@ connection and the one-way delay (with 100 ms round trips that bubble, six
 times per all-reduce of four peers, cost more than the codec saved). The
 native transfers release the GIL, so both directions run at once.
 
+Lanes: one transfer is striped over all of a link's connections and ends
+when the slowest of them has delivered its share, so the next transfer's
+first chunks wait for that straggler. With `lanes=k` the tensor is cut into k
+parts, each all-reduced by the pipeline above over its own group of
+connections (`Link.lanes`), all at once: a lagging connection holds up only
+its own lane. (Measured on the emulated 100 ms / 1 Gbit/s path: one lane
+per connection took the fp32 all-reduce from about 70 % to over 80 % of the
+link-limited bound; docs/benchmarks.md.)
+
 Invariants:
-  * Out of place: the input is only read; the result is a new tensor.
+  * Out of place by default: the input is only read; the result is a new
+    tensor (or `out`). In place only when asked (`out=tensor`).
   * All or nothing: a call returns a complete result or raises
     AllReduceAborted; there is no partially reduced return value.
   * Identical results: every segment's final value is computed at its owner
@@ -224,12 +234,14 @@ def ring_allreduce(
     same at every peer, at most either link's connection count.
     on_step(step) is called as the sender starts each step (tests inject
     faults there; with lanes, only lane 0 calls it).
-    out: an fp32 tensor of the same numel, not overlapping `tensor`, to hold
-    the result (reusing one saves a fresh allocation's page faults per call);
-    by default a new tensor. On failure its content is unspecified.
+    out: an fp32 tensor of the same numel to hold the result (reusing one
+    saves a fresh allocation's page faults per call); by default a new
+    tensor. `out=tensor` reduces in place (as torch.distributed does) and
+    saves a copy of the input; any other overlap is refused. On failure
+    out's content is unspecified.
 
     Raises AllReduceAborted on any failure, after shutting both links down;
-    `tensor` is never modified.
+    `tensor` is never modified unless it is `out`.
     """
     if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
         raise TypeError("ring_allreduce reduces fp32 CPU tensors")
@@ -241,10 +253,13 @@ def ring_allreduce(
     if out is None:
         out = torch.empty_like(tensor)
     elif (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != tensor.numel()
-          or _overlaps(out, tensor)):
-        raise ValueError("out must be a contiguous fp32 tensor of tensor's size, apart from it")
+          or (_overlaps(out, tensor) and out.data_ptr() != tensor.data_ptr())):
+        raise ValueError("out must be a contiguous fp32 tensor of tensor's size, apart from it "
+                         "or tensor itself")
+    in_place = out.data_ptr() == tensor.data_ptr()
     out = out.view(-1)
-    out.copy_(tensor.view(-1))  # the only tensor this call writes
+    if not in_place:
+        out.copy_(tensor.view(-1))  # the only tensor this call writes
     if world == 1:
         return out.view_as(tensor)
     if send_link is None or recv_link is None:
