@@ -51,6 +51,7 @@ def _peer(a: argparse.Namespace) -> dict:
     timings: dict[str, list[float]] = {f"ours:{name}": [] for name in specs}
     timings["gloo"] = []
     cpu: dict[str, list[float]] = {name: [] for name in specs}  # this process, user + system
+    busy: dict[str, list[float]] = {name: [] for name in specs}  # the whole machine's cores
 
     with LinkListener(*addrs[rank], SECRET) as lst:
         ring = connect_ring(rank, addrs, lst, SECRET, ring_tag=1, n_conns=a.conns, timeout=120)
@@ -68,12 +69,14 @@ def _peer(a: argparse.Namespace) -> dict:
             for i in range(1 + a.repeat):
                 out.copy_(x)
                 ours(one)  # barrier
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0, m0 = time.perf_counter(), time.process_time(), _cpu_times()
                 ours(out, codec=codec, out=out, chunk_elems=a.chunk_elems,  # in place, as gloo
                      piece_elems=a.piece_elems, lanes=a.lanes)
                 if i:
                     timings[f"ours:{name}"].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
+                    m1 = _cpu_times()
+                    busy[name].append((m1[0] - m0[0]) / max(1, m1[1] - m0[1]))
         ring.close()
 
     if a.gloo:
@@ -88,7 +91,15 @@ def _peer(a: argparse.Namespace) -> dict:
             if i:
                 timings["gloo"].append(time.perf_counter() - t0)
         dist.destroy_process_group()
-    return {"rank": rank, **timings, "cpu": cpu}
+    return {"rank": rank, **timings, "cpu": cpu, "busy": busy}
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat (any namespace)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _free_port() -> int:
@@ -198,6 +209,9 @@ def run(peers: int = 4, numel: int = 100_000_000, codecs: tuple[str, ...] = ("no
         per_run = [sum(r["cpu"][name][k] for r in results) for k in range(repeat)]
         summary["cpu_s_all_peers"] = min(per_run)
         summary["machine_cpu_share"] = min(per_run) / (summary["seconds"] * (os.cpu_count() or 1))
+        # Everything on the machine (peers, emulator, kernel) while rank 0 ran:
+        # near 1.0 the run was bound by this machine's cores, not by the path.
+        summary["machine_busy"] = [round(b, 3) for b in results[0]["busy"][name]]
     res["gloo"] = _summarise(results, "gloo", nbytes, peers)
     secs = {name: r["seconds"] for name, r in res["ours"].items()}
     if res["gloo"]:
