@@ -164,6 +164,9 @@ def test_cleanup_after_exception_kills_processes_and_forwarder():
 
 
 def _hold_emulator(conn):
+    # A shell starts background jobs with SIGINT ignored and Python keeps that:
+    # restore Ctrl-C's usual meaning, whatever launched the test run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with WanEmulator(n_hosts=2, rtt_ms=10, rate_mbit=100) as wan:
         # A Pipe, not a Queue: a Queue's feeder thread could take the signal, and
         # Python only interrupts time.sleep when the main thread receives it.
