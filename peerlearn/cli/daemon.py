@@ -66,7 +66,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     from peerlearn.cli import metrics as prom
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.errors import PeerClosed, StateReplaced
-    from peerlearn.swarm.peer import PeerConfig
+    from peerlearn.swarm.config import PeerConfig
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
 

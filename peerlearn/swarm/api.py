@@ -41,7 +41,8 @@ from peerlearn.swarm.errors import (
     PeerError,
     PeerStartError,
 )
-from peerlearn.swarm.peer import PeerConfig, PeerDaemon, Submission
+from peerlearn.swarm.config import PeerConfig, Submission
+from peerlearn.swarm.peer import PeerDaemon
 
 Tensors = torch.Tensor | Mapping[str, torch.Tensor]
 

@@ -21,15 +21,12 @@ executor and closes every socket.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -39,9 +36,11 @@ from peerlearn.state.identity import Identity
 from peerlearn.state.shared import DTYPES, SharedState
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
+from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
 from peerlearn.swarm.errors import PeerClosed, StateReplaced
 from peerlearn.transport.control import ControlPlane
+from peerlearn.transport.keys import data_secret
 from peerlearn.transport.stream import StreamError
 from peerlearn.wire import control as m
 from peerlearn.wire.codecs import hash_tensor
@@ -51,47 +50,6 @@ log = logging.getLogger("peerlearn.peer")
 SYNC_OP = 1 << 62
 CHECKPOINT_FILE = "state.ckpt"
 DATA_KEY_FILE = "data.key"
-
-
-@dataclass
-class PeerConfig:
-    data_dir: Path
-    secret: bytes | None  # None: an allowlist swarm (then allowlist is required)
-    host: str = "127.0.0.1"  # bound and advertised
-    control_port: int = 0
-    data_port: int = 0
-    join: str | None = None  # host:port of any member's control socket; None founds a swarm
-    timeouts: r.Timeouts = field(default_factory=r.Timeouts)
-    codec: int | None = None
-    block_size: int = 64
-    n_conns: int = 4
-    # The ring all-reduce runs this many lanes, one per connection by default
-    # (see swarm.allreduce). Like codec, it must be the same at every peer.
-    ring_lanes: int = 4
-    checkpoint_every: int = 10
-    step_timeout: float = 30.0  # one all-reduce step may take this long
-    allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
-
-
-@dataclass(eq=False)
-class Submission:
-    """One contribution waiting for a round.
-
-    tensor: flat contiguous fp32, owned by the daemon until the future is
-    settled (it is only read). apply(state, mean) runs on the loop thread
-    when a round applies; it must be deterministic (every peer runs it on
-    identical inputs) and must not block for long (heartbeats wait on it).
-    The future gets the mean, or StateReplaced / PeerClosed.
-    """
-
-    tensor: torch.Tensor
-    apply: Callable[[SharedState, torch.Tensor], None] | None
-    future: Future = field(default_factory=Future)
-    withdrawn: bool = False  # the caller gave up: take part in no new round
-
-
-def data_secret(secret: bytes) -> bytes:
-    return hashlib.sha256(b"peerlearn-data-plane\0" + secret).digest()
 
 
 class PeerDaemon:

@@ -76,3 +76,9 @@ def swarm_server_keypair(secret: bytes | None,
         raise ValueError("a swarm needs a secret or an allowlist")
     x = X25519PrivateKey.from_private_bytes(seed)
     return _raw_public(x), _raw_private(x)
+
+
+def data_secret(secret: bytes) -> bytes:
+    """The data plane's link key in a secret swarm: derived, so that the
+    swarm secret itself never authenticates a stream link."""
+    return hashlib.sha256(b"peerlearn-data-plane\0" + secret).digest()
