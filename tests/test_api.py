@@ -257,8 +257,11 @@ def test_allowlist_swarm_without_a_secret(tmp_path):
     a = Peer(PeerConfig(dirs["a"], None, timeouts=FAST, allowlist=keys), initial).start()
     peers = [a]
     try:
-        b = Peer(PeerConfig(dirs["b"], None, timeouts=FAST, allowlist=keys,
+        with pytest.raises(PeerStartError, match="PEER_ID@HOST:PORT"):  # which peer is there?
+            Peer(PeerConfig(dirs["b"], None, timeouts=FAST, allowlist=keys,
                             join=a.control_address)).start(timeout=20)
+        b = Peer(PeerConfig(dirs["b"], None, timeouts=FAST, allowlist=keys,
+                            join=f"{a.id}@{a.control_address}")).start(timeout=20)
         peers.append(b)
         b.sync_state(timeout=20)  # the state comes over the data plane: b has the key
         assert (dirs["b"] / "data.key").read_bytes() == (dirs["a"] / "data.key").read_bytes()
@@ -266,20 +269,25 @@ def test_allowlist_swarm_without_a_secret(tmp_path):
         out = run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), timeout=30))
         assert torch.equal(out[0]["w"], out[1]["w"])
         stranger = Peer(PeerConfig(dirs["c"], None, timeouts=FAST, allowlist=keys + [
-            Identity.load_or_create(dirs["c"]).public_raw], join=a.control_address))
+            Identity.load_or_create(dirs["c"]).public_raw], join=f"{a.id}@{a.control_address}"))
         with pytest.raises(PeerStartError):
             stranger.start(timeout=3)
         assert a.daemon.plane.refused_connections >= 1
         assert not (dirs["c"] / "data.key").exists()
         # `peerlearn status` speaks to an allowlist swarm with a listed identity ...
-        rows = query_status(a.control_address, None, data_dir=str(dirs["b"]), allowlist=keys)
+        target = f"{a.id}@{a.control_address}"
+        rows = query_status(target, None, data_dir=str(dirs["b"]), allowlist=keys)
         assert {r["id"] for r in rows} == {a.id, b.id}
         # ... and gets nothing with an unlisted one
         with pytest.raises(SystemExit, match="no status answer"):
-            query_status(a.control_address, None, timeout=1.5, data_dir=str(dirs["c"]),
-                         allowlist=keys)
+            query_status(target, None, timeout=1.5, data_dir=str(dirs["c"]), allowlist=keys)
+        # ... nor when it names a peer that is not the one at that address: the
+        # handshake needs that peer's own server key (nobody else can answer)
+        with pytest.raises(SystemExit, match="no status answer"):
+            query_status(f"{b.id}@{a.control_address}", None, timeout=1.5,
+                         data_dir=str(dirs["b"]), allowlist=keys)
         with pytest.raises(SystemExit, match="listed identity"):
-            query_status(a.control_address, None, data_dir=str(tmp_path / "none"),
+            query_status(target, None, data_dir=str(tmp_path / "none"),
                          allowlist=keys)
     finally:
         for p in peers:

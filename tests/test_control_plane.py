@@ -81,14 +81,23 @@ def test_allowlist_admits_listed_keys_only(tmp_path):
         allow = [a.public_raw, b.public_raw]
         pb = ControlPlane(b, "127.0.0.1", 0, allowlist=allow)
         pa = ControlPlane(a, "127.0.0.1", 0, allowlist=allow)
-        pc = ControlPlane(c, "127.0.0.1", 0, allowlist=allow)  # same server key: knows the list
+        pc = ControlPlane(c, "127.0.0.1", 0, allowlist=allow)  # knows the (public) list
         try:
-            pc.send(f"127.0.0.1:{pb.port}", beat(c))
-            pa.send(f"127.0.0.1:{pb.port}", beat(a))
+            pc.send(f"127.0.0.1:{pb.port}", beat(c), to=b.peer_id)
+            pa.send(f"127.0.0.1:{pb.port}", beat(a), to=b.peer_id)
             sender, _ = await asyncio.wait_for(pb.recv(), 5)
             assert sender == a.peer_id
             assert await recv_or_none(pb, 1.0) is None
             assert pb.refused_connections >= 1
+            # Each peer presents its own server key: c cannot answer as b, so a
+            # message meant for b that reaches c's address goes nowhere ...
+            pa.send(f"127.0.0.1:{pc.port}", beat(a), to=b.peer_id)
+            assert await recv_or_none(pc, 1.0) is None
+            # ... and a message for a peer not on the list is not even sent
+            dropped = pa.dropped_sends
+            pa.send(f"127.0.0.1:{pb.port}", beat(a), to=c.peer_id)
+            pa.send(f"127.0.0.1:{pb.port}", beat(a))
+            assert pa.dropped_sends == dropped + 2
         finally:
             for p in (pa, pb, pc):
                 p.close()
@@ -99,7 +108,7 @@ def test_allowlist_admits_listed_keys_only(tmp_path):
 def raw_dealer(plane_ctx, identity, server_port, secret):
     """A CURVE client that knows the secret but writes frames by hand."""
     pub, sec = keys.curve_keypair_from_ed25519(identity.private_key)
-    spub, _ = keys.swarm_server_keypair(secret, None)
+    spub, _ = keys.swarm_server_keypair(secret)
     d = plane_ctx.socket(zmq.DEALER)
     d.curve_serverkey, d.curve_publickey, d.curve_secretkey = spub, pub, sec
     d.linger = 0

@@ -66,7 +66,7 @@ def test_hostile_input_is_refused_counted_and_survived(tmp_path):
         pub, sec = keys.curve_keypair_from_ed25519(me.private_key)
         ctx = zmq.Context()
         d = ctx.socket(zmq.DEALER)
-        d.curve_serverkey = keys.swarm_server_keypair(SECRET.encode(), None)[0]
+        d.curve_serverkey = keys.swarm_server_keypair(SECRET.encode())[0]
         d.curve_publickey, d.curve_secretkey, d.linger = pub, sec, 0
         d.connect(f"tcp://{chost}:{cport}")
         good = msgpack.packb({"t": "heartbeat"})

@@ -114,7 +114,8 @@ _CODEC_HELP = "All-reduce codec: none, int8, int4, fp16, bf16, fp8, e3m0, int8-m
 def run(
     listen: str = typer.Option("127.0.0.1:7400", help="HOST:PORT of the control socket."),
     join: Optional[str] = typer.Option(
-        None, help="HOST:PORT of any live member; omit to found a new swarm."),
+        None, help="HOST:PORT of any live member (PEER_ID@HOST:PORT in an allowlist swarm); "
+                   "omit to found a new swarm."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
@@ -160,7 +161,8 @@ def swarm(
 
 @app.command("status")
 def status(
-    target: str = typer.Argument(..., help="HOST:PORT of a peer's control socket."),
+    target: str = typer.Argument(
+        ..., help="HOST:PORT of a peer's control socket (PEER_ID@HOST:PORT: allowlist swarm)."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
     allowlist: Optional[str] = typer.Option(

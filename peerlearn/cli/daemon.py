@@ -144,6 +144,11 @@ def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
     else:
         identity = Identity.load_or_create(data_dir)
 
+    from peerlearn.transport.control import split_target
+
+    peer, target = split_target(target)
+    if not secret and peer is None:
+        raise SystemExit("an allowlist swarm is queried as PEER_ID@HOST:PORT")
     host, port = split_addr(target)
     # The answer comes to reply_to: it must be an address the target can reach.
     here = local_address_towards(host, port)
@@ -151,7 +156,7 @@ def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
     async def ask() -> list[dict]:
         plane = ControlPlane(identity, here, 0, secret=secret, allowlist=allowlist)
         try:
-            plane.send(target, m.StatusRequest(f"{here}:{plane.port}"))
+            plane.send(target, m.StatusRequest(f"{here}:{plane.port}"), to=peer)
             while True:
                 _, msg = await asyncio.wait_for(plane.recv(), timeout)
                 if isinstance(msg, m.StatusReply):

@@ -39,7 +39,7 @@ from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduc
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
 from peerlearn.swarm.errors import PeerClosed, StateReplaced
-from peerlearn.transport.control import ControlPlane
+from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.stream import StreamError
 from peerlearn.wire import control as m
@@ -58,6 +58,10 @@ class PeerDaemon:
         """initial_state builds the state a founder starts from (when it has no
         checkpoint); None starts from an empty state at step 0."""
         self.cfg = config
+        if config.join is not None and split_target(config.join)[0] is None \
+                and config.secret is None:
+            raise ValueError("an allowlist swarm is joined as PEER_ID@HOST:PORT: the id names "
+                             "the only peer the handshake accepts there")
         self.identity = Identity.load_or_create(config.data_dir)
         self.id = self.identity.peer_id
         self.plane = ControlPlane(self.identity, config.host, config.control_port,
@@ -164,8 +168,9 @@ class PeerDaemon:
             await self.loop.run_in_executor(None, self.links.close)
 
     async def _join(self, stop: asyncio.Event) -> None:
+        join_id, join_addr = split_target(self.cfg.join)
         while not self.core.members:
-            self.plane.send(self.cfg.join, m.Join(self.info))
+            self.plane.send(join_addr, m.Join(self.info), to=join_id)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
                 return  # told to stop before anyone let us in
@@ -194,7 +199,7 @@ class PeerDaemon:
         elif isinstance(msg, m.DataKey):
             self._on_data_key(msg.key)
         elif isinstance(msg, m.StatusRequest):
-            self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()))
+            self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()), to=sender)
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
 
@@ -207,11 +212,11 @@ class PeerDaemon:
             if isinstance(a, r.Send):
                 peer = self.core.known.get(a.to)
                 if peer is not None:
-                    self.plane.send(peer.control, a.msg)
+                    self.plane.send(peer.control, a.msg, to=peer.id)
                     if isinstance(a.msg, m.Welcome) and not self.cfg.secret and self.data_key:
                         # The core let it in, and the control plane admitted it
                         # by the allowlist: it gets the data key with the view.
-                        self.plane.send(peer.control, m.DataKey(self.data_key))
+                        self.plane.send(peer.control, m.DataKey(self.data_key), to=peer.id)
             elif isinstance(a, r.StartCollective):
                 self.busy = True
                 started = time.monotonic()
@@ -398,7 +403,8 @@ class PeerDaemon:
         if peer is None or st is None or st.step < req.step or not self.core.synced \
                 or not 0 <= req.part < req.parts:
             if peer is not None:
-                self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash))
+                self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash),
+                                to=peer.id)
             return
         manifest = st.manifest()
         # A snapshot of this donor's share only (tensor i goes out from donor
@@ -407,7 +413,7 @@ class PeerDaemon:
                 if i % req.parts == req.part}
         self.plane.send(peer.control, m.StateOffer(
             st.step, st.state_hash(manifest), req.part, req.parts,
-            tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)))
+            tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)), to=peer.id)
 
         def push():
             link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout,
@@ -429,7 +435,7 @@ class PeerDaemon:
         try:
             for i, d in enumerate(donors):
                 self.plane.send(self.core.known[d].control,
-                                m.StateRequest(need.step, need.state_hash, i, len(donors)))
+                                m.StateRequest(need.step, need.state_hash, i, len(donors)), to=d)
             offers = await asyncio.wait_for(asyncio.gather(*self._offers.values()), 10)
             if any(isinstance(o, m.StateRefused) for o in offers):
                 raise RuntimeError("a donor refused")

@@ -1,6 +1,11 @@
 """The control plane: CURVE-encrypted zmq messages between peers (I/O only).
 
 Each peer binds one ROUTER socket and keeps one DEALER per peer it talks to.
+In a secret swarm every ROUTER presents the swarm's server key (derived from
+the secret); in an allowlist swarm each presents its own identity's CURVE key,
+and a DEALER names the peer it expects (`send(..., to=peer_id)`), so only
+that peer can complete the handshake: the allowlist being public, a shared
+server key derived from it would let anyone who knows it answer as a peer.
 Admission happens in the CURVE handshake and the ZAP authenticator (see
 keys.py); a connection that fails either is counted in `refused_connections`.
 Every message is one frame: the sender's Ed25519 public key (32 bytes), then a
@@ -37,6 +42,20 @@ _FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
+def split_target(target: str) -> tuple[str | None, str]:
+    """"ID@HOST:PORT" -> (ID, "HOST:PORT"); "HOST:PORT" -> (None, "HOST:PORT").
+
+    An allowlist swarm is joined (and queried) with the id: it names the only
+    peer whose server key the handshake will accept at that address.
+    """
+    peer, at, address = target.rpartition("@")
+    if not at:
+        return None, target
+    if len(peer) != 32 or any(c not in "0123456789abcdef" for c in peer):
+        raise ValueError(f"not a peer id: {peer!r} (32 lowercase hex digits)")
+    return peer, address
+
+
 class _Admission:
     """ZAP policy: any key in secret mode (CURVE already proved the secret),
     else only the CURVE keys of allowlisted identities."""
@@ -63,10 +82,20 @@ class ControlPlane:
         self.peer_id = identity.peer_id
         self._pub = identity.public_raw
         self._curve_pub, self._curve_sec = keys.curve_keypair_from_ed25519(identity.private_key)
-        self._server_pub, server_sec = keys.swarm_server_keypair(secret, allowlist)
+        # Whose server key a DEALER expects: secret mode, the swarm's (only
+        # holders of the secret can present it); allowlist mode, the listed
+        # peer's own, so nobody but that peer can answer in its name.
+        self._peer_servers: dict[str, bytes] | None = None
         allowed = None
-        if not secret:
-            allowed = {keys.curve_public_from_ed25519(k) for k in allowlist}
+        if secret:
+            self._server_pub, server_sec = keys.swarm_server_keypair(secret)
+        elif allowlist:
+            self._server_pub, server_sec = self._curve_pub, self._curve_sec
+            self._peer_servers = {peer_id_of(k): keys.curve_public_from_ed25519(k)
+                                  for k in allowlist}
+            allowed = set(self._peer_servers.values())
+        else:
+            raise ValueError("a swarm needs a secret or an allowlist")
         self._admission = _Admission(allowed)
         self._bound: dict[bytes, bytes] = {}  # Ed25519 key -> its CURVE key (cache)
         self.ctx = zmq.asyncio.Context()
@@ -86,7 +115,7 @@ class ControlPlane:
         endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.port = int(endpoint.rsplit(":", 1)[1])
         self._monitor = self._router.get_monitor_socket(_FAILED_HANDSHAKE)
-        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
         self._hwm = hwm
         self.failed_handshakes = 0
         self.rejected_messages = 0
@@ -97,32 +126,49 @@ class ControlPlane:
     def refused_connections(self) -> int:
         return self.failed_handshakes + self._admission.denied
 
-    def _dealer(self, address: str) -> zmq.asyncio.Socket:
-        d = self._dealers.get(address)
+    def _dealer(self, address: str, server_pub: bytes) -> zmq.asyncio.Socket:
+        d = self._dealers.get((address, server_pub))
         if d is None:
             d = self.ctx.socket(zmq.DEALER)
-            d.curve_serverkey = self._server_pub
+            d.curve_serverkey = server_pub
             d.curve_publickey = self._curve_pub
             d.curve_secretkey = self._curve_sec
             d.sndhwm = self._hwm
             d.linger = 0
             d.connect(f"tcp://{address}")
-            self._dealers[address] = d
+            self._dealers[address, server_pub] = d
         return d
 
-    def send(self, address: str, msg) -> None:
-        """Queues msg for the peer at host:port; never blocks; a no-op once closed."""
+    @property
+    def needs_peer_ids(self) -> bool:
+        """Allowlist mode: send() must name the peer expected at the address."""
+        return self._peer_servers is not None
+
+    def send(self, address: str, msg, to: str | None = None) -> None:
+        """Queues msg for the peer at host:port; never blocks; a no-op once closed.
+
+        to: the id of the peer expected there. In allowlist mode the handshake
+        only completes with that peer (a message for an id not on the
+        allowlist, or for no id, is counted in dropped_sends); secret mode
+        ignores it.
+        """
         if self.closed:
             return
+        server_pub = self._server_pub
+        if self._peer_servers is not None:
+            server_pub = self._peer_servers.get(to or "")
+            if server_pub is None:
+                self.dropped_sends += 1
+                return
         try:
-            self._dealer(address).send(self._pub + m.encode(msg), flags=zmq.NOBLOCK, copy=True)
+            self._dealer(address, server_pub).send(self._pub + m.encode(msg), flags=zmq.NOBLOCK,
+                                                   copy=True)
         except zmq.Again:
             self.dropped_sends += 1
 
     def disconnect(self, address: str) -> None:
-        d = self._dealers.pop(address, None)
-        if d is not None:
-            d.close(linger=0)
+        for key in [k for k in self._dealers if k[0] == address]:
+            self._dealers.pop(key).close(linger=0)
 
     def _sender_of(self, frame: zmq.Frame) -> str:
         data = frame.bytes

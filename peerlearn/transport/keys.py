@@ -6,12 +6,14 @@ the Edwards-to-Montgomery map), so anyone holding a peer's Ed25519 public key
 can compute the CURVE key it will present, and an allowlist of Ed25519 keys is
 enough for the ZAP authenticator.
 
-The swarm's CURVE *server* key pair is shared by every peer of a swarm:
-  * secret mode: derived from the swarm secret. A CURVE client must know the
-    server's public key to complete the handshake, and that key never crosses
-    the wire, so a stranger without the secret cannot even connect.
-  * allowlist mode: derived from the sorted allowlist (public); admission is
-    then decided by the ZAP authenticator on the client's key.
+The CURVE *server* key pair a peer's control socket presents:
+  * secret mode: one per swarm, derived from the swarm secret. A CURVE client
+    must know the server's public key to complete the handshake, and that key
+    never crosses the wire, so a stranger without the secret cannot even
+    connect.
+  * allowlist mode: the peer's own (above); a client names the peer it
+    expects, and admission is decided by the ZAP authenticator on the
+    client's key.
 """
 
 from __future__ import annotations
@@ -64,16 +66,11 @@ def curve_public_from_ed25519(public_raw: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
-def swarm_server_keypair(secret: bytes | None,
-                         allowlist: list[bytes] | None) -> tuple[bytes, bytes]:
-    """The CURVE server key pair every peer of the swarm binds with."""
-    if secret:
-        seed = hashlib.sha256(b"peerlearn-control-server\0" + secret).digest()
-    elif allowlist:
-        listed = b"".join(sorted(allowlist))
-        seed = hashlib.sha256(b"peerlearn-allowlist-server\0" + listed).digest()
-    else:
-        raise ValueError("a swarm needs a secret or an allowlist")
+def swarm_server_keypair(secret: bytes) -> tuple[bytes, bytes]:
+    """The CURVE server key pair every peer of a secret swarm binds with."""
+    if not secret:
+        raise ValueError("only a secret swarm shares a server key")
+    seed = hashlib.sha256(b"peerlearn-control-server\0" + secret).digest()
     x = X25519PrivateKey.from_private_bytes(seed)
     return _raw_public(x), _raw_private(x)
 
