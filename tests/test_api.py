@@ -19,6 +19,7 @@ from peerlearn.swarm.errors import (
     PeerClosed,
     PeerStartError,
     StateReplaced,
+    Withdrawn,
 )
 from peerlearn.swarm.peer import PeerConfig
 from peerlearn.swarm.rounds import Timeouts
@@ -228,12 +229,26 @@ def test_a_queued_all_reduce_can_be_withdrawn_and_a_pending_one_waited_again(swa
     second = a.all_reduce_async(contribution(0, 2), apply=add_mean)
     second.withdraw()
     assert len(a.daemon.queued) == 0 and a.daemon.submission is not None
+    with pytest.raises(Withdrawn):  # settled, not left hanging
+        second.result(5)
     with pytest.raises(CollectiveTimeout):  # b has not contributed: no majority yet
         first.result(0.5)
     assert not first.done()
     mine = b.all_reduce(contribution(1, 1), apply=add_mean, timeout=30)
     assert torch.equal(first.result(30)["w"], mine["w"])
     assert a.step == b.step == step + 1 and a.daemon.submission is None
+
+
+def test_config_mistakes_are_refused_up_front(tmp_path):
+    from peerlearn.state.identity import Identity
+    from peerlearn.swarm.peer import PeerDaemon
+
+    with pytest.raises(ValueError, match="ring_lanes"):
+        PeerConfig(tmp_path, SECRET, n_conns=2, ring_lanes=4)
+    key = Identity.load_or_create(tmp_path / "a").public_raw
+    with pytest.raises(ValueError, match="not on the allowlist"):
+        PeerDaemon(PeerConfig(tmp_path / "b", None, allowlist=[key],
+                              join="0" * 32 + "@127.0.0.1:9"))
 
 
 def test_flatten_round_trips_names_shapes_dtypes():

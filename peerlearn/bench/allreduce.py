@@ -163,6 +163,8 @@ def run(peers: int = 4, numel: int = 100_000_000, codecs: tuple[str, ...] = ("no
     carries), so codecs compare by time; `codec_speedup` is fp32's time over
     each codec's, measured on the same links in the same run.
     """
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
     for name in codecs:
         codec_from_name(name)  # refuse an unknown name before starting any process
     nbytes = numel * 4

@@ -264,6 +264,10 @@ def ring_allreduce(
         return out.view_as(tensor)
     if send_link is None or recv_link is None:
         raise ValueError("a ring of more than one peer needs both links")
+    if not 1 <= lanes <= min(send_link.n_conns, recv_link.n_conns) or piece_elems < 1:
+        send_link.abort()  # the neighbours must not wait for transfers that never come
+        recv_link.abort()
+        raise ValueError("need 1 <= lanes <= either link's connections and piece_elems >= 1")
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
     args = dict(rank=rank, world=world, op_tag=op_tag, average=average, codec=codec,
                 timeout=timeout, chunk_elems=chunk_elems, piece_elems=piece_elems, align=align)
@@ -279,17 +283,27 @@ def ring_allreduce(
         try:
             _ring_pipeline(out[cut[i]:cut[i + 1]], send_link=sends[i], recv_link=recvs[i],
                            on_step=on_step if i == 0 else None, **args)
-        except AllReduceAborted as e:
-            errors.append(e)
+        except BaseException as e:  # noqa: BLE001 - any lane failing fails the whole call
+            errors.append(e if isinstance(e, AllReduceAborted) else AllReduceAborted(
+                f"rank {rank}: lane {i} failed: {type(e).__name__}: {e}", rank=rank,
+                phase="setup", step=0, direction=None, cause=e))
             send_link.abort()  # every lane and both neighbours fail at once
             recv_link.abort()
 
-    threads = [threading.Thread(target=lane, args=(i,), name=f"allreduce-lane-{i}")
-               for i in range(1, lanes)]
-    for t in threads:
-        t.start()
+    threads: list[threading.Thread] = []
     try:
-        lane(0)
+        for i in range(1, lanes):
+            threads.append(threading.Thread(target=lane, args=(i,), name=f"allreduce-lane-{i}"))
+            threads[-1].start()
+    except BaseException as e:  # noqa: BLE001 - e.g. no thread could be started
+        errors.append(AllReduceAborted(f"rank {rank}: could not start the lanes: {e}",
+                                       rank=rank, phase="setup", step=0, direction=None,
+                                       cause=e))
+        send_link.abort()
+        recv_link.abort()
+    try:
+        if not errors:
+            lane(0)
     finally:
         for t in threads:
             t.join()  # never leave a thread writing into our buffers
@@ -387,7 +401,13 @@ def _ring_pipeline(out: torch.Tensor, *, rank: int, world: int, send_link: Link,
             send_link.send(packed[i, p], pipe.op(g, p), chunk_elems=byte_chunk, timeout=timeout)
 
     receiver = threading.Thread(target=receive_all, name=f"allreduce-recv-{op_tag}")
-    receiver.start()
+    try:
+        receiver.start()
+    except BaseException as e:  # noqa: BLE001 - no thread: nothing runs, tell the neighbours
+        pipe.fail("setup", 0, None, e)
+        err = pipe.aborted()
+        raise err from e
+    g = 0
     try:
         for g in range(n_steps):
             for p in range(n_pieces):
@@ -396,13 +416,11 @@ def _ring_pipeline(out: torch.Tensor, *, rank: int, world: int, send_link: Link,
                     break
                 if p == 0 and on_step is not None:
                     on_step(g)
-                try:
-                    send(g, p)
-                except BaseException as e:  # noqa: BLE001 - re-raised below as AllReduceAborted
-                    pipe.fail(phase_of(g), g, "send", e)
-                    break
+                send(g, p)
             if pipe.errors:
                 break
+    except BaseException as e:  # noqa: BLE001 - re-raised below as AllReduceAborted
+        pipe.fail(phase_of(g), g, "send", e)  # a Ctrl-C in a wait too: nobody is left waiting
     finally:
         receiver.join()  # never leave a thread writing into our buffers
     if pipe.errors:

@@ -314,12 +314,13 @@ class PendingAllReduce:
         return self._unflatten(self._peer._result(self._sub.future, timeout))
 
     def withdraw(self) -> None:
-        """Gives up: a queued contribution is dropped; one whose round is already
-        running still completes for everyone's sake (and then applies)."""
+        """Gives up: a contribution no round has taken fails with Withdrawn; one
+        whose round is already running still completes for everyone's sake
+        (and then applies, and result() returns its mean)."""
         try:
             self._peer._on_loop(self._peer._daemon().withdraw, self._sub)
         except PeerClosed:
-            pass  # closing settles it anyway
+            pass  # closing fails every pending contribution with PeerClosed
 
 
 __all__ = ["Peer", "PeerConfig", "PeerError", "PendingAllReduce", "flatten"]

@@ -32,6 +32,10 @@ class PeerConfig:
     step_timeout: float = 30.0  # one all-reduce step may take this long
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.ring_lanes <= self.n_conns:
+            raise ValueError("ring_lanes must be between 1 and n_conns (one connection a lane)")
+
 
 @dataclass(eq=False)
 class Submission:

@@ -36,6 +36,10 @@ class CollectiveTimeout(PeerError, TimeoutError):
     round already committed may still apply it: read `Peer.step` to know."""
 
 
+class Withdrawn(PeerError):
+    """The caller withdrew this contribution before any round took it."""
+
+
 class GossipFailed(PeerError):
     """A gossip exchange did not complete (partner gone, views disagreed on the
     pairing, timeout). The caller keeps its own tensor; the partner may or may

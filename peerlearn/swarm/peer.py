@@ -32,13 +32,13 @@ import torch
 
 from peerlearn.state import checkpoint
 from peerlearn.state.atomic import write_atomic
-from peerlearn.state.identity import Identity
+from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.state.shared import DTYPES, SharedState
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
-from peerlearn.swarm.errors import PeerClosed, StateReplaced
+from peerlearn.swarm.errors import PeerClosed, StateReplaced, Withdrawn
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.stream import StreamError
@@ -58,10 +58,13 @@ class PeerDaemon:
         """initial_state builds the state a founder starts from (when it has no
         checkpoint); None starts from an empty state at step 0."""
         self.cfg = config
-        if config.join is not None and split_target(config.join)[0] is None \
-                and config.secret is None:
-            raise ValueError("an allowlist swarm is joined as PEER_ID@HOST:PORT: the id names "
-                             "the only peer the handshake accepts there")
+        if config.join is not None and config.secret is None:
+            join_id = split_target(config.join)[0]
+            if join_id is None:
+                raise ValueError("an allowlist swarm is joined as PEER_ID@HOST:PORT: the id "
+                                 "names the only peer the handshake accepts there")
+            if join_id not in {peer_id_of(k) for k in config.allowlist or []}:
+                raise ValueError(f"{join_id} is not on the allowlist: it cannot be joined")
         self.identity = Identity.load_or_create(config.data_dir)
         self.id = self.identity.peer_id
         self.plane = ControlPlane(self.identity, config.host, config.control_port,
@@ -82,6 +85,7 @@ class PeerDaemon:
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
+        self.round_subs: dict[int, Submission] = {}  # round -> the contribution it carries
         self.submission: Submission | None = None  # the one rounds are run with
         self.queued: deque[Submission] = deque()  # waiting behind it, in order
         self._offers: dict[str, asyncio.Future] = {}
@@ -220,8 +224,11 @@ class PeerDaemon:
             elif isinstance(a, r.StartCollective):
                 self.busy = True
                 started = time.monotonic()
-                contribution = self.submission.tensor if self.submission is not None else None
-                fut = self.loop.run_in_executor(None, self._collective, a, contribution)
+                sub = self.submission
+                if sub is not None:  # the round's apply and result belong to it, whatever
+                    self.round_subs[a.round_id] = sub  # leads by the time it applies
+                fut = self.loop.run_in_executor(None, self._collective, a,
+                                                None if sub is None else sub.tensor)
                 fut.add_done_callback(lambda f, t=started: self._timed(t))
                 fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
             elif isinstance(a, r.ApplyResult):
@@ -229,6 +236,7 @@ class PeerDaemon:
             elif isinstance(a, r.DiscardResult):
                 self.rounds_aborted += 1
                 self.pending.pop(a.round_id, None)
+                self.round_subs.pop(a.round_id, None)
                 # The round is over for everyone: free our worker now rather
                 # than at its step timeout (a hung peer would hold it there).
                 for link in self.inflight_links.pop(a.round_id, []):
@@ -264,11 +272,13 @@ class PeerDaemon:
         it still completes (and applies it) for everyone's sake."""
         if sub in self.queued:
             self.queued.remove(sub)
+            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             return
         if self.submission is not sub:
             return
         sub.withdrawn = True
         if not self.busy and self.core.active is None:
+            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             self._next_submission()
 
     def _next_submission(self) -> None:
@@ -290,6 +300,7 @@ class PeerDaemon:
         unless the caller withdrew it (then it is dropped here)."""
         sub = self.submission
         if sub is not None and sub.withdrawn and not self.busy and self.core.active is None:
+            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             self._next_submission()
         self._schedule_ready(0.0)
 
@@ -339,11 +350,13 @@ class PeerDaemon:
         try:
             result = fut.result()
         except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
+            self.round_subs.pop(a.round_id, None)
             log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
             self._retry()
             return
         if self.core.active is None or self.core.active.round_id != a.round_id:
+            self.round_subs.pop(a.round_id, None)
             self._retry()  # decided (aborted) while we were still at it
             return
         self.pending[a.round_id] = result
@@ -352,14 +365,17 @@ class PeerDaemon:
 
     def _apply(self, a: r.ApplyResult) -> None:
         result = self.pending.pop(a.round_id, None)
+        sub = self.round_subs.pop(a.round_id, None)
         if result is None:
             # Decided "apply" but we hold no result: stay where we are; the
             # parity check sees the swarm ahead of us and fetches its state.
             log.warning("%s has no result for applied round %d", self.id[:8], a.round_id)
             self.core.state_synced(self.state.step, self.state.state_hash())
             return
-        sub = self.submission
-        self._next_submission()
+        if sub is not None and sub is self.submission:
+            self._next_submission()
+        # Even for a contribution already failed (StateReplaced) its apply runs:
+        # the round applied everywhere, and the callback keeps us in parity.
         if sub is not None and sub.apply is not None:
             sub.apply(self.state, result)
         self.state.step = a.step + 1
