@@ -291,8 +291,12 @@ def test_allowlist_swarm_without_a_secret(tmp_path):
         assert not (dirs["c"] / "data.key").exists()
         # `peerlearn status` speaks to an allowlist swarm with a listed identity ...
         target = f"{a.id}@{a.control_address}"
+        dealers = len(a.daemon.plane._dealers)
         rows = query_status(target, None, data_dir=str(dirs["b"]), allowlist=keys)
         assert {r["id"] for r in rows} == {a.id, b.id}
+        assert len(a.daemon.plane._dealers) == dealers + 1  # the reply's socket ...
+        time.sleep(2.5)
+        assert len(a.daemon.plane._dealers) == dealers  # ... is not kept
         # ... and gets nothing with an unlisted one
         with pytest.raises(SystemExit, match="no status answer"):
             query_status(target, None, timeout=1.5, data_dir=str(dirs["c"]), allowlist=keys)

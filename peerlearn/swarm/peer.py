@@ -50,6 +50,7 @@ log = logging.getLogger("peerlearn.peer")
 SYNC_OP = 1 << 62
 CHECKPOINT_FILE = "state.ckpt"
 DATA_KEY_FILE = "data.key"
+STATUS_REPLY_LINGER_S = 2.0
 
 
 class PeerDaemon:
@@ -204,6 +205,9 @@ class PeerDaemon:
             self._on_data_key(msg.key)
         elif isinstance(msg, m.StatusRequest):
             self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()), to=sender)
+            # A querier's address is used once: drop its socket after the reply
+            # had time to leave, or a dashboard polling status leaks one per poll.
+            self.loop.call_later(STATUS_REPLY_LINGER_S, self.plane.disconnect, msg.reply_to)
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
 
