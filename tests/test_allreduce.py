@@ -212,6 +212,10 @@ def test_pieces_and_lanes_give_the_same_exact_identical_results(swarm, codec):
     _assert_identical_and_exact(swarm.allreduce(1_000_003, tag=710, codec=c, lanes=2,
                                                 piece_elems=10_000, in_place=True),
                                 1e-6 if c is None else 0.25)
+    # More lanes than a link has connections is a ring mismatch: every peer
+    # aborts (nobody waits for a lane that never runs), inputs untouched.
+    reports = swarm.allreduce(1000, tag=720, codec=c, lanes=3, timeout=TIMEOUT)
+    assert all(r[0] == "aborted" and r[3] and r[2] < 5.0 for r in reports.values()), reports
 
 
 def test_int8_all_reduce_is_bit_identical_across_peers(swarm):

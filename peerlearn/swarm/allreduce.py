@@ -250,6 +250,8 @@ def ring_allreduce(
     if not 1 <= world <= MAX_WORLD or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world <= {MAX_WORLD}")
     op_id(op_tag, 0)  # validates the tag before anything moves
+    if piece_elems < 1:
+        raise ValueError("piece_elems must be positive")
     if out is None:
         out = torch.empty_like(tensor)
     elif (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != tensor.numel()
@@ -264,49 +266,44 @@ def ring_allreduce(
         return out.view_as(tensor)
     if send_link is None or recv_link is None:
         raise ValueError("a ring of more than one peer needs both links")
-    if not 1 <= lanes <= min(send_link.n_conns, recv_link.n_conns) or piece_elems < 1:
-        send_link.abort()  # the neighbours must not wait for transfers that never come
-        recv_link.abort()
-        raise ValueError("need 1 <= lanes <= either link's connections and piece_elems >= 1")
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
     args = dict(rank=rank, world=world, op_tag=op_tag, average=average, codec=codec,
                 timeout=timeout, chunk_elems=chunk_elems, piece_elems=piece_elems, align=align)
-    if lanes == 1:
-        _ring_pipeline(out, send_link=send_link, recv_link=recv_link, on_step=on_step, **args)
-        return out.view_as(tensor)
-
-    cut = segment_bounds(out.numel(), lanes, align)
-    sends, recvs = send_link.lanes(lanes), recv_link.lanes(lanes)
     errors: list[AllReduceAborted] = []
 
-    def lane(i: int) -> None:
+    def fail(what: str, e: BaseException) -> None:
+        errors.append(e if isinstance(e, AllReduceAborted) else AllReduceAborted(
+            f"rank {rank}: {what}: {type(e).__name__}: {e}", rank=rank, phase="setup", step=0,
+            direction=None, cause=e))
+        send_link.abort()  # every lane and both neighbours fail at once
+        recv_link.abort()
+
+    def lane(i: int, send: Link, recv: Link, part: torch.Tensor) -> None:
         try:
-            _ring_pipeline(out[cut[i]:cut[i + 1]], send_link=sends[i], recv_link=recvs[i],
+            _ring_pipeline(part, send_link=send, recv_link=recv,
                            on_step=on_step if i == 0 else None, **args)
         except BaseException as e:  # noqa: BLE001 - any lane failing fails the whole call
-            errors.append(e if isinstance(e, AllReduceAborted) else AllReduceAborted(
-                f"rank {rank}: lane {i} failed: {type(e).__name__}: {e}", rank=rank,
-                phase="setup", step=0, direction=None, cause=e))
-            send_link.abort()  # every lane and both neighbours fail at once
-            recv_link.abort()
+            fail(f"lane {i} failed", e)
 
-    threads: list[threading.Thread] = []
-    try:
-        for i in range(1, lanes):
-            threads.append(threading.Thread(target=lane, args=(i,), name=f"allreduce-lane-{i}"))
-            threads[-1].start()
-    except BaseException as e:  # noqa: BLE001 - e.g. no thread could be started
-        errors.append(AllReduceAborted(f"rank {rank}: could not start the lanes: {e}",
-                                       rank=rank, phase="setup", step=0, direction=None,
-                                       cause=e))
-        send_link.abort()
-        recv_link.abort()
-    try:
-        if not errors:
-            lane(0)
-    finally:
-        for t in threads:
-            t.join()  # never leave a thread writing into our buffers
+    if lanes == 1:
+        lane(0, send_link, recv_link, out)
+    else:
+        threads: list[threading.Thread] = []
+        try:
+            # A neighbour with fewer connections than lanes is a ring mismatch:
+            # fail the all-reduce (and the neighbours), as any other.
+            cut = segment_bounds(out.numel(), lanes, align)
+            parts = zip(send_link.lanes(lanes), recv_link.lanes(lanes),
+                        (out[cut[i]:cut[i + 1]] for i in range(lanes)))
+            for i, (send, recv, part) in enumerate(parts):
+                threads.append(threading.Thread(target=lane, args=(i, send, recv, part),
+                                                name=f"allreduce-lane-{i}"))
+                threads[-1].start()
+        except BaseException as e:  # noqa: BLE001 - e.g. lanes > connections, no thread
+            fail("could not start the lanes", e)
+        finally:
+            for t in threads:
+                t.join()  # never leave a thread writing into our buffers
     if errors:
         raise errors[0]
     return out.view_as(tensor)

@@ -336,10 +336,6 @@ class PeerDaemon:
         recv = self.links.incoming(pred, timeout=self.cfg.step_timeout)
         self.inflight_links[a.round_id] = [send, recv]
         codec = None if self.cfg.codec is None else CodecSpec(self.cfg.codec, self.cfg.block_size)
-        if min(send.n_conns, recv.n_conns) < self.cfg.ring_lanes:
-            raise AllReduceAborted(
-                f"a link has fewer connections than the swarm's {self.cfg.ring_lanes} lanes",
-                rank=rank, phase="setup", step=0, direction=None, cause=None)
         return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
                               op_tag=a.round_id, average=True, codec=codec,
                               timeout=self.cfg.step_timeout, lanes=self.cfg.ring_lanes)
