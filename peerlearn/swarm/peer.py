@@ -87,8 +87,8 @@ class PeerDaemon:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
         self.round_subs: dict[int, Submission] = {}  # round -> the contribution it carries
-        self.submission: Submission | None = None  # the one rounds are run with
-        self.queued: deque[Submission] = deque()  # waiting behind it, in order
+        # Contributions in submission order; the first is the one rounds run with.
+        self.submissions: deque[Submission] = deque()
         self._offers: dict[str, asyncio.Future] = {}
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
@@ -265,47 +265,49 @@ class PeerDaemon:
         if self.closing:
             _settle(sub.future, exc=PeerClosed("the peer is shutting down"))
             return
-        if self.submission is not None:
-            self.queued.append(sub)
-            return
-        self.submission = sub
-        self._schedule_ready(0.0)
+        self.submissions.append(sub)
+        if len(self.submissions) == 1:
+            self._schedule_ready(0.0)
 
     def withdraw(self, sub: Submission) -> None:
         """On the loop: the caller gave up on sub. A round already running with
         it still completes (and applies it) for everyone's sake."""
-        if sub in self.queued:
-            self.queued.remove(sub)
-            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
+        if sub not in self.submissions:
             return
-        if self.submission is not sub:
+        if sub is not self.submission:  # queued: no round has seen it
+            self.submissions.remove(sub)
+            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             return
         sub.withdrawn = True
-        if not self.busy and self.core.active is None:
-            _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
-            self._next_submission()
+        self._drop_withdrawn_head()
+
+    @property
+    def submission(self) -> Submission | None:
+        """The contribution rounds run with now (the first submitted)."""
+        return self.submissions[0] if self.submissions else None
 
     def _next_submission(self) -> None:
         """The head is done (applied, failed or withdrawn): the next one leads."""
-        self.submission = self.queued.popleft() if self.queued else None
-        if self.submission is not None:
+        self.submissions.popleft()
+        if self.submissions:
             self._schedule_ready(0.0)
 
-    def _fail_submissions(self, exc: BaseException) -> None:
-        """Every contribution, the leading one and those queued, fails with exc."""
-        subs = ([self.submission] if self.submission is not None else []) + list(self.queued)
-        self.submission = None
-        self.queued.clear()
-        for sub in subs:
-            _settle(sub.future, exc=exc)
-
-    def _retry(self) -> None:
-        """A round ended without applying: go again with the same contribution,
-        unless the caller withdrew it (then it is dropped here)."""
+    def _drop_withdrawn_head(self) -> None:
+        """A withdrawn head that no round is using fails with Withdrawn; the next leads."""
         sub = self.submission
         if sub is not None and sub.withdrawn and not self.busy and self.core.active is None:
             _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             self._next_submission()
+
+    def _fail_submissions(self, exc: BaseException) -> None:
+        """Every contribution, the leading one and those queued, fails with exc."""
+        while self.submissions:
+            _settle(self.submissions.popleft().future, exc=exc)
+
+    def _retry(self) -> None:
+        """A round ended without applying: go again with the same contribution,
+        unless the caller withdrew it (then it is dropped here)."""
+        self._drop_withdrawn_head()
         self._schedule_ready(0.0)
 
     def _schedule_ready(self, delay: float) -> None:
