@@ -61,3 +61,17 @@ def test_bench_allreduce_times_each_codec_and_gloo_in_one_run():
     assert all(v["seconds"] > 0 and len(v["all_runs_s"]) == 1 for v in out["ours"].values())
     assert out["gloo"]["seconds"] > 0
     assert set(out["speedup_vs_gloo"]) == {"none", "int8"} and set(out["codec_speedup"]) == {"int8"}
+
+
+def test_credentials_are_an_allowlist_or_a_secret(tmp_path, monkeypatch):
+    from peerlearn.cli.daemon import SECRET_ENV, read_credentials
+
+    allow = tmp_path / "allow"
+    allow.write_text("ab" * 32 + "\n")
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    assert read_credentials(None, str(allow)) == (None, [b"\xab" * 32])
+    with pytest.raises(SystemExit):  # neither: refused, not an open swarm
+        read_credentials(None, None)
+    monkeypatch.setenv(SECRET_ENV, "s" * 16)
+    assert read_credentials(None, str(allow)) == (b"s" * 16, [b"\xab" * 32])
+    assert read_credentials(None, None) == (b"s" * 16, None)

@@ -4,7 +4,6 @@ call into the library, printing JSON where a machine reads the output."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import typer
@@ -39,6 +38,17 @@ def _emit(result: dict, as_json: bool) -> None:
         typer.echo(f"{key}: {json.dumps(value)}")
 
 
+def _wan(spec: Optional[str]) -> Optional[tuple[float, float]]:
+    """"RTT_MS,MBIT" -> (rtt_ms, mbit); None stays None."""
+    if not spec:
+        return None
+    try:
+        rtt, rate = spec.split(",")
+        return float(rtt), float(rate)
+    except ValueError:
+        raise typer.BadParameter(f"--wan wants RTT_MS,MBIT, not {spec!r}") from None
+
+
 @bench.command("codec")
 def bench_codec(
     numel: int = typer.Option(64 * 2**20, help="Elements of the fp32 test tensor."),
@@ -65,10 +75,7 @@ def bench_stream(
     from peerlearn.bench import stream
 
     counts = [int(c) for c in conns.split(",") if c]
-    wan_spec = None
-    if wan:
-        rtt, rate = wan.split(",")
-        wan_spec = (float(rtt), float(rate))
+    wan_spec = _wan(wan)
     _emit(stream.run(conns=counts, mbytes=mbytes, wan=wan_spec), as_json)
 
 
@@ -97,10 +104,7 @@ def bench_allreduce(
     """Ring all-reduce time and bus bandwidth beside gloo's, in one run."""
     from peerlearn.bench import allreduce
 
-    wan_spec = None
-    if wan:
-        rtt, rate = wan.split(",")
-        wan_spec = (float(rtt), float(rate))
+    wan_spec = _wan(wan)
     _emit(allreduce.run(peers=peers, numel=numel, codecs=tuple(codec.split(",")), wan=wan_spec,
                         repeat=repeat, conns=conns, piece_elems=piece_elems, lanes=lanes,
                         gloo=gloo), as_json)
@@ -134,9 +138,7 @@ def run(
     from peerlearn.cli import daemon
     from peerlearn.wire.codecs import codec_from_name
 
-    keys = daemon.read_allowlist(allowlist) if allowlist else None
-    secret = None if keys and not secret_file and not os.environ.get(daemon.SECRET_ENV) \
-        else daemon.read_secret(secret_file)
+    secret, keys = daemon.read_credentials(secret_file, allowlist)
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
@@ -174,9 +176,7 @@ def status(
     """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""
     from peerlearn.cli import daemon
 
-    keys = daemon.read_allowlist(allowlist) if allowlist else None
-    secret = None if keys and not secret_file and not os.environ.get(daemon.SECRET_ENV) \
-        else daemon.read_secret(secret_file)
+    secret, keys = daemon.read_credentials(secret_file, allowlist)
     rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

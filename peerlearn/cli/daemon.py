@@ -31,6 +31,16 @@ def read_secret(secret_file: str | None) -> bytes:
     return secret
 
 
+def read_credentials(secret_file: str | None,
+                     allowlist_file: str | None) -> tuple[bytes | None, list[bytes] | None]:
+    """(secret, allowlist): an allowlist file alone means an allowlist swarm (no
+    secret); otherwise the secret is required (file, else $PEERLEARN_SECRET)."""
+    keys = read_allowlist(allowlist_file) if allowlist_file else None
+    if keys and not secret_file and not os.environ.get(SECRET_ENV):
+        return None, keys
+    return read_secret(secret_file), keys
+
+
 def read_allowlist(path: str) -> list[bytes]:
     """Ed25519 public keys, hex, one per line ('#' starts a comment)."""
     keys = []

@@ -139,11 +139,6 @@ class ControlPlane:
             self._dealers[address, server_pub] = d
         return d
 
-    @property
-    def needs_peer_ids(self) -> bool:
-        """Allowlist mode: send() must name the peer expected at the address."""
-        return self._peer_servers is not None
-
     def send(self, address: str, msg, to: str | None = None) -> None:
         """Queues msg for the peer at host:port; never blocks; a no-op once closed.
 
