@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import random
 
 from peerlearn.swarm import rounds as r
 from peerlearn.wire import control as m
@@ -40,10 +41,13 @@ class SimPeer:
 class Sim:
     def __init__(self, n: int, timeouts=r.Timeouts(heartbeat_every=0.1, dead_after=0.6,
                                                    gather=1.0, ack=0.5, collective=5.0),
-                 latency=0.01, compute=0.2, collective_time=0.15, sync_time=0.1):
+                 latency=0.01, compute=0.2, collective_time=0.15, sync_time=0.1,
+                 jitter=0.0, seed=0):
         self.now = 0.0
         self.t = timeouts
         self.latency = latency
+        self.jitter = jitter  # each message takes latency + U(0, jitter): reordering
+        self.rng = random.Random(seed)
         self.compute = compute
         self.collective_time = collective_time
         self.sync_time = sync_time
@@ -74,6 +78,29 @@ class Sim:
     def kill(self, pid: str):
         self.peers[pid].alive = False
         self.peers[pid].killed = True
+
+    def restart(self, pid: str, via: str, back: int = 0) -> SimPeer:
+        """The process of pid starts again (killed first if it runs) from its
+        checkpoint `back` steps before the last step it held: a fresh core,
+        counters at zero, its identity and its disk history kept; it joins via `via`."""
+        old = self.peers[pid]
+        ckpt = max(0, old.step - back)
+        while ckpt not in old.applied_steps:  # a checkpoint is a state it really held
+            ckpt += 1
+        old.alive = False
+        p = SimPeer(self, pid, False, self.t)
+        p.applied_steps = old.applied_steps
+        p.step, p.state = ckpt, old.applied_steps[ckpt]
+        p.core.state_synced(p.step, p.state)
+        self.peers[pid] = p
+        self.events.append((self.now, "restart", pid, ckpt))
+        self.run_actions(p, p.core.join_via(via))
+        self.at(self.compute, self._ready, p)
+        return p
+
+    def forge(self, src: str, dst: str, msg):
+        """A member (src holds the secret) sends dst whatever it likes."""
+        self.at(self.latency, self._deliver, src, dst, m.encode(msg))
 
     def stop(self, pid: str):
         self.peers[pid].alive = False
@@ -112,7 +139,8 @@ class Sim:
     def run_actions(self, p: SimPeer, actions):
         for a in actions:
             if isinstance(a, r.Send):
-                self.at(self.latency, self._deliver, p.id, a.to, m.encode(a.msg))
+                delay = self.latency + (self.rng.uniform(0, self.jitter) if self.jitter else 0)
+                self.at(delay, self._deliver, p.id, a.to, m.encode(a.msg))
             elif isinstance(a, r.StartCollective):
                 self.at(self.collective_time, self._collective_end, p, a)
             elif isinstance(a, r.ApplyResult):
@@ -134,7 +162,7 @@ class Sim:
                 self.events.append((self.now, "view", p.id, a.members))
 
     def _deliver(self, src: str, dst: str, data: bytes):
-        if dst not in self.peers or not self.connected(src, dst):
+        if dst not in self.peers or (src in self.peers and not self.connected(src, dst)):
             return
         try:
             msg = m.decode(data)
@@ -150,6 +178,9 @@ class Sim:
 
     def _collective_end(self, p: SimPeer, a: r.StartCollective):
         if not p.alive:
+            return
+        if p.core.active is None or p.core.active.round_id != a.round_id:
+            self._ready(p)  # decided (aborted) while we were at it, as the daemon retries
             return
         ok = all(self.connected(p.id, q) for q in a.participants if q != p.id)
         states = tuple(self.peers[q].state for q in a.participants)

@@ -11,7 +11,7 @@ P = m.PeerInfo("abc123", "10.0.0.1:5000", "10.0.0.1:5001")
 H = b"\x01" * 8
 
 SAMPLES = [
-    m.Heartbeat(3, 2, 7, H, True, P),
+    m.Heartbeat(3, 2, 4, 7, H, True, P),
     m.Join(P),
     m.Welcome(3, 7, (P, m.PeerInfo("def", "h:1", "h:2"))),
     m.Leave(),

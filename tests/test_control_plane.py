@@ -19,7 +19,7 @@ def ident(tmp_path, name):
 
 
 def beat(i: Identity):
-    return m.Heartbeat(1, 0, 2, b"\0" * 8, True, m.PeerInfo(i.peer_id, "h:1", "h:2"))
+    return m.Heartbeat(1, 0, 0, 2, b"\0" * 8, True, m.PeerInfo(i.peer_id, "h:1", "h:2"))
 
 
 async def recv_or_none(plane, timeout):

@@ -221,7 +221,7 @@ def test_resuming_founder_waits_then_adopts_the_newest_state():
     assert core.leading is None
     # ...and a peer that comes back with a newer state is where we resume from.
     b = m.PeerInfo("b", "b:1", "b:2")
-    core.receive(1.0, "b", m.Heartbeat(0, 0, 7, b"\x07" * 8, True, b))
+    core.receive(1.0, "b", m.Heartbeat(0, 0, 0, 7, b"\x07" * 8, True, b))
     need = [a for a in core.tick(1.1) if isinstance(a, r.SyncNeeded)]
     assert need == [r.SyncNeeded(7, b"\x07" * 8, ("b",))]
     # A founder of a new swarm (nothing to resume) does not wait at all.
@@ -252,7 +252,7 @@ def test_decision_missed_while_the_old_coordinator_seemed_alive_is_learned_later
 
     sim, rid = mid_round(all)
     sim.kill("p00")
-    beat = m.Heartbeat(sim.peers["p00"].core.epoch, 0, 0, r.ZERO_HASH, True,
+    beat = m.Heartbeat(sim.peers["p00"].core.epoch, 0, 0, 0, r.ZERO_HASH, True,
                        sim.peers["p00"].core.me)
     # p03 keeps hearing p00 (delivered late) until well after p01 has decided.
     t_end = sim.now + sim.t.dead_after + sim.t.ack + 1.0
@@ -276,7 +276,7 @@ def test_a_member_speaking_in_anothers_name_is_rejected():
     me = m.PeerInfo("a", "a:1", "a:2")
     core = r.RoundCore(me, founder=True)
     forged = m.PeerInfo("c", "c:1", "c:2")
-    for msg in (m.Heartbeat(0, 0, 5, b"\x05" * 8, True, forged), m.Join(forged),
+    for msg in (m.Heartbeat(0, 0, 0, 5, b"\x05" * 8, True, forged), m.Join(forged),
                 m.Ready(5, b"\x05" * 8, forged)):
         assert core.receive(1.0, "b", msg) == []
     assert core.rejected == 3

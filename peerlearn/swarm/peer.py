@@ -279,6 +279,7 @@ class PeerDaemon:
             _settle(sub.future, exc=Withdrawn("withdrawn before its round"))
             return
         sub.withdrawn = True
+        self.core.not_ready()  # no new round may count on it
         self._drop_withdrawn_head()
 
     @property

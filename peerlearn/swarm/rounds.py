@@ -46,6 +46,9 @@ from peerlearn.swarm.actions import (  # noqa: F401
 )
 from peerlearn.wire import control as m
 
+# No honest swarm reaches 2^62 rounds; reports above it are a member's lie.
+ROUND_ID_LIMIT = 1 << 62
+
 # ------------------------------------------------------------------ core
 
 
@@ -81,11 +84,13 @@ class RoundCore:
         self.last_heard: dict[str, float] = {}
         self.left: set[str] = set()
         self.beats: dict[str, m.Heartbeat] = {}
+        self.beat_at: dict[str, float] = {}
         self.readies: dict[str, m.Ready] = {}
         self.first_ready_at: float | None = None
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
         self.acked_to: str | None = None  # ...and the coordinator it went to
         self.observed: m.Commit | None = None  # latest undecided commit seen
+        self.observed_at = -1e18
         self.committer: str | None = None  # who sent it
         self.active: m.Commit | None = None  # ...when I am one of its participants
         self.my_done: m.Done | None = None
@@ -100,6 +105,13 @@ class RoundCore:
         # A founder resuming from a checkpoint: peers that held newer states
         # before the restart get rejoin_grace to come back before round one.
         self.resuming = resuming
+        # Why the coordinator proposes nothing (None while rounds run): the
+        # driver logs it when it changes and exports it as a metric.
+        self.stall: str | None = None
+        self.quorum_held = 0  # live view members ready on the state a round would use
+        self.view_asked_of: str | None = None  # whose Welcome may replace our view
+        self.my_ready: m.Ready | None = None  # repeated until a round takes it
+        self.ready_sent_at = -1e18
 
     # ---------------------------------------------------------- queries
 
@@ -121,6 +133,30 @@ class RoundCore:
     def _quorum(self, ids) -> bool:
         return 2 * len(set(ids) & set(self.members)) > len(self.members)
 
+    @property
+    def quorum_needed(self) -> int:
+        return len(self.members) // 2 + 1
+
+    def _member_beats(self, now: float) -> dict[str, m.Heartbeat]:
+        """Heartbeats of live view members other than me: the only reports a
+        decision rests on. A non-member's word settles nothing."""
+        return {i: b for i, b in self.beats.items()
+                if i in self.members and i != self.me.id and self.alive(i, now)}
+
+    def newest_step(self, now: float) -> int:
+        """The highest step a live view member holds (synced), mine included.
+
+        Every such state was applied by an agreed round (or restored from a
+        checkpoint of one), so no round may run for a lower step: that step
+        was passed, and running it again would give it a second hash.
+        """
+        steps = [b.step for b in self._member_beats(now).values() if b.synced]
+        steps += [r.step for i, r in self.readies.items()
+                  if i in self.members and i != self.me.id and self.alive(i, now)]
+        if self.synced:
+            steps.append(self.step)
+        return max(steps, default=0)
+
     def _broadcast(self, msg, now: float) -> list:
         return [Send(p, msg) for p in sorted(self.known)
                 if p != self.me.id and (self.alive(p, now) or p not in self.last_heard)]
@@ -135,7 +171,12 @@ class RoundCore:
         """The driver's update for `step` is ready and its state hashes to state_hash."""
         self.step, self.state_hash, self.synced = step, state_hash, True
         ready = m.Ready(step, state_hash, self.me)
+        self.my_ready, self.ready_sent_at = ready, now
         return self._broadcast(ready, now) + self.receive(now, self.me.id, ready)
+
+    def not_ready(self) -> None:
+        """The driver has no update any more (its caller withdrew it)."""
+        self.my_ready = None
 
     def state_synced(self, step: int, state_hash: bytes) -> None:
         """The driver fetched and verified the state (step, state_hash)."""
@@ -187,8 +228,8 @@ class RoundCore:
         out: list = []
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
-            beat = m.Heartbeat(self.epoch, self.aborted, self.step, self.state_hash,
-                               self.synced, self.me)
+            beat = m.Heartbeat(self.epoch, self.aborted, self.term, self.step,
+                               self.state_hash, self.synced, self.me)
             out += self._broadcast(beat, now)
             # Peers we think dead still hear from us now and then: that is how
             # the two sides of a healed partition find each other again.
@@ -198,12 +239,25 @@ class RoundCore:
                         if p != self.me.id and not self.alive(p, now) and p in self.last_heard]
         self._forget_long_gone(now)
         out += self._learn_missed_decision(now)
+        self.stall = None
         out += self._check_sync(now)
         if self.is_coordinator(now):
+            out += self._lead(now)
+        elif self.leading is not None and self.leading.commit is not None:
+            # A smaller id is back (perhaps restarted, knowing nothing of this
+            # round): the round I committed is still mine to decide.
             out += self._lead(now)
         elif self.leading is not None:
             self.leading = None  # someone with a smaller id is back; let it lead
         coord = self.coordinator(now)
+        ready = self.my_ready
+        if ready is not None and (ready.step, ready.state_hash) == (self.step, self.state_hash) \
+                and self.active is None and coord not in (None, self.me.id) and \
+                now - self.ready_sent_at >= self.t.ack:
+            # A Ready is sent once; a coordinator that restarted (or took over
+            # after messages to its predecessor were lost) never saw ours.
+            self.ready_sent_at = now
+            out.append(Send(coord, ready))
         if self.my_done is not None and coord not in (None, self.me.id) and \
                 now - self.done_sent_at >= self.t.heartbeat_every:
             # Keep telling whoever leads now: a new coordinator needs it to end the round.
@@ -212,13 +266,20 @@ class RoundCore:
         return out
 
     def _outcome_seen(self, round_id: int) -> bool | None:
-        """How round_id ended, as other peers' heartbeats tell: True applied,
+        """How round_id ended, as view members' heartbeats tell: True applied,
         False aborted or superseded (a later round was decided, so this one
         was too; its result can be dropped: the parity check syncs what the
-        swarm applied), None not known yet."""
-        if any(b.epoch == round_id for b in self.beats.values()):
+        swarm applied), None not known yet.
+
+        Only members' reports count, and only of rounds known to have been
+        committed (ids up to max_round_id): a report of round 2^64-1 names
+        no round and proves nothing.
+        """
+        beats = [b for i, b in self.beats.items() if i in self.members and i != self.me.id]
+        if any(b.epoch == round_id for b in beats):
             return True
-        if any(b.aborted >= round_id or b.epoch > round_id for b in self.beats.values()):
+        if any(round_id <= b.aborted <= self.max_round_id or
+               round_id < b.epoch <= self.max_round_id for b in beats):
             return False
         return None
 
@@ -230,15 +291,34 @@ class RoundCore:
         if c is None or (self.leading is not None and self.leading.commit is c):
             return []
         outcome = self._outcome_seen(c.round_id)
+        if outcome is None and self._leader_never_knew(c, now):
+            outcome = False
         if outcome is None:
             return []
         return self._settle(now, self.me.id, c.round_id, apply=outcome)
+
+    def _leader_never_knew(self, c: m.Commit, now: float) -> bool:
+        """Whoever leads now has a heartbeat showing no round as late as c: it
+        restarted (perhaps it is c's own committer, its counters back at zero)
+        or came back after c was committed without it. Nobody will ever decide
+        c, so it did not apply with us. Had its committer applied it alone
+        before dying, dropping it here only costs a state sync, never a second
+        hash for the step. (A member's heartbeats and Commits travel in order
+        on one connection: the committer's beat received after its Commit
+        was sent after it, so it knows the round unless it restarted.)"""
+        coord = self.coordinator(now)
+        if coord in (None, self.me.id):
+            return False
+        b = self.beats.get(coord)
+        # Only a beat sent after the Commit reached us says what the leader knows now.
+        fresh = self.beat_at.get(coord, -1e18) > self.observed_at
+        return b is not None and fresh and b.term < c.round_id and b.epoch < c.round_id
 
     def _forget_long_gone(self, now: float) -> None:
         gone = [p for p, t in self.last_heard.items()
                 if p not in self.members and now - t > 10 * self.t.dead_after]
         for p in gone:
-            for d in (self.last_heard, self.known, self.beats, self.readies):
+            for d in (self.last_heard, self.known, self.beats, self.beat_at, self.readies):
                 d.pop(p, None)
             self.left.discard(p)
 
@@ -247,12 +327,14 @@ class RoundCore:
     def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
         self.known.setdefault(sender, msg.peer)
         self.beats[sender] = msg
+        self.beat_at[sender] = now
         if msg.epoch > self.epoch and self.members and self.observed is None and \
                 now - self.view_asked_at >= self.t.heartbeat_every * 2:
             # Rounds were applied without us (we were cut off): our view is
             # stale, and with it our idea of the coordinator and the quorum.
             # Ask for the current view; its Welcome replaces ours.
             self.view_asked_at = now
+            self.view_asked_of = sender
             return [Send(sender, m.Join(self.me))]
         return []
 
@@ -262,9 +344,17 @@ class RoundCore:
 
     def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
         if self.members:
-            # Only a newer view replaces ours (epochs are the ids of applied
-            # rounds, each agreed by a majority of the view before it).
+            # Only the answer to our own Join replaces our view, only a newer
+            # view, and only one that keeps a majority of ours: views change by
+            # agreed rounds, each among a majority of the view before it. An
+            # unsolicited Welcome (a member naming itself the whole swarm) is dropped.
+            asked = sender == self.view_asked_of and \
+                now - self.view_asked_at <= self.t.dead_after
+            if not asked or not self._quorum(p.id for p in msg.members):
+                self.rejected += 1
+                return []
             if msg.epoch > self.epoch and self.observed is None:
+                self.view_asked_of = None
                 for p in msg.members:
                     self.known.setdefault(p.id, p)
                 self.members = {p.id: p for p in msg.members}
@@ -295,12 +385,17 @@ class RoundCore:
         return self._lead(now) if self.is_coordinator(now) else []
 
     def _on_propose(self, now, sender, msg: m.Propose) -> list:
-        if sender != self.coordinator(now) or msg.term < self.term or \
+        stale = sender != self.me.id and msg.round_id <= self.max_round_id  # an id in use
+        if sender != self.coordinator(now) or msg.term < self.term or stale or \
                 (msg.round_id, msg.term) <= self.acked or self.me.id not in msg.participants:
             self.rejected += 1
             return []
-        if (msg.step, msg.state_hash) != (self.step, self.state_hash) or self.active is not None:
-            return []  # not my state, or still finishing a round: the proposal will time out
+        if (msg.step, msg.state_hash) != (self.step, self.state_hash) or self.active is not None \
+                or self.sync_requested is not None or msg.step < self.newest_step(now):
+            # Not my state, still finishing a round, or a step the swarm has
+            # passed (I restarted from an older checkpoint and sync first):
+            # the proposal times out.
+            return []
         self.term = msg.term
         self.max_round_id = max(self.max_round_id, msg.round_id)
         self.acked = (msg.round_id, msg.term)
@@ -332,20 +427,27 @@ class RoundCore:
         if (sender != self.coordinator(now) and not mine) or msg.term < self.term:
             self.rejected += 1
             return []
+        out: list = []
+        if self.observed is not None and msg.round_id > self.observed.round_id:
+            # A later round was committed, so the one we hold was settled (or
+            # never known) by whoever leads: it did not apply with us. Drop it;
+            # the parity check syncs whatever the swarm applied.
+            out = self._settle(now, self.me.id, self.observed.round_id, apply=False)
         self.max_round_id = max(self.max_round_id, msg.round_id)
         self.term = max(self.term, msg.term)
         for p in msg.members:
             self.known.setdefault(p.id, p)
         self.committer = sender
+        self.observed_at = now
         if self.me.id not in msg.participants:
             self.observed = msg
-            return []
+            return out
         if self.acked != (msg.round_id, msg.term):
             self.rejected += 1
-            return []
+            return out
         self.observed = self.active = msg
         self.my_done = None
-        return [StartCollective(msg.round_id, msg.step, msg.participants, msg.members)]
+        return out + [StartCollective(msg.round_id, msg.step, msg.participants, msg.members)]
 
     def _on_done(self, now, sender, msg: m.Done) -> list:
         r = self.leading
@@ -384,19 +486,28 @@ class RoundCore:
                     return self._finish(now, apply=seen)  # my predecessor had decided
                 grace = r.adopted and now - r.since < self.t.ack
                 dead = any(not self.alive(p, now) for p in r.commit.participants)
-                if (dead and not grace) or now - r.since > self.t.collective:
+                if (dead and not grace) or now - r.since > self.t.collective or \
+                        self._dropped(r.commit):
                     return self._finish(now, apply=False)
+                self.stall = f"round {r.commit.round_id} running"
                 return []
             else:
+                self.stall = f"round {r.propose.round_id} proposed, waiting for acks"
                 return []
         if self.observed is not None:
             return self._adopt(now)
         return self._maybe_propose(now)
 
+    def _dropped(self, c: m.Commit) -> bool:
+        """A participant's heartbeat says it settled c as aborted (it learned
+        that from others, or it restarted): its Done will never come."""
+        return any(c.round_id <= b.aborted <= self.max_round_id
+                   for i, b in self.beats.items() if i in c.participants and i != self.me.id)
+
     def _adopt(self, now: float) -> list:
         """I lead now and a committed round is undecided: end it before anything new."""
         c = self.observed
-        self.term += 1
+        self.term = max(self.term, self.max_round_id) + 1
         self.leading = _Round(m.Propose(c.round_id, self.term, c.step, ZERO_HASH,
                                         c.participants), now, set(c.participants), c, {},
                               adopted=True)
@@ -405,17 +516,24 @@ class RoundCore:
     def _maybe_propose(self, now: float) -> list:
         if self.resuming and self.epoch == 0 and self.started_at is not None and \
                 now - self.started_at < self.t.rejoin_grace:
+            self.stall = "resuming from a checkpoint: waiting rejoin_grace for peers"
             return []
         live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
-        if not live:
-            return []
+        newest = self.newest_step(now)
         groups: dict[tuple[int, bytes], list[str]] = {}
         for i, r in live.items():
             groups.setdefault((r.step, r.state_hash), []).append(i)
-        eligible = [(k, v) for k, v in groups.items() if self._quorum(v)]
+        held = max((len(set(v) & set(self.members)) for (st, _), v in groups.items()
+                    if st == newest), default=0)
+        self.quorum_held = held
+        # Only the newest step a member holds may run: peers behind it (restarted
+        # from older checkpoints) sync to it first, however many they are.
+        eligible = [(k, v) for k, v in groups.items() if k[0] == newest and self._quorum(v)]
         if not eligible:
+            self.stall = (f"no majority ready on one state at step {newest}: "
+                          f"{held} of {self.quorum_needed} needed")
             return []
-        (step, h), ids = max(eligible, key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
+        (step, h), ids = max(eligible, key=lambda kv: (len(kv[1]), kv[0][1]))
         # Wait (at most `gather`) for live members not yet ready with this
         # state (one being repaired re-sends Ready once synced), and for synced
         # joiners at this very step, so a peer that just caught up enters this round.
@@ -425,10 +543,19 @@ class RoundCore:
                     and b.step == step and (p not in live or live[p].step != step)]
         first = self.first_ready_at if self.first_ready_at is not None else now
         if waiting and now - first < self.t.gather:
+            self.stall = "gathering: waiting for " + ", ".join(sorted(waiting))
             return []
-        self.term += 1
-        self.max_round_id += 1
         participants = tuple(sorted(ids))
+        # Round ids and terms go on from the highest any member knows: a
+        # coordinator that restarted (counters back at 0) would otherwise
+        # propose rounds everyone has seen settled.
+        # A proposal's term is its round id; a member's heartbeat term tells the
+        # highest id it has acked, so a round committed by a predecessor that we
+        # never saw is not reused. Values no honest swarm reaches are ignored.
+        base = max([self.max_round_id, self.term] + [
+            v for b in self._member_beats(now).values() for v in (b.epoch, b.aborted, b.term)
+            if v < ROUND_ID_LIMIT])
+        self.max_round_id = self.term = base + 1
         prop = m.Propose(self.max_round_id, self.term, step, h, participants)
         self.leading = _Round(prop, now, set())
         out = [Send(i, prop) for i in participants if i != self.me.id]
@@ -453,6 +580,8 @@ class RoundCore:
             return []
         mine = self.active is not None
         self.observed = self.active = self.my_done = None
+        if mine:
+            self.my_ready = None  # the round took it; the driver sends the next
         self.first_ready_at = None
         for i in c.participants:
             if i in self.readies and self.readies[i].step <= c.step:
@@ -482,15 +611,24 @@ class RoundCore:
         if self.epoch == 0 and set(self.members) <= {self.me.id}:
             return self._resume_newest(now)
         views: dict[tuple[int, bytes], list[str]] = {}
-        for i, b in self.beats.items():
-            if i in self.members and self.alive(i, now) and b.synced:
+        for i, b in self._member_beats(now).items():
+            if b.synced:
                 views.setdefault((b.step, b.state_hash), []).append(i)
         if self.synced and self.me.id in self.members:
             views.setdefault((self.step, self.state_hash), []).append(self.me.id)
-        best = [(k, v) for k, v in views.items() if self._quorum(v)]
+        if not views:
+            return []
+        newest = max(st for st, _ in views)
+        if newest > self.step or not self.synced:
+            # A newer state wins even when few hold it: it was applied by an
+            # agreed round, and the step we hold has been passed for good.
+            best = [(k, v) for k, v in views.items() if k[0] == newest]
+        else:
+            # Same step, another hash: the majority's state repairs ours.
+            best = [(k, v) for k, v in views.items() if k[0] == self.step and self._quorum(v)]
         if not best:
             return []
-        (step, h), donors = max(best, key=lambda kv: kv[0][0])
+        (step, h), donors = max(best, key=lambda kv: (len(kv[1]), kv[0][1]))
         if (step, h) == (self.step, self.state_hash) and self.synced:
             return []
         if step < self.step or self.sync_requested == (step, h):

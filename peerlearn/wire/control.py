@@ -158,12 +158,15 @@ _CHECKS = {
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """I am alive; my applied view, the last committed round I saw aborted, my
-    shared state's step and hash, whether it is synced. `epoch` and `aborted`
-    let a peer that missed a round's Apply or Abort learn how it ended."""
+    """I am alive; my applied view, the last committed round I saw aborted, the
+    highest term I know, my shared state's step and hash, whether it is
+    synced. `epoch` and `aborted` let a peer that missed a round's Apply or
+    Abort learn how it ended; with `term` they let a coordinator that
+    restarted go on from the swarm's counters instead of its own zeros."""
 
     epoch: int
     aborted: int
+    term: int
     step: int
     state_hash: bytes
     synced: bool

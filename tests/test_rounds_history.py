@@ -1,0 +1,164 @@
+"""History and liveness under restarts, and members that lie: simulated time.
+
+The invariant every scenario ends on: a step, once applied by any peer, has
+exactly one state hash, forever (`Sim.parity_violations`). Restarts come from
+checkpoints older than the swarm's step, with the peer's counters at zero, as
+a real process restarting from its data dir.
+"""
+
+from __future__ import annotations
+
+import pytest
+from swarm_sim import Sim
+
+from peerlearn.swarm import rounds as r
+from peerlearn.wire import control as m
+
+U64 = (1 << 64) - 1
+
+
+def applied_after(sim, t0, ids=None):
+    return [(t, p, s) for t, kind, p, s in sim.events
+            if kind == "apply" and t > t0 and (ids is None or p in ids)]
+
+
+@pytest.mark.parametrize("with_coordinator", [False, True])
+def test_restarted_majority_from_older_checkpoints_never_rewrites_a_step(with_coordinator):
+    sim = Sim(7)
+    sim.run(5)
+    victims = ["p00", "p01", "p02", "p03"] if with_coordinator else ["p03", "p04", "p05", "p06"]
+    survivors = [p for p in sim.peers if p not in victims]
+    for v in victims:
+        sim.kill(v)
+    sim.run(sim.now + 3)  # three of seven: no quorum, the survivors hold their step
+    held = sim.max_step(survivors)
+    assert held >= 5
+    t_restart = sim.now
+    for v in victims:  # each from a checkpoint 3 steps behind the swarm
+        sim.restart(v, via=survivors[0], back=3)
+    sim.run(sim.now + 10)
+    assert sim.parity_violations() == []
+    # The restarted peers synced to the survivors' newer state and then all
+    # seven went on from there: nobody applied a step at or below `held` again.
+    assert not [e for e in applied_after(sim, t_restart) if e[2] <= held]
+    assert min(p.step for p in sim.peers.values()) >= held + 3
+    assert all(any(e[1] == "sync" and e[2] == v and e[0] > t_restart for e in sim.events)
+               for v in victims)
+
+
+def test_newer_state_wins_when_no_state_has_a_majority():
+    """4-peer view, 3 alive: 2 restarted from older checkpoints, 1 ahead."""
+    sim = Sim(4)
+    sim.run(5)
+    sim.kill("p01")
+    sim.kill("p02")
+    sim.run(sim.now + 2)
+    sim.kill("p03")
+    ahead = sim.peers["p00"].step
+    t0 = sim.now
+    sim.restart("p01", via="p00", back=4)
+    sim.restart("p02", via="p00", back=4)
+    assert sim.peers["p01"].step < ahead
+    sim.run(sim.now + 6)
+    assert sim.parity_violations() == []
+    assert min(sim.peers[p].step for p in ("p00", "p01", "p02")) >= ahead + 3
+    assert not [e for e in applied_after(sim, t0) if e[2] <= ahead]
+
+
+def test_restarted_coordinator_of_two_goes_on_with_the_swarms_round_ids():
+    sim = Sim(2)
+    sim.run(4)
+    before = sim.peers["p01"].core.max_round_id
+    assert before >= 5
+    t0 = sim.now
+    sim.restart("p00", via="p01")  # smallest id: coordinator again at once, counters at 0
+    sim.run(t0 + 3)
+    assert sim.peers["p00"].core.is_coordinator(sim.now)
+    assert len(applied_after(sim, t0, ["p01"])) >= 3  # not a 300 s wait for Dones
+    assert sim.peers["p01"].core.max_round_id > before
+    assert sim.parity_violations() == []
+
+
+def test_unsolicited_welcome_from_a_member_changes_no_view():
+    sim = Sim(4)
+    sim.run(3)
+    liar = sim.peers["p03"].core.me
+    views = {p: set(sim.peers[p].core.members) for p in ("p00", "p01", "p02")}
+    rejected = {p: sim.peers[p].core.rejected for p in views}
+    for p in views:
+        sim.forge("p03", p, m.Welcome(U64, 1_000_000, (liar,)))
+    sim.run(sim.now + 0.1)
+    for p in views:
+        assert set(sim.peers[p].core.members) == views[p]
+        assert sim.peers[p].core.epoch < U64
+        assert sim.peers[p].core.rejected > rejected[p]
+
+
+def test_a_solicited_welcome_must_keep_a_majority_of_the_view():
+    me = m.PeerInfo("a", "a:1", "a:2")
+    b, c = m.PeerInfo("b", "b:1", "b:2"), m.PeerInfo("c", "c:1", "c:2")
+    core = r.RoundCore(me, founder=True)
+    core.members = {p.id: p for p in (me, b, c)}
+    core.epoch = 5
+    # b reports a newer view: we ask b for it...
+    out = core.receive(1.0, "b", m.Heartbeat(9, 0, 0, 3, b"\1" * 8, True, b))
+    assert [a.msg for a in out if isinstance(a, r.Send)] == [m.Join(me)]
+    # ...but a view of b alone is not one a majority of ours agreed to.
+    core.receive(1.1, "b", m.Welcome(9, 3, (b,)))
+    assert set(core.members) == {"a", "b", "c"} and core.epoch == 5
+    # A Welcome from c, whom we did not ask, is dropped too.
+    core.receive(1.2, "c", m.Welcome(9, 3, (b, c)))
+    assert core.epoch == 5
+    # The answer we asked for, keeping a majority of our view, is taken.
+    core.receive(1.3, "b", m.Welcome(9, 3, (b, c)))
+    assert set(core.members) == {"b", "c"} and core.epoch == 9
+
+
+def test_forged_heartbeats_settle_no_round_and_stall_nothing():
+    """A member reports round ids no swarm has reached; a stranger (never a
+    member) reports them too. Rounds go on; no committed round is dropped."""
+    sim = Sim(4)
+    sim.run(3)
+    t0 = sim.now
+    for src in ("p03", "p99"):
+        info = sim.peers[src].core.me if src in sim.peers else m.PeerInfo(src, "x:1", "x:2")
+        beat = m.Heartbeat(U64, U64, U64, 0, r.ZERO_HASH, False, info)
+        end = sim.now + 3
+        while sim.now < end:
+            for p in ("p00", "p01", "p02"):
+                sim.forge(src, p, beat)
+            sim.run(sim.now + 0.05)
+    applied = applied_after(sim, t0, ["p00"])
+    assert len(applied) >= 15
+    # Discarded results: none (the forged 'aborted' was not believed).
+    assert all(p.core.aborted < U64 for p in sim.peers.values())
+    assert sim.parity_violations() == []
+
+
+def test_coordinator_does_not_wait_for_a_done_that_a_participant_dropped():
+    sim = Sim(3, collective_time=2.0)
+    sim.run(4)
+    lead = sim.peers["p00"].core
+    while lead.leading is None or lead.leading.commit is None or \
+            len(lead.leading.commit.participants) < 3:
+        sim.run(sim.now + 0.01)
+    rid = lead.leading.commit.round_id
+    # p02 settled the round as aborted (as it would from others' heartbeats):
+    # its Done never comes, and the coordinator hears so from its heartbeat.
+    sim.peers["p02"].core.aborted = rid
+    sim.run(sim.now + 3 * sim.t.heartbeat_every)  # far less than the 2 s collective
+    assert lead.aborted >= rid
+    assert lead.leading is None or lead.leading.propose.round_id != rid
+    assert sim.parity_violations() == []
+
+
+def test_a_stalled_coordinator_says_why():
+    sim = Sim(4)
+    sim.run(3)
+    sim.kill("p02")
+    sim.kill("p03")
+    sim.run(sim.now + 3)
+    core = sim.peers["p00"].core
+    assert core.is_coordinator(sim.now)
+    assert core.stall is not None and "no majority" in core.stall, core.stall
+    assert core.quorum_needed == 3 and core.quorum_held == 2
