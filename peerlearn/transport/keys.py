@@ -76,7 +76,7 @@ def curve_public_from_ed25519(public_raw: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
-# scrypt cost: 64 MiB and ~0.15 s on one core (measured, 2024-era x86), once
+# scrypt cost: 64 MiB and ~0.15 s on one core (measured on the dev box), once
 # per process. The salt is fixed because the secret is per swarm (no
 # precomputed table spans swarms whose secrets are 128-bit random), and
 # domain-separating, so this KDF's output is useless to any other protocol.
