@@ -72,6 +72,7 @@ def test_credentials_are_an_allowlist_or_a_secret(tmp_path, monkeypatch):
     assert read_credentials(None, str(allow)) == (None, [b"\xab" * 32])
     with pytest.raises(SystemExit):  # neither: refused, not an open swarm
         read_credentials(None, None)
-    monkeypatch.setenv(SECRET_ENV, "s" * 16)
-    assert read_credentials(None, str(allow)) == (b"s" * 16, [b"\xab" * 32])
-    assert read_credentials(None, None) == (b"s" * 16, None)
+    secret = "cli-credentials-test-secret-0123"
+    monkeypatch.setenv(SECRET_ENV, secret)
+    assert read_credentials(None, str(allow)) == (secret.encode(), [b"\xab" * 32])
+    assert read_credentials(None, None) == (secret.encode(), None)

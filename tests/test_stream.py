@@ -153,8 +153,24 @@ def test_wrong_secret_is_refused_and_counted():
 
 def test_client_refuses_a_server_without_the_secret():
     with LinkListener("127.0.0.1", 0, b"impostor-secret-0123456789") as lst:
-        with pytest.raises(hs.HandshakeError, match="server does not know"):
+        with pytest.raises(hs.HandshakeError):  # it refuses our proof and hangs up
             connect_link(*lst.address, SECRET, 1, timeout=5)
+    # An impostor that waves everyone through cannot prove the key either.
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def impostor():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(hs.HELLO_BYTES, socket.MSG_WAITALL)
+            conn.sendall(hs.CHALLENGE_MAGIC + b"n" * 32)
+            conn.recv(hs.PROOF_BYTES, socket.MSG_WAITALL)
+            conn.sendall(hs.ACCEPT_MAGIC + b"\x00" * 32)
+
+    t = threading.Thread(target=impostor, daemon=True)
+    t.start()
+    with srv, pytest.raises(hs.HandshakeError, match="server does not know"):
+        connect_link(*srv.getsockname(), SECRET, 1, timeout=5)
+    t.join(5)
 
 
 @pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n" * 4, b"\x00" * 58,

@@ -13,6 +13,8 @@ from peerlearn import __version__
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON with its baseline.")
 app.add_typer(bench, name="bench")
+secret_app = typer.Typer(no_args_is_help=True, help="Swarm secrets.")
+app.add_typer(secret_app, name="secret")
 
 
 def _version(value: bool) -> None:
@@ -112,6 +114,29 @@ def bench_allreduce(
 
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.
 _CODEC_HELP = "All-reduce codec: none, int8, int4, fp16, bf16, fp8, e3m0, int8-minmax, int4-minmax."
+
+
+@secret_app.command("new")
+def secret_new(
+    out: Optional[str] = typer.Option(
+        None, "--out", help="Write it to this file (mode 0600, atomically) instead of printing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """A fresh 256-bit swarm secret (base64url), for --secret-file or $PEERLEARN_SECRET."""
+    from pathlib import Path
+
+    from peerlearn.state.atomic import write_atomic
+    from peerlearn.transport.swarm_secret import new_secret
+
+    secret = new_secret()
+    if out is None:
+        typer.echo(secret)
+        return
+    # Replacing a swarm's secret file would lock its peer out of the swarm.
+    if Path(out).exists() and not force:
+        typer.echo(f"{out} exists; pass --force to replace it", err=True)
+        raise typer.Exit(1)
+    write_atomic(out, [secret.encode() + b"\n"], mode=0o600)
 
 
 @app.command("run")

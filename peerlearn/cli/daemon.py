@@ -20,15 +20,25 @@ SECRET_ENV = "PEERLEARN_SECRET"
 
 
 def read_secret(secret_file: str | None) -> bytes:
-    """The swarm secret from a file, else from $PEERLEARN_SECRET; at least 16 bytes."""
+    """The swarm secret from a file (surrounding whitespace stripped), else from
+    $PEERLEARN_SECRET. A missing, unreadable or weak secret exits with one line
+    saying why (the rule: peerlearn.transport.swarm_secret)."""
+    from peerlearn.transport.swarm_secret import WeakSecretError, check_secret
+
     if secret_file:
-        secret = Path(secret_file).read_bytes().strip()
+        try:
+            secret = Path(secret_file).read_bytes().strip()
+        except OSError as e:
+            raise SystemExit(f"cannot read the secret file {secret_file}: {e.strerror}") from None
     else:
         secret = os.environ.get(SECRET_ENV, "").encode()
-    if len(secret) < 16:
-        raise SystemExit(f"a swarm secret of at least 16 bytes is needed: --secret-file or "
-                         f"${SECRET_ENV}")
-    return secret
+    if not secret:
+        raise SystemExit(f"a swarm secret is needed: --secret-file or ${SECRET_ENV} "
+                         "(make one with `peerlearn secret new`)")
+    try:
+        return check_secret(secret)
+    except WeakSecretError as e:
+        raise SystemExit(f"refusing a weak secret: {e}") from None
 
 
 def read_credentials(secret_file: str | None,

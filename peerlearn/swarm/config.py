@@ -11,6 +11,7 @@ import torch
 
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.actions import Timeouts
+from peerlearn.transport.swarm_secret import check_secret
 
 
 @dataclass
@@ -33,6 +34,10 @@ class PeerConfig:
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
 
     def __post_init__(self) -> None:
+        # Refused here, before any socket or file exists, with the rule's
+        # one-line reason (WeakSecretError, a ValueError).
+        if self.secret is not None:
+            self.secret = check_secret(self.secret)
         if not 1 <= self.ring_lanes <= self.n_conns:
             raise ValueError("ring_lanes must be between 1 and n_conns (one connection a lane)")
 

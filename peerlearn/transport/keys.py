@@ -14,15 +14,25 @@ The CURVE *server* key pair a peer's control socket presents:
   * allowlist mode: the peer's own (above); a client names the peer it
     expects, and admission is decided by the ZAP authenticator on the
     client's key.
+
+Everything a secret swarm derives from its secret goes through one slow,
+salted KDF (scrypt, see swarm_master_key): a recorded data-link client proof
+or a recorded CURVE HELLO lets an eavesdropper test guesses offline, and the
+KDF makes each guess cost what it costs us once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from peerlearn.transport.swarm_secret import check_secret
 
 _P = 2**255 - 19
 
@@ -66,16 +76,45 @@ def curve_public_from_ed25519(public_raw: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
+# scrypt cost: 64 MiB and ~0.15 s on one core (measured on the dev box), once
+# per process. The salt is fixed because the secret is per swarm (no
+# precomputed table spans swarms whose secrets are 128-bit random), and
+# domain-separating, so this KDF's output is useless to any other protocol.
+# Changing any of these changes every key: it is a protocol version bump.
+KDF_SALT = b"peerlearn swarm secret kdf v1\0"
+KDF_N, KDF_R, KDF_P = 1 << 16, 8, 1
+
+
+@functools.lru_cache(maxsize=8)
+def swarm_master_key(secret: bytes) -> bytes:
+    """32 bytes: scrypt(secret, KDF_SALT, N=2^16, r=8, p=1).
+
+    Invariant: computed once per process per secret (cached), never per
+    connection. Raises WeakSecretError (a ValueError) for a secret that
+    fails the strength rule in transport.swarm_secret.
+    """
+    secret = check_secret(secret)
+    return Scrypt(salt=KDF_SALT, length=32, n=KDF_N, r=KDF_R, p=KDF_P).derive(secret)
+
+
+def _subkey(secret: bytes, label: bytes) -> bytes:
+    return hmac.new(swarm_master_key(bytes(secret)), label, hashlib.sha256).digest()
+
+
 def swarm_server_keypair(secret: bytes) -> tuple[bytes, bytes]:
     """The CURVE server key pair every peer of a secret swarm binds with."""
     if not secret:
         raise ValueError("only a secret swarm shares a server key")
-    seed = hashlib.sha256(b"peerlearn-control-server\0" + secret).digest()
-    x = X25519PrivateKey.from_private_bytes(seed)
+    x = X25519PrivateKey.from_private_bytes(_subkey(secret, b"peerlearn-control-server"))
     return _raw_public(x), _raw_private(x)
 
 
 def data_secret(secret: bytes) -> bytes:
-    """The data plane's link key in a secret swarm: derived, so that the
-    swarm secret itself never authenticates a stream link."""
-    return hashlib.sha256(b"peerlearn-data-plane\0" + secret).digest()
+    """The data plane's link key in a secret swarm: a KDF subkey, so the swarm
+    secret itself never authenticates a stream link and each offline guess
+    against a recorded handshake costs one scrypt evaluation.
+
+    An allowlist swarm's link key is 32 random bytes shared over the
+    authenticated control plane; it is used as is and never comes here.
+    """
+    return _subkey(secret, b"peerlearn-data-plane")

@@ -1,19 +1,27 @@
 """Mutual challenge-response authentication for data-plane connections (sans-IO).
 
 Every TCP connection of a striped link opens with this exchange, before any
-tensor frame is accepted. Both ends prove knowledge of the swarm secret with
+tensor frame is accepted. Both ends prove knowledge of the link key with
 HMAC-SHA256 over fresh nonces from both sides, so a stranger can neither open
 a link nor replay a recorded handshake. The exchange is fixed-size, so the
 I/O layer only ever reads exact byte counts:
 
-    client -> server  HELLO      58 bytes  magic "PLH1", version, 0, conn_index u16,
+    client -> server  HELLO      58 bytes  magic "PLH1", version 2, 0, conn_index u16,
                                            n_conns u16, link_id[16], client_nonce[32]
-    server -> client  CHALLENGE  68 bytes  magic "PLC1", server_nonce[32], server_proof[32]
+    server -> client  CHALLENGE  36 bytes  magic "PLC1", server_nonce[32]
     client -> server  PROOF      32 bytes  client_proof
-    server -> client  ACCEPT      4 bytes  magic "PLA1"
+    server -> client  ACCEPT     36 bytes  magic "PLA1", server_proof[32]
 
-    server_proof = HMAC(secret, "peerlearn-server" || HELLO || server_nonce)
-    client_proof = HMAC(secret, "peerlearn-client" || HELLO || server_nonce)
+    client_proof = HMAC(key, "peerlearn-client" || HELLO || server_nonce)
+    server_proof = HMAC(key, "peerlearn-server" || HELLO || server_nonce || client_proof)
+
+The client proves itself first. Until a client has sent a valid proof, the
+server sends nothing that depends on the key (only a random nonce), so a
+stranger who connects learns nothing it could test guesses against. A
+client still proves itself to whatever server it reaches, so an on-path
+attacker can record a client proof; that is why a secret swarm's link key is
+a slow KDF of the secret (transport.keys.data_secret): each offline guess
+costs one scrypt evaluation.
 
 Threat model: this keeps strangers out and ties every connection of a link to
 one authenticated client. It does not encrypt or MAC the bulk frames that
@@ -21,7 +29,7 @@ follow (at tens of Gbit/s that is the job of a VPN or TLS terminator); an
 attacker able to rewrite TCP segments on path can still corrupt a transfer,
 which the swarm's hash checks then detect.
 
-All-integers are little-endian.
+All integers are little-endian.
 """
 
 from __future__ import annotations
@@ -35,15 +43,15 @@ from dataclasses import dataclass
 HELLO_MAGIC = b"PLH1"
 CHALLENGE_MAGIC = b"PLC1"
 ACCEPT_MAGIC = b"PLA1"
-VERSION = 1
+VERSION = 2  # 2: the client proves itself first (1 let strangers collect server proofs)
 MAX_CONNS_PER_LINK = 256
 MIN_SECRET_BYTES = 16
 
 _HELLO = struct.Struct("<4sBBHH16s32s")
 HELLO_BYTES = _HELLO.size  # 58
-CHALLENGE_BYTES = 4 + 32 + 32
+CHALLENGE_BYTES = 4 + 32
 PROOF_BYTES = 32
-ACCEPT_BYTES = 4
+ACCEPT_BYTES = 4 + 32
 
 
 class HandshakeError(Exception):
@@ -65,8 +73,15 @@ def _check_secret(secret: bytes) -> bytes:
     return bytes(secret)
 
 
-def _mac(secret: bytes, label: bytes, hello: bytes, server_nonce: bytes) -> bytes:
-    return hmac.new(secret, label + hello + server_nonce, hashlib.sha256).digest()
+def _client_proof(key: bytes, hello: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(key, b"peerlearn-client" + hello + server_nonce, hashlib.sha256).digest()
+
+
+def _server_proof(key: bytes, hello: bytes, server_nonce: bytes, client_proof: bytes) -> bytes:
+    # Distinct label and the client's proof in the input: a server proof can
+    # never be reflected back as a client proof, or the reverse.
+    msg = b"peerlearn-server" + hello + server_nonce + client_proof
+    return hmac.new(key, msg, hashlib.sha256).digest()
 
 
 def parse_hello(data: bytes) -> LinkHello:
@@ -84,7 +99,11 @@ def parse_hello(data: bytes) -> LinkHello:
 
 
 class ClientHandshake:
-    """The connecting side. Call hello(), then on_challenge(), then on_accept()."""
+    """The connecting side. Call hello(), then on_challenge(), then on_accept().
+
+    Invariant: on_accept() returns only if the server proved the key over this
+    connection's HELLO, its own nonce and our proof.
+    """
 
     def __init__(self, secret: bytes, link_id: bytes, conn_index: int, n_conns: int):
         self._secret = _check_secret(secret)
@@ -94,27 +113,36 @@ class ClientHandshake:
             HELLO_MAGIC, VERSION, 0, conn_index, n_conns, link_id, secrets.token_bytes(32)
         )
         parse_hello(self._hello)  # the same limits apply to what we send
+        self._expect: bytes | None = None
 
     def hello(self) -> bytes:
         return self._hello
 
     def on_challenge(self, data: bytes) -> bytes:
-        """Verifies the server's proof and returns our PROOF message."""
+        """Takes the server's nonce and returns our PROOF message."""
         if len(data) != CHALLENGE_BYTES or data[:4] != CHALLENGE_MAGIC:
             raise HandshakeError("malformed CHALLENGE")
-        server_nonce, server_proof = data[4:36], data[36:68]
-        expect = _mac(self._secret, b"peerlearn-server", self._hello, server_nonce)
-        if not hmac.compare_digest(expect, server_proof):
-            raise HandshakeError("the server does not know the swarm secret")
-        return _mac(self._secret, b"peerlearn-client", self._hello, server_nonce)
+        server_nonce = bytes(data[4:])
+        proof = _client_proof(self._secret, self._hello, server_nonce)
+        self._expect = _server_proof(self._secret, self._hello, server_nonce, proof)
+        return proof
 
     def on_accept(self, data: bytes) -> None:
-        if data != ACCEPT_MAGIC:
+        """Verifies the server's proof; raises HandshakeError unless it holds."""
+        if self._expect is None:
+            raise HandshakeError("ACCEPT before CHALLENGE")
+        if len(data) != ACCEPT_BYTES or data[:4] != ACCEPT_MAGIC:
             raise HandshakeError("the server did not accept the connection")
+        if not hmac.compare_digest(self._expect, bytes(data[4:])):
+            raise HandshakeError("the server does not know the swarm secret")
 
 
 class ServerHandshake:
-    """The accepting side. Call on_hello(), then on_proof()."""
+    """The accepting side. Call on_hello(), then on_proof().
+
+    Invariant: nothing it returns depends on the key until on_proof() has
+    verified the client's proof.
+    """
 
     def __init__(self, secret: bytes):
         self._secret = _check_secret(secret)
@@ -123,17 +151,19 @@ class ServerHandshake:
         self._info: LinkHello | None = None
 
     def on_hello(self, data: bytes) -> bytes:
-        """Validates HELLO and returns the CHALLENGE to send."""
+        """Validates HELLO and returns the CHALLENGE (our nonce only) to send."""
         self._info = parse_hello(data)
         self._hello = bytes(data)
-        proof = _mac(self._secret, b"peerlearn-server", self._hello, self._nonce)
-        return CHALLENGE_MAGIC + self._nonce + proof
+        return CHALLENGE_MAGIC + self._nonce
 
     def on_proof(self, data: bytes) -> tuple[LinkHello, bytes]:
-        """Checks the client's proof; returns what it declared and the ACCEPT to send."""
+        """Checks the client's proof; returns what it declared and the ACCEPT
+        (carrying our proof) to send."""
         if self._hello is None or self._info is None:
             raise HandshakeError("PROOF before HELLO")
-        expect = _mac(self._secret, b"peerlearn-client", self._hello, self._nonce)
-        if len(data) != PROOF_BYTES or not hmac.compare_digest(expect, bytes(data)):
+        data = bytes(data)
+        expect = _client_proof(self._secret, self._hello, self._nonce)
+        if len(data) != PROOF_BYTES or not hmac.compare_digest(expect, data):
             raise HandshakeError("the client does not know the swarm secret")
-        return self._info, ACCEPT_MAGIC
+        return self._info, ACCEPT_MAGIC + _server_proof(self._secret, self._hello, self._nonce,
+                                                        data)
