@@ -1,16 +1,19 @@
-"""A member holding the data key abusing a link: announced-but-unsent payloads."""
+"""A member holding the data key abusing a link: announced-but-unsent payloads,
+and a link closed under a transfer that still borrows its descriptors."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
 import torch
 
 from peerlearn import _native
-from peerlearn.transport.stream import StreamError, StreamProtocolError
+from peerlearn.transport.stream import Link, StreamError, StreamProtocolError
 from peerlearn.wire import codecs as C
 
 MIB = 1 << 20
@@ -85,3 +88,82 @@ def test_accumulating_raw_chunks_still_adds_every_element():
                   + frame(kind=2, dtype=0, op_id=9, seq=1, chunk_elems=0, payload_len=0))
         op.wait()
         assert torch.equal(out, x + 1)
+
+
+def _one_conn_link() -> tuple[Link, socket.socket]:
+    a, b = socket.socketpair()
+    return Link([b], b"\0" * 16), a
+
+
+def test_close_during_a_receive_never_lets_the_op_read_a_reused_descriptor():
+    link, far = _one_conn_link()
+    out = torch.zeros(4)
+    err: list[BaseException] = []
+
+    def receive():
+        try:
+            link.recv_into(out, 1, timeout=10)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            err.append(e)
+
+    t = threading.Thread(target=receive)
+    t.start()
+    time.sleep(0.2)  # the op is polling the descriptor
+    old_fd = link._fds[0]
+    link.close()
+    # A new socket takes the lowest free descriptor: the old number if close()
+    # freed it. A stranger then sends a complete, valid op 1 on it.
+    strangers = [socket.socketpair() for _ in range(4)]
+    try:
+        for s, peer in strangers:
+            if s.fileno() == old_fd or peer.fileno() == old_fd:
+                other = peer if s.fileno() == old_fd else s
+                other.sendall(frame(op_id=1) + bytes(torch.full((4,), 7.0).untyped_storage())
+                              + frame(kind=2, dtype=0, op_id=1, seq=1, chunk_elems=0,
+                                      payload_len=0))
+        t.join(5)
+        assert not t.is_alive()
+        assert err and isinstance(err[0], StreamError), "the receive must fail, not succeed"
+        assert "Bad file descriptor" not in str(err[0])
+        assert not torch.equal(out, torch.full((4,), 7.0)), "read a stranger's bytes"
+        assert link._socks[0].fileno() == -1  # closed once the op let go
+    finally:
+        far.close()
+        for s, peer in strangers:
+            s.close()
+            peer.close()
+
+
+def test_close_with_no_op_in_flight_closes_at_once():
+    link, far = _one_conn_link()
+    with far:
+        fd = link._fds[0]
+        link.close()
+        assert link._socks[0].fileno() == -1
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        with pytest.raises(StreamError, match="closed"):
+            link.recv_into(torch.zeros(4), 1, timeout=1)
+
+
+def test_closing_the_parent_waits_for_its_lanes_ops():
+    pairs = [socket.socketpair() for _ in range(2)]
+    link = Link([b for _, b in pairs], b"\0" * 16)
+    lane = link.lanes(2)[1]
+    box: list[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(box, lane.recv_into, torch.zeros(4), 1, timeout=10))
+    t.start()
+    time.sleep(0.2)
+    link.close()
+    t.join(5)
+    assert box and "Bad file descriptor" not in str(box[0])
+    assert all(b.fileno() == -1 for _, b in pairs)
+    for a, _ in pairs:
+        a.close()
+
+
+def _catch(box, fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except BaseException as e:  # noqa: BLE001 - checked by the caller
+        box.append(e)
