@@ -23,6 +23,7 @@ import torch
 
 from peerlearn.state.atomic import write_atomic
 from peerlearn.state.shared import DTYPES, SharedState
+from peerlearn.tensorbytes import byte_view
 
 MAGIC = b"PLCKPT01"
 MAX_HEADER = 16 << 20
@@ -47,7 +48,7 @@ def save(state: SharedState, path: str | Path) -> bytes:
     def chunks():
         yield MAGIC + struct.pack("<I", len(header)) + header
         for name, _, _, _, nbytes in entries:
-            yield memoryview(state.tensors[name].view(-1).view(torch.uint8).numpy())
+            yield byte_view(state.tensors[name].view(-1).view(torch.uint8))
             yield b"\0" * (-nbytes % ALIGN)
 
     write_atomic(path, chunks())
