@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -370,6 +371,40 @@ uint64_t RecvOp::claim_chunk(uint64_t chunk_elems, uint32_t n_chunks, uint32_t s
   return std::min<uint64_t>(chunk_elems_, dst_.numel - first);
 }
 
+// acc[0..elems) += incoming f32 values, through a bounded scratch: memory does
+// not depend on the chunk size the sender picked.
+void RecvOp::recv_accumulate_raw(int fd, float* acc, uint64_t elems,
+                                 std::vector<uint8_t>& scratch) {
+  constexpr uint64_t kSliceElems = 1 << 14;
+  scratch.resize(kSliceElems * sizeof(float));
+  const float* in = reinterpret_cast<const float*>(scratch.data());
+  while (elems > 0) {
+    uint64_t n = std::min(elems, kSliceElems);
+    recv_all(fd, scratch.data(), n * sizeof(float));
+    for (uint64_t i = 0; i < n; ++i) acc[i] += in[i];
+    acc += n;
+    elems -= n;
+  }
+}
+
+// Receives a packed chunk of len bytes whose first kHeaderBytes (already read)
+// are in head. The buffer grows with the bytes that actually arrived (at most
+// doubling), so a sender that announces a large chunk and stalls costs the
+// receiver what it sent, not what it announced.
+void RecvOp::recv_growing(int fd, const uint8_t* head, uint32_t len,
+                          std::vector<uint8_t>& buf) {
+  constexpr size_t kFirstStep = 1 << 16;
+  size_t have = plcodec::kHeaderBytes;
+  if (buf.size() < have) buf.resize(have);
+  std::memcpy(buf.data(), head, have);
+  while (have < len) {
+    size_t want = std::min<size_t>(len, std::max(have * 2, kFirstStep));
+    if (buf.size() < want) buf.resize(want);
+    recv_all(fd, buf.data() + have, want - have);
+    have = want;
+  }
+}
+
 void RecvOp::conn_body(size_t conn) {
   const int fd = fds_[conn];
   const size_t esize = elem_size(dst_.dtype);
@@ -388,6 +423,9 @@ void RecvOp::conn_body(size_t conn) {
         throw StreamError(ErrorKind::PROTOCOL, "END frame counts a different number of chunks");
       break;
     }
+    // Everything the header claims is checked against what this receive
+    // expects before a byte of payload is read or a byte of memory is taken:
+    // a sender's payload_len alone never sizes an allocation.
     uint64_t elems = claim_chunk(f.chunk_elems, f.n_chunks, f.seq);
     uint64_t first = static_cast<uint64_t>(f.seq) * f.chunk_elems;
     uint8_t* dst = dst_.data + first * esize;
@@ -396,26 +434,26 @@ void RecvOp::conn_body(size_t conn) {
         throw StreamError(ErrorKind::PROTOCOL, "raw chunk dtype differs from the destination's");
       if (f.payload_len != elems * esize)
         throw StreamError(ErrorKind::PROTOCOL, "raw chunk length does not match its element count");
-      if (opt_.mode == RecvMode::COPY) {
+      if (opt_.mode == RecvMode::COPY)
         recv_all(fd, dst, f.payload_len);  // zero copy into the destination
-      } else {
-        scratch.resize(f.payload_len);
-        recv_all(fd, scratch.data(), f.payload_len);
-        float* acc = reinterpret_cast<float*>(dst);
-        const float* in = reinterpret_cast<const float*>(scratch.data());
-        for (uint64_t i = 0; i < elems; ++i) acc[i] += in[i];
-      }
+      else
+        recv_accumulate_raw(fd, reinterpret_cast<float*>(dst), elems, scratch);
     } else {
       if (f.dtype != 0) throw StreamError(ErrorKind::PROTOCOL, "packed chunk names a dtype");
-      scratch.resize(f.payload_len);
-      recv_all(fd, scratch.data(), f.payload_len);
-      plcodec::Header h = plcodec::parse_header(scratch.data(), scratch.size());
+      if (f.payload_len < plcodec::kHeaderBytes)
+        throw StreamError(ErrorKind::PROTOCOL, "packed chunk shorter than its codec header");
+      uint8_t qhdr[plcodec::kHeaderBytes];
+      recv_all(fd, qhdr, sizeof qhdr);
+      // parse_header reads only the 32 header bytes; given payload_len it
+      // checks that the codec, block size and numel imply exactly that length.
+      plcodec::Header h = plcodec::parse_header(qhdr, f.payload_len);
       if (h.numel != elems)
         throw StreamError(ErrorKind::PROTOCOL, "packed chunk element count does not match");
+      recv_growing(fd, qhdr, f.payload_len, scratch);
       if (opt_.mode == RecvMode::COPY)
-        plcodec::decode(scratch.data(), scratch.size(), dst, dst_.dtype, elems, 1);
+        plcodec::decode(scratch.data(), f.payload_len, dst, dst_.dtype, elems, 1);
       else
-        plcodec::decode_accumulate(scratch.data(), scratch.size(), reinterpret_cast<float*>(dst),
+        plcodec::decode_accumulate(scratch.data(), f.payload_len, reinterpret_cast<float*>(dst),
                                    elems, 1);
     }
     ++got;

@@ -145,6 +145,8 @@ class RecvOp : public Op {
   // Claims chunk seq for this connection; throws PROTOCOL on an inconsistent
   // or duplicate chunk. Returns the chunk's element count.
   uint64_t claim_chunk(uint64_t chunk_elems, uint32_t n_chunks, uint32_t seq);
+  void recv_accumulate_raw(int fd, float* acc, uint64_t elems, std::vector<uint8_t>& scratch);
+  void recv_growing(int fd, const uint8_t* head, uint32_t len, std::vector<uint8_t>& buf);
   Buffer dst_;
   RecvOptions opt_;
   std::mutex seen_mu_;  // guards everything below

@@ -108,6 +108,9 @@ def run(numel: int = 64 * 2**20, threads: int | None = None, repeat: int = 5,
             "simd": C.simd_level(),
             "repeat": repeat,
             "memcpy_gbps": round(gb / copy_s, 3),
+            # The PyTorch baseline is deterministic and runs without numpy;
+            # recorded so a figure from a plain install is recognisable.
+            "numpy_available": torch_codecs.HAVE_NUMPY,
             "codecs": {},
         }
         for codec in codecs or list(C.Codec):

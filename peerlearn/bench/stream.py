@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from peerlearn.tensorbytes import byte_view
+
 SECRET = b"peerlearn-bench-secret-not-for-production"
 
 
@@ -48,7 +50,7 @@ def receiver(host: str, counts: list[int], numel: int, repeat: int) -> None:
         print("ready", lst.address[1], raw.getsockname()[1], flush=True)
         conn, _ = raw.accept()
         for _ in range(1 + repeat):
-            _recv_exact_into(conn, memoryview(out.numpy()).cast("B"))
+            _recv_exact_into(conn, byte_view(out))
             conn.sendall(struct.pack("<d", time.monotonic()))
         conn.close()
         for _ in counts:
@@ -90,7 +92,7 @@ def sender(host: str, port: int, raw_port: int, counts: list[int], numel: int,
     raw_times = []
     for _ in range(1 + repeat):
         t0 = time.monotonic()
-        raw.sendall(memoryview(x.numpy()).cast("B"))
+        raw.sendall(byte_view(x))
         raw_times.append(_done_at(raw) - t0)
     raw.close()
     result = {"raw_socket_gbit_s": nbytes * 8 / min(raw_times[1:]) / 1e9, "striped": {}}

@@ -1,5 +1,9 @@
 """Vectorised PyTorch (and numpy, for the random stream) reference codecs.
 
+numpy is optional (a plain install has none): only stochastic rounding needs
+it, and without it those paths raise RuntimeError; the codec benchmark's
+baseline is deterministic and runs either way.
+
 They implement the packed format of ``docs/protocol.md`` with the same float32
 operations as the native kernels, so their output must match
 ``peerlearn.wire.codecs.encode`` byte for byte; the tests rely on that, and the
@@ -11,16 +15,21 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import torch
 
+from peerlearn.tensorbytes import byte_view
 from peerlearn.wire.codecs import BLOCK_CODECS, Codec
+
+try:
+    import numpy as np
+except ImportError:
+    np = None
+HAVE_NUMPY = np is not None
 
 TINY = 2.0 ** -100
 _DT = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _QMAX = {Codec.INT8_ABSMAX: 127, Codec.INT4_ABSMAX: 7, Codec.INT8_MINMAX: 255,
          Codec.INT4_MINMAX: 15}
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -32,6 +41,8 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 def random_words(seed: int, first: int, n: int) -> np.ndarray:
     """The stochastic-rounding words mix64(key + i*GOLDEN), i = first..first+n-1."""
+    if np is None:
+        raise RuntimeError("the reference codecs' stochastic rounding needs numpy")
     with np.errstate(over="ignore"):
         key = _mix64(np.array([(seed + GOLDEN) % 2**64], dtype=np.uint64))[0]
         idx = np.arange(first, first + n, dtype=np.uint64)
@@ -72,6 +83,8 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def _sr_float(u: np.ndarray, m: int, bias: int, r: np.ndarray) -> np.ndarray:
     """Stochastic rounding of |x| bits u to m mantissa bits (see codec_kernels.h)."""
+    if np is None:
+        raise RuntimeError("the reference codecs' stochastic rounding needs numpy")
     u = u.astype(np.uint64)
     E = (u >> np.uint64(23)).astype(np.int64)
     M = u & np.uint64(0x7FFFFF)
@@ -202,7 +215,7 @@ def encode(x: torch.Tensor, codec: Codec, block_size: int = 64, stochastic: bool
     body = encode_payload(x, codec, block_size, stochastic, seed, element_offset, b)
     bs_field = block_size if codec in BLOCK_CODECS else 0
     sr = int(stochastic and codec != Codec.RAW)
-    return header(codec, x.dtype, x.numel(), bs_field, sr, body.numel()) + body.numpy().tobytes()
+    return header(codec, x.dtype, x.numel(), bs_field, sr, body.numel()) + bytes(byte_view(body))
 
 
 _E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()

@@ -33,6 +33,7 @@ import torch
 
 from peerlearn.state.atomic import write_atomic
 from peerlearn.state.shared import DTYPES, SharedState, TensorEntry
+from peerlearn.tensorbytes import byte_view
 from peerlearn.wire.codecs import hash_tensor
 
 MAGIC = b"PLCKPT01"
@@ -86,7 +87,7 @@ def save(state: SharedState, path: str | Path) -> bytes:
     def chunks():
         yield MAGIC + struct.pack("<I", len(header)) + header
         for name, _, _, _, nbytes in entries:
-            yield memoryview(state.tensors[name].view(-1).view(torch.uint8).numpy())
+            yield byte_view(state.tensors[name].view(-1).view(torch.uint8))
             yield b"\0" * _padding(nbytes)
 
     write_atomic(path, chunks(), mode=FILE_MODE)

@@ -74,7 +74,8 @@ class PeerDaemon:
         # A joiner of an allowlist swarm gets the key when it is admitted (DataKey);
         # until then its listener holds a random key that nobody can prove.
         self.links = PeerLinks(self.id, config.host, config.data_port,
-                               self.data_key or os.urandom(32), config.n_conns)
+                               self.data_key or os.urandom(32), config.n_conns,
+                               identity=self.identity)
         self.info = m.PeerInfo(self.id, f"{config.host}:{self.plane.port}",
                                f"{config.host}:{self.links.port}")
         self.state = self._load_checkpoint()

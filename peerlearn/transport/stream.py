@@ -2,22 +2,18 @@
 
 A long fat pipe is filled by several connections at once: one TCP connection
 is limited to window / RTT, so a 100 ms path with the kernel's default buffers
-caps it far below a gigabit. A `Link` stripes every transfer over all its
-connections (the chunking, framing and reassembly live in native/stream.cpp);
-this module opens and authenticates the sockets and owns them.
+caps it far below a gigabit. A `Link` (transport.link) stripes every transfer
+over all its connections (the chunking, framing and reassembly live in
+native/stream.cpp); this module opens and authenticates the sockets.
 
-Ownership and failure:
-  * The Link owns its sockets. Native ops borrow their descriptors for the
-    duration of one transfer and never close them.
-  * A transfer that fails, times out or is cancelled shuts the sockets down
-    (so the other end fails at once) and marks the link broken; open a new one.
-    Nothing of an aborted transfer can be read as part of a later one.
-  * One send and one receive may run on a link at the same time (one in each
-    direction); two sends at once would interleave frames and are refused.
+Every handshake, at either end, runs against one deadline for the whole
+exchange (not a timeout per read), so a peer dribbling a byte at a time holds
+a handshake slot for at most that long.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import socket
 import threading
@@ -25,22 +21,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
-from peerlearn import _native
+from peerlearn.transport.admission import Admission, raise_fd_limit
+from peerlearn.transport.link import (  # noqa: F401 - re-exported: callers import them from here
+    DEFAULT_CHUNK_ELEMS,
+    Link,
+    StreamCancelled,
+    StreamError,
+    StreamInputError,
+    StreamProtocolError,
+    StreamTimeout,
+    TransferStats,
+)
 from peerlearn.wire import handshake as hs
-
-StreamError = _native.StreamError
-StreamTimeout = _native.StreamTimeout
-StreamCancelled = _native.StreamCancelled
-StreamProtocolError = _native.StreamProtocolError
-StreamInputError = _native.StreamInputError  # our own tensor could not be encoded
 
 # Chosen from `peerlearn bench stream` (docs/benchmarks.md): on the emulated
 # 100 ms / 1 Gbit/s path with default buffers, 8 connections fill the link.
 DEFAULT_CONNS = 8
-DEFAULT_CHUNK_ELEMS = 1 << 18
-_STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+
+
+
+class _Refused(hs.HandshakeError):
+    """Over an admission bound (counted in LinkListener.refused)."""
+
+
+class _Deadline(hs.HandshakeError):
+    """The handshake's deadline passed (counted in LinkListener.deadlines)."""
 
 
 @dataclass(frozen=True)
@@ -64,190 +69,43 @@ class SocketOptions:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
 
 
-@dataclass(frozen=True)
-class TransferStats:
-    """What one finished transfer cost."""
-
-    bytes_on_wire: int  # frame headers and payloads, this side's direction
-    conn_chunks: list[int]  # DATA frames per connection: the striping
-    seconds: float
-
-
-def _run(op, started: float) -> TransferStats:
-    op.wait()
-    return TransferStats(op.bytes_on_wire, op.conn_chunks, time.monotonic() - started)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        part = sock.recv(n - len(buf))
+        _arm(sock, deadline)
+        try:
+            part = sock.recv(n - len(buf))
+        except TimeoutError:
+            raise _Deadline("handshake deadline passed") from None
         if not part:
             raise hs.HandshakeError("connection closed during the handshake")
         buf += part
     return bytes(buf)
 
 
-def _check_tensor(t: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-        raise TypeError("links carry CPU tensors")
-    if t.dtype not in _STREAM_DTYPES:
-        raise TypeError(f"links carry float32, bfloat16, float16 or uint8 tensors, not {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError("links need contiguous tensors (no hidden copy is made)")
-    return t.reshape(-1)
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    _arm(sock, deadline)
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise _Deadline("handshake deadline passed") from None
 
 
-class Link:
-    """N connected, authenticated sockets to one peer. See the module docstring."""
+def _arm(sock: socket.socket, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Deadline("handshake deadline passed")
+    sock.settimeout(left)
 
-    def __init__(self, socks: list[socket.socket], link_id: bytes, *, owns: bool = True):
-        self._socks = socks
-        self.link_id = link_id
-        self._fds = [s.fileno() for s in socks]
-        self._lock = threading.Lock()
-        self._busy: set[str] = set()  # "send" and/or "receive" in flight
-        self._owns = owns  # False for a lane: close() leaves the sockets to the parent
-        self.broken = False
-        self.closed = False
 
-    def lanes(self, n: int) -> list[Link]:
-        """n views of this link over disjoint, contiguous groups of its connections.
+def _transcript(hello: bytes, challenge: bytes) -> bytes:
+    return hashlib.sha256(hello + challenge).digest()
 
-        Both ends number connections alike, so lane i here is lane i there.
-        Lanes transfer independently (a slow connection holds up only its own
-        lane's transfer); aborting a lane shuts only its sockets down; closing
-        one does nothing, the parent owns the sockets. The caller must not use
-        the parent while its lanes are in use.
-        """
-        if not 1 <= n <= self.n_conns:
-            raise ValueError(f"need 1 <= lanes <= {self.n_conns} connections")
-        cut = [self.n_conns * i // n for i in range(n + 1)]
-        return [Link(self._socks[cut[i]:cut[i + 1]], self.link_id, owns=False)
-                for i in range(n)]
 
-    @property
-    def n_conns(self) -> int:
-        return len(self._socks)
-
-    def _claim(self, direction: str) -> None:
-        with self._lock:
-            if self.closed:
-                raise StreamError("link is closed")
-            if self.broken:
-                raise StreamError("link is broken by an earlier failed transfer; open a new one")
-            if direction in self._busy:
-                raise StreamError(f"a {direction} is already in flight on this link")
-            self._busy.add(direction)
-
-    def _release(self, direction: str, failed: bool) -> None:
-        with self._lock:
-            self._busy.discard(direction)
-            self.broken = self.broken or failed
-
-    def send(
-        self,
-        tensor: torch.Tensor,
-        op_id: int,
-        *,
-        codec: int | None = None,
-        block_size: int = 64,
-        stochastic: bool = False,
-        seed: int = 0,
-        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-        timeout: float = 0.0,
-    ) -> TransferStats:
-        """Sends tensor striped over all connections.
-
-        codec None sends raw elements straight from the tensor's memory; a
-        codec id (peerlearn.wire.codecs.Codec) encodes each chunk as it goes.
-        The tensor must not be written to until this returns.
-        """
-        flat = _check_tensor(tensor)
-        self._claim("send")
-        failed = True
-        try:
-            started = time.monotonic()
-            op = _native.start_send(
-                self._fds, flat, op_id, chunk_elems,
-                -1 if codec is None else int(codec), block_size if codec is not None else 0,
-                stochastic, seed, timeout,
-            )
-            stats = _run(op, started)
-            failed = False
-            return stats
-        finally:
-            self._release("send", failed)
-
-    def recv_into(
-        self, out: torch.Tensor, op_id: int, *, accumulate: bool = False, timeout: float = 0.0
-    ) -> TransferStats:
-        """Receives op op_id into out (in place); with accumulate, out += incoming (fp32 out).
-
-        On any failure out holds an unspecified mix of old and new values and
-        the link is broken; the caller must treat out as garbage.
-        """
-        flat = _check_tensor(out)
-        self._claim("receive")
-        failed = True
-        try:
-            started = time.monotonic()
-            op = _native.start_recv(self._fds, flat, op_id, accumulate, timeout)
-            stats = _run(op, started)
-            failed = False
-            return stats
-        finally:
-            self._release("receive", failed)
-
-    def healthy(self) -> bool:
-        """False if the link is broken, closed, or the other end has closed any socket.
-
-        Cheap (a non-blocking peek per socket: no select(), which fails for
-        descriptors past FD_SETSIZE); a link that passes can still fail at the
-        next transfer, which then raises as usual.
-        """
-        if self.broken or self.closed:
-            return False
-        for s in self._socks:
-            try:
-                if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                    return False
-            except BlockingIOError:
-                pass  # nothing to read: open and idle
-            except OSError:
-                return False
-        return True
-
-    def abort(self) -> None:
-        """Fails any transfer in flight on either end at once; the link is broken after.
-
-        Safe from any thread: it shuts the sockets down (never closes them, so
-        descriptors a native op borrows stay valid until the op ends).
-        """
-        with self._lock:
-            self.broken = True
-        for s in self._socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-        if not self._owns:
-            return
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _binding(transcripts: list[bytes]) -> bytes:
+    """Link.binding: both ends hash the same HELLO and CHALLENGE bytes of every
+    connection in index order; the CHALLENGE carries the acceptor's fresh nonce."""
+    return hashlib.sha256(b"peerlearn-link-binding\0" + b"".join(transcripts)).digest()
 
 
 def connect_link(
@@ -265,36 +123,38 @@ def connect_link(
     us, OSError on network failure; no socket is left open on failure.
     """
     link_id = secrets.token_bytes(16)
+    deadline = time.monotonic() + timeout
 
-    def open_one(idx: int) -> socket.socket:
+    def open_one(idx: int) -> tuple[socket.socket, bytes]:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             options.apply(sock)
-            sock.settimeout(timeout)
+            _arm(sock, deadline)
             sock.connect((host, port))
             client = hs.ClientHandshake(secret, link_id, idx, n_conns)
-            sock.sendall(client.hello())
-            sock.sendall(client.on_challenge(_recv_exact(sock, hs.CHALLENGE_BYTES)))
-            client.on_accept(_recv_exact(sock, hs.ACCEPT_BYTES))
+            _send_all(sock, client.hello(), deadline)
+            challenge = _recv_exact(sock, hs.CHALLENGE_BYTES, deadline)
+            _send_all(sock, client.on_challenge(challenge), deadline)
+            client.on_accept(_recv_exact(sock, hs.ACCEPT_BYTES, deadline))
             sock.settimeout(None)
-            return sock
+            return sock, _transcript(client.hello(), challenge)
         except BaseException:
             sock.close()
             raise
 
-    socks: list[socket.socket] = []
+    opened: list[tuple[socket.socket, bytes]] = []
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=min(n_conns, 32)) as pool:
         for fut in [pool.submit(open_one, i) for i in range(n_conns)]:
             try:
-                socks.append(fut.result())
+                opened.append(fut.result())
             except BaseException as e:  # noqa: BLE001 - re-raised below after cleanup
                 errors.append(e)
     if errors:
-        for s in socks:
+        for s, _ in opened:
             s.close()
         raise errors[0]
-    return Link(socks, link_id)
+    return Link([s for s, _ in opened], link_id, binding=_binding([t for _, t in opened]))
 
 
 @dataclass
@@ -302,6 +162,8 @@ class _PendingLink:
     n_conns: int
     first_seen: float
     socks: dict[int, socket.socket] = field(default_factory=dict)
+    transcripts: dict[int, bytes] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # one pending slot held per socket
 
 
 class LinkListener:
@@ -309,7 +171,14 @@ class LinkListener:
     closed and counted in `rejected`; they never reach `accept_link`.
 
     A background thread accepts; each handshake runs on its own short-lived
-    thread with a deadline, so a slow or silent stranger cannot block others.
+    thread under one deadline (handshake_timeout) for the whole exchange.
+    What a sender can make the listener hold is bounded, per source address
+    and in total: handshakes in progress (max_per_source, max_pending), and
+    sockets of authenticated links still waiting for their other connections
+    (max_pending_socks_per_source, max_pending_socks). A connection past a
+    bound is closed at once and counted in `refused` (and in `rejected`).
+    accept() failing (EMFILE, ENFILE, ...) is counted in `accept_errors` and
+    retried after a short back-off: the loop ends only at close().
     close() stops the thread and closes every socket not yet handed out.
     """
 
@@ -322,12 +191,17 @@ class LinkListener:
         options: SocketOptions = SocketOptions(),
         handshake_timeout: float = 10.0,
         max_pending: int = 1024,
+        max_per_source: int = 64,
+        max_pending_socks: int = 4096,
+        max_pending_socks_per_source: int = 1024,
     ):
         hs._check_secret(secret)
+        raise_fd_limit()
         self._secret = bytes(secret)
         self._options = options
         self._timeout = handshake_timeout
-        self._max_pending = max_pending
+        self._handshakes = Admission(max_per_source, max_pending)
+        self._pending_socks = Admission(max_pending_socks_per_source, max_pending_socks)
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         options.apply(self._sock)  # accepted sockets inherit the buffer sizes
@@ -336,11 +210,13 @@ class LinkListener:
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
         self.rejected = 0
+        self.refused = 0  # subset of rejected: over an admission bound
+        self.deadlines = 0  # subset of rejected: handshake deadline passed
+        self.accept_errors = 0
         self.rejected_reasons: list[str] = []
         self._cv = threading.Condition()
         self._pending: dict[bytes, _PendingLink] = {}
         self._ready: list[Link] = []
-        self._handshakes = 0
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="link-accept", daemon=True)
         self._thread.start()
@@ -350,66 +226,113 @@ class LinkListener:
         hs._check_secret(secret)
         self._secret = bytes(secret)
 
-    def _reject(self, sock: socket.socket, why: str) -> None:
-        sock.close()
+    def _count(self, why: str, *, refused: bool = False, deadline: bool = False) -> None:
         with self._cv:
             self.rejected += 1
+            self.refused += refused
+            self.deadlines += deadline
             self.rejected_reasons = (self.rejected_reasons + [why])[-32:]
 
+    def _reject(self, sock: socket.socket, why: str, **kinds: bool) -> None:
+        sock.close()
+        self._count(why, **kinds)
+
     def _accept_loop(self) -> None:
+        backoff = 0.0
+        last_expiry = time.monotonic()
         while not self._closed:
-            try:
-                sock, _ = self._sock.accept()
-            except TimeoutError:
+            if time.monotonic() - last_expiry > 0.5:
+                last_expiry = time.monotonic()
                 self._expire_pending()
+            try:
+                sock, addr = self._sock.accept()
+            except TimeoutError:
                 continue
             except OSError:
-                return
-            with self._cv:
-                busy = self._handshakes >= self._max_pending
-                if not busy:
-                    self._handshakes += 1
-            if busy:
-                self._reject(sock, "too many handshakes in progress")
+                if self._closed:
+                    return  # close() closed our socket
+                # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: all say "not now".
+                with self._cv:
+                    self.accept_errors += 1
+                # Out of descriptors: connections already held must finish or
+                # expire first; spinning on accept() would only burn a core.
+                backoff = min(1.0, max(0.02, backoff * 2))
+                time.sleep(backoff)
                 continue
-            threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
+            backoff = 0.0
+            source = addr[0]
+            why = self._handshakes.acquire(source)
+            if why is not None:
+                self._reject(sock, why, refused=True)
+                continue
+            try:
+                threading.Thread(target=self._handshake, args=(sock, source), daemon=True).start()
+            except RuntimeError:  # can't start new thread: refuse, keep accepting
+                self._handshakes.release(source)
+                self._reject(sock, "no thread for the handshake", refused=True)
 
-    def _handshake(self, sock: socket.socket) -> None:
+    def _handshake(self, sock: socket.socket, source: str) -> None:
+        deadline = time.monotonic() + self._timeout
         try:
-            sock.settimeout(self._timeout)
             server = hs.ServerHandshake(self._secret)
-            sock.sendall(server.on_hello(_recv_exact(sock, hs.HELLO_BYTES)))
-            info, accept = server.on_proof(_recv_exact(sock, hs.PROOF_BYTES))
-            self._admit(sock, info, accept)
+            hello = _recv_exact(sock, hs.HELLO_BYTES, deadline)
+            challenge = server.on_hello(hello)
+            _send_all(sock, challenge, deadline)
+            info, accept = server.on_proof(_recv_exact(sock, hs.PROOF_BYTES, deadline))
+            self._admit(sock, source, info, accept, _transcript(hello, challenge))
         except (hs.HandshakeError, OSError) as e:
-            self._reject(sock, f"{type(e).__name__}: {e}")
+            self._reject(sock, f"{type(e).__name__}: {e}",
+                         deadline=isinstance(e, _Deadline), refused=isinstance(e, _Refused))
         finally:
-            with self._cv:
-                self._handshakes -= 1
+            self._handshakes.release(source)
 
-    def _admit(self, sock: socket.socket, info: hs.LinkHello, accept: bytes) -> None:
+    def _admit(self, sock: socket.socket, source: str, info: hs.LinkHello, accept: bytes,
+               transcript: bytes) -> None:
         with self._cv:
             if self._closed:
                 raise hs.HandshakeError("listener closed")
-            p = self._pending.setdefault(info.link_id, _PendingLink(info.n_conns, time.monotonic()))
-            if p.n_conns != info.n_conns or info.conn_index in p.socks:
+            p = self._pending.get(info.link_id)
+            if p is not None and (p.n_conns != info.n_conns or info.conn_index in p.socks):
                 raise hs.HandshakeError("connection disagrees with its link's other connections")
+            why = self._pending_socks.acquire(source)
+            if why is not None:
+                raise _Refused(f"{why} (sockets of incomplete links)")
+            if p is None:
+                p = self._pending[info.link_id] = _PendingLink(info.n_conns, time.monotonic())
             # ACCEPT is sent before the socket joins the link, under the lock,
             # so the client's first frame cannot race a socket we still own here.
-            sock.sendall(accept)
+            try:
+                sock.sendall(accept)
+            except OSError:
+                self._pending_socks.release(source)
+                if not p.socks:
+                    del self._pending[info.link_id]
+                raise
             sock.settimeout(None)
             p.socks[info.conn_index] = sock
+            p.transcripts[info.conn_index] = transcript
+            p.sources.append(source)
             if len(p.socks) == p.n_conns:
                 del self._pending[info.link_id]
-                self._ready.append(Link([p.socks[i] for i in range(p.n_conns)], info.link_id))
+                self._release_pending(p)
+                order = range(p.n_conns)
+                self._ready.append(Link([p.socks[i] for i in order], info.link_id,
+                                        binding=_binding([p.transcripts[i] for i in order])))
                 self._cv.notify_all()
+
+    def _release_pending(self, p: _PendingLink) -> None:
+        for source in p.sources:
+            self._pending_socks.release(source)
+        p.sources.clear()
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
         with self._cv:
             stale = [k for k, p in self._pending.items() if now - p.first_seen > 3 * self._timeout]
             for k in stale:
-                for s in self._pending.pop(k).socks.values():
+                p = self._pending.pop(k)
+                self._release_pending(p)
+                for s in p.socks.values():
                     s.close()
                 self.rejected += 1
                 self.rejected_reasons = (self.rejected_reasons + ["incomplete link expired"])[-32:]
@@ -432,6 +355,8 @@ class LinkListener:
             self._closed = True
             leftovers = [s for p in self._pending.values() for s in p.socks.values()]
             leftovers += [s for link in self._ready for s in link._socks]
+            for p in self._pending.values():
+                self._release_pending(p)
             self._pending.clear()
             self._ready.clear()
             self._cv.notify_all()
