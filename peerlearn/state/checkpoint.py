@@ -200,7 +200,7 @@ def _read_tensors(f, entries: list[_Entry], state: SharedState) -> list[TensorEn
         # Bounded: the header check proved these sizes add up to the file's size.
         t = torch.empty(e.shape, dtype=DTYPES[e.dtype])
         if e.nbytes:
-            _read_exact(f, memoryview(t.view(-1).view(torch.uint8).numpy()))
+            _read_exact(f, byte_view(t.view(-1).view(torch.uint8)))
         pad = bytearray(e.pad)
         _read_exact(f, memoryview(pad))
         if any(pad):
