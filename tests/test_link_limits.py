@@ -158,7 +158,7 @@ def test_a_member_cannot_park_sockets_of_incomplete_links_without_bound():
     with LinkListener("127.0.0.1", 0, SECRET, max_pending_socks_per_source=4) as lst:
         parked = [_half_link(lst.address) for _ in range(6)]
         try:
-            accepted = [_read(s, hs.ACCEPT_BYTES) == hs.ACCEPT_MAGIC for s in parked]
+            accepted = [_read(s, hs.ACCEPT_BYTES)[:4] == hs.ACCEPT_MAGIC for s in parked]
             assert accepted.count(True) == 4
             assert lst.refused == 2
             link = connect_link(*lst.address, SECRET, 2, timeout=5)

@@ -36,10 +36,12 @@ class Swarm:
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
         self.addr: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
         self.founder: str | None = None
 
     def start(self, name: str, join: str | None = None) -> str:
-        port = free_port()
+        """Starts peer `name`; a restart listens where it did before, as a user's would."""
+        port = self.ports.setdefault(name, free_port())
         argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--listen",
                 f"127.0.0.1:{port}", "--data-dir", str(self.tmp / name), "--numel", "50000",
                 "--compute-s", "0.2", "--dead-after", str(DEAD_AFTER)]

@@ -153,6 +153,9 @@ def run(
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
     dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
+    join_timeout: float = typer.Option(
+        60.0, help="Give up (exit 1) when no member answers --join within this many seconds "
+                   "(0: keep trying)."),
     metrics: str = typer.Option("127.0.0.1:0",
                                 help="HOST:PORT for Prometheus metrics (port 0: any; 'off')."),
     allowlist: Optional[str] = typer.Option(
@@ -167,7 +170,7 @@ def run(
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
-                    allowlist=keys)
+                    allowlist=keys, join_timeout=join_timeout or None)
 
 
 @app.command("swarm")

@@ -79,13 +79,16 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None, *, numel: int,
              compute_s: float, codec: int | None, data_port: int, dead_after: float,
-             metrics: str | None = "127.0.0.1:0", allowlist: list[bytes] | None = None) -> None:
+             metrics: str | None = "127.0.0.1:0", allowlist: list[bytes] | None = None,
+             join_timeout: float | None = 60.0) -> None:
     """One peer running the built-in synthetic task through the Python API,
     exactly as a training loop would: wait for the swarm's state, contribute,
-    let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully."""
+    let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully at
+    any moment, joining included. A join that times out, or a daemon that dies
+    (after writing its checkpoint), exits 1 with one line on stderr."""
     from peerlearn.cli import metrics as prom
     from peerlearn.swarm.api import Peer
-    from peerlearn.swarm.errors import PeerClosed, StateReplaced
+    from peerlearn.swarm.errors import PeerClosed, PeerStartError, StateReplaced
     from peerlearn.swarm.config import PeerConfig
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
@@ -93,14 +96,19 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
-                     join=join, codec=codec, allowlist=allowlist,
+                     join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     peer = Peer(cfg, work.initial_state)
-    peer.start(timeout=None)
+    try:
+        peer.start(cancel=stop)
+    except PeerClosed:
+        return  # a signal arrived while joining: nothing to leave
+    except PeerStartError as e:
+        raise SystemExit(f"peerlearn: {e}") from None
     stop_metrics = None
     metrics_port = None
     if metrics:
@@ -134,6 +142,9 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
         trainer.join(10)
         if stop_metrics is not None:
             stop_metrics()
+    if peer.failure is not None:
+        raise SystemExit(f"peerlearn: the peer daemon failed: {peer.failure!r} "
+                         "(its checkpoint was written)")
 
 
 def local_address_towards(host: str, port: int) -> str:

@@ -38,6 +38,32 @@ class PeerCollector:
                                 value=sum(d.core.alive(p, now) for p in list(d.core.known)))
         yield GaugeMetricFamily("peerlearn_is_coordinator", "1 if this peer coordinates rounds.",
                                 value=float(d.core.is_coordinator(now)))
+        # Stall visibility: a swarm that stops applying rounds shows it here
+        # (and the coordinator logs why).
+        yield GaugeMetricFamily("peerlearn_seconds_since_applied",
+                                "Seconds since this peer last applied a round or synced.",
+                                value=now - d.last_applied_at)
+        yield GaugeMetricFamily("peerlearn_quorum_needed",
+                                "Members a round needs: a strict majority of the view.",
+                                value=d.core.quorum_needed)
+        yield GaugeMetricFamily("peerlearn_quorum_held",
+                                "Live members ready on the newest state (coordinator's view).",
+                                value=d.core.quorum_held)
+        refused = CounterMetricFamily(
+            "peerlearn_refused", "Input refused or bounded, by reason (a fixed set).",
+            labels=["reason"])
+        listener = d.links.listener
+        for reason, value in (
+                ("status_rate", d.status_refused),
+                ("state_request", d.transfers.refused),
+                ("nonfinite_round", d.nonfinite_rounds),
+                ("data_admission", listener.refused),
+                ("data_handshake_deadline", listener.deadlines),
+                ("data_accept_error", listener.accept_errors),
+                ("data_link_limit", d.links.refused_links),
+                ("loop_error", d.loop_errors)):
+            refused.add_metric([reason], value)
+        yield refused
         counters = [
             ("peerlearn_rounds_applied", "Rounds whose result this peer applied.",
              d.rounds_applied),

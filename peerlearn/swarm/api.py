@@ -78,12 +78,17 @@ class Peer:
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.failure: BaseException | None = None  # what ended the daemon, if not close()
         self._gossip_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 60.0) -> Peer:
-        """Starts the daemon; founds a swarm, or joins config.join (within timeout)."""
+    def start(self, timeout: float | None = None,
+              cancel: threading.Event | None = None) -> Peer:
+        """Starts the daemon; founds a swarm, or joins config.join. Raises
+        PeerStartError (JoinTimeout when no member answered within
+        config.join_timeout, or within timeout if given); PeerClosed if
+        `cancel` is set meanwhile (a signal handler's stop event)."""
         started = threading.Event()
         failure: list[BaseException] = []
 
@@ -97,7 +102,10 @@ class Peer:
                 return
             finally:
                 started.set()
-            await self.daemon.run(self._stop)
+            try:
+                await self.daemon.run(self._stop)
+            except Exception as e:  # noqa: BLE001 - kept for the caller: one exception tree
+                self.failure = e  # start() raises it; a running caller reads it
 
         def run() -> None:
             try:
@@ -114,10 +122,16 @@ class Peer:
             self._closed = True
             raise PeerStartError(f"peer failed to start: {failure[0]}") from failure[0]
         try:
-            self._wait(lambda: bool(self.daemon.core.members), timeout, "joining the swarm")
+            self._wait(lambda: bool(self.daemon.core.members) or
+                       (cancel is not None and cancel.is_set()), timeout, "joining the swarm")
         except (CollectiveTimeout, PeerClosed) as e:
             self.close()
+            if isinstance(self.failure, PeerStartError):
+                raise self.failure from None
             raise PeerStartError(str(e)) from e
+        if not self.daemon.core.members:  # cancelled
+            self.close()
+            raise PeerClosed("start was cancelled")
         return self
 
     def close(self) -> None:

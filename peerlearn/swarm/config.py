@@ -32,6 +32,8 @@ class PeerConfig:
     checkpoint_every: int = 10
     step_timeout: float = 30.0  # one all-reduce step may take this long
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
+    # A joiner gives up (JoinTimeout) when no member answers within this; None: never.
+    join_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's

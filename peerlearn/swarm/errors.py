@@ -21,6 +21,10 @@ class PeerStartError(PeerError):
     """The peer could not start (bind, identity, checkpoint) or join in time."""
 
 
+class JoinTimeout(PeerStartError):
+    """No member answered at the join address within PeerConfig.join_timeout."""
+
+
 class StateReplaced(PeerError):
     """While a contribution waited for its round, this peer's shared state was
     replaced by the swarm's (it had fallen behind, or differed). The

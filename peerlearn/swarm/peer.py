@@ -33,12 +33,13 @@ import torch
 from peerlearn.state import checkpoint
 from peerlearn.state.atomic import write_atomic
 from peerlearn.state.identity import Identity, peer_id_of
-from peerlearn.state.shared import DTYPES, SharedState
+from peerlearn.state.shared import SharedState
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
 from peerlearn.swarm.config import PeerConfig, Submission
-from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
-from peerlearn.swarm.errors import PeerClosed, StateReplaced, Withdrawn
+from peerlearn.swarm.datalinks import PeerLinks
+from peerlearn.swarm.errors import JoinTimeout, PeerClosed, StateReplaced, Withdrawn
+from peerlearn.swarm.statesync import MAX_DONORS, StateTransfers, SyncFailed
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.stream import StreamError
@@ -47,10 +48,12 @@ from peerlearn.wire.codecs import hash_tensor
 
 log = logging.getLogger("peerlearn.peer")
 
-SYNC_OP = 1 << 62
 CHECKPOINT_FILE = "state.ckpt"
 DATA_KEY_FILE = "data.key"
 STATUS_REPLY_LINGER_S = 2.0
+STATUS_REPLIES_PER_S = 5.0
+STATUS_REPLY_BURST = 10
+STALL_LOG_EVERY_S = 30.0
 
 
 class PeerDaemon:
@@ -90,9 +93,16 @@ class PeerDaemon:
         self.round_subs: dict[int, Submission] = {}  # round -> the contribution it carries
         # Contributions in submission order; the first is the one rounds run with.
         self.submissions: deque[Submission] = deque()
-        self._offers: dict[str, asyncio.Future] = {}
+        self.transfers = StateTransfers(self)
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         self.syncing = False
+        self.sync_task: asyncio.Task | None = None  # the one fetch running; shutdown awaits it
+        self.last_applied_at = time.monotonic()  # or synced: the swarm moved us forward
+        self._stall_logged: tuple[str | None, float] = (None, 0.0)
+        self.loop_errors = 0
+        self.nonfinite_rounds = 0
+        self.status_replies = TokenBucket(STATUS_REPLIES_PER_S, STATUS_REPLY_BURST)
+        self.status_refused = 0
         self.busy = False  # a collective is running for us
         self.ready_handle: asyncio.TimerHandle | None = None
         # Counters for metrics (read by peerlearn.cli.metrics at scrape time).
@@ -151,7 +161,15 @@ class PeerDaemon:
             if self.cfg.join:
                 await self._join(stop)
             while not stop.is_set():
-                self._dispatch(self.core.tick(time.monotonic()))
+                try:
+                    now = time.monotonic()
+                    self._dispatch(self.core.tick(now))
+                    self._watch_stall(now)
+                except Exception:  # noqa: BLE001 - a bug here must not end the peer silently
+                    self.loop_errors += 1
+                    if self.loop_errors <= 10 or self.loop_errors % 1000 == 0:
+                        log.exception("%s tick failed (%d so far)", self.id[:8],
+                                      self.loop_errors)
                 try:
                     await asyncio.wait_for(stop.wait(), 0.05)
                 except TimeoutError:
@@ -170,12 +188,23 @@ class PeerDaemon:
                 await asyncio.sleep(0.05)
             if self.state is not None:
                 self._checkpoint_now()
+            if self.sync_task is not None:
+                self.sync_task.cancel()
+                await asyncio.gather(self.sync_task, return_exceptions=True)
             self.plane.close()
             await self.loop.run_in_executor(None, self.links.close)
+            await self.loop.run_in_executor(None, self.transfers.close)
 
     async def _join(self, stop: asyncio.Event) -> None:
+        """Asks the join address until a member lets us in; raises JoinTimeout
+        after cfg.join_timeout (None: keep asking until stopped)."""
         join_id, join_addr = split_target(self.cfg.join)
+        started = time.monotonic()
         while not self.core.members:
+            if self.cfg.join_timeout is not None and \
+                    time.monotonic() - started >= self.cfg.join_timeout:
+                raise JoinTimeout(f"no swarm member answered at {self.cfg.join} within "
+                                  f"{self.cfg.join_timeout:g} s")
             self.plane.send(join_addr, m.Join(self.info), to=join_id)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -183,6 +212,19 @@ class PeerDaemon:
             except TimeoutError:
                 pass
         log.info("%s joined a swarm of %d", self.id[:8], len(self.core.members))
+
+    def _watch_stall(self, now: float) -> None:
+        """A swarm that stops applying rounds says why, once per reason and
+        every STALL_LOG_EVERY_S while it lasts (the coordinator knows why)."""
+        stalled = now - self.last_applied_at > 2 * self.cfg.timeouts.dead_after
+        reason = self.core.stall if stalled else None
+        if reason is None:
+            self._stall_logged = (None, 0.0)
+            return
+        if reason != self._stall_logged[0] or now - self._stall_logged[1] >= STALL_LOG_EVERY_S:
+            self._stall_logged = (reason, now)
+            log.warning("%s no round applied for %.0f s: %s", self.id[:8],
+                        now - self.last_applied_at, reason)
 
     async def _recv_loop(self) -> None:
         while True:
@@ -197,14 +239,17 @@ class PeerDaemon:
     def _handle(self, sender: str, msg) -> None:
         """Daemon-level messages here; membership and rounds go to the core."""
         if isinstance(msg, m.StateRequest):
-            self._serve_state(sender, msg)
+            self.transfers.serve(sender, msg)
         elif isinstance(msg, (m.StateOffer, m.StateRefused)):
-            fut = self._offers.get(sender)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            self.transfers.on_offer(sender, msg)
         elif isinstance(msg, m.DataKey):
             self._on_data_key(msg.key)
         elif isinstance(msg, m.StatusRequest):
+            # Each reply may open a socket to an address the asker picks: a
+            # flood is answered at a bounded rate, the rest dropped and counted.
+            if not self.status_replies.take(time.monotonic()):
+                self.status_refused += 1
+                return
             self.plane.send(msg.reply_to, m.StatusReply(self.status_rows()), to=sender)
             # A querier's address is used once: drop its socket after the reply
             # had time to leave, or a dashboard polling status leaks one per poll.
@@ -253,7 +298,7 @@ class PeerDaemon:
                     self.parity_mismatches += 1  # we hold a state, and it is not the swarm's
                 if not self.syncing:  # else the running sync ends with synced or failed
                     self.syncing = True
-                    asyncio.ensure_future(self._sync(a))
+                    self.sync_task = self.loop.create_task(self._sync(a))
             elif isinstance(a, r.ViewChanged):
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
@@ -363,6 +408,16 @@ class PeerDaemon:
             self.round_subs.pop(a.round_id, None)
             self._retry()  # decided (aborted) while we were still at it
             return
+        if not bool(torch.isfinite(result).all()):
+            # A member contributed NaN or inf: every participant sees the same
+            # mean, so every one fails the round and no state is poisoned.
+            self.nonfinite_rounds += 1
+            self.round_subs.pop(a.round_id, None)
+            log.warning("%s round %d: the mean is not finite; failing the round", self.id[:8],
+                        a.round_id)
+            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
+            self._retry()
+            return
         self.pending[a.round_id] = result
         digest = hash_tensor(result).to_bytes(8, "little")  # native XXH64, no copy
         self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, True, digest))
@@ -386,6 +441,7 @@ class PeerDaemon:
         digest = self.state.state_hash()
         self.core.result_applied(self.state.step, digest)
         self.rounds_applied += 1
+        self.last_applied_at = time.monotonic()
         log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
                  a.round_id, digest.hex())
         if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0 \
@@ -414,85 +470,26 @@ class PeerDaemon:
 
     # ------------------------------------------------------------ state sync
 
-    def _serve_state(self, requester: str, req: m.StateRequest) -> None:
-        peer = self.core.known.get(requester)
-        st = self.state
-        # A donor that has moved past the requested step offers what it holds
-        # now: a joiner chasing a swarm whose rounds are shorter than a state
-        # transfer would otherwise always arrive one step late.
-        if peer is None or st is None or st.step < req.step or not self.core.synced \
-                or not 0 <= req.part < req.parts:
-            if peer is not None:
-                self.plane.send(peer.control, m.StateRefused(req.step, req.state_hash),
-                                to=peer.id)
-            return
-        manifest = st.manifest()
-        # A snapshot of this donor's share only (tensor i goes out from donor
-        # i % parts): the loop may apply the next round while it is on the wire.
-        snap = {i: st.tensors[e.name].clone() for i, e in enumerate(manifest)
-                if i % req.parts == req.part}
-        self.plane.send(peer.control, m.StateOffer(
-            st.step, st.state_hash(manifest), req.part, req.parts,
-            tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)), to=peer.id)
-
-        def push():
-            link = self.links.outgoing(requester, peer.data, timeout=self.cfg.step_timeout,
-                                       channel=CHANNEL_STATE)
-            for i, t in snap.items():
-                if t.numel():
-                    link.send(t.view(-1).view(torch.uint8), SYNC_OP + i,
-                              timeout=self.cfg.step_timeout)
-
-        fut = self.loop.run_in_executor(None, push)
-        fut.add_done_callback(lambda f: f.exception() and log.info("state push failed: %s",
-                                                                    f.exception()))
-
     async def _sync(self, need: r.SyncNeeded) -> None:
-        """Fetch the donors' state (need.step or newer) striped over up to 4 of them;
-        install it only if every donor offered the same state and it matches its hash."""
-        donors = list(need.donors)[:4]
-        self._offers = {d: self.loop.create_future() for d in donors}
+        """Fetch and install the state the core asked for (statesync.StateTransfers)."""
         try:
-            for i, d in enumerate(donors):
-                self.plane.send(self.core.known[d].control,
-                                m.StateRequest(need.step, need.state_hash, i, len(donors)), to=d)
-            offers = await asyncio.wait_for(asyncio.gather(*self._offers.values()), 10)
-            if any(isinstance(o, m.StateRefused) for o in offers):
-                raise RuntimeError("a donor refused")
-            step, digest, manifest = offers[0].step, offers[0].state_hash, offers[0].tensors
-            if any((o.step, o.state_hash, o.tensors) != (step, digest, manifest) for o in offers):
-                raise RuntimeError("donors offered different states (a round ended meanwhile)")
-            # Received straight into the final tensors, as raw bytes (the wire
-            # carries any dtype that way); nothing is installed before the hash check.
-            state = SharedState(step)
-            for name, dt, shape, _ in manifest:
-                state.tensors[name] = torch.empty(shape, dtype=DTYPES[dt])
-            tensors = list(state.tensors.values())
-
-            def pull(part: int, donor: str) -> None:
-                for i, t in enumerate(tensors):
-                    if i % len(donors) == part and t.numel():
-                        self.links.recv_into(donor, t.view(-1).view(torch.uint8), SYNC_OP + i,
-                                             channel=CHANNEL_STATE,
-                                             timeout=self.cfg.step_timeout)
-
-            await asyncio.gather(*[self.loop.run_in_executor(None, pull, i, d)
-                                   for i, d in enumerate(donors)])
-            if state.state_hash() != digest:
-                raise RuntimeError("fetched state does not match its hash")
-            self.state = state
-            self.syncs += 1
-            self.core.state_synced(step, digest)
-            log.info("%s synced to step %d from %d donors", self.id[:8], step, len(donors))
-            # every contribution waiting was made against the state just dropped
-            self._fail_submissions(StateReplaced(step))
-        except Exception as e:  # noqa: BLE001 - any failure means: ask again later
+            state = await self.transfers.fetch(need)
+        except SyncFailed as e:
             self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)
             self.core.sync_failed()
+            return
         finally:
             self.syncing = False
-            self._offers = {}
+        step, digest = state.step, state.state_hash()
+        self.state = state
+        self.syncs += 1
+        self.last_applied_at = time.monotonic()
+        self.core.state_synced(step, digest)
+        log.info("%s synced to step %d from %d donors", self.id[:8], step,
+                 min(len(need.donors), MAX_DONORS))
+        # every contribution waiting was made against the state just dropped
+        self._fail_submissions(StateReplaced(step))
 
     # ------------------------------------------------------------ status
 
@@ -522,3 +519,20 @@ def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+class TokenBucket:
+    """At most `rate` events a second on average, `burst` at once. Loop-owned."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), None
+
+    def take(self, now: float) -> bool:
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

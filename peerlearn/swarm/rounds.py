@@ -546,15 +546,16 @@ class RoundCore:
             self.stall = "gathering: waiting for " + ", ".join(sorted(waiting))
             return []
         participants = tuple(sorted(ids))
-        # Round ids and terms go on from the highest any member knows: a
+        # Round ids and terms go on from the highest any member or participant knows: a
         # coordinator that restarted (counters back at 0) would otherwise
         # propose rounds everyone has seen settled.
         # A proposal's term is its round id; a member's heartbeat term tells the
         # highest id it has acked, so a round committed by a predecessor that we
         # never saw is not reused. Values no honest swarm reaches are ignored.
+        beats = [b for i, b in self.beats.items() if i != self.me.id and self.alive(i, now)
+                 and (i in self.members or i in participants)]
         base = max([self.max_round_id, self.term] + [
-            v for b in self._member_beats(now).values() for v in (b.epoch, b.aborted, b.term)
-            if v < ROUND_ID_LIMIT])
+            v for b in beats for v in (b.epoch, b.aborted, b.term) if v < ROUND_ID_LIMIT])
         self.max_round_id = self.term = base + 1
         prop = m.Propose(self.max_round_id, self.term, step, h, participants)
         self.leading = _Round(prop, now, set())

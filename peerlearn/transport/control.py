@@ -38,6 +38,10 @@ from peerlearn.wire import control as m
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 32 + m.MAX_MESSAGE_BYTES
+# zmq-level liveness of each outgoing connection (see ControlPlane._dealer).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+RECONNECT_MAX_MS = 2000
 _FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -135,6 +139,16 @@ class ControlPlane:
             d.curve_secretkey = self._curve_sec
             d.sndhwm = self._hwm
             d.linger = 0
+            # A cut link must be noticed and redialled within seconds, however
+            # long the cut: without zmq heartbeats a dead TCP connection sits in
+            # exponential retransmission backoff and a healed partition stays
+            # deaf for about as long as it lasted.
+            d.heartbeat_ivl = HEARTBEAT_IVL_MS
+            d.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+            d.heartbeat_ttl = HEARTBEAT_TIMEOUT_MS
+            d.reconnect_ivl = 100
+            d.reconnect_ivl_max = RECONNECT_MAX_MS
+            d.connect_timeout = HEARTBEAT_TIMEOUT_MS
             d.connect(f"tcp://{address}")
             self._dealers[address, server_pub] = d
         return d
@@ -156,10 +170,24 @@ class ControlPlane:
                 self.dropped_sends += 1
                 return
         try:
-            self._dealer(address, server_pub).send(self._pub + m.encode(msg), flags=zmq.NOBLOCK,
-                                                   copy=True)
+            sent = self._dealer(address, server_pub).send(self._pub + m.encode(msg),
+                                                          flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.dropped_sends += 1
+            return
+        # An asyncio socket reports a full queue (Again) through the returned
+        # future, not by raising: settle it here, or every drop becomes a
+        # "Future exception was never retrieved" traceback much later.
+        if isinstance(sent, asyncio.Future):
+            sent.add_done_callback(self._sent)
+
+    def _sent(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.dropped_sends += 1
+
+    @property
+    def dealers(self) -> int:
+        return len(self._dealers)
 
     def disconnect(self, address: str) -> None:
         for key in [k for k in self._dealers if k[0] == address]:

@@ -146,13 +146,19 @@ def _part(v) -> int:
     return v
 
 
+def _transfer(v) -> int:
+    if type(v) is not int or not 0 <= v < 1 << 40:
+        raise MessageError("transfer number out of range")
+    return v
+
+
 # field name -> validator; the wire form of ids/peers is a list.
 _CHECKS = {
     "epoch": _u64, "aborted": _u64, "round_id": _u64, "term": _u64, "step": _u64,
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
-    "key": _key32,
+    "key": _key32, "transfer": _transfer,
 }
 
 
@@ -259,19 +265,21 @@ class StateRequest:
     state_hash: bytes
     part: int
     parts: int
+    transfer: int  # the requester's number for this fetch (op ids derive from it)
 
 
 @dataclass(frozen=True)
 class StateOffer:
     """The state I hold now (the one asked for, or a newer one): its whole manifest.
 
-    Tensor i follows on my data link to you as op SYNC_OP + i.
+    Tensor i follows on my data link to you as op SYNC_OP + (transfer << 16) + i.
     """
 
     step: int
     state_hash: bytes
     part: int
     parts: int
+    transfer: int
     tensors: tuple[tuple, ...]
 
 

@@ -1,0 +1,196 @@
+"""Moving the shared state between peers: serving it as a donor, fetching it.
+
+The round core decides *that* a peer must sync (SyncNeeded) and from whom;
+this module does the transfer over the STATE data channel. A requester asks
+up to 4 donors (StateRequest, one part each); each answers with the whole
+manifest (StateOffer) and pushes its share of the tensors, each as op
+`transfer_op(transfer, i)`. `transfer` is the requester's fresh number for
+this fetch, so frames of an earlier, abandoned fetch still on a kept link can
+never be taken for this one's (they fail the receive instead).
+
+Threads: `StateTransfers` is owned by the daemon's loop. Pushes run on their
+own small pool (never the executor that runs rounds: a flood of requests
+cannot hold the swarm's rounds up), each reading only a snapshot; pulls run on
+the loop's default executor into fresh tensors, installed only after the whole
+state matches its hash.
+
+What a requester can make a donor spend is bounded: it is served only while
+its heartbeats show it behind us, one push at a time per requester,
+MAX_PUSHES at once in all, and all pushes of a step share one snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from peerlearn.state.shared import DTYPES, SharedState
+from peerlearn.swarm import rounds as r
+from peerlearn.swarm.datalinks import CHANNEL_STATE
+from peerlearn.wire import control as m
+
+log = logging.getLogger("peerlearn.peer")
+
+SYNC_OP = 1 << 62
+MAX_PUSHES = 4
+MAX_DONORS = 4
+OFFER_TIMEOUT_S = 10.0
+
+
+def transfer_op(transfer: int, index: int) -> int:
+    """The data-plane op id of tensor `index` in fetch `transfer`."""
+    return SYNC_OP + (transfer << 16) + index  # index < 2^16 (wire: MAX_TENSORS = 4096)
+
+
+class SyncFailed(Exception):
+    """A fetch could not complete; the core asks again later."""
+
+
+class StateTransfers:
+    def __init__(self, daemon):
+        """daemon: the PeerDaemon whose state, core, plane and links this uses (on its loop)."""
+        self.d = daemon
+        self.pool = ThreadPoolExecutor(MAX_PUSHES, thread_name_prefix="state-push")
+        self.pushes: dict[str, asyncio.Future] = {}  # requester -> its push
+        self._snap: tuple[int, bytes, tuple, dict[str, torch.Tensor]] | None = None
+        self._offers: dict[str, asyncio.Future] = {}
+        self._transfer = secrets.randbelow(1 << 32)  # a restart does not reuse numbers
+        self.refused = 0  # requests refused (not behind, already served, too many)
+
+    # ------------------------------------------------------------ donor
+
+    def _refusal(self, requester: str, req: m.StateRequest) -> str | None:
+        d, st = self.d, self.d.state
+        if st is None or not d.core.synced or st.step < req.step:
+            return "no such state here"
+        if not 0 <= req.part < req.parts:
+            return "bad part"
+        if requester in self.pushes:
+            return "a push to it is running"
+        if len(self.pushes) >= MAX_PUSHES:
+            return "too many pushes"
+        beat = d.core.beats.get(requester)
+        if beat is not None and beat.synced and (beat.step > d.core.step or (
+                beat.step, beat.state_hash) == (d.core.step, d.core.state_hash)):
+            return "it is not behind us"
+        return None
+
+    def serve(self, requester: str, req: m.StateRequest) -> None:
+        d = self.d
+        peer = d.core.known.get(requester)
+        if peer is None:
+            self.refused += 1
+            return
+        why = self._refusal(requester, req)
+        if why is not None:
+            self.refused += 1
+            log.debug("%s refused a state request from %s: %s", d.id[:8], requester[:8], why)
+            d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash), to=peer.id)
+            return
+        # A donor that has moved past the requested step offers what it holds
+        # now: a joiner chasing a swarm whose rounds are shorter than a state
+        # transfer would otherwise always arrive one step late.
+        step, digest, manifest, tensors = self._snapshot()
+        d.plane.send(peer.control, m.StateOffer(step, digest, req.part, req.parts, req.transfer,
+                                                manifest), to=peer.id)
+        share = [(i, tensors[e[0]]) for i, e in enumerate(manifest) if i % req.parts == req.part]
+
+        def push() -> None:
+            link = d.links.outgoing(requester, peer.data, timeout=d.cfg.step_timeout,
+                                    channel=CHANNEL_STATE)
+            for i, t in share:
+                if t.numel():
+                    link.send(t.view(-1).view(torch.uint8), transfer_op(req.transfer, i),
+                              timeout=d.cfg.step_timeout)
+
+        fut = d.loop.run_in_executor(self.pool, push)
+        self.pushes[requester] = fut
+        fut.add_done_callback(lambda f: self._pushed(requester, f))
+
+    def _pushed(self, requester: str, fut: asyncio.Future) -> None:
+        self.pushes.pop(requester, None)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.info("%s state push to %s failed: %s", self.d.id[:8], requester[:8],
+                     fut.exception())
+
+    def _snapshot(self):
+        """One copy of the state per (step, hash), shared by every push of it:
+        the loop may apply the next round while pushes are on the wire."""
+        st = self.d.state
+        manifest = st.manifest()
+        digest = st.state_hash(manifest)
+        if self._snap is None or self._snap[:2] != (st.step, digest):
+            wire = tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)
+            self._snap = (st.step, digest, wire,
+                          {k: t.clone() for k, t in st.tensors.items()})
+        return self._snap
+
+    # ------------------------------------------------------------ requester
+
+    def on_offer(self, sender: str, msg) -> None:
+        fut = self._offers.get(sender)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def fetch(self, need: r.SyncNeeded) -> SharedState:
+        """The donors' state (need.step or newer), striped over up to MAX_DONORS
+        of them, checked against its hash. Raises SyncFailed; nothing of a
+        failed fetch is kept, and its links are aborted so no stale frame
+        outlives it."""
+        d = self.d
+        donors = list(need.donors)[:MAX_DONORS]
+        self._transfer = (self._transfer + 1) % (1 << 40)
+        transfer = self._transfer
+        self._offers = {x: d.loop.create_future() for x in donors}
+        try:
+            for i, x in enumerate(donors):
+                d.plane.send(d.core.known[x].control,
+                             m.StateRequest(need.step, need.state_hash, i, len(donors), transfer),
+                             to=x)
+            try:
+                offers = await asyncio.wait_for(asyncio.gather(*self._offers.values()),
+                                                OFFER_TIMEOUT_S)
+            except TimeoutError:
+                raise SyncFailed("no offer from every donor in time") from None
+            if any(isinstance(o, m.StateRefused) for o in offers):
+                raise SyncFailed("a donor refused")
+            first = offers[0]
+            if any((o.step, o.state_hash, o.tensors, o.transfer) !=
+                   (first.step, first.state_hash, first.tensors, transfer) for o in offers):
+                raise SyncFailed("donors offered different states (a round ended meanwhile)")
+            # Received straight into the final tensors, as raw bytes (the wire
+            # carries any dtype that way); nothing is installed before the hash check.
+            state = SharedState(first.step)
+            for name, dt, shape, _ in first.tensors:
+                state.tensors[name] = torch.empty(shape, dtype=DTYPES[dt])
+            tensors = list(state.tensors.values())
+
+            def pull(part: int, donor: str) -> None:
+                for i, t in enumerate(tensors):
+                    if i % len(donors) == part and t.numel():
+                        d.links.recv_into(donor, t.view(-1).view(torch.uint8),
+                                          transfer_op(transfer, i), channel=CHANNEL_STATE,
+                                          timeout=d.cfg.step_timeout)
+
+            try:
+                await asyncio.gather(*[d.loop.run_in_executor(None, pull, i, x)
+                                       for i, x in enumerate(donors)])
+            except Exception as e:  # noqa: BLE001 - a stream or timeout error of any kind
+                raise SyncFailed(f"transfer failed: {e}") from e
+            if state.state_hash() != first.state_hash:
+                raise SyncFailed("fetched state does not match its hash")
+            return state
+        except SyncFailed:
+            for x in donors:
+                d.links.abort(x, CHANNEL_STATE)
+            raise
+        finally:
+            self._offers = {}
+
+    def close(self) -> None:
+        """Joins the push threads (their links are closed by the daemon first)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
