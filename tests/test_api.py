@@ -311,3 +311,25 @@ def test_allowlist_swarm_without_a_secret(tmp_path):
     finally:
         for p in peers:
             p.close()
+
+
+def test_a_nonfinite_contribution_fails_the_round_and_poisons_nothing(swarm):
+    """One member contributes NaN: every participant sees a non-finite mean,
+    fails the round and counts it; no state turns NaN. Once the faulty
+    contribution is withdrawn, the others' rounds apply."""
+    peers = swarm(3)
+    bad = contribution(2, 0)
+    bad["w"][7] = float("nan")
+
+    def one(i, p):
+        if i == 2:
+            with pytest.raises(CollectiveTimeout):
+                p.all_reduce(bad, apply=add_mean, timeout=4)
+            return None
+        return p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30)
+
+    results = run_all(peers, one)
+    assert all(p.daemon.nonfinite_rounds >= 1 for p in peers[:2])
+    for p in peers:
+        assert all(bool(torch.isfinite(t.float()).all()) for t in p.state.tensors.values())
+    assert torch.isfinite(results[0]["w"]).all() and torch.equal(results[0]["w"], results[1]["w"])
