@@ -1,0 +1,164 @@
+"""The coordinator's half of the round protocol (sans-IO, part of RoundCore).
+
+The live view member with the smallest id leads: it proposes a round among
+the peers ready on the newest state a majority holds, commits once every one
+of them acked, and decides Apply (every Done ok with one result hash) or
+Abort. It also finishes a round committed by a predecessor that died
+(adoption), and keeps deciding a round it committed even after a smaller id
+comes back. RoundCore (rounds.py) mixes this in; the state is RoundCore's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peerlearn.swarm.actions import ZERO_HASH, Send
+from peerlearn.wire import control as m
+
+# No honest swarm reaches 2^62 rounds; reports above it are a member's lie.
+ROUND_ID_LIMIT = 1 << 62
+
+
+@dataclass
+class _Round:
+    """A round this peer coordinates."""
+
+    propose: m.Propose
+    since: float
+    acks: set[str]
+    commit: m.Commit | None = None
+    done: dict[str, m.Done] | None = None
+    adopted: bool = False  # committed by a coordinator that is gone; we finish it
+
+
+class Coordinating:
+    """Coordinator methods of RoundCore; see rounds.py for the state they use."""
+
+    def _on_ack(self, now, sender, msg: m.Ack) -> list:
+        r = self.leading
+        if r is None or r.commit is not None or (msg.round_id, msg.term) != \
+                (r.propose.round_id, r.propose.term) or sender not in r.propose.participants:
+            return []
+        r.acks.add(sender)
+        if r.acks != set(r.propose.participants):
+            return []
+        p = r.propose
+        members = tuple(self.known[i] for i in p.participants)
+        r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members)
+        r.done, r.since = {}, now
+        # Everyone learns of the commit: a non-participant may have to finish it
+        # as the next coordinator, and all of them adopt its view on Apply.
+        return self._broadcast(r.commit, now) + self._on_commit(now, self.me.id, r.commit)
+
+    def _on_done(self, now, sender, msg: m.Done) -> list:
+        r = self.leading
+        if r is None or r.commit is None or msg.round_id != r.commit.round_id or \
+                sender not in r.commit.participants:
+            return []
+        r.done[sender] = msg
+        if not msg.ok:
+            return self._finish(now, apply=False)
+        oks = [d for d in r.done.values() if d.ok]
+        if len(oks) == len(r.commit.participants):
+            agree = len({d.result_hash for d in oks}) == 1
+            return self._finish(now, apply=agree)
+        return []
+
+    def _lead(self, now: float) -> list:
+        r = self.leading
+        if r is not None:
+            if r.commit is None and now - r.since > self.t.ack:
+                self.leading = None  # someone never acked: propose again without it
+            elif r.commit is not None:
+                # An adopted round: if any heartbeat shows the round applied, the
+                # dead coordinator had decided "apply"; otherwise wait one ack
+                # period for such a heartbeat before a dead participant forces
+                # the abort.
+                seen = self._outcome_seen(r.commit.round_id) if r.adopted else None
+                if seen is not None:
+                    return self._finish(now, apply=seen)  # my predecessor had decided
+                grace = r.adopted and now - r.since < self.t.ack
+                dead = any(not self.alive(p, now) for p in r.commit.participants)
+                if (dead and not grace) or now - r.since > self.t.collective or \
+                        self._dropped(r.commit):
+                    return self._finish(now, apply=False)
+                self.stall = f"round {r.commit.round_id} running"
+                return []
+            else:
+                self.stall = f"round {r.propose.round_id} proposed, waiting for acks"
+                return []
+        if self.observed is not None:
+            return self._adopt(now)
+        return self._maybe_propose(now)
+
+    def _dropped(self, c: m.Commit) -> bool:
+        """A participant's heartbeat says it settled c as aborted (it learned
+        that from others, or it restarted): its Done will never come."""
+        return any(c.round_id <= b.aborted <= self.max_round_id
+                   for i, b in self.beats.items() if i in c.participants and i != self.me.id)
+
+    def _adopt(self, now: float) -> list:
+        """I lead now and a committed round is undecided: end it before anything new."""
+        c = self.observed
+        self.term = max(self.term, self.max_round_id) + 1
+        self.leading = _Round(m.Propose(c.round_id, self.term, c.step, ZERO_HASH,
+                                        c.participants), now, set(c.participants), c, {},
+                              adopted=True)
+        return self._on_done(now, self.me.id, self.my_done) if self.my_done else []
+
+    def _maybe_propose(self, now: float) -> list:
+        if self.resuming and self.epoch == 0 and self.started_at is not None and \
+                now - self.started_at < self.t.rejoin_grace:
+            self.stall = "resuming from a checkpoint: waiting rejoin_grace for peers"
+            return []
+        live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
+        newest = self.newest_step(now)
+        groups: dict[tuple[int, bytes], list[str]] = {}
+        for i, r in live.items():
+            groups.setdefault((r.step, r.state_hash), []).append(i)
+        held = max((len(set(v) & set(self.members)) for (st, _), v in groups.items()
+                    if st == newest), default=0)
+        self.quorum_held = held
+        # Only the newest step a member holds may run: peers behind it (restarted
+        # from older checkpoints) sync to it first, however many they are.
+        eligible = [(k, v) for k, v in groups.items() if k[0] == newest and self._quorum(v)]
+        if not eligible:
+            self.stall = (f"no majority ready on one state at step {newest}: "
+                          f"{held} of {self.quorum_needed} needed")
+            return []
+        (step, h), ids = max(eligible, key=lambda kv: (len(kv[1]), kv[0][1]))
+        # Wait (at most `gather`) for live members not yet ready with this
+        # state (one being repaired re-sends Ready once synced), and for synced
+        # joiners at this very step, so a peer that just caught up enters this round.
+        waiting = [p for p in self.members if self.alive(p, now) and p not in ids]
+        waiting += [p for p, b in self.beats.items()
+                    if p not in self.members and self.alive(p, now) and b.synced
+                    and b.step == step and (p not in live or live[p].step != step)]
+        first = self.first_ready_at if self.first_ready_at is not None else now
+        if waiting and now - first < self.t.gather:
+            self.stall = "gathering: waiting for " + ", ".join(sorted(waiting))
+            return []
+        participants = tuple(sorted(ids))
+        # Round ids and terms go on from the highest any member or participant knows: a
+        # coordinator that restarted (counters back at 0) would otherwise
+        # propose rounds everyone has seen settled.
+        # A proposal's term is its round id; a member's heartbeat term tells the
+        # highest id it has acked, so a round committed by a predecessor that we
+        # never saw is not reused. Values no honest swarm reaches are ignored.
+        beats = [b for i, b in self.beats.items() if i != self.me.id and self.alive(i, now)
+                 and (i in self.members or i in participants)]
+        base = max([self.max_round_id, self.term] + [
+            v for b in beats for v in (b.epoch, b.aborted, b.term) if v < ROUND_ID_LIMIT])
+        self.max_round_id = self.term = base + 1
+        prop = m.Propose(self.max_round_id, self.term, step, h, participants)
+        self.leading = _Round(prop, now, set())
+        out = [Send(i, prop) for i in participants if i != self.me.id]
+        if self.me.id in participants:
+            out += self._on_propose(now, self.me.id, prop)
+        return out
+
+    def _finish(self, now: float, apply: bool) -> list:
+        r = self.leading
+        self.leading = None
+        msg = m.Apply(r.commit.round_id) if apply else m.Abort(r.commit.round_id)
+        return self._broadcast(msg, now) + self._settle(now, self.me.id, r.commit.round_id, apply)
