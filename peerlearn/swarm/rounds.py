@@ -17,8 +17,11 @@ Model (docs/swarm.md has the reasoning):
     no election: when it dies, everyone's detector agrees on the next one
     within `dead_after`, which takes over with a higher term. Killing it costs
     at most the round in flight.
+  * History is never rewritten: the newest state a live view member holds
+    wins (peers behind it sync, however many they are), and rounds run only
+    for that newest step.
   * A round: members broadcast Ready(step, hash); the coordinator picks the
-    (step, hash) held by a majority of the view, proposes the round to the
+    newest (step, hash) ready at a majority of the view, proposes the round to the
     peers holding exactly that state (late joiners included), commits when
     every one of them acked, and the driver runs the collective. Each
     participant reports Done; Apply follows only if all were ok, else Abort:
