@@ -198,14 +198,16 @@ def applied_hashes(tmp) -> dict[int, set[str]]:
 
 
 def test_churn_keeps_parity_and_progress(swarm):
-    """6 peers; every few seconds one is SIGKILLed or a new one joins.
+    """6 peers; every few seconds one is SIGKILLed, a new one joins, or a
+    killed one restarts from its checkpoint; halfway a majority is killed at
+    once and restarted from its checkpoints (older than the survivors' step).
 
-    PEERLEARN_CHURN_SECONDS sets the length (CI: 25 s; an hour: 3600).
+    PEERLEARN_CHURN_SECONDS sets the length (CI: 30 s; an hour: 3600).
     """
     import random
 
     sw = swarm
-    seconds = float(os.environ.get("PEERLEARN_CHURN_SECONDS", "25"))
+    seconds = float(os.environ.get("PEERLEARN_CHURN_SECONDS", "30"))
     rng = random.Random(1)
     sw.start("p0")
     for i in range(1, 6):
@@ -215,11 +217,33 @@ def test_churn_keeps_parity_and_progress(swarm):
     last_progress, last_step = time.monotonic(), 0
     longest_stall = 0.0
     next_name = 6
-    end = time.monotonic() + seconds
+    killed: list[str] = []
+    restarts = majority_restarts = 0
+    start = time.monotonic()
+    end = start + seconds
+    majority_at = start + seconds / 2
     while time.monotonic() < end:
         live = sw.live()
-        if len(live) > 4 and rng.random() < 0.5:
-            sw.procs[rng.choice(live)].kill()
+        if majority_at is not None and time.monotonic() >= majority_at:
+            majority_at = None
+            victims = rng.sample(live, len(live) // 2 + 1)
+            for v in victims:
+                sw.procs[v].kill()
+                sw.procs[v].wait()
+            time.sleep(3.0)  # the survivors see them dead: no quorum, no step
+            survivor = next(n for n in sw.live())
+            for v in victims:
+                sw.start(v, join=sw.addr[survivor])
+            majority_restarts += 1
+        elif killed and rng.random() < 0.35:
+            name = killed.pop(rng.randrange(len(killed)))
+            sw.start(name, join=sw.addr[rng.choice(live)])  # from its checkpoint
+            restarts += 1
+        elif len(live) > 4 and rng.random() < 0.5:
+            victim = rng.choice(live)
+            sw.procs[victim].kill()
+            sw.procs[victim].wait()
+            killed.append(victim)
         else:
             sw.start(f"p{next_name}", join=sw.addr[rng.choice(live)])
             next_name += 1
@@ -240,9 +264,12 @@ def test_churn_keeps_parity_and_progress(swarm):
     hashes = applied_hashes(sw.tmp)
     violations = {s: h for s, h in hashes.items() if len(h) > 1}
     assert violations == {}, f"parity violated at steps {sorted(violations)}"
+    print(f"churn: {seconds:.0f} s, last step {last_step}, {restarts} restarts, longest gap "
+          f"{longest_stall:.1f} s")
+    assert majority_restarts == 1
     assert last_step >= 20
-    # Bound: eviction (dead_after) + a gather + a retried round, with slack for 2 busy cores.
-    assert longest_stall < 10, f"the swarm went {longest_stall:.1f} s without a step"
+    # The issue's bound: never 30 s without an applied step, majority restart included.
+    assert longest_stall < 30, f"the swarm went {longest_stall:.1f} s without a step"
 
 
 def test_whole_swarm_restart_resumes_from_the_newest_step(swarm):
