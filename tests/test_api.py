@@ -333,3 +333,22 @@ def test_a_nonfinite_contribution_fails_the_round_and_poisons_nothing(swarm):
     for p in peers:
         assert all(bool(torch.isfinite(t.float()).all()) for t in p.state.tensors.values())
     assert torch.isfinite(results[0]["w"]).all() and torch.equal(results[0]["w"], results[1]["w"])
+
+
+def test_apply_runs_off_the_loop_so_heartbeats_go_on(swarm):
+    """An outer step that takes longer than a heartbeat period must not hold
+    the daemon's loop: heartbeats keep going out while it runs."""
+    peers = swarm(2)
+    seen = {}
+
+    def slow_apply(state, mean, peer):
+        core = peer.daemon.core
+        before = core.last_beat_at
+        time.sleep(1.0)  # 10 heartbeat periods of FAST
+        seen[peer.id] = core.last_beat_at - before
+        add_mean(state, mean)
+
+    run_all(peers, lambda i, p: p.all_reduce(
+        contribution(i, 0), apply=lambda st, mean, p=p: slow_apply(st, mean, p), timeout=30))
+    assert all(v > 0.5 for v in seen.values()), seen
+    assert len({p.state.state_hash() for p in peers}) == 1

@@ -22,6 +22,8 @@ half-loaded. Files are written 0600: they hold the model's weights.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import math
 import os
 import struct
@@ -52,7 +54,7 @@ _STR = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
 _BIN = frozenset({0xC4, 0xC5, 0xC6})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PeerlearnError, ValueError):
     pass
 
 

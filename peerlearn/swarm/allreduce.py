@@ -51,6 +51,8 @@ quantized once more by its owner.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import math
 import threading
 from dataclasses import dataclass
@@ -84,7 +86,7 @@ SEGMENT_ALIGN = 64
 DEFAULT_PIECE_ELEMS = 1 << 22
 
 
-class AllReduceAborted(RuntimeError):
+class AllReduceAborted(PeerlearnError, RuntimeError):
     """The all-reduce did not complete; nothing was returned.
 
     phase: "reduce-scatter", "all-gather" or "finalise"; step: the global step

@@ -251,7 +251,7 @@ class Peer:
         addresses = self._on_loop(lambda: {p: self.daemon.core.known[p].data for p in group
                                            if p in self.daemon.core.known})
         if not self._gossip_lock.acquire(blocking=False):
-            raise RuntimeError("one gossip at a time per peer")
+            raise PeerError("one gossip at a time per peer")
         try:
             out = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
                              codec=codec, block_size=block_size, timeout=timeout)

@@ -8,8 +8,10 @@ its own tensor); PeerClosed ends the loop.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
 
-class PeerError(Exception):
+
+class PeerError(PeerlearnError):
     """Base of every failure the Peer API reports."""
 
 

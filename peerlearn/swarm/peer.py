@@ -104,6 +104,7 @@ class PeerDaemon:
         self.status_replies = TokenBucket(STATUS_REPLIES_PER_S, STATUS_REPLY_BURST)
         self.status_refused = 0
         self.busy = False  # a collective is running for us
+        self.applying = False  # an apply runs on a worker: the state is not ours to read
         self.ready_handle: asyncio.TimerHandle | None = None
         # Counters for metrics (read by peerlearn.cli.metrics at scrape time).
         self.rounds_applied = 0
@@ -184,7 +185,9 @@ class PeerDaemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            while self.checkpointing:  # an older snapshot must not land after the final one
+            # An older snapshot must not land after the final one, nor may the
+            # final one be taken while an apply writes the state.
+            while self.checkpointing or self.applying:
                 await asyncio.sleep(0.05)
             if self.state is not None:
                 self._checkpoint_now()
@@ -294,6 +297,9 @@ class PeerDaemon:
                 log.info("%s round %d aborted", self.id[:8], a.round_id)
                 self._retry()
             elif isinstance(a, r.SyncNeeded):
+                if self.applying:  # the state is being written: ask again next tick
+                    self.core.sync_failed()
+                    continue
                 if self.state is not None:
                     self.parity_mismatches += 1  # we hold a state, and it is not the swarm's
                 if not self.syncing:  # else the running sync ends with synced or failed
@@ -366,7 +372,8 @@ class PeerDaemon:
 
     def _ready(self) -> None:
         self.ready_handle = None
-        if self.state is None or self.syncing or self.busy or self.core.active is not None \
+        if self.state is None or self.syncing or self.busy or self.applying or \
+                self.core.active is not None \
                 or self.submission is None or self.submission.withdrawn:
             return
         self._dispatch(self.core.local_ready(time.monotonic(), self.state.step,
@@ -433,13 +440,27 @@ class PeerDaemon:
             return
         if sub is not None and sub is self.submission:
             self._next_submission()
-        # Even for a contribution already failed (StateReplaced) its apply runs:
-        # the round applied everywhere, and the callback keeps us in parity.
-        if sub is not None and sub.apply is not None:
-            sub.apply(self.state, result)
-        self.state.step = a.step + 1
-        digest = self.state.state_hash()
-        self.core.result_applied(self.state.step, digest)
+        # The caller's apply (an outer optimizer step: heavy) and the hash of
+        # the new state run on a worker, so heartbeats go on meanwhile. Until
+        # it is done nothing on the loop reads the state: serving it, syncing
+        # over it and new rounds wait for `applying` to clear.
+        self.applying = True
+        state = self.state
+        fut = self.loop.run_in_executor(None, _apply_on, state, sub, result, a.step + 1)
+        fut.add_done_callback(lambda f: self._applied(a, sub, result, state, f))
+
+    def _applied(self, a: r.ApplyResult, sub: Submission | None, result: torch.Tensor,
+                 state: SharedState, fut) -> None:
+        """On the loop, after _apply_on: the state is at a.step + 1."""
+        self.applying = False
+        digest, error = fut.result()
+        if self.closing:
+            return
+        if error is not None:
+            # The state may be half-updated: its hash will differ from the
+            # swarm's and the parity check repairs it; the caller hears why.
+            log.error("%s apply of round %d failed: %r", self.id[:8], a.round_id, error)
+        self.core.result_applied(state.step, digest)
         self.rounds_applied += 1
         self.last_applied_at = time.monotonic()
         log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
@@ -454,7 +475,8 @@ class PeerDaemon:
             fut = self.loop.run_in_executor(None, self._write_checkpoint, snap)
             fut.add_done_callback(lambda f: self._checkpoint_done(f))
         if sub is not None:
-            _settle(sub.future, result=result)
+            _settle(sub.future, result=result, exc=error)
+        self._schedule_ready(0.0)
 
     def _write_checkpoint(self, state: SharedState) -> None:
         checkpoint.save(state, self.cfg.data_dir / CHECKPOINT_FILE)
@@ -498,9 +520,8 @@ class PeerDaemon:
         coord = self.core.coordinator(now)
         rows = []
         for pid, info in sorted(self.core.known.items()):
-            if pid == self.id:
-                step = self.state.step if self.state else 0
-                h = self.state.state_hash() if self.state else r.ZERO_HASH
+            if pid == self.id:  # the core's copy: the state may be mid-apply on a worker
+                step, h = self.core.step, self.core.state_hash
             else:
                 b = self.core.beats.get(pid)
                 step, h = (b.step, b.state_hash) if b else (0, r.ZERO_HASH)
@@ -509,6 +530,21 @@ class PeerDaemon:
                 else "joiner"
             rows.append((pid, info.control, info.data, role if alive else "dead", step, h, alive))
         return tuple(rows)
+
+
+def _apply_on(state: SharedState, sub: Submission | None, result: torch.Tensor,
+              step: int) -> tuple[bytes, BaseException | None]:
+    """Worker thread: the caller's apply (even for a contribution already
+    failed with StateReplaced: the round applied everywhere, and the callback
+    keeps us in parity), the new step, and the new state's hash."""
+    error = None
+    if sub is not None and sub.apply is not None:
+        try:
+            sub.apply(state, result)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, not the loop
+            error = e
+    state.step = step
+    return state.state_hash(), error
 
 
 def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:

@@ -10,6 +10,8 @@ holding the secret, or from an earlier ring, is refused rather than wired in.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from peerlearn.transport.stream import (
     connect_link,
 )
 
-class RingError(RuntimeError):
+class RingError(PeerlearnError, RuntimeError):
     """The ring could not be wired (a neighbour is missing or is not who it should be)."""
 
 

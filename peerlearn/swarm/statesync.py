@@ -21,6 +21,8 @@ MAX_PUSHES at once in all, and all pushes of a step share one snapshot.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import asyncio
 import logging
 import secrets
@@ -46,7 +48,7 @@ def transfer_op(transfer: int, index: int) -> int:
     return SYNC_OP + (transfer << 16) + index  # index < 2^16 (wire: MAX_TENSORS = 4096)
 
 
-class SyncFailed(Exception):
+class SyncFailed(PeerlearnError):
     """A fetch could not complete; the core asks again later."""
 
 
@@ -65,7 +67,7 @@ class StateTransfers:
 
     def _refusal(self, requester: str, req: m.StateRequest) -> str | None:
         d, st = self.d, self.d.state
-        if st is None or not d.core.synced or st.step < req.step:
+        if st is None or not d.core.synced or st.step < req.step or d.applying:
             return "no such state here"
         if not 0 <= req.part < req.parts:
             return "bad part"

@@ -27,6 +27,8 @@ words passes rules 1-3 if long enough but is still weak: use
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import math
 import secrets
 import string
@@ -53,7 +55,7 @@ _SIZES = {"digits": 10, "hex": 16, "lowercase letters": 26,
           "lowercase letters and digits": 36, "base64": 64, "printable ASCII": 95}
 
 
-class WeakSecretError(ValueError):
+class WeakSecretError(PeerlearnError, ValueError):
     """The secret cannot carry 128 bits of randomness; the message says why."""
 
 

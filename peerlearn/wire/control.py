@@ -12,6 +12,8 @@ from there. Layouts are listed in docs/protocol.md.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 from dataclasses import dataclass, fields
 
 import msgpack
@@ -23,7 +25,7 @@ MAX_ADDR_CHARS = 256
 U64 = (1 << 64) - 1
 
 
-class MessageError(ValueError):
+class MessageError(PeerlearnError, ValueError):
     """A control message failed validation; the message must be dropped."""
 
 

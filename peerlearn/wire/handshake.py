@@ -34,6 +34,8 @@ All integers are little-endian.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import hashlib
 import hmac
 import secrets
@@ -54,7 +56,7 @@ PROOF_BYTES = 32
 ACCEPT_BYTES = 4 + 32
 
 
-class HandshakeError(Exception):
+class HandshakeError(PeerlearnError):
     """The other end failed to authenticate or spoke another protocol."""
 
 

@@ -1,0 +1,34 @@
+"""`import peerlearn` gives what a user needs, and one root catches every failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import peerlearn
+
+
+def test_every_public_name_resolves_and_every_error_has_one_root():
+    for name in peerlearn.__all__:
+        value = getattr(peerlearn, name)
+        if isinstance(value, type) and issubclass(value, BaseException):
+            assert issubclass(value, peerlearn.PeerlearnError), name
+    assert issubclass(peerlearn.CollectiveTimeout, TimeoutError)
+    assert issubclass(peerlearn.CheckpointError, ValueError)
+
+
+def test_the_library_raises_no_bare_runtime_errors_at_its_surface():
+    """Internal failure types a caller could see also derive from the root."""
+    from peerlearn.swarm.allreduce import AllReduceAborted
+    from peerlearn.swarm.statesync import SyncFailed
+    from peerlearn.wire.handshake import HandshakeError
+
+    for cls in (AllReduceAborted, SyncFailed, HandshakeError):
+        assert issubclass(cls, peerlearn.PeerlearnError), cls
+
+
+def test_import_is_cheap_until_a_name_is_used():
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys, peerlearn; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
