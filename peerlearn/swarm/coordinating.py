@@ -77,10 +77,15 @@ class Coordinating:
                 seen = self._outcome_seen(r.commit.round_id) if r.adopted else None
                 if seen is not None:
                     return self._finish(now, apply=seen)  # my predecessor had decided
+                if r.adopted and self._complete_among_the_living(r, now):
+                    # Every live participant holds the same complete result: the
+                    # dead coordinator may have applied it before its Apply got
+                    # out, so aborting could give this step a second hash later.
+                    return self._finish(now, apply=True)
                 grace = r.adopted and now - r.since < self.t.ack
                 dead = any(not self.alive(p, now) for p in r.commit.participants)
-                if (dead and not grace) or now - r.since > self.t.collective or \
-                        self._dropped(r.commit):
+                if (dead and not grace and not r.adopted) or \
+                        now - r.since > self.t.collective or self._dropped(r.commit):
                     return self._finish(now, apply=False)
                 self.stall = f"round {r.commit.round_id} running"
                 return []
@@ -90,6 +95,14 @@ class Coordinating:
         if self.observed is not None:
             return self._adopt(now)
         return self._maybe_propose(now)
+
+    def _complete_among_the_living(self, r: _Round, now: float) -> bool:
+        """Every live participant reported ok with one result hash (a dead one's
+        Done may be missing: it finished, or the others' ring would have failed)."""
+        live = [p for p in r.commit.participants if self.alive(p, now)]
+        dones = [r.done.get(p) for p in live]
+        return bool(live) and all(d is not None and d.ok for d in dones) and \
+            len({d.result_hash for d in dones}) == 1
 
     def _dropped(self, c: m.Commit) -> bool:
         """A participant's heartbeat says it settled c as aborted (it learned
