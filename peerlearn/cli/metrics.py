@@ -64,6 +64,14 @@ class PeerCollector:
                 ("loop_error", d.loop_errors)):
             refused.add_metric([reason], value)
         yield refused
+        from peerlearn.transport.link import WIRE
+
+        wire = CounterMetricFamily("peerlearn_wire_bytes",
+                                   "Bytes moved over data links (frames and payload).",
+                                   labels=["direction", "traffic"])
+        for (direction, traffic), n in sorted(WIRE.snapshot().items()):
+            wire.add_metric([direction, traffic], n)
+        yield wire
         counters = [
             ("peerlearn_rounds_applied", "Rounds whose result this peer applied.",
              d.rounds_applied),

@@ -64,6 +64,12 @@ CHANNEL_STATE = 1 << 12  # state transfer to a syncing peer
 CHANNEL_GOSSIP = 1 << 13  # gossip exchanges, outside rounds
 
 
+def traffic_of(channel: int) -> str:
+    """The traffic class a channel's bytes are counted under (transport.link.WIRE)."""
+    return "round" if channel < CHANNEL_STATE else "state" if channel < CHANNEL_GOSSIP \
+        else "gossip"
+
+
 def _signed_message(link: Link, head: bytes) -> bytes:
     return _GREETING_LABEL + link.binding + head
 
@@ -189,6 +195,7 @@ class PeerLinks:
                 old = link
             else:
                 old = self._in.pop(key, None)
+                link.traffic = traffic_of(key[1])
                 self._in[key] = link
                 self._cv.notify_all()
         if old is not None:
@@ -213,6 +220,7 @@ class PeerLinks:
             link.close()
             raise
         with self._cv:
+            link.traffic = traffic_of(channel)
             self._out[(peer, channel)] = link
         return link
 

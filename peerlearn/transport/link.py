@@ -45,6 +45,28 @@ class TransferStats:
     seconds: float
 
 
+class WireBytes:
+    """Bytes this process moved over data links, by direction and traffic
+    class (e.g. "round", "state", "gossip"): what metrics and training
+    reports show as bytes on the wire, counted by the transport, not estimated."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, direction: str, traffic: str, n: int) -> None:
+        with self._lock:
+            key = (direction, traffic)
+            self._bytes[key] = self._bytes.get(key, 0) + n
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._bytes)
+
+
+WIRE = WireBytes()
+
+
 def _run(op, started: float) -> TransferStats:
     op.wait()
     return TransferStats(op.bytes_on_wire, op.conn_chunks, time.monotonic() - started)
@@ -85,6 +107,7 @@ class Link:
         self._socks_closed = False  # root only
         self.broken = False
         self.closed = False
+        self.traffic = "other"  # what WIRE counts this link's bytes under (set by its owner)
 
     def lanes(self, n: int) -> list[Link]:
         """n views of this link over disjoint, contiguous groups of its connections.
@@ -157,6 +180,7 @@ class Link:
             )
             stats = _run(op, started)
             failed = False
+            WIRE.add("sent", self._root.traffic, stats.bytes_on_wire)
             return stats
         finally:
             self._release("send", failed)
@@ -177,6 +201,7 @@ class Link:
             op = _native.start_recv(self._fds, flat, op_id, accumulate, timeout)
             stats = _run(op, started)
             failed = False
+            WIRE.add("received", self._root.traffic, stats.bytes_on_wire)
             return stats
         finally:
             self._release("receive", failed)
