@@ -33,6 +33,7 @@ class SimPeer:
         self.step = 0
         self.state = r.ZERO_HASH if founder else None
         self.pending = None  # (round_id, result_hash) held until Apply/Abort
+        self.join_asked_at = 0.0
         self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
         if founder:
             self.applied_steps[0] = self.state
@@ -57,6 +58,7 @@ class Sim:
         self.cut: set[frozenset] = set()  # unordered pairs that cannot talk
         self.rejected_wire = 0
         self.events: list = []
+        self.joining: dict[str, str] = {}  # pid -> its contact, until it has a view
         self.add("p00", founder=True)
         for i in range(1, n):
             self.join(f"p{i:02d}", via="p00")
@@ -72,8 +74,19 @@ class Sim:
 
     def join(self, pid: str, via: str) -> SimPeer:
         p = self.add(pid)
+        self.joining[pid] = via
         self.run_actions(p, p.core.join_via(via))
         return p
+
+    def _retry_joins(self) -> None:
+        """As the daemon does: a peer with no view yet asks its contact again."""
+        for pid, via in list(self.joining.items()):
+            p = self.peers[pid]
+            if p.core.members:
+                del self.joining[pid]
+            elif p.alive and self.now - p.join_asked_at >= 0.5:
+                p.join_asked_at = self.now
+                self.run_actions(p, p.core.join_via(via))
 
     def kill(self, pid: str):
         self.peers[pid].alive = False
@@ -94,6 +107,7 @@ class Sim:
         p.core.state_synced(p.step, p.state)
         self.peers[pid] = p
         self.events.append((self.now, "restart", pid, ckpt))
+        self.joining[pid] = via
         self.run_actions(p, p.core.join_via(via))
         self.at(self.compute, self._ready, p)
         return p
@@ -129,6 +143,7 @@ class Sim:
             if next_tick <= t_next:
                 self.now = next_tick
                 next_tick += tick
+                self._retry_joins()
                 for p in list(self.peers.values()):
                     if p.alive:
                         self.run_actions(p, p.core.tick(self.now))

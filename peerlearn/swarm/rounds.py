@@ -329,6 +329,8 @@ class RoundCore(Coordinating):
 
     def _on_join(self, now, sender, msg: m.Join) -> list:
         self.known[sender] = msg.peer
+        if not self.members:
+            return []  # joining ourselves: no view to give; the joiner asks again
         return [Send(sender, m.Welcome(self.epoch, self.step, tuple(self.members.values())))]
 
     def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
