@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
 from peerlearn.algorithms.diloco import OUTER, DiLoCo
 from peerlearn.algorithms.outer import SGD, HeavyBall, Nesterov
@@ -407,3 +408,86 @@ def test_collective_timeout_skips_the_outer_step_and_trains_on():
     Lockstep(swarm, tick).run(2 * H, after=lambda t: _assert_parity(swarm))
     assert [a.skipped for a in algos] == [1, 1] and [a.outer_steps for a in algos] == [1, 1]
     assert swarm.peers[0].state.step == 1 and algos[0].metrics()["outer_skipped"] == 1
+
+
+# --------------------------------------------------------------------------- async and eager
+
+
+def run_scalar(cls, ticks: int, m: int = 2, H: int = 3):
+    """Scalar weight at 1, constant grad 2, inner SGD lr 1, outer plain SGD lr 2."""
+    models = [Scalars(1) for _ in range(m)]
+    swarm = FakeSwarm(m, lambda: cls.initial_state(models[0], SGD(2.0)))
+    opts = [torch.optim.SGD(x.parameters(), lr=1.0) for x in models]
+    algos = [cls(swarm.peers[i], models[i], opts[i], H=H, outer=SGD(2.0)) for i in range(m)]
+    seq = [[1.0] for _ in range(m)]
+
+    def tick(i, t):
+        models[i].w0.grad = torch.tensor(2.0)
+        opts[i].step()
+        algos[i].step()
+        seq[i].append(models[i].w0.item())
+
+    Lockstep(swarm, tick).run(ticks, after=lambda t: _assert_parity(swarm))
+    assert seq[0] == seq[1]
+    return seq[0], swarm, algos
+
+
+def test_async_diloco_applies_the_outer_step_one_round_late():
+    # Phase 0: 1 → −5, Δ(0) = 6, nothing to apply yet: restart from 1.
+    # Phase 1: 1 → −5, Δ(1) = 1 − (−5) = 6 (against θ_start = 1), round 0
+    #   landed: θ = 1 − 2·6 = −11. Phase 2: −11 → −17, round 1 landed: −23.
+    seq, swarm, algos = run_scalar(AsyncDiLoCo, 9)
+    assert seq == [1, -1, -3, 1, -1, -3, -11, -13, -15, -23]
+    assert algos[0].outer_steps == 2  # round 2 is in flight
+    assert swarm.peers[0].state.tensors["outer/w0"].item() == -35  # ... and applied in the fake
+
+
+def test_eager_diloco_counts_its_own_gradient_early():
+    # Phase 0: Δ(0) = 6, eager Δ̂ = 6/2 = 3: θ_m = 1 − 6 = −5.
+    # Phase 1: −5 → −11, Δ(1) = 6, Δ̂ = Δ̄(0) + (6 − 6)/2 = 6: θ_m = −17; then −29.
+    seq, swarm, algos = run_scalar(EagerDiLoCo, 9)
+    assert seq == [1, -1, -3, -5, -7, -9, -17, -19, -21, -29]
+    # The shared consensus follows the delayed means: 1 − 2·6·3 = −35.
+    assert swarm.peers[0].state.tensors["outer/w0"].item() == -35
+
+
+@pytest.mark.parametrize("cls", [EagerDiLoCo])
+def test_eager_with_one_replica_is_diloco(cls):
+    H, ticks, outer = 3, 12, Nesterov(0.7, 0.9)
+    models, swarm, opts, algos = make_diloco(1, H, outer)
+    e_models = replicas(1, lambda s: Tiny(s))
+    e_swarm = FakeSwarm(1, lambda: cls.initial_state(e_models[0], outer))
+    e_opts = [torch.optim.SGD(x.parameters(), lr=0.05) for x in e_models]
+    e_algos = [cls(e_swarm.peers[0], e_models[0], e_opts[0], H=H, outer=outer)]
+
+    def tick(models, opts, algos):
+        def run(i, t):
+            train_tick(models, opts)(i, t)
+            opts[i].step()
+            algos[i].step()
+        return run
+
+    Lockstep(swarm, tick(models, opts, algos)).run(ticks)
+    Lockstep(e_swarm, tick(e_models, e_opts, e_algos)).run(ticks)
+    for a, b in zip(models[0].parameters(), e_models[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AsyncDiLoCo, EagerDiLoCo])
+def test_async_variants_keep_the_shared_state_in_parity(cls):
+    m, H = 3, 2
+    models = replicas(m, lambda s: Tiny(s))
+    outer = Nesterov(0.7, 0.9)
+    swarm = FakeSwarm(m, lambda: cls.initial_state(models[0], outer))
+    opts = [torch.optim.AdamW(x.parameters(), lr=1e-2) for x in models]
+    algos = [cls(swarm.peers[i], models[i], opts[i], H=H, outer=outer) for i in range(m)]
+    swarm.replace_state(2, 2)
+
+    def tick(i, t):
+        train_tick(models, opts)(i, t)
+        opts[i].step()
+        algos[i].step()
+
+    Lockstep(swarm, tick).run(5 * H, after=lambda t: _assert_parity(swarm))
+    assert all(len(set(h)) == 1 for h in swarm.history)
+    assert algos[2].replaced == 1 and algos[0].replaced == 0

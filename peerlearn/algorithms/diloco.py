@@ -159,6 +159,7 @@ class OuterLoop:
         self.skipped = 0  # outer steps skipped on CollectiveTimeout
         self.replaced = 0  # StateReplaced events (model reloaded from the swarm)
         self._base_step = -1  # the shared step the local model was last reset at
+        self.last_mean: Mapping[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- state access
 
@@ -189,10 +190,12 @@ class OuterLoop:
 
     def _wait(self, pending) -> bool:
         """Waits for one contribution's round. True: it applied (its apply ran
-        on our state). False: it did not, and the caller's fault path already
-        ran (StateReplaced: model reloaded; timeout: counted as skipped)."""
+        on our state; the mean is in `last_mean`). False: it did not, and the
+        fault path already ran (StateReplaced: model reloaded; timeout:
+        counted as skipped)."""
+        self.last_mean = None
         try:
-            pending.result(self.timeout)
+            self.last_mean = pending.result(self.timeout)
             return True
         except StateReplaced:
             self.replaced += 1
@@ -201,6 +204,7 @@ class OuterLoop:
         except CollectiveTimeout:
             pending.withdraw()
             if completed(pending):
+                self.last_mean = pending.result(0)
                 return True
             self.skipped += 1
             return False
