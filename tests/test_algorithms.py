@@ -318,7 +318,8 @@ def test_every_outer_step_leaves_byte_identical_shared_states():
     assert swarm.peers[0].state.step == 4 and algos[0].outer_step == 4
 
 
-def test_streaming_fragments_keep_parity_and_merge_in_turn():
+@pytest.mark.parametrize("replace", [False, True])
+def test_streaming_fragments_keep_parity_and_merge_in_turn(replace):
     m, H, P = 2, 4, 2
     models = replicas(m, lambda s: Tiny(s))
     outer = Nesterov(0.4, 0.9)
@@ -326,6 +327,8 @@ def test_streaming_fragments_keep_parity_and_merge_in_turn():
     opts = [torch.optim.AdamW(x.parameters(), lr=1e-2) for x in models]
     algos = [StreamingDiLoCo(swarm.peers[i], models[i], opts[i], H=H, P=P, tau=1, alpha=0.5,
                              outer=outer) for i in range(m)]
+    if replace:  # replica 1 loses round 3 to a state transfer, then trains on
+        swarm.replace_state(1, 3)
 
     def tick(i, t):
         train_tick(models, opts)(i, t)
@@ -334,6 +337,10 @@ def test_streaming_fragments_keep_parity_and_merge_in_turn():
 
     Lockstep(swarm, tick).run(4 * H, after=lambda t: _assert_parity(swarm))
     st = swarm.peers[0].state.tensors
+    if replace:
+        assert algos[1].replaced == 1
+        # Reloaded from the shared outer params, which every replica agrees on.
+        return
     # per = H/P = 2: sends at local steps 1, 3, .., 15, merges at 2, 4, .., 16.
     assert int(st["streaming/syncs"]) == 8
     assert [int(st["outer_opt/0/step"]), int(st["outer_opt/1/step"])] == [4, 4]
@@ -491,3 +498,24 @@ def test_async_variants_keep_the_shared_state_in_parity(cls):
     Lockstep(swarm, tick).run(5 * H, after=lambda t: _assert_parity(swarm))
     assert all(len(set(h)) == 1 for h in swarm.history)
     assert algos[2].replaced == 1 and algos[0].replaced == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_diloco_on_a_cuda_model_copies_outer_params_to_the_device():
+    m, H = 2, 2
+    models = [x.cuda() for x in replicas(m, lambda s: Tiny(s))]
+    outer = Nesterov(0.7, 0.9)
+    swarm = FakeSwarm(m, lambda: DiLoCo.initial_state(models[0], outer))
+    opts = [torch.optim.SGD(x.parameters(), lr=0.05) for x in models]
+    algos = [DiLoCo(swarm.peers[i], models[i], opts[i], H=H, outer=outer) for i in range(m)]
+
+    def tick(i, t):
+        x, y = batch(i, t)
+        opts[i].zero_grad()
+        nn.functional.mse_loss(models[i](x.cuda()), y.cuda()).backward()
+        opts[i].step()
+        algos[i].step()
+
+    Lockstep(swarm, tick).run(2 * H, after=lambda t: _assert_parity(swarm))
+    for n, p in models[1].named_parameters():
+        assert p.is_cuda and torch.equal(p.cpu(), swarm.peers[1].state.tensors[OUTER + n])
