@@ -98,7 +98,11 @@ class Coordinating:
 
     def _complete_among_the_living(self, r: _Round, now: float) -> bool:
         """Every live participant reported ok with one result hash (a dead one's
-        Done may be missing: it finished, or the others' ring would have failed)."""
+        Done may be missing: it finished, or the others' ring would have failed),
+        and the live members are a majority of the view: only the side that
+        can run rounds may decide for the dead."""
+        if not self._quorum(p for p in self.members if self.alive(p, now)):
+            return False  # cut off with a minority: "dead" may only mean unreachable
         live = [p for p in r.commit.participants if self.alive(p, now)]
         dones = [r.done.get(p) for p in live]
         return bool(live) and all(d is not None and d.ok for d in dones) and \
