@@ -42,7 +42,7 @@ class Swarm:
     def start(self, name: str, join: str | None = None) -> str:
         """Starts peer `name`; a restart listens where it did before, as a user's would."""
         port = self.ports.setdefault(name, free_port())
-        argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--listen",
+        argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic", "--listen",
                 f"127.0.0.1:{port}", "--data-dir", str(self.tmp / name), "--numel", "50000",
                 "--compute-s", "0.2", "--dead-after", str(DEAD_AFTER)]
         if join:

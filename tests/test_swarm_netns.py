@@ -38,7 +38,7 @@ def test_partition_minority_stalls_majority_advances_then_all_converge(tmp_path)
         founder = f"{wan.hosts[0].addr}:7400"
         procs = []
         for i in range(5):
-            argv = [sys.executable, "-m", "peerlearn.cli.app", "run",
+            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
                     "--listen", f"{wan.hosts[i].addr}:7400", "--data-dir", str(tmp_path / f"d{i}"),
                     "--numel", "20000", "--compute-s", "0.2", "--dead-after", "1.5"]
             if i:

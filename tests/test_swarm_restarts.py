@@ -95,7 +95,8 @@ def _run_joining(tmp_path, *extra) -> subprocess.Popen:
     dead = f"127.0.0.1:{free_port()}"  # nobody listens there
     env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "peerlearn.cli.app", "run", "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+         "--listen", "127.0.0.1:0",
          "--data-dir", str(tmp_path / "j"), "--join", dead, "--metrics", "off", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

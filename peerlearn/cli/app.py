@@ -149,6 +149,24 @@ def run(
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
     data_port: int = typer.Option(0, help="Data-plane port (0: any free one)."),
+    algo: str = typer.Option(
+        "diloco", help="diloco | streaming | async | eager | ddp, or 'synthetic' (no model: "
+                       "the swarm's own test workload)."),
+    task: Optional[str] = typer.Option(
+        None, help="MODULE:FUNCTION or FILE.py:FUNCTION returning a peerlearn Task "
+                   "(default: the built-in byte-level language model)."),
+    task_set: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE passed to the task (repeat), e.g. --set n_layer=2."),
+    steps: int = typer.Option(1000, help="Inner steps to train, then leave."),
+    shard: str = typer.Option("0/1", help="RANK/WORLD: which shard of the data this peer reads."),
+    seed: int = typer.Option(0, help="Data order seed (the model's comes from the task)."),
+    H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
+    P: int = typer.Option(4, "--P", help="Streaming: fragments."),
+    tau: int = typer.Option(1, help="Streaming: inner steps a fragment's reduction overlaps."),
+    alpha: float = typer.Option(0.5, help="Streaming: weight of the local params when merging."),
+    outer_lr: float = typer.Option(0.7, help="Outer Nesterov learning rate."),
+    momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
+    progress_every: int = typer.Option(25, help="A progress line every this many steps."),
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
@@ -162,15 +180,68 @@ def run(
         None, help="File of admitted Ed25519 public keys (hex, one per line) instead of a "
                    "secret."),
 ) -> None:
-    """Start a peer daemon (today it runs the built-in synthetic workload)."""
+    """Start a peer that trains a task with an algorithm, as one member of a swarm."""
     from peerlearn.cli import daemon
     from peerlearn.wire.codecs import codec_from_name
 
     secret, keys = daemon.read_credentials(secret_file, allowlist)
+    if algo != "synthetic":
+        from peerlearn.algorithms.training import ALGORITHMS, Hyper
+        from peerlearn.cli import train
+
+        if algo not in ALGORITHMS:
+            raise typer.BadParameter(f"--algo must be one of {', '.join(ALGORITHMS)} or "
+                                     f"synthetic, not {algo!r}")
+        train.run_training(
+            listen, join, data_dir, secret, algo=algo, task_spec=task,
+            task_args=_settings(task_set),
+            hyper=Hyper(H=H, outer_lr=outer_lr, momentum=momentum, P=P, tau=tau, alpha=alpha),
+            steps=steps, shard=shard, seed=seed, codec=codec_from_name(codec),
+            data_port=data_port, dead_after=dead_after,
+            metrics=None if metrics == "off" else metrics, allowlist=keys,
+            join_timeout=join_timeout or None, progress_every=progress_every)
+        return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None)
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set wants KEY=VALUE, not {pair!r}")
+        out[key] = value
+    return out
+
+
+@app.command("demo")
+def demo(
+    algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp."),
+    peers: int = typer.Option(4, help="Local peer processes."),
+    steps: int = typer.Option(200, help="Inner steps each peer trains."),
+    task: Optional[str] = typer.Option(None, help="MODULE:FUNCTION (default: built-in)."),
+    H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
+    codec: str = typer.Option("none", help=_CODEC_HELP),
+    task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train the task with N local peers; end with validation loss, tokens, bytes and
+    compute utilisation per peer (progress lines from every peer meanwhile)."""
+    from peerlearn.cli import train
+
+    extra = ["--H", str(H), "--codec", codec]
+    for pair in task_set:
+        extra += ["--set", pair]
+    summary = train.run_demo(algo, peers, steps, task, extra, as_json)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if key != "peers_report":
+            typer.echo(f"{key}: {json.dumps(value)}")
 
 
 @app.command("swarm")

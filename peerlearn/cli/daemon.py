@@ -212,7 +212,7 @@ def run_swarm(n: int, duration: float | None, base_port: int, numel: int, comput
     procs = []
     founder = f"127.0.0.1:{base_port}"
     for i in range(n):
-        argv = [sys.executable, "-m", "peerlearn.cli.app", "run",
+        argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
                 "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
                 "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec]
         if i:

@@ -1,0 +1,161 @@
+"""One peer's training run: a task, an algorithm, a swarm `Peer`.
+
+This is the loop a user would write (and `peerlearn run --algo` runs):
+
+    for step in range(steps):
+        loss = task.loss(model, next(batches)); loss.backward()
+        optimizer.step(); algorithm.step()        # the algorithm decides when to sync
+
+and what it measures: tokens, seconds spent computing (forward, backward,
+inner step) against wall time, bytes on the wire as the transport counted
+them, and the validation loss of the parameters the swarm agreed on (the
+outer parameters for the DiLoCo family: the paper evaluates those).
+
+Every peer of a run must build the task with the same seed and settings and
+use the same algorithm settings (`Hyper`): the founder's initial state comes
+from them and every apply runs with them.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
+from peerlearn.algorithms.ddp import DDP
+from peerlearn.algorithms.diloco import OUTER, DiLoCo
+from peerlearn.algorithms.outer import Nesterov
+from peerlearn.algorithms.streaming import StreamingDiLoCo
+from peerlearn.state.shared import SharedState
+from peerlearn.transport.link import WIRE
+
+ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Algorithm settings; equal at every peer of a run."""
+
+    H: int = 50  # inner steps per outer step
+    outer_lr: float = 0.7
+    momentum: float = 0.9
+    P: int = 4  # streaming: fragments
+    tau: int = 1  # streaming: inner steps a fragment's reduction overlaps
+    alpha: float = 0.5  # streaming: local weight when merging
+    weighted: bool = False  # diloco: weight pseudo-gradients by tokens
+    timeout: float | None = 120.0  # an outer step waits this long, then is skipped
+
+
+def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
+    """What a founder's swarm starts from for `algo` (the model's initial params)."""
+    outer = Nesterov(hp.outer_lr, hp.momentum)
+    if algo in ("diloco", "async", "eager"):
+        return DiLoCo.initial_state(model, outer)
+    if algo == "streaming":
+        return StreamingDiLoCo.initial_state(model, hp.P, outer)
+    if algo == "ddp":
+        return SharedState()  # nothing agreed but the step: gradients are averaged
+    raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
+
+
+def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper):
+    outer = Nesterov(hp.outer_lr, hp.momentum)
+    if algo == "diloco":
+        return DiLoCo(peer, model, optimizer, H=hp.H, outer=outer, weighted=hp.weighted,
+                      timeout=hp.timeout)
+    if algo == "streaming":
+        return StreamingDiLoCo(peer, model, optimizer, H=hp.H, P=hp.P, tau=hp.tau,
+                               alpha=hp.alpha, outer=outer, timeout=hp.timeout)
+    if algo == "async":
+        return AsyncDiLoCo(peer, model, optimizer, H=hp.H, outer=outer, timeout=hp.timeout)
+    if algo == "eager":
+        return EagerDiLoCo(peer, model, optimizer, H=hp.H, outer=outer, timeout=hp.timeout)
+    if algo == "ddp":
+        return DDP(peer, model, timeout=hp.timeout)
+    raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
+
+
+def agreed_model(model: nn.Module, state: SharedState | None) -> nn.Module:
+    """The model with the swarm's agreed (outer) parameters, if the state has
+    them; else the model itself (DDP: every replica holds the same params)."""
+    if state is None or not any(k.startswith(OUTER) for k in state.tensors):
+        return model
+    agreed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in agreed.named_parameters():
+            p.copy_(state.tensors[OUTER + name].to(p.device, p.dtype))
+    return agreed
+
+
+def wire_bytes() -> dict[str, int]:
+    out = {"sent": 0, "received": 0}
+    for (direction, _), n in WIRE.snapshot().items():
+        out[direction] += n
+    return out
+
+
+def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world: int = 1,
+          seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
+          progress: Callable[[dict], None] | None = None,
+          stop: Callable[[], bool] | None = None) -> dict:
+    """Runs `steps` inner steps on this peer's shard; returns the report.
+
+    The peer must be started (and is left running: the caller closes it).
+    `progress(row)` is called every `progress_every` steps with the loss and
+    throughput so far; `stop()` ends the run early (a signal)."""
+    peer.sync_state()
+    model = task.model
+    optimizer = task.inner_optimizer(model.parameters())
+    algorithm = make(algo, peer, model, optimizer, hp)
+    batches = task.batches(rank, world, seed)
+    wire0 = wire_bytes()
+    started = time.monotonic()
+    compute = 0.0
+    tokens = 0
+    loss_sum, loss_n = 0.0, 0
+    done = 0
+    for step in range(1, steps + 1):
+        if stop is not None and stop():
+            break
+        t0 = time.monotonic()
+        batch = next(batches)
+        loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if algo == "ddp":
+            compute += time.monotonic() - t0
+            algorithm.step()  # the mean gradient replaces ours
+            t0 = time.monotonic()
+        optimizer.step()
+        compute += time.monotonic() - t0
+        tokens += task.tokens_per_batch
+        if algo == "diloco":
+            algorithm.step(tokens=task.tokens_per_batch)
+        elif algo != "ddp":
+            algorithm.step()
+        loss_sum += float(loss.detach())
+        loss_n += 1
+        done = step
+        if progress is not None and progress_every and step % progress_every == 0:
+            wall = time.monotonic() - started
+            progress({"step": step, "loss": loss_sum / loss_n, "tokens": tokens,
+                      "tokens_per_s": tokens / wall, "swarm_step": peer.step})
+            loss_sum, loss_n = 0.0, 0
+    wall = time.monotonic() - started
+    wire = wire_bytes()
+    final = agreed_model(model, peer.state)
+    return {
+        "algo": algo, "hyper": asdict(hp), "inner_steps": done, "tokens": tokens,
+        "val_loss": task.evaluate(final, eval_batches),
+        "wall_s": wall, "compute_s": compute,
+        "compute_utilisation": compute / wall if wall > 0 else 0.0,
+        "bytes_sent": wire["sent"] - wire0["sent"],
+        "bytes_received": wire["received"] - wire0["received"],
+        "swarm_step": peer.step,
+        "algorithm": algorithm.metrics() if hasattr(algorithm, "metrics") else {},
+    }

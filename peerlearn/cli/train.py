@@ -1,0 +1,173 @@
+"""`peerlearn run --algo NAME` (one peer trains a task) and `peerlearn demo`
+(N local peer processes train it together, then a summary)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from peerlearn.cli.daemon import SECRET_ENV, split_addr
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        rank, world = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard wants RANK/WORLD, not {spec!r}") from None
+    if not 0 <= rank < world:
+        raise SystemExit(f"--shard {spec}: need 0 <= RANK < WORLD")
+    return rank, world
+
+
+def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | None, *,
+                 algo: str, task_spec: str | None, task_args: dict, hyper, steps: int,
+                 shard: str, seed: int, codec: int | None, data_port: int, dead_after: float,
+                 metrics: str | None, allowlist: list[bytes] | None,
+                 join_timeout: float | None, progress_every: int) -> None:
+    """One peer trains `task_spec` with `algo` for `steps` inner steps, printing
+    progress lines on stderr and, at the end, one JSON report on stdout.
+    SIGINT/SIGTERM end the run early (the report still comes)."""
+    import torch
+
+    from peerlearn.algorithms import training
+    from peerlearn.cli import metrics as prom
+    from peerlearn.swarm.actions import Timeouts
+    from peerlearn.swarm.api import Peer
+    from peerlearn.swarm.config import PeerConfig
+    from peerlearn.swarm.errors import PeerClosed, PeerStartError
+    from peerlearn.tasks import TaskError, load
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        stream=sys.stderr)
+    torch.manual_seed(seed)
+    try:
+        task = load(task_spec, **task_args)
+    except TaskError as e:
+        raise SystemExit(f"peerlearn: {e}") from None
+    rank, world = parse_shard(shard)
+    host, port = split_addr(listen)
+    cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
+                     join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
+                     timeouts=Timeouts.for_dead_after(dead_after))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
+    try:
+        peer.start(cancel=stop)
+    except PeerClosed:
+        return
+    except PeerStartError as e:
+        raise SystemExit(f"peerlearn: {e}") from None
+    stop_metrics, metrics_port = None, None
+    if metrics:
+        mhost, mport = split_addr(metrics)
+        metrics_port, stop_metrics = prom.serve(peer.daemon, mhost, mport)
+    print(json.dumps({"peer": peer.id, "control": peer.control_address,
+                      "metrics_port": metrics_port, "task": task.name,
+                      "fingerprint": task.fingerprint}), flush=True)
+
+    def show(row: dict) -> None:
+        print(f"[{peer.id[:8]}] step {row['step']} loss {row['loss']:.4f} "
+              f"tokens/s {row['tokens_per_s']:.0f} swarm step {row['swarm_step']}",
+              file=sys.stderr, flush=True)
+
+    report: dict = {}
+    try:
+        report = training.train(peer, task, algo, hyper, steps=steps, rank=rank, world=world,
+                                seed=seed, progress_every=progress_every, progress=show,
+                                stop=stop.is_set)
+    except PeerClosed:
+        pass
+    finally:
+        peer.close()
+        if stop_metrics is not None:
+            stop_metrics()
+    report.update({"peer": peer.id, "shard": shard})
+    print(json.dumps(report), flush=True)
+    if peer.failure is not None:
+        raise SystemExit(f"peerlearn: the peer daemon failed: {peer.failure!r}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
+             as_json: bool) -> dict:
+    """Starts `peers` local `peerlearn run` processes (the first founds, the
+    rest join it), each on its own shard, and collects their final reports."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))
+    # One thread a peer: N peers on a few cores would oversubscribe them.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    work = Path(tempfile.mkdtemp(prefix="peerlearn-demo-"))
+    procs: list[subprocess.Popen] = []
+    threads: list[threading.Thread] = []
+    reports: dict[int, dict] = {}
+    started = time.monotonic()
+    try:
+        founder = None
+        for i in range(peers):
+            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
+                    "--listen", f"127.0.0.1:{_free_port()}", "--data-dir", str(work / f"p{i}"),
+                    "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
+                    *(["--task", task_spec] if task_spec else []), *extra]
+            if founder:
+                argv += ["--join", founder]
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+            procs.append(p)
+            hello = p.stdout.readline()
+            if not hello:
+                raise SystemExit(f"peerlearn demo: peer {i} did not start")
+            if founder is None:
+                founder = json.loads(hello)["control"]
+
+            def collect(i=i, p=p):
+                for line in p.stdout:
+                    if line.startswith("{"):
+                        reports[i] = json.loads(line)
+            t = threading.Thread(target=collect, name=f"demo-peer-{i}")
+            t.start()
+            threads.append(t)
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for t in threads:
+            t.join()
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [reports.get(i, {"error": f"peer {i} exited {procs[i].returncode}"})
+            for i in range(len(procs))]
+    ok = [r for r in rows if "val_loss" in r]
+    summary = {
+        "algo": algo, "peers": peers, "steps": steps, "wall_s": time.monotonic() - started,
+        "val_loss": max((r["val_loss"] for r in ok), default=None),
+        "tokens": sum(r["tokens"] for r in ok),
+        "bytes_sent_per_peer": [r.get("bytes_sent") for r in rows],
+        "bytes_received_per_peer": [r.get("bytes_received") for r in rows],
+        "compute_utilisation_per_peer": [r.get("compute_utilisation") for r in rows],
+        "peers_report": rows,
+    }
+    return summary
