@@ -256,6 +256,12 @@ def test_loader_resolves_the_builtin():
         assert t.name == "bytelm" and t.config["n_embd"] == 64
 
 
+def test_bytelm_settings_may_come_as_strings():
+    t = load("bytelm", **{k: str(v) for k, v in SMALL.items()}, lr="3e-4")
+    assert t.config["n_embd"] == 64 and t.config["lr"] == 3e-4
+    assert t.tokens_per_batch == 8 * 64
+
+
 def test_loader_resolves_a_file_and_a_module(tmp_path, monkeypatch):
     path = tmp_path / "mytask.py"
     path.write_text(USER_TASK)
@@ -283,6 +289,9 @@ def test_loader_resolves_a_file_and_a_module(tmp_path, monkeypatch):
     ("{tmp}/needs_dep.py:task", {}, "failed: ModuleNotFoundError: No module named 'dep_xyz'"),
     ("bytelm", {"n_layers": 2}, "bytelm has no setting 'n_layers'; known:"),
     ("bytelm", {"n_embd": 100, "n_head": 3}, "bytelm: n_embd 100 is not a multiple of n_head 3"),
+    ("bytelm", {"n_layer": "two"}, "bytelm: n_layer='two' is not a int"),
+    ("bytelm", {"lr": "fast"}, "bytelm: lr='fast' is not a float"),
+    ("bytelm", {"n_layer": 2.5}, "bytelm: n_layer=2.5 is not a int"),
 ])
 def test_loader_errors_are_one_line_task_errors(tmp_path, spec, overrides, message):
     (tmp_path / "mytask.py").write_text(USER_TASK)

@@ -310,11 +310,22 @@ def make_evaluate(windows: torch.Tensor, batch_size: int):
 
 
 def task(**overrides) -> Task:
-    """The built-in task; `overrides` are `Config` fields (e.g. n_layer=2)."""
-    known = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - known)
+    """The built-in task; `overrides` are `Config` fields (e.g. n_layer=2, or
+    n_layer="2" from a command line)."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise TaskError(f"bytelm has no setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        raise TaskError(f"bytelm has no setting {unknown[0]!r}; known: {', '.join(defaults)}")
+    # A command line hands settings over as strings ("n_layer=2"): convert to the
+    # default's type, so a typo fails here with its name, not deep inside torch.
+    for name, value in overrides.items():
+        kind = type(defaults[name])
+        try:
+            overrides[name] = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise TaskError(f"bytelm: {name}={value!r} is not a {kind.__name__}") from None
+        if not isinstance(overrides[name], (int, float) if kind is float else kind):
+            raise TaskError(f"bytelm: {name}={value!r} is not a {kind.__name__}")
     cfg = Config(**overrides)
     if cfg.n_embd % cfg.n_head:
         raise TaskError(f"bytelm: n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head}")
