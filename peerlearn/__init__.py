@@ -18,7 +18,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it ("module:attr" where the name differs)
 _EXPORTS = {
     "Peer": "peerlearn.swarm.api",
     "PendingAllReduce": "peerlearn.swarm.api",
@@ -38,16 +38,28 @@ _EXPORTS = {
     "MessageError": "peerlearn.wire.control",
     "WeakSecretError": "peerlearn.transport.swarm_secret",
     "Codec": "peerlearn.wire.codecs",
+    "DiLoCo": "peerlearn.algorithms",
+    "StreamingDiLoCo": "peerlearn.algorithms",
+    "AsyncDiLoCo": "peerlearn.algorithms",
+    "EagerDiLoCo": "peerlearn.algorithms",
+    "DDP": "peerlearn.algorithms",
+    "Nesterov": "peerlearn.algorithms",
+    "HeavyBall": "peerlearn.algorithms",
+    "SGD": "peerlearn.algorithms",
+    "Task": "peerlearn.tasks",
+    "TaskError": "peerlearn.tasks",
+    "load_task": "peerlearn.tasks:load",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    where = _EXPORTS.get(name)
+    if where is None:
         raise AttributeError(f"module 'peerlearn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attr = where.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value  # next time, a plain attribute
     return value
 

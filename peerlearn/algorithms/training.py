@@ -102,12 +102,15 @@ def wire_bytes() -> dict[str, int]:
 def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world: int = 1,
           seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
           progress: Callable[[dict], None] | None = None,
-          stop: Callable[[], bool] | None = None) -> dict:
+          stop: Callable[[], bool] | None = None, wait_peers: int = 0) -> dict:
     """Runs `steps` inner steps on this peer's shard; returns the report.
 
     The peer must be started (and is left running: the caller closes it).
     `progress(row)` is called every `progress_every` steps with the loss and
-    throughput so far; `stop()` ends the run early (a signal)."""
+    throughput so far; `stop()` ends the run early (a signal); `wait_peers`:
+    start only once that many peers are heard from (then sync the state)."""
+    if wait_peers:
+        peer.wait_for_peers(wait_peers, timeout=300)
     peer.sync_state()
     model = task.model
     optimizer = task.inner_optimizer(model.parameters())

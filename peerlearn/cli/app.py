@@ -167,6 +167,8 @@ def run(
     outer_lr: float = typer.Option(0.7, help="Outer Nesterov learning rate."),
     momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
     progress_every: int = typer.Option(25, help="A progress line every this many steps."),
+    wait_peers: int = typer.Option(0, help="Start training once this many peers are heard "
+                                           "from (0: at once)."),
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
@@ -199,7 +201,8 @@ def run(
             steps=steps, shard=shard, seed=seed, codec=codec_from_name(codec),
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
-            join_timeout=join_timeout or None, progress_every=progress_every)
+            join_timeout=join_timeout or None, progress_every=progress_every,
+            wait_peers=wait_peers)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
@@ -224,6 +227,8 @@ def demo(
     steps: int = typer.Option(200, help="Inner steps each peer trains."),
     task: Optional[str] = typer.Option(None, help="MODULE:FUNCTION (default: built-in)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
+    P: int = typer.Option(4, "--P", help="Streaming: fragments."),
+    tau: int = typer.Option(1, help="Streaming: inner steps a reduction overlaps."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
     task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -232,7 +237,7 @@ def demo(
     compute utilisation per peer (progress lines from every peer meanwhile)."""
     from peerlearn.cli import train
 
-    extra = ["--H", str(H), "--codec", codec]
+    extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--codec", codec]
     for pair in task_set:
         extra += ["--set", pair]
     summary = train.run_demo(algo, peers, steps, task, extra, as_json)

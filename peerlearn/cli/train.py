@@ -34,7 +34,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                  algo: str, task_spec: str | None, task_args: dict, hyper, steps: int,
                  shard: str, seed: int, codec: int | None, data_port: int, dead_after: float,
                  metrics: str | None, allowlist: list[bytes] | None,
-                 join_timeout: float | None, progress_every: int) -> None:
+                 join_timeout: float | None, progress_every: int, wait_peers: int = 0) -> None:
     """One peer trains `task_spec` with `algo` for `steps` inner steps, printing
     progress lines on stderr and, at the end, one JSON report on stdout.
     SIGINT/SIGTERM end the run early (the report still comes)."""
@@ -87,7 +87,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     try:
         report = training.train(peer, task, algo, hyper, steps=steps, rank=rank, world=world,
                                 seed=seed, progress_every=progress_every, progress=show,
-                                stop=stop.is_set)
+                                stop=stop.is_set, wait_peers=wait_peers)
     except PeerClosed:
         pass
     finally:
@@ -125,6 +125,7 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
             argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
                     "--listen", f"127.0.0.1:{_free_port()}", "--data-dir", str(work / f"p{i}"),
                     "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
+                    "--wait-peers", str(peers),
                     *(["--task", task_spec] if task_spec else []), *extra]
             if founder:
                 argv += ["--join", founder]

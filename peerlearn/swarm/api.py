@@ -184,6 +184,32 @@ class Peer:
             return sorted(p for p in self.daemon.core.members if self.daemon.core.alive(p, now))
         return self._on_loop(live)
 
+    def live_peers(self) -> list[str]:
+        """Every peer this one hears from (members and joiners), itself included."""
+        def live():
+            now = time.monotonic()
+            return sorted(p for p in self.daemon.core.known if self.daemon.core.alive(p, now))
+        return self._on_loop(live)
+
+    def wait_for_peers(self, n: int, timeout: float | None = None) -> None:
+        """Blocks until n live peers (this one included) hold our shared state,
+        as their heartbeats say: a run that should start together (a demo, an
+        experiment) starts together, and its first round includes them all.
+        Raises CollectiveTimeout."""
+        def same_state() -> int:
+            core, now = self.daemon.core, time.monotonic()
+            mine = (core.step, core.state_hash)
+            return 1 + sum(1 for p, b in core.beats.items() if p != core.me.id and
+                           core.alive(p, now) and b.synced and (b.step, b.state_hash) == mine)
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.sync_state(timeout)
+        while (have := self._on_loop(same_state)) < n:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CollectiveTimeout(f"only {have} of {n} peers hold our state "
+                                        f"within {timeout} s")
+            time.sleep(0.1)
+
     # ------------------------------------------------------------ operations
 
     def sync_state(self, timeout: float | None = None) -> int:

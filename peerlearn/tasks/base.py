@@ -15,6 +15,8 @@ The runtime moves parameters between peers; a task never talks to the network.
 
 from __future__ import annotations
 
+from peerlearn.errors import PeerlearnError
+
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 
-class TaskError(ValueError):
+class TaskError(PeerlearnError, ValueError):
     """A task could not be loaded or configured. The message is one line, fit to
     print without a traceback (the CLI does exactly that)."""
 
