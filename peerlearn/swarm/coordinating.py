@@ -128,6 +128,10 @@ class Coordinating:
                 now - self.started_at < self.t.rejoin_grace:
             self.stall = "resuming from a checkpoint: waiting rejoin_grace for peers"
             return []
+        behind = self.view_behind(now)
+        if behind is not None:
+            self.stall = f"our view is out of date ({behind} applied later rounds): asking for it"
+            return []
         live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
         newest = self.newest_step(now)
         groups: dict[tuple[int, bytes], list[str]] = {}

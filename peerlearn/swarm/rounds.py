@@ -46,7 +46,7 @@ from peerlearn.swarm.actions import (  # noqa: F401
     Timeouts,
     ViewChanged,
 )
-from peerlearn.swarm.coordinating import Coordinating, _Round
+from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
 from peerlearn.wire import control as m
 
 
@@ -145,6 +145,17 @@ class RoundCore(Coordinating):
         if self.synced:
             steps.append(self.step)
         return max(steps, default=0)
+
+    def view_behind(self, now: float) -> str | None:
+        """A live member whose heartbeat shows a view newer than ours (rounds
+        were applied without us), or None. Until our view catches up (its
+        Welcome replaces ours) we neither propose nor ack: a majority of a
+        stale view is not a majority of the current one, so two coordinators
+        could each hold a quorum of their own view."""
+        for i, b in self._member_beats(now).items():
+            if self.epoch < b.epoch < ROUND_ID_LIMIT:
+                return i
+        return None
 
     def _broadcast(self, msg, now: float) -> list:
         return [Send(p, msg) for p in sorted(self.known)
@@ -376,7 +387,8 @@ class RoundCore(Coordinating):
         return self._lead(now) if self.is_coordinator(now) else []
 
     def _on_propose(self, now, sender, msg: m.Propose) -> list:
-        stale = sender != self.me.id and msg.round_id <= self.max_round_id  # an id in use
+        stale = (sender != self.me.id and msg.round_id <= self.max_round_id) or \
+            self.view_behind(now) is not None  # an id in use, or our view is out of date
         if sender != self.coordinator(now) or msg.term < self.term or stale or \
                 (msg.round_id, msg.term) <= self.acked or self.me.id not in msg.participants:
             self.rejected += 1
