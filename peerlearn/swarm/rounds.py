@@ -347,12 +347,15 @@ class RoundCore(Coordinating):
     def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
         if self.members:
             # Only the answer to our own Join replaces our view, only a newer
-            # view, and only one that keeps a majority of ours: views change by
-            # agreed rounds, each among a majority of the view before it. An
-            # unsolicited Welcome (a member naming itself the whole swarm) is dropped.
+            # view, and only one that keeps a majority of ours or that a
+            # majority of its own members vouch for (their heartbeats to us
+            # show that epoch): a view that shrank over several rounds need not
+            # hold a majority of our old one. An unsolicited Welcome, or a
+            # member naming itself the whole swarm, is dropped.
             asked = sender == self.view_asked_of and \
                 now - self.view_asked_at <= self.t.dead_after
-            if not asked or not self._quorum(p.id for p in msg.members):
+            if not asked or not (self._quorum(p.id for p in msg.members) or
+                                 self._vouched(msg, sender, now)):
                 self.rejected += 1
                 return []
             if msg.epoch > self.epoch and self.observed is None:
@@ -373,6 +376,14 @@ class RoundCore(Coordinating):
         # that tells us what to sync needs a majority of them.
         return [Send(p.id, m.Join(self.me)) for p in msg.members
                 if p.id not in (sender, self.me.id)]
+
+    def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
+        """A majority of the new view, counting the sender and at least one
+        other member, reports (in its own authenticated heartbeats) an epoch
+        at least the Welcome's."""
+        others = [p.id for p in msg.members if p.id != sender and self.alive(p.id, now)
+                  and p.id in self.beats and self.beats[p.id].epoch >= msg.epoch]
+        return bool(others) and 2 * (len(others) + 1) > len(msg.members)
 
     def _on_leave(self, now, sender, msg: m.Leave) -> list:
         self.left.add(sender)
