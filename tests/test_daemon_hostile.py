@@ -176,3 +176,47 @@ def test_a_member_flooding_status_and_state_requests_is_bounded(tmp_path):
         proc.terminate()
         proc.wait(timeout=15)
     assert proc.returncode == 0
+
+
+def test_a_member_forging_welcomes_and_heartbeats_changes_nothing(tmp_path):
+    """A secret holder sends an unsolicited Welcome naming itself the whole
+    swarm at epoch 2^64-1, and heartbeats claiming every round aborted: the
+    peer keeps its view, counts the rejection, and goes on applying rounds."""
+    env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+         "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "peer"), "--numel", "10000",
+         "--compute-s", "0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "peer.log", "w"), text=True)
+    u64 = (1 << 64) - 1
+    try:
+        hello = json.loads(proc.stdout.readline())
+        mport = hello["metrics_port"]
+        assert wait_for(lambda: scrape(mport).get("peerlearn_step", 0) >= 3, 30)
+        base = scrape(mport)
+
+        async def forge():
+            p = ControlPlane(Identity.load_or_create(tmp_path / "m"), "127.0.0.1", 0,
+                             secret=SECRET.encode())
+            me = m.PeerInfo(p.peer_id, f"127.0.0.1:{p.port}", "127.0.0.1:9")
+            p.send(hello["control"], m.Welcome(u64, 1_000_000, (me,)))
+            for _ in range(30):
+                p.send(hello["control"], m.Heartbeat(u64, u64, u64, 1_000_000, b"\x13" * 8,
+                                                     True, me))
+                await asyncio.sleep(0.1)
+            p.close()
+        asyncio.run(forge())
+
+        now = scrape(mport)
+        assert now["peerlearn_members"] == 1 and now["peerlearn_is_coordinator"] == 1
+        # (a taken Welcome would make the forger the view and its coordinator)
+        assert now["peerlearn_control_rejected_messages_total"] >= \
+            base["peerlearn_control_rejected_messages_total"] + 1
+        assert now["peerlearn_rounds_aborted_total"] == base["peerlearn_rounds_aborted_total"]
+        assert now["peerlearn_state_syncs_total"] == base["peerlearn_state_syncs_total"]
+        assert wait_for(lambda: scrape(mport)["peerlearn_step"] >= now["peerlearn_step"] + 3, 20)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
