@@ -202,6 +202,8 @@ class PeerDaemon:
         """Asks the join address until a member lets us in; raises JoinTimeout
         after cfg.join_timeout (None: keep asking until stopped)."""
         join_id, join_addr = split_target(self.cfg.join)
+        if join_id is not None:  # an address may be spelled otherwise than advertised
+            self.core.joining_at(join_id)
         started = time.monotonic()
         while not self.core.members:
             if self.cfg.join_timeout is not None and \

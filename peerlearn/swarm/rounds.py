@@ -99,6 +99,7 @@ class RoundCore(Coordinating):
         self.stall: str | None = None
         self.quorum_held = 0  # live view members ready on the state a round would use
         self.view_asked_of: str | None = None  # whose Welcome may replace our view
+        self.join_target: str | None = None  # whom a joiner asked (id or host:port)
         self.my_ready: m.Ready | None = None  # repeated until a round takes it
         self.ready_sent_at = -1e18
 
@@ -165,7 +166,18 @@ class RoundCore(Coordinating):
 
     def join_via(self, contact: str) -> list:
         """Start joining through a live member (its id as the transport knows it)."""
+        self.join_target = contact
         return [Send(contact, m.Join(self.me))]
+
+    def joining_at(self, target: str) -> None:
+        """The driver asks `target` (a peer id, or the host:port it advertises)
+        for the view: only a Welcome from that peer is taken."""
+        self.join_target = target
+
+    def _from_join_target(self, sender: str, msg: m.Welcome) -> bool:
+        t = self.join_target
+        return t is None or sender == t or any(
+            p.id == sender and p.control == t for p in msg.members)
 
     def local_ready(self, now: float, step: int, state_hash: bytes) -> list:
         """The driver's update for `step` is ready and its state hashes to state_hash."""
@@ -367,10 +379,14 @@ class RoundCore(Coordinating):
                 self.leading = None
                 return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
             return []
+        if msg.epoch >= ROUND_ID_LIMIT or not self._from_join_target(sender, msg):
+            self.rejected += 1  # joining: only the member we asked answers, with a real view
+            return []
         for p in msg.members:
             self.known.setdefault(p.id, p)
             self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
         self.members = {p.id: p for p in msg.members}
+        self.join_target = None
         self.epoch = msg.epoch
         # Every member must know us to send us heartbeats: the parity check
         # that tells us what to sync needs a majority of them.
