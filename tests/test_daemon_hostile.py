@@ -162,7 +162,8 @@ def test_a_member_flooding_status_and_state_requests_is_bounded(tmp_path):
         asyncio.run(flood())
 
         refused = scrape_labelled(mport, "peerlearn_refused_total")
-        assert refused["status_rate"] >= 1200, refused
+        # 1300 sent; at most the burst (10) and 5/s for the few seconds the flood takes pass.
+        assert refused["status_rate"] >= 1200 - 5 * 30, refused
         assert refused["state_request"] >= 40, refused
         # Sockets: the few rate-limited replies linger 2 s each, then close.
         assert wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) < fds_before + 40, 10)

@@ -500,7 +500,9 @@ class RoundCore(Coordinating):
                 self.last_heard[p] = max(now, self.last_heard.get(p, now))
         out: list = [ViewChanged(self.epoch, c.participants)]
         if mine:
-            self.step = c.step + 1
+            # step and state_hash move together, in result_applied: the driver
+            # may apply off its loop, and a heartbeat meanwhile must not pair
+            # the new step with the old hash.
             out.insert(0, ApplyResult(round_id, c.step))
         return out
 
