@@ -23,11 +23,11 @@ def h(*parts) -> bytes:
 
 
 class SimPeer:
-    def __init__(self, sim, pid: str, founder: bool, timeouts: r.Timeouts):
+    def __init__(self, sim, pid: str, founder: bool, timeouts: r.Timeouts, record=None):
         self.sim = sim
         self.id = pid
         info = m.PeerInfo(pid, f"{pid}:1", f"{pid}:2")
-        self.core = r.RoundCore(info, timeouts, founder=founder)
+        self.core = r.RoundCore(info, timeouts, founder=founder, record=record)
         self.alive = True  # False: killed (never returns) or stopped
         self.killed = False
         self.step = 0
@@ -43,11 +43,14 @@ class Sim:
     def __init__(self, n: int, timeouts=r.Timeouts(heartbeat_every=0.1, dead_after=0.6,
                                                    gather=1.0, ack=0.5, collective=5.0),
                  latency=0.01, compute=0.2, collective_time=0.15, sync_time=0.1,
-                 jitter=0.0, seed=0):
+                 jitter=0.0, seed=0, durable=True):
         self.now = 0.0
         self.t = timeouts
         self.latency = latency
         self.jitter = jitter  # each message takes latency + U(0, jitter): reordering
+        # A restarted peer keeps its applied record (written at every round),
+        # as the daemon does; False: it forgets everything past its checkpoint.
+        self.durable = durable
         self.rng = random.Random(seed)
         self.compute = compute
         self.collective_time = collective_time
@@ -101,7 +104,8 @@ class Sim:
         while ckpt not in old.applied_steps:  # a checkpoint is a state it really held
             ckpt += 1
         old.alive = False
-        p = SimPeer(self, pid, False, self.t)
+        record = old.core.record() if self.durable else None
+        p = SimPeer(self, pid, False, self.t, record)
         p.applied_steps = old.applied_steps
         p.step, p.state = ckpt, old.applied_steps[ckpt]
         p.core.state_synced(p.step, p.state)

@@ -31,6 +31,21 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Applied:
+    """What a peer writes to disk at every applied round, so a restart does
+    not forget it (its checkpoint may be older): the view it applied, the
+    highest round id and term it knew, and the step and hash it reached. A
+    peer restarted with a record takes part in no round for an older step."""
+
+    epoch: int
+    members: tuple[m.PeerInfo, ...]
+    max_round_id: int
+    term: int
+    step: int
+    state_hash: bytes
+
+
+@dataclass(frozen=True)
 class Send:
     to: str
     msg: object

@@ -146,6 +146,9 @@ class Coordinating:
         if not eligible:
             self.stall = (f"no majority ready on one state at step {newest}: "
                           f"{held} of {self.quorum_needed} needed")
+            if newest == self.floor and not any(st == newest for st, _ in groups):
+                self.stall += (" (this peer applied that step before it restarted, and no live "
+                               "peer holds it yet)")
             return []
         (step, h), ids = max(eligible, key=lambda kv: (len(kv[1]), kv[0][1]))
         # Wait (at most `gather`) for live members not yet ready with this

@@ -21,6 +21,7 @@ executor and closes every socket.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -49,6 +50,7 @@ from peerlearn.wire.codecs import hash_tensor
 log = logging.getLogger("peerlearn.peer")
 
 CHECKPOINT_FILE = "state.ckpt"
+RECORD_FILE = "applied.json"
 DATA_KEY_FILE = "data.key"
 STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
@@ -86,7 +88,8 @@ class PeerDaemon:
         resuming = founder and self.state is not None
         if self.state is None and founder:
             self.state = initial_state() if initial_state is not None else SharedState(0)
-        self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming)
+        self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming,
+                                record=self._load_record())
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
@@ -143,6 +146,33 @@ class PeerDaemon:
         self.data_key = key
         self.links.set_secret(key)
         write_atomic(self.cfg.data_dir / DATA_KEY_FILE, [key], mode=0o600)
+
+    def _load_record(self) -> r.Applied | None:
+        """The applied record (see actions.Applied) this data dir holds, if any."""
+        path = self.cfg.data_dir / RECORD_FILE
+        if not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_bytes())
+            members = tuple(m.PeerInfo.from_wire(p) for p in raw["members"])
+            return r.Applied(int(raw["epoch"]), members, int(raw["max_round_id"]),
+                             int(raw["term"]), int(raw["step"]), bytes.fromhex(raw["state_hash"]))
+        except (OSError, ValueError, KeyError, TypeError, m.MessageError) as e:
+            log.warning("ignoring %s: %s", RECORD_FILE, e)
+            return None
+
+    def _save_record(self) -> None:
+        """After every applied round or sync: a restart must not forget that this
+        peer reached this step (its checkpoint may be older). Small, atomic."""
+        rec = self.core.record()
+        body = {"epoch": rec.epoch, "members": [p.to_wire() for p in rec.members],
+                "max_round_id": rec.max_round_id, "term": rec.term, "step": rec.step,
+                "state_hash": rec.state_hash.hex()}
+        try:
+            write_atomic(self.cfg.data_dir / RECORD_FILE, [json.dumps(body).encode()],
+                         mode=0o600)
+        except OSError as e:
+            log.warning("%s could not write %s: %s", self.id[:8], RECORD_FILE, e)
 
     def _load_checkpoint(self) -> SharedState | None:
         path = self.cfg.data_dir / CHECKPOINT_FILE
@@ -463,6 +493,7 @@ class PeerDaemon:
             # swarm's and the parity check repairs it; the caller hears why.
             log.error("%s apply of round %d failed: %r", self.id[:8], a.round_id, error)
         self.core.result_applied(state.step, digest)
+        self._save_record()
         self.rounds_applied += 1
         self.last_applied_at = time.monotonic()
         log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
@@ -510,6 +541,7 @@ class PeerDaemon:
         self.syncs += 1
         self.last_applied_at = time.monotonic()
         self.core.state_synced(step, digest)
+        self._save_record()
         log.info("%s synced to step %d from %d donors", self.id[:8], step,
                  min(len(need.donors), MAX_DONORS))
         # every contribution waiting was made against the state just dropped

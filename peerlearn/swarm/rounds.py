@@ -38,6 +38,7 @@ from __future__ import annotations
 # Re-exported: callers use them as rounds.Send, rounds.Timeouts, ...
 from peerlearn.swarm.actions import (  # noqa: F401
     ZERO_HASH,
+    Applied,
     ApplyResult,
     DiscardResult,
     Send,
@@ -58,7 +59,7 @@ class RoundCore(Coordinating):
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
                  founder: bool = False, step: int = 0, state_hash: bytes = ZERO_HASH,
-                 resuming: bool = False):
+                 resuming: bool = False, record: Applied | None = None):
         self.me = me
         self.t = timeouts
         self.epoch = 0  # id of the last round applied here
@@ -70,6 +71,9 @@ class RoundCore(Coordinating):
         self.synced = founder  # a joiner has no shared state until it syncs
         self.term = 0
         self.max_round_id = 0
+        # The newest step this peer ever reached (from its record on disk): no
+        # round for an older step, whatever checkpoint it restarted from.
+        self.floor = 0
         self.last_heard: dict[str, float] = {}
         self.left: set[str] = set()
         self.beats: dict[str, m.Heartbeat] = {}
@@ -94,6 +98,14 @@ class RoundCore(Coordinating):
         # A founder resuming from a checkpoint: peers that held newer states
         # before the restart get rejoin_grace to come back before round one.
         self.resuming = resuming
+        if record is not None:
+            self.epoch, self.floor = record.epoch, record.step
+            self.max_round_id, self.term = record.max_round_id, record.term
+            if founder:  # a joiner's view comes with its Welcome (which also
+                # tells the members our new addresses); a founder starts from its own
+                self.members = {p.id: me if p.id == me.id else p for p in record.members}
+                self.known.update({i: p for i, p in self.members.items() if i != me.id})
+            self.resuming = False
         # Why the coordinator proposes nothing (None while rounds run): the
         # driver logs it when it changes and exports it as a metric.
         self.stall: str | None = None
@@ -145,7 +157,7 @@ class RoundCore(Coordinating):
                   if i in self.members and i != self.me.id and self.alive(i, now)]
         if self.synced:
             steps.append(self.step)
-        return max(steps, default=0)
+        return max(steps + [self.floor])
 
     def view_behind(self, now: float) -> str | None:
         """A live member whose heartbeat shows a view newer than ours (rounds
@@ -193,6 +205,7 @@ class RoundCore(Coordinating):
     def state_synced(self, step: int, state_hash: bytes) -> None:
         """The driver fetched and verified the state (step, state_hash)."""
         self.step, self.state_hash, self.synced = step, state_hash, True
+        self.floor = max(self.floor, step)
         self.sync_requested = None
 
     def sync_failed(self) -> None:
@@ -203,6 +216,12 @@ class RoundCore(Coordinating):
     def result_applied(self, step: int, state_hash: bytes) -> None:
         """After ApplyResult: the driver's new state and its hash."""
         self.step, self.state_hash = step, state_hash
+        self.floor = max(self.floor, step)
+
+    def record(self) -> Applied:
+        """What the driver writes to disk after each applied round (Applied)."""
+        return Applied(self.epoch, tuple(self.members.values()), self.max_round_id,
+                       self.term, self.step, self.state_hash)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
                             result_hash: bytes = ZERO_HASH) -> list:
@@ -337,7 +356,7 @@ class RoundCore(Coordinating):
     # ---------------------------------------------------------- handlers
 
     def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
-        self.known.setdefault(sender, msg.peer)
+        self.known[sender] = msg.peer  # its own word on its addresses: a restart may move them
         self.beats[sender] = msg
         self.beat_at[sender] = now
         if msg.epoch > self.epoch and self.members and self.observed is None and \
