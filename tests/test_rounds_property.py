@@ -53,7 +53,9 @@ def apply_fault(sim: Sim, f) -> None:
     if kind == "kill" and len(live) > 1 and pick in live:
         sim.kill(pick)
     elif kind == "restart" and live:
-        via = next((p for p in live if p != pick), None)
+        # The contact an operator would give: a live peer that has a view if any.
+        via = next((p for p in live if p != pick and sim.peers[p].core.members),
+                   next((p for p in live if p != pick), None))
         if via is not None:
             sim.restart(pick, via=via, back=args[1])
     elif kind == "partition":
@@ -84,9 +86,12 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
     # The faults stop: heal, bring every dead peer back from its checkpoint.
     sim.heal()
     live = [p for p in sorted(sim.peers) if sim.peers[p].alive]
+    contact = next((p for p in live if sim.peers[p].core.members), live[0])
     for p in sorted(sim.peers):
         if not sim.peers[p].alive:
-            sim.restart(p, via=live[0], back=1)
+            sim.restart(p, via=contact, back=1)
+        elif not sim.peers[p].core.members:
+            sim.joining[p] = contact  # a joiner whose contact died is pointed at a live one
     t_end = sim.now
     sim.run(t_end + LIVENESS_BOUND)
     assert sim.parity_violations() == []

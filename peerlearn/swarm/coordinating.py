@@ -146,7 +146,7 @@ class Coordinating:
         if not eligible:
             self.stall = (f"no majority ready on one state at step {newest}: "
                           f"{held} of {self.quorum_needed} needed")
-            if newest == self.floor and not any(st == newest for st, _ in groups):
+            if self.step < self.floor == newest:
                 self.stall += (" (this peer applied that step before it restarted, and no live "
                                "peer holds it yet)")
             return []
