@@ -121,6 +121,9 @@ class Coordinating:
         self.leading = _Round(m.Propose(c.round_id, self.term, c.step, ZERO_HASH,
                                         c.participants), now, set(c.participants), c, {},
                               adopted=True)
+        if self.my_done is None and self.active is None and self.me.id in c.participants:
+            # I took part before I restarted: my result is gone, so the round cannot apply.
+            self.my_done = m.Done(c.round_id, False, ZERO_HASH)
         return self._on_done(now, self.me.id, self.my_done) if self.my_done else []
 
     def _maybe_propose(self, now: float) -> list:

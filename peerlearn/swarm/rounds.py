@@ -84,6 +84,7 @@ class RoundCore(Coordinating):
         self.acked_to: str | None = None  # ...and the coordinator it went to
         self.observed: m.Commit | None = None  # latest undecided commit seen
         self.observed_at = -1e18
+        self.commit_forwarded_at = -1e18
         self.committer: str | None = None  # who sent it
         self.active: m.Commit | None = None  # ...when I am one of its participants
         self.my_done: m.Done | None = None
@@ -289,6 +290,16 @@ class RoundCore(Coordinating):
             # after messages to its predecessor were lost) never saw ours.
             self.ready_sent_at = now
             out.append(Send(coord, ready))
+        c = self.observed
+        if c is not None and coord not in (None, self.me.id) and self.leading is None:
+            b = self.beats.get(coord)
+            fresh = self.beat_at.get(coord, -1e18) > self.observed_at
+            if b is not None and fresh and b.epoch < c.round_id and b.aborted < c.round_id \
+                    and now - self.commit_forwarded_at >= self.t.ack:
+                # The leader's heartbeat shows this round unsettled there; if it
+                # never saw it (it restarted), it adopts it from us.
+                self.commit_forwarded_at = now
+                out.append(Send(coord, c))
         if self.my_done is not None and coord not in (None, self.me.id) and \
                 now - self.done_sent_at >= self.t.heartbeat_every:
             # Keep telling whoever leads now: a new coordinator needs it to end the round.
@@ -457,6 +468,8 @@ class RoundCore(Coordinating):
         # even if our detector has meanwhile changed its mind about who leads:
         # refusing it would leave the others waiting for us in the collective.
         mine = self.acked == (msg.round_id, msg.term) and sender == self.acked_to
+        if sender != self.coordinator(now) and not mine and self._forwarded(now, sender, msg):
+            return []  # a round we lead but never saw (we restarted): adopted at the next tick
         if (sender != self.coordinator(now) and not mine) or msg.term < self.term:
             self.rejected += 1
             return []
@@ -481,6 +494,18 @@ class RoundCore(Coordinating):
         self.observed = self.active = msg
         self.my_done = None
         return out + [StartCollective(msg.round_id, msg.step, msg.participants, msg.members)]
+
+    def _forwarded(self, now: float, sender: str, msg: m.Commit) -> bool:
+        """A member hands us, the coordinator, a committed round we know nothing
+        of (we restarted after committing it; our record shows it unapplied):
+        we adopt it, so it is settled rather than held open forever."""
+        if not (self.is_coordinator(now) and sender in self.members and self.observed is None
+                and self.leading is None and self.epoch < msg.round_id < ROUND_ID_LIMIT
+                and self.aborted < msg.round_id):
+            return False
+        self.observed, self.observed_at, self.committer = msg, now, self.me.id
+        self.max_round_id = max(self.max_round_id, msg.round_id)
+        return True
 
     def _on_apply(self, now, sender, msg: m.Apply) -> list:
         return self._settle(now, sender, msg.round_id, apply=True)
