@@ -163,6 +163,13 @@ class Sim:
             elif isinstance(a, r.StartCollective):
                 self.at(self.collective_time, self._collective_end, p, a)
             elif isinstance(a, r.ApplyResult):
+                if p.pending is None or p.pending[0] != a.round_id:
+                    # Decided "apply" but our collective failed here: stay, as the
+                    # daemon does; the parity check fetches what the swarm applied.
+                    p.pending = None
+                    p.core.state_synced(p.step, p.state)
+                    self.at(self.compute / 4, self._ready, p)
+                    continue
                 rid, result = p.pending
                 assert rid == a.round_id
                 p.step = a.step + 1
