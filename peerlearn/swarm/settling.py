@@ -1,0 +1,116 @@
+"""How a committed round ends for a participant (sans-IO, part of RoundCore).
+
+A round's decision (Apply or Abort) is sent once. A participant that missed
+it, or whose leader restarted and never knew the round, must still settle it,
+or it holds the round open forever and withholds its quorum vote. These are
+the rules it settles by, from the evidence it has: the decider's message, or
+view members' heartbeats (epoch = last applied round, aborted = last settled
+as aborted, term = highest id known). RoundCore (rounds.py) mixes this in;
+the state is RoundCore's.
+"""
+
+from __future__ import annotations
+
+from peerlearn.swarm.actions import ApplyResult, DiscardResult, ViewChanged
+from peerlearn.swarm.coordinating import ROUND_ID_LIMIT
+from peerlearn.wire import control as m
+
+
+class Settling:
+    """Participant-side settlement of committed rounds; see rounds.py for the state."""
+
+    def _outcome_seen(self, round_id: int) -> bool | None:
+        """How round_id ended, as view members' heartbeats tell: True applied,
+        False aborted or superseded (a later round was decided, so this one
+        was too; its result can be dropped: the parity check syncs what the
+        swarm applied), None not known yet.
+
+        Only members' reports count, and only of rounds known to have been
+        committed (ids up to max_round_id): a report of round 2^64-1 names
+        no round and proves nothing.
+        """
+        beats = [b for i, b in self.beats.items() if i in self.members and i != self.me.id]
+        if any(b.epoch == round_id for b in beats):
+            return True
+        if any(round_id <= b.aborted <= self.max_round_id or
+               round_id < b.epoch <= self.max_round_id for b in beats):
+            return False
+        return None
+
+    def _learn_missed_decision(self, now: float) -> list:
+        """A decision is sent once; one that was missed (the decider died while
+        sending it, or we still believed its predecessor alive and refused it)
+        must not hold the round open here forever, and with it our quorum vote."""
+        c = self.observed
+        if c is None or (self.leading is not None and self.leading.commit is c):
+            return []
+        outcome = self._outcome_seen(c.round_id)
+        if outcome is None and self._leader_never_knew(c, now):
+            outcome = False
+        if outcome is None:
+            return []
+        return self._settle(now, self.me.id, c.round_id, apply=outcome)
+
+    def _leader_never_knew(self, c: m.Commit, now: float) -> bool:
+        """Whoever leads now has a heartbeat showing no round as late as c: it
+        restarted (perhaps it is c's own committer, its counters back at zero)
+        or came back after c was committed without it. Nobody will ever decide
+        c, so it did not apply with us. Had its committer applied it alone
+        before dying, dropping it here only costs a state sync, never a second
+        hash for the step. (A member's heartbeats and Commits travel in order
+        on one connection: the committer's beat received after its Commit
+        was sent after it, so it knows the round unless it restarted.)"""
+        coord = self.coordinator(now)
+        if coord in (None, self.me.id):
+            return False
+        b = self.beats.get(coord)
+        # Only a beat sent after the Commit reached us says what the leader knows now.
+        fresh = self.beat_at.get(coord, -1e18) > self.observed_at
+        return b is not None and fresh and b.term < c.round_id and b.epoch < c.round_id
+
+    def _forwarded(self, now: float, sender: str, msg: m.Commit) -> bool:
+        """A member hands us, the coordinator, a committed round we know nothing
+        of (we restarted after committing it; our record shows it unapplied):
+        we adopt it, so it is settled rather than held open forever."""
+        if not (self.is_coordinator(now) and sender in self.members and self.observed is None
+                and self.leading is None and self.epoch < msg.round_id < ROUND_ID_LIMIT
+                and self.aborted < msg.round_id):
+            return False
+        self.observed, self.observed_at, self.committer = msg, now, self.me.id
+        self.max_round_id = max(self.max_round_id, msg.round_id)
+        return True
+
+    def _settle(self, now: float, sender: str, round_id: int, apply: bool) -> list:
+        c = self.observed
+        if c is None or c.round_id != round_id:
+            return []
+        if sender not in (self.me.id, self.committer, self.coordinator(now)):
+            self.rejected += 1
+            return []
+        mine = self.active is not None
+        self.observed = self.active = self.my_done = None
+        if mine:
+            self.my_ready = None  # the round took it; the driver sends the next
+        self.first_ready_at = None
+        for i in c.participants:
+            if i in self.readies and self.readies[i].step <= c.step:
+                del self.readies[i]
+        if not apply:
+            self.aborted = max(self.aborted, round_id)
+            return [DiscardResult(round_id)] if mine else []
+        self.epoch = round_id
+        self.members = {p.id: p for p in c.members}
+        # Every participant finished the round moments ago (the Apply says so):
+        # count that as hearing from them. A peer that joined the view through
+        # this round may not have heartbeated us yet, and the next round must
+        # wait for it rather than go ahead without a member it never heard.
+        for p in c.participants:
+            if p != self.me.id:
+                self.last_heard[p] = max(now, self.last_heard.get(p, now))
+        out: list = [ViewChanged(self.epoch, c.participants)]
+        if mine:
+            # step and state_hash move together, in result_applied: the driver
+            # may apply off its loop, and a heartbeat meanwhile must not pair
+            # the new step with the old hash.
+            out.insert(0, ApplyResult(round_id, c.step))
+        return out
