@@ -284,6 +284,9 @@ class RoundCore(Coordinating, Settling):
             self.leading = None  # someone with a smaller id is back; let it lead
         coord = self.coordinator(now)
         ready = self.my_ready
+        if ready is not None and coord == self.me.id and self.me.id not in self.readies and \
+                (ready.step, ready.state_hash) == (self.step, self.state_hash):
+            self.readies[self.me.id] = ready  # dropped when a round I held was settled
         if ready is not None and (ready.step, ready.state_hash) == (self.step, self.state_hash) \
                 and self.active is None and coord not in (None, self.me.id) and \
                 now - self.ready_sent_at >= self.t.ack:
