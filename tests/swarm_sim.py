@@ -219,7 +219,8 @@ class Sim:
             return
         for d in a.donors:
             donor = self.peers[d]
-            if self.connected(p.id, d) and donor.applied_steps.get(a.step) == a.state_hash:
+            # A donor serves the state it holds now (a restarted one may have lost it).
+            if self.connected(p.id, d) and (donor.step, donor.state) == (a.step, a.state_hash):
                 p.step, p.state = a.step, a.state_hash
                 p.applied_steps[p.step] = p.state
                 p.core.state_synced(p.step, p.state)
