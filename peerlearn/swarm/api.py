@@ -184,13 +184,6 @@ class Peer:
             return sorted(p for p in self.daemon.core.members if self.daemon.core.alive(p, now))
         return self._on_loop(live)
 
-    def live_peers(self) -> list[str]:
-        """Every peer this one hears from (members and joiners), itself included."""
-        def live():
-            now = time.monotonic()
-            return sorted(p for p in self.daemon.core.known if self.daemon.core.alive(p, now))
-        return self._on_loop(live)
-
     def wait_for_peers(self, n: int, timeout: float | None = None) -> None:
         """Blocks until n live peers (this one included) hold our shared state,
         as their heartbeats say: a run that should start together (a demo, an
