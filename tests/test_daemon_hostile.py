@@ -130,7 +130,11 @@ def test_a_member_flooding_status_and_state_requests_is_bounded(tmp_path):
     address) and 48 StateRequests for a 16 MiB state: replies are rate
     limited, state is served once per requester from one snapshot, the rest is
     refused and counted, and the peer keeps training with bounded sockets and memory."""
-    env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+    # Large blocks always mmapped and unmapped on free: RSS then tracks live
+    # memory, not what glibc's adaptive threshold keeps in its heap (which made
+    # the same run measure +50 MiB here and +120 MiB on CI).
+    env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1",
+               MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     proc = subprocess.Popen(
         [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
          "--listen", "127.0.0.1:0",
@@ -167,9 +171,10 @@ def test_a_member_flooding_status_and_state_requests_is_bounded(tmp_path):
         assert refused["state_request"] >= 40, refused
         # Sockets: the few rate-limited replies linger 2 s each, then close.
         assert wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) < fds_before + 40, 10)
-        # Memory: not one state copy per request (48 x 16 MiB = 768 MiB before),
-        # one snapshot and allocator noise (+50 MiB measured).
-        assert rss_bytes(proc.pid) - rss_before < 96 << 20
+        # Memory: not one state copy per request (48 x 16 MiB = 768 MiB before);
+        # at most one snapshot per running push plus the newest (5 x 16 MiB).
+        grown = rss_bytes(proc.pid) - rss_before
+        assert grown < 96 << 20, grown
         step = scrape(mport)["peerlearn_step"]
         assert wait_for(lambda: scrape(mport)["peerlearn_step"] >= step + 3, 20)
         assert proc.poll() is None
