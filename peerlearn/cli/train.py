@@ -48,7 +48,11 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     from peerlearn.swarm.errors import PeerClosed, PeerStartError
     from peerlearn.tasks import TaskError, load
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+    # Progress lines are the run's own output; the daemon's log is kept to
+    # warnings unless PEERLEARN_LOG_LEVEL asks for more (INFO, DEBUG).
+    level = os.environ.get("PEERLEARN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
+                        format="%(asctime)s %(message)s",
                         stream=sys.stderr)
     torch.manual_seed(seed)
     try:

@@ -40,6 +40,7 @@ from peerlearn.swarm.errors import (
     PeerClosed,
     PeerError,
     PeerStartError,
+    StateReplaced,
 )
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.peer import PeerDaemon
@@ -185,23 +186,29 @@ class Peer:
         return self._on_loop(live)
 
     def wait_for_peers(self, n: int, timeout: float | None = None) -> None:
-        """Blocks until n live peers (this one included) hold our shared state,
-        as their heartbeats say: a run that should start together (a demo, an
-        experiment) starts together, and its first round includes them all.
-        Raises CollectiveTimeout."""
-        def same_state() -> int:
-            core, now = self.daemon.core, time.monotonic()
-            mine = (core.step, core.state_hash)
-            return 1 + sum(1 for p, b in core.beats.items() if p != core.me.id and
-                           core.alive(p, now) and b.synced and (b.step, b.state_hash) == mine)
+        """Blocks until a round of at least n peers (this one included) has
+        applied: a run that should start together (a demo, an experiment)
+        starts from one agreed state with n members in the view.
 
+        A barrier made of rounds (each contributes an empty tensor) rather than
+        of heartbeats: a joiner hears only the view's members, never the other
+        joiners, so it could not count them. Every participant of the round
+        that reaches n sees the same view and leaves together; the shared step
+        advances by the rounds it took. Raises CollectiveTimeout, PeerClosed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.sync_state(timeout)
-        while (have := self._on_loop(same_state)) < n:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise CollectiveTimeout(f"only {have} of {n} peers hold our state "
-                                        f"within {timeout} s")
-            time.sleep(0.1)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise CollectiveTimeout(f"no round of {n} peers within {timeout} s")
+            try:
+                self.all_reduce({"barrier": torch.zeros(1)}, timeout=left)
+            except StateReplaced:
+                continue
+            if len(self.members()) >= n:
+                return
+            # A founder alone would otherwise apply rounds back to back, each
+            # moving the step a joiner is fetching.
+            time.sleep(2 * self.daemon.cfg.timeouts.heartbeat_every)
 
     # ------------------------------------------------------------ operations
 
