@@ -32,6 +32,12 @@ def test_demo_trains_every_algorithm_to_one_agreed_model(algo, peers):
     assert all(math.isfinite(v) and v < math.log(256) for v in losses), losses
     # Both evaluate the parameters the swarm agreed on: the same model.
     assert len(reports) == peers and len(set(losses)) == 1, losses
+    # Bit parity at every shared step: each peer's hash of the agreed state.
+    first = reports[0]["state_hashes"]
+    assert len(first) >= 2
+    for r in reports[1:]:
+        common = first.keys() & r["state_hashes"].keys()
+        assert len(common) >= 2 and all(first[k] == r["state_hashes"][k] for k in common)
     assert all(r["inner_steps"] == 16 for r in reports)
     # Bytes are counted on the wire by the transport.
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in reports)

@@ -34,7 +34,19 @@ from peerlearn.algorithms.streaming import StreamingDiLoCo
 from peerlearn.state.shared import SharedState
 from peerlearn.transport.link import WIRE
 
-ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp")
+ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local")
+
+
+class Local:
+    """No communication: each peer trains alone on its shard. The baseline a
+    run's compute utilisation and loss are compared against (a single peer,
+    or N peers that never talk)."""
+
+    def step(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, int]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,8 @@ def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
         return DiLoCo.initial_state(model, outer)
     if algo == "streaming":
         return StreamingDiLoCo.initial_state(model, hp.P, outer)
-    if algo == "ddp":
-        return SharedState()  # nothing agreed but the step: gradients are averaged
+    if algo in ("ddp", "local"):
+        return SharedState()  # nothing agreed but the step
     raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
 
 
@@ -77,6 +89,8 @@ def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper):
         return EagerDiLoCo(peer, model, optimizer, H=hp.H, outer=outer, timeout=hp.timeout)
     if algo == "ddp":
         return DDP(peer, model, timeout=hp.timeout)
+    if algo == "local":
+        return Local()
     raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
 
 
@@ -122,6 +136,10 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
     tokens = 0
     loss_sum, loss_n = 0.0, 0
     done = 0
+    curve: list[tuple[int, float]] = []  # (step, mean training loss since the last row)
+    # The agreed state's hash at every shared step this peer saw: peers of one
+    # run must list the same hash for every step they share (bit parity).
+    hashes: dict[int, str] = {}
     for step in range(1, steps + 1):
         if stop is not None and stop():
             break
@@ -144,10 +162,15 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         loss_sum += float(loss.detach())
         loss_n += 1
         done = step
-        if progress is not None and progress_every and step % progress_every == 0:
+        shared = peer.state_fingerprint()
+        if shared is not None:
+            hashes.setdefault(shared[0], shared[1])
+        if progress_every and step % progress_every == 0:
             wall = time.monotonic() - started
-            progress({"step": step, "loss": loss_sum / loss_n, "tokens": tokens,
-                      "tokens_per_s": tokens / wall, "swarm_step": peer.step})
+            curve.append((step, loss_sum / loss_n))
+            if progress is not None:
+                progress({"step": step, "loss": loss_sum / loss_n, "tokens": tokens,
+                          "tokens_per_s": tokens / wall, "swarm_step": peer.step})
             loss_sum, loss_n = 0.0, 0
     wall = time.monotonic() - started
     wire = wire_bytes()
@@ -161,4 +184,6 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         "bytes_received": wire["received"] - wire0["received"],
         "swarm_step": peer.step,
         "algorithm": algorithm.metrics() if hasattr(algorithm, "metrics") else {},
+        "curve": curve,
+        "state_hashes": {str(k): v for k, v in sorted(hashes.items())},
     }

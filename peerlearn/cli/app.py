@@ -222,25 +222,36 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 
 @app.command("demo")
 def demo(
-    algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp."),
+    algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp | local "
+                                            "(no communication)."),
     peers: int = typer.Option(4, help="Local peer processes."),
     steps: int = typer.Option(200, help="Inner steps each peer trains."),
     task: Optional[str] = typer.Option(None, help="MODULE:FUNCTION (default: built-in)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
     P: int = typer.Option(4, "--P", help="Streaming: fragments."),
     tau: int = typer.Option(1, help="Streaming: inner steps a reduction overlaps."),
+    alpha: float = typer.Option(0.5, help="Streaming: weight of the local params when merging."),
+    outer_lr: float = typer.Option(0.7, help="Outer Nesterov learning rate."),
+    momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
+    seed: int = typer.Option(0, help="Data order seed (the model's init comes from the task)."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
     task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
+    wan: Optional[str] = typer.Option(
+        None, help="RTT_MS,MBIT: each peer on its own emulated host over that path "
+                   "(network namespaces; needs root)."),
+    progress_every: int = typer.Option(25, help="A progress line every this many steps."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train the task with N local peers; end with validation loss, tokens, bytes and
     compute utilisation per peer (progress lines from every peer meanwhile)."""
     from peerlearn.cli import train
 
-    extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--codec", codec]
+    extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--alpha", str(alpha),
+             "--outer-lr", str(outer_lr), "--momentum", str(momentum), "--seed", str(seed),
+             "--codec", codec, "--progress-every", str(progress_every)]
     for pair in task_set:
         extra += ["--set", pair]
-    summary = train.run_demo(algo, peers, steps, task, extra, as_json)
+    summary = train.run_demo(algo, peers, steps, task, extra, _wan(wan))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

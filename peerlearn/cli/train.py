@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -111,9 +112,12 @@ def _free_port() -> int:
 
 
 def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
-             as_json: bool) -> dict:
+             wan: tuple[float, float] | None = None) -> dict:
     """Starts `peers` local `peerlearn run` processes (the first founds, the
-    rest join it), each on its own shard, and collects their final reports."""
+    rest join it), each on its own shard, and collects their final reports.
+    With `wan` = (rtt_ms, mbit) each peer runs on its own emulated host
+    (peerlearn.netsim: network namespaces, a forwarder adding the delay and
+    rate limit), so all their traffic crosses that path."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))
     # One thread a peer: N peers on a few cores would oversubscribe them.
@@ -123,52 +127,68 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
     threads: list[threading.Thread] = []
     reports: dict[int, dict] = {}
     started = time.monotonic()
-    try:
-        founder = None
-        for i in range(peers):
-            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
-                    "--listen", f"127.0.0.1:{_free_port()}", "--data-dir", str(work / f"p{i}"),
-                    "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
-                    "--wait-peers", str(peers),
-                    *(["--task", task_spec] if task_spec else []), *extra]
-            if founder:
-                argv += ["--join", founder]
-            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
-            procs.append(p)
-            hello = p.stdout.readline()
-            if not hello:
-                raise SystemExit(f"peerlearn demo: peer {i} did not start")
-            if founder is None:
-                founder = json.loads(hello)["control"]
+    with contextlib.ExitStack() as stack:
+        if wan is not None:
+            from peerlearn.netsim import WanEmulator
 
-            def collect(i=i, p=p):
-                for line in p.stdout:
-                    if line.startswith("{"):
-                        reports[i] = json.loads(line)
-            t = threading.Thread(target=collect, name=f"demo-peer-{i}")
-            t.start()
-            threads.append(t)
-        for p in procs:
-            p.wait()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+            emu = stack.enter_context(WanEmulator(n_hosts=max(peers, 2), rtt_ms=wan[0],
+                                                  rate_mbit=wan[1]))
+            addrs = [(h.addr, 7400, 7401) for h in emu.hosts]
+            launch = emu.popen
+        else:
+            addrs = [("127.0.0.1", _free_port(), 0) for _ in range(peers)]
+            launch = lambda _i, argv, **kw: subprocess.Popen(argv, **kw)  # noqa: E731
+        try:
+            founder = None
+            for i in range(peers):
+                host, port, data_port = addrs[i]
+                argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
+                        "--listen", f"{host}:{port}", "--data-port", str(data_port),
+                        "--data-dir", str(work / f"p{i}"),
+                        "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
+                        "--wait-peers", str(peers),
+                        *(["--task", task_spec] if task_spec else []), *extra]
+                if founder:
+                    argv += ["--join", founder]
+                p = launch(i, argv, env=env, stdout=subprocess.PIPE, text=True)
+                procs.append(p)
+                hello = p.stdout.readline()
+                if not hello:
+                    raise SystemExit(f"peerlearn demo: peer {i} did not start")
+                if founder is None:
+                    founder = json.loads(hello)["control"]
+
+                def collect(i=i, p=p):
+                    for line in p.stdout:
+                        if line.startswith("{"):
+                            reports[i] = json.loads(line)
+                t = threading.Thread(target=collect, name=f"demo-peer-{i}")
+                t.start()
+                threads.append(t)
+            for p in procs:
                 p.wait()
-        for t in threads:
-            t.join()
-        shutil.rmtree(work, ignore_errors=True)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for t in threads:
+                t.join()
+            shutil.rmtree(work, ignore_errors=True)
     rows = [reports.get(i, {"error": f"peer {i} exited {procs[i].returncode}"})
             for i in range(len(procs))]
     ok = [r for r in rows if "val_loss" in r]
     summary = {
         "algo": algo, "peers": peers, "steps": steps, "wall_s": time.monotonic() - started,
+        "path": "loopback" if wan is None else f"emulated WAN, {wan[0]:g} ms RTT, "
+                                                f"{wan[1]:g} Mbit/s per host",
         "val_loss": max((r["val_loss"] for r in ok), default=None),
+        "val_loss_per_peer": [r.get("val_loss") for r in rows],
         "tokens": sum(r["tokens"] for r in ok),
         "bytes_sent_per_peer": [r.get("bytes_sent") for r in rows],
         "bytes_received_per_peer": [r.get("bytes_received") for r in rows],

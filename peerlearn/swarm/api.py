@@ -174,6 +174,15 @@ class Peer:
         st = self._daemon().state
         return st.step if st is not None else -1
 
+    def state_fingerprint(self) -> tuple[int, str] | None:
+        """(step, state hash in hex) of the shared state this peer holds, read
+        on the loop so the two belong together; None before it holds one.
+        Peers at the same step must show the same hash (bit parity)."""
+        def read():
+            core = self.daemon.core
+            return (core.step, core.state_hash.hex()) if core.synced else None
+        return self._on_loop(read)
+
     def members(self) -> list[str]:
         """Ids of the last applied view (who took part in the last round)."""
         return self._on_loop(lambda: sorted(self.daemon.core.members))
