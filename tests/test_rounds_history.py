@@ -129,7 +129,9 @@ def test_forged_heartbeats_settle_no_round_and_stall_nothing():
                 sim.forge(src, p, beat)
             sim.run(sim.now + 0.05)
     applied = applied_after(sim, t0, ["p00"])
-    assert len(applied) >= 15
+    # 15 rounds in these 6 s before; the stranger (heartbeating, never
+    # contributing) costs at most one catch-up wait of one gather.
+    assert len(applied) >= 12
     # Discarded results: none (the forged 'aborted' was not believed).
     assert all(p.core.aborted < U64 for p in sim.peers.values())
     assert sim.parity_violations() == []
@@ -162,3 +164,19 @@ def test_a_stalled_coordinator_says_why():
     assert core.is_coordinator(sim.now)
     assert core.stall is not None and "no majority" in core.stall, core.stall
     assert core.quorum_needed == 3 and core.quorum_held == 2
+
+
+def test_a_joiner_enters_a_swarm_whose_rounds_are_shorter_than_its_state_transfer():
+    """A lone founder applies a round every ~0.1 s; fetching the state takes a
+    joiner 0.4 s, and heartbeats come every 0.5 s. The joiner enters within a
+    few seconds. (The simulated joiner is in time even without the catch-up
+    wait; the daemon's was not: tests/test_training_churn.py is the
+    regression test for that.)"""
+    # The daemon's default timeouts (a heartbeat every 0.5 s).
+    sim = Sim(1, timeouts=r.Timeouts(), compute=0.08, collective_time=0.02, sync_time=0.4)
+    sim.run(1.0)
+    sim.join("p01", via="p00")
+    sim.run(sim.now + 10.0)
+    assert "p01" in sim.peers["p00"].core.members
+    assert sim.peers["p01"].step == sim.peers["p00"].step
+    assert sim.parity_violations() == []

@@ -32,6 +32,7 @@ from peerlearn.algorithms.diloco import OUTER, DiLoCo
 from peerlearn.algorithms.outer import Nesterov
 from peerlearn.algorithms.streaming import StreamingDiLoCo
 from peerlearn.state.shared import SharedState
+from peerlearn.swarm.errors import CollectiveTimeout
 from peerlearn.transport.link import WIRE
 
 ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local")
@@ -150,7 +151,12 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         loss.backward()
         if algo == "ddp":
             compute += time.monotonic() - t0
-            algorithm.step()  # the mean gradient replaces ours
+            try:
+                algorithm.step()  # the mean gradient replaces ours
+            except CollectiveTimeout:
+                if stop is not None and stop():
+                    break  # interrupted (Peer.interrupt): this step is not taken
+                raise
             t0 = time.monotonic()
         optimizer.step()
         compute += time.monotonic() - t0

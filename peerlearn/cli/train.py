@@ -46,7 +46,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     from peerlearn.swarm.actions import Timeouts
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.config import PeerConfig
-    from peerlearn.swarm.errors import PeerClosed, PeerStartError
+    from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed, PeerStartError
     from peerlearn.tasks import TaskError, load
 
     # Progress lines are the run's own output; the daemon's log is kept to
@@ -66,9 +66,15 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
+
+    def on_signal(*_) -> None:
+        # A run blocked in an outer step (say, its partners left) ends at once:
+        # that step is skipped, the report still comes.
+        stop.set()
+        peer.interrupt()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         peer.start(cancel=stop)
     except PeerClosed:
@@ -95,6 +101,9 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                                 stop=stop.is_set, wait_peers=wait_peers)
     except PeerClosed:
         pass
+    except CollectiveTimeout:
+        if not stop.is_set():
+            raise
     finally:
         peer.close()
         if stop_metrics is not None:

@@ -79,6 +79,7 @@ class Peer:
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._interrupted = threading.Event()
         self.failure: BaseException | None = None  # what ended the daemon, if not close()
         self._gossip_lock = threading.Lock()
 
@@ -323,10 +324,19 @@ class Peer:
             raise PeerClosed("the peer is closed") from None
         return self._result(fut, 30.0)
 
-    def _result(self, fut: Future, timeout: float | None):
+    def interrupt(self) -> None:
+        """Ends every wait for a round or for the swarm's state, now and later,
+        with CollectiveTimeout (an algorithm skips that outer step), so a run
+        told to stop (SIGTERM) stops within a poll interval rather than after
+        the outer timeout. The peer keeps running; safe from a signal handler."""
+        self._interrupted.set()
+
+    def _result(self, fut: Future, timeout: float | None, interruptible: bool = False):
         """fut's result, polling so that a peer closing meanwhile ends the wait."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if interruptible and self._interrupted.is_set() and not fut.done():
+                raise CollectiveTimeout("interrupted: the run is stopping")
             left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             try:
                 return fut.result(max(left, 0.0))
@@ -340,6 +350,8 @@ class Peer:
     def _wait(self, cond, timeout: float | None, what: str) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not cond():
+            if self._interrupted.is_set():
+                raise CollectiveTimeout(f"interrupted while waiting for {what}")
             if self._closed or (self._thread is not None and not self._thread.is_alive()):
                 raise PeerClosed("the peer is closed")
             if deadline is not None and time.monotonic() >= deadline:
@@ -360,7 +372,7 @@ class PendingAllReduce:
         """The mean, once its round applied (and its apply ran). Raises
         CollectiveTimeout if not within timeout (it stays pending: wait again
         or withdraw), StateReplaced, PeerClosed."""
-        return self._unflatten(self._peer._result(self._sub.future, timeout))
+        return self._unflatten(self._peer._result(self._sub.future, timeout, True))
 
     def withdraw(self) -> None:
         """Gives up: a contribution no round has taken fails with Withdrawn; one

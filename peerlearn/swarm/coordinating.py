@@ -17,6 +17,7 @@ from peerlearn.wire import control as m
 
 # No honest swarm reaches 2^62 rounds; reports above it are a member's lie.
 ROUND_ID_LIMIT = 1 << 62
+CATCHUP_EVERY = 10
 
 
 @dataclass
@@ -161,10 +162,25 @@ class Coordinating:
         waiting += [p for p, b in self.beats.items()
                     if p not in self.members and self.alive(p, now) and b.synced
                     and b.step == step and (p not in live or live[p].step != step)]
+        # A joiner still catching up (fetching, or synced to an older step) is
+        # waited for once: where rounds are shorter than a state transfer
+        # plus the joiner's first contribution, a swarm that never waited
+        # would apply just before each of its arrivals and it would never enter.
+        # At most one such wait per CATCHUP_EVERY gathers' time: identities
+        # that heartbeat and never contribute cost a bounded share of rounds.
+        catching = []
+        if now - self.catchup_wait_at >= CATCHUP_EVERY * self.t.gather:
+            catching = [p for p, b in self.beats.items()
+                        if p not in self.members and p not in self.waited_once and
+                        self.alive(p, now) and (not b.synced or b.step < step)]
+        waiting += catching
         first = self.first_ready_at if self.first_ready_at is not None else now
         if waiting and now - first < self.t.gather:
             self.stall = "gathering: waiting for " + ", ".join(sorted(waiting))
             return []
+        if catching:
+            self.waited_once = (self.waited_once | set(catching)) & set(self.beats)
+            self.catchup_wait_at = now
         participants = tuple(sorted(ids))
         # Round ids and terms go on from the highest any member or participant knows: a
         # coordinator that restarted (counters back at 0) would otherwise

@@ -81,6 +81,8 @@ class RoundCore(Coordinating, Settling):
         self.beat_at: dict[str, float] = {}
         self.readies: dict[str, m.Ready] = {}
         self.first_ready_at: float | None = None
+        self.waited_once: set[str] = set()  # joiners a gather already waited for
+        self.catchup_wait_at = -1e18  # when a gather last waited for one
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
         self.acked_to: str | None = None  # ...and the coordinator it went to
         self.observed: m.Commit | None = None  # latest undecided commit seen

@@ -100,6 +100,7 @@ class Settling:
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
         self.members = {p.id: p for p in c.members}
+        self.waited_once -= set(self.members)  # one that leaves and comes back: waited for again
         # Every participant finished the round moments ago (the Apply says so):
         # count that as hearing from them. A peer that joined the view through
         # this round may not have heartbeated us yet, and the next round must

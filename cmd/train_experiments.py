@@ -1,0 +1,181 @@
+"""The training experiments of docs/algorithms.md: every algorithm on the
+built-in task with 4 local peers, equal tokens per peer, several seeds.
+
+    python cmd/train_experiments.py run --steps 400 --seeds 0        # all configs
+    python cmd/train_experiments.py run --steps 400 --seeds 1,2 --only ddp,diloco-H50,streaming
+    python cmd/train_experiments.py report                          # table + PNG plots
+
+Each run is one `peerlearn demo ... --json` (real peer processes, loopback,
+bytes counted on the wire by the transport). Results are appended to
+docs/experiments/results.jsonl, one line per (config, seed, steps); a config
+already there is skipped, so an interrupted sweep resumes. `report` needs
+matplotlib (`pip install matplotlib`, the `experiments` extra), which the
+runtime never imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "experiments"
+
+# name -> (peers, demo arguments)
+CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, ["--algo", "local"]),
+    "ddp": (4, ["--algo", "ddp"]),
+    "diloco-H10": (4, ["--algo", "diloco", "--H", "10"]),
+    "diloco-H50": (4, ["--algo", "diloco", "--H", "50"]),
+    "diloco-H200": (4, ["--algo", "diloco", "--H", "200"]),
+    "streaming": (4, ["--algo", "streaming", "--H", "50", "--P", "4", "--tau", "1",
+                      "--codec", "e3m0"]),
+    "async": (4, ["--algo", "async", "--H", "50"]),
+    "eager": (4, ["--algo", "eager", "--H", "50"]),
+}
+
+
+def done_keys(path: Path) -> set[tuple[str, int, int]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["config"], r["seed"], r["steps"]) for r in rows}
+
+
+def run(args) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = OUT / "results.jsonl"
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            if (name, seed, args.steps) in done_keys(results):
+                continue
+            peers, extra = CONFIGS[name]
+            argv = [sys.executable, "-m", "peerlearn.cli.app", "demo", "--peers", str(peers),
+                    "--steps", str(args.steps), "--seed", str(seed), "--progress-every", "10",
+                    "--json", *extra]
+            t0 = time.monotonic()
+            out = subprocess.run(argv, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{name} seed {seed}: exit {out.returncode}\n{out.stderr[-3000:]}",
+                      file=sys.stderr)
+                continue
+            summary = json.loads(out.stdout)
+            reports = summary.pop("peers_report")
+            if summary["val_loss"] is None or any(r.get("error") for r in reports):
+                print(f"{name} seed {seed}: a peer failed: {reports}", file=sys.stderr)
+                continue
+            row = {"config": name, "seed": seed, "steps": args.steps, "argv": argv[3:],
+                   **summary,
+                   "curve": reports[0].get("curve", []),
+                   "algorithm": [r.get("algorithm", {}) for r in reports],
+                   "hash_mismatches": hash_mismatches(reports)}
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed}: val {summary['val_loss']:.4f} "
+                  f"sent/peer {max(b or 0 for b in summary['bytes_sent_per_peer']) / 1e6:.1f} MB "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
+
+
+def hash_mismatches(reports: list[dict]) -> int:
+    """Shared steps at which two peers held different agreed states (must be 0)."""
+    seen: dict[str, set[str]] = {}
+    for r in reports:
+        for step, h in r.get("state_hashes", {}).items():
+            seen.setdefault(step, set()).add(h)
+    return sum(1 for hs in seen.values() if len(hs) > 1)
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()
+            if line.strip()]
+    rows = [r for r in rows if r["steps"] == args.steps]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    ref = by.get("ddp")
+    ref_loss = statistics.mean(r["val_loss"] for r in ref) if ref else None
+    lines = ["| config | seeds | val loss (mean ± sd) | vs DDP | MB sent / peer | "
+             "peak MB / sync | wall s | compute util. | parity |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        rs = by.get(name)
+        if not rs:
+            continue
+        losses = [r["val_loss"] for r in rs]
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        sent = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"]) for r in rs) / 1e6
+        syncs = statistics.mean(max(a.get("outer_steps", a.get("ddp_steps", 0)) or 1
+                                    for a in r["algorithm"]) for r in rs)
+        util = statistics.mean(statistics.mean(u for u in r["compute_utilisation_per_peer"]
+                                               if u is not None) for r in rs)
+        wall = statistics.mean(r["wall_s"] for r in rs)
+        rel = f"{(statistics.mean(losses) / ref_loss - 1) * 100:+.1f} %" if ref_loss else "-"
+        parity = "ok" if all(r["hash_mismatches"] == 0 for r in rs) else "MISMATCH"
+        lines.append(f"| {name} | {len(rs)} | {statistics.mean(losses):.4f} ± {sd:.4f} | {rel} | "
+                     f"{sent:.1f} | {sent / syncs if sent else 0:.2f} | {wall:.0f} | "
+                     f"{util:.2f} | {parity} |")
+    table = "\n".join(lines)
+    (OUT / f"table-{args.steps}.md").write_text(table + "\n")
+    print(table)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in CONFIGS:
+        rs = [r for r in by.get(name, []) if r["seed"] == 0 and r["curve"]]
+        if rs:
+            steps, losses = zip(*rs[0]["curve"])
+            ax.plot(steps, losses, label=name, lw=1.2)
+    ax.set_xlabel("inner step (equal tokens per peer)")
+    ax.set_ylabel("training loss, peer 0 (nats/byte, 10-step mean)")
+    ax.set_ylim(top=3.5)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / f"curves-{args.steps}.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in CONFIGS:
+        rs = by.get(name, [])
+        if not rs or name == "single":
+            continue
+        xs = [max(b or 0 for b in r["bytes_sent_per_peer"]) / 1e6 for r in rs]
+        ys = [r["val_loss"] for r in rs]
+        ax.scatter(xs, ys, label=name, s=18)
+    if "single" in by:
+        ax.axhline(statistics.mean(r["val_loss"] for r in by["single"]), color="grey",
+                   ls="--", lw=1, label="single peer")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per peer (on the wire)")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / f"loss-vs-bytes-{args.steps}.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--steps", type=int, default=400)
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--only", default="", help="comma-separated config names")
+    r.set_defaults(func=run)
+    t = sub.add_parser("report")
+    t.add_argument("--steps", type=int, default=400)
+    t.set_defaults(func=report)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
