@@ -129,6 +129,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
     peer.sync_state()
     model = task.model
     optimizer = task.inner_optimizer(model.parameters())
+    scheduler = task.schedule(optimizer, steps) if task.schedule is not None else None
     algorithm = make(algo, peer, model, optimizer, hp)
     batches = task.batches(rank, world, seed)
     wire0 = wire_bytes()
@@ -159,6 +160,8 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
                 raise
             t0 = time.monotonic()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         compute += time.monotonic() - t0
         tokens += task.tokens_per_batch
         if algo == "diloco":

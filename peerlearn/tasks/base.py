@@ -63,6 +63,9 @@ class Task:
     fingerprint: str = ""
     # The settings the task was built with (after overrides), for logs and status.
     config: Mapping[str, Any] = field(default_factory=dict)
+    # (inner optimizer, total inner steps) -> an LR scheduler the trainer steps
+    # once per inner step; None: a constant lr.
+    schedule: Callable[[torch.optim.Optimizer, int], Any] | None = None
 
     def __post_init__(self) -> None:
         # Freeze the settings too, so a Task is a value a trainer can share.

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peerlearn.tasks.base import Task, TaskError, adamw
+from peerlearn.tasks.base import Task, TaskError, adamw, warmup_cosine
 
 VOCAB = 256  # bytes
 
@@ -59,6 +59,7 @@ class Config:
     batch_size: int = 16
     lr: float = 1e-3           # DiLoCo's 4e-4 is for 150M+ models; a tiny one takes more
     weight_decay: float = 0.1
+    schedule: str = "cosine"   # 5 % warmup, cosine to 10 % of lr (the papers); or "constant"
     corpus_bytes: int = 8 << 20  # read at most this much of the stdlib: startup stays fast
     val_every: int = 20        # about one file in val_every goes to validation
 
@@ -349,4 +350,13 @@ def task(**overrides) -> Task:
         tokens_per_batch=cfg.batch_size * cfg.block_size,
         fingerprint=corpus.fingerprint,
         config=asdict(cfg),
+        schedule=_schedule(cfg.schedule),
     )
+
+
+def _schedule(name: str):
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return lambda opt, total: warmup_cosine(opt, max(1, total // 20), total)
+    raise TaskError(f"bytelm: schedule must be 'cosine' or 'constant', not {name!r}")
