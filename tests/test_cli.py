@@ -76,3 +76,45 @@ def test_credentials_are_an_allowlist_or_a_secret(tmp_path, monkeypatch):
     monkeypatch.setenv(SECRET_ENV, secret)
     assert read_credentials(None, str(allow)) == (secret.encode(), [b"\xab" * 32])
     assert read_credentials(None, None) == (secret.encode(), None)
+
+
+def _held_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def test_ordinary_mistakes_give_one_line_and_no_traceback(tmp_path):
+    """A user's mistake names the problem in a line and exits non-zero; a
+    traceback or a silent fallback (a port over 65535 bound another port) is a bug.
+    (Permission denied is not among the cases: tests run as root here.)"""
+    import os
+    held, port = _held_port()
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    env = dict(os.environ, PEERLEARN_SECRET="kq3W9zP0xV7mB2nR5tY8uC1eD4fG6hJ-aSdLq0Zx9Vb")
+    cases = {
+        "control port in use": (["--listen", f"127.0.0.1:{port}"], "in use"),
+        "data port in use": (["--data-port", str(port)], "in use"),
+        "metrics port in use": (["--metrics", f"127.0.0.1:{port}"], "in use"),
+        "data dir is a file": (["--data-dir", str(afile)], "exists"),
+        "data dir cannot be made": (["--data-dir", "/proc/no/such"], "No such file"),
+        "unknown codec": (["--codec", "nope"], "unknown codec"),
+        "missing secret file": (["--secret-file", str(tmp_path / "none")], "secret file"),
+        "port out of range": (["--listen", "127.0.0.1:99999"], "0..65535"),
+        "not HOST:PORT": (["--listen", "nonsense"], "HOST:PORT"),
+    }
+    try:
+        for name, (args, says) in cases.items():
+            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+                    "--data-dir", str(tmp_path / name.replace(" ", "-")), *args]
+            out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            assert out.returncode != 0, name
+            # Plain and rich tracebacks both name source files.
+            assert "Traceback" not in out.stderr and ".py:" not in out.stderr, \
+                (name, out.stderr[-1500:])
+            assert says in out.stderr, (name, out.stderr[-1500:])
+    finally:
+        held.close()

@@ -186,6 +186,10 @@ def run(
     from peerlearn.cli import daemon
     from peerlearn.wire.codecs import codec_from_name
 
+    try:
+        codec_id = codec_from_name(codec)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--codec") from None
     secret, keys = daemon.read_credentials(secret_file, allowlist)
     if algo != "synthetic":
         from peerlearn.algorithms.training import ALGORITHMS, Hyper
@@ -198,14 +202,14 @@ def run(
             listen, join, data_dir, secret, algo=algo, task_spec=task,
             task_args=_settings(task_set),
             hyper=Hyper(H=H, outer_lr=outer_lr, momentum=momentum, P=P, tau=tau, alpha=alpha),
-            steps=steps, shard=shard, seed=seed, codec=codec_from_name(codec),
+            steps=steps, shard=shard, seed=seed, codec=codec_id,
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
             wait_peers=wait_peers)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
-                    compute_s=compute_s, codec=codec_from_name(codec), data_port=data_port,
+                    compute_s=compute_s, codec=codec_id, data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None)
 

@@ -72,9 +72,26 @@ def read_allowlist(path: str) -> list[bytes]:
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"expected HOST:PORT, got {addr!r}")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(f"peerlearn: expected HOST:PORT with a port of 0..65535, got {addr!r}")
     return host, int(port)
+
+
+def serve_metrics(peer, metrics: str | None) -> tuple[int | None, object]:
+    """Serves `peer`'s metrics on `metrics` (HOST:PORT; None: off). A bind
+    failure (port in use, address not here) leaves the swarm cleanly, the
+    checkpoint written, and ends the process with one line."""
+    from peerlearn.cli import metrics as prom
+
+    if not metrics:
+        return None, None
+    mhost, mport = split_addr(metrics)
+    try:
+        return prom.serve(peer.daemon, mhost, mport)
+    except OSError as e:
+        peer.close()
+        raise SystemExit(f"peerlearn: cannot serve metrics on {metrics}: "
+                         f"{e.strerror or e}") from None
 
 
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None, *, numel: int,
@@ -86,7 +103,6 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully at
     any moment, joining included. A join that times out, or a daemon that dies
     (after writing its checkpoint), exits 1 with one line on stderr."""
-    from peerlearn.cli import metrics as prom
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.errors import PeerClosed, PeerStartError, StateReplaced
     from peerlearn.swarm.config import PeerConfig
@@ -109,11 +125,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
         return  # a signal arrived while joining: nothing to leave
     except PeerStartError as e:
         raise SystemExit(f"peerlearn: {e}") from None
-    stop_metrics = None
-    metrics_port = None
-    if metrics:
-        mhost, mport = split_addr(metrics)
-        metrics_port, stop_metrics = prom.serve(peer.daemon, mhost, mport)
+    metrics_port, stop_metrics = serve_metrics(peer, metrics)
     print(json.dumps({"peer": peer.id, "control": peer.control_address,
                       "data": peer.daemon.info.data, "metrics_port": metrics_port}), flush=True)
 

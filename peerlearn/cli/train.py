@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from peerlearn.cli.daemon import SECRET_ENV, split_addr
+from peerlearn.cli.daemon import SECRET_ENV, serve_metrics, split_addr
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -42,7 +42,6 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     import torch
 
     from peerlearn.algorithms import training
-    from peerlearn.cli import metrics as prom
     from peerlearn.swarm.actions import Timeouts
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.config import PeerConfig
@@ -81,10 +80,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
         return
     except PeerStartError as e:
         raise SystemExit(f"peerlearn: {e}") from None
-    stop_metrics, metrics_port = None, None
-    if metrics:
-        mhost, mport = split_addr(metrics)
-        metrics_port, stop_metrics = prom.serve(peer.daemon, mhost, mport)
+    metrics_port, stop_metrics = serve_metrics(peer, metrics)
     print(json.dumps({"peer": peer.id, "control": peer.control_address,
                       "metrics_port": metrics_port, "task": task.name,
                       "fingerprint": task.fingerprint}), flush=True)
