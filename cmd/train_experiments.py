@@ -67,7 +67,9 @@ def run(args) -> None:
             summary = json.loads(out.stdout)
             reports = summary.pop("peers_report")
             if summary["val_loss"] is None or any(r.get("error") for r in reports):
-                print(f"{name} seed {seed}: a peer failed: {reports}", file=sys.stderr)
+                log = OUT / f"failed-{name}-{seed}.log"
+                log.write_text(out.stderr)
+                print(f"{name} seed {seed}: a peer failed ({log}): {reports}", file=sys.stderr)
                 continue
             row = {"config": name, "seed": seed, "steps": args.steps, "argv": argv[3:],
                    **summary,
