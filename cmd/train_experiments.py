@@ -36,6 +36,11 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
                       "--codec", "e3m0"]),
     "async": (4, ["--algo", "async", "--H", "50"]),
     "eager": (4, ["--algo", "eager", "--H", "50"]),
+    # Outer-optimizer probes (the paper tuned 0.7/0.9 for 150M models after 24k
+    # pretraining steps; a tiny model from scratch may want less).
+    "diloco-H50-lr0.3": (4, ["--algo", "diloco", "--H", "50", "--outer-lr", "0.3"]),
+    "fedavg-H50": (4, ["--algo", "diloco", "--H", "50", "--outer-lr", "1.0",
+                       "--momentum", "0"]),
 }
 
 
