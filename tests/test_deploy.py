@@ -57,10 +57,16 @@ def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
+class Swarm(list):
+    """The metrics text each peer served once the swarm was ready (the list),
+    and the peers' metrics ports."""
+    ports: list[int]
+
+
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     """Two `peerlearn run --algo synthetic` peers that have applied rounds over
-    a data link; yields the metrics text each one serves."""
+    a data link."""
     tmp = tmp_path_factory.mktemp("swarm")
     env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
     procs, ports = [], []
@@ -93,7 +99,9 @@ def swarm(tmp_path_factory):
                 logs = "\n".join((tmp / f"p{i}.log").read_text()[-2000:] for i in range(2))
                 pytest.fail(f"the 2-peer swarm applied no rounds in 90 s:\n{logs}")
             time.sleep(0.5)
-        yield texts
+        out = Swarm(texts)
+        out.ports = ports
+        yield out
     finally:
         for p in procs:
             p.terminate()
@@ -475,3 +483,121 @@ def test_k8s_kustomization_builds():
     kinds = [d["kind"] for d in yaml.safe_load_all(r.stdout) if d]
     assert sorted(kinds) == ["PrometheusRule", "Secret", "Service", "ServiceMonitor",
                              "StatefulSet"]
+
+
+# ---------------------------------------------------------------- a real Prometheus
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, path: str, **params) -> dict:
+    from urllib.parse import urlencode
+
+    url = f"{base}/api/v1/{path}" + (f"?{urlencode(params)}" if params else "")
+    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _sent(port: int, traffic: str = "round") -> float:
+    return sum(v for n, lab, v in _samples(_scrape(port)) if n == "peerlearn_wire_bytes_total"
+               and lab == {"direction": "sent", "traffic": traffic})
+
+
+def _applied(port: int) -> float:
+    return next(v for n, _, v in _samples(_scrape(port)) if n == "peerlearn_rounds_applied_total")
+
+
+def test_a_real_prometheus_shows_every_panel_and_the_right_figures(swarm, tmp_path):
+    """Prometheus scrapes the running swarm with deploy/alerts.yml loaded: every
+    dashboard expression returns data, and the panels' figures equal what the
+    peers' own counters say over the same minute (rounds per minute is the
+    swarm's rate, not the rate times the number of peers)."""
+    exe = tool("prometheus")
+    if exe is None:
+        pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
+    shutil.copy(DEPLOY / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [{"job_name": "peerlearn", "static_configs": [
+            {"targets": [f"127.0.0.1:{p}" for p in swarm.ports]}]}]}))
+    web = _free_port()
+    base = f"http://127.0.0.1:{web}"
+    proc = subprocess.Popen(
+        [exe, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _api(base, "query", query='count(up{job="peerlearn"} == 1)')["result"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                (tmp_path / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.5)
+
+        # The truth, from the peers themselves, over one minute.
+        t0 = time.time()
+        applied0 = [_applied(p) for p in swarm.ports]
+        sent0 = [_sent(p) for p in swarm.ports]
+        time.sleep(62)
+        t1 = time.time()
+        applied1 = [_applied(p) for p in swarm.ports]
+        sent1 = [_sent(p) for p in swarm.ports]
+        per_min = (applied1[0] - applied0[0]) / (t1 - t0) * 60
+        assert per_min > 10, "the swarm applied too few rounds to measure"
+        assert abs((applied1[1] - applied0[1]) - (applied1[0] - applied0[0])) <= 2  # both apply each
+        bytes_per_s = sum(b - a for a, b in zip(sent0, sent1)) / (t1 - t0)
+
+        def value(expr: str, **match) -> float:
+            rows = _api(base, "query", query=expr, time=f"{t1:.3f}")["result"]
+            rows = [r for r in rows if match.items() <= r["metric"].items()]
+            assert len(rows) == 1, (expr, rows)
+            return float(rows[0]["value"][1])
+
+        # Every expression of every panel returns data.
+        empty = [(title, e) for title, e in dashboard_exprs()
+                 if not _api(base, "query", query=e)["result"]]
+        assert not empty, empty
+
+        exprs = {p["title"]: [t["expr"] for t in p["targets"]]
+                 for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets")}
+        rounds = value(exprs["Rounds applied and aborted (per minute)"][0])
+        assert rounds == pytest.approx(per_min, rel=0.15), (rounds, per_min)
+        old = value("sum(rate(peerlearn_rounds_applied_total[1m])) * 60")
+        assert old == pytest.approx(2 * per_min, rel=0.15)  # what the old panel showed
+        members = exprs["Members / live peers / peers scraped"]
+        assert [value(e) for e in members] == [2, 2, 2]
+        assert value(exprs["Coordinator"][1]) == 1
+        assert value(exprs["Quorum: needed and held"][0]) == 2
+        # Held drops between rounds (contributions are used up by each round):
+        # over the minute it reached the quorum.
+        held = exprs["Quorum: needed and held"][1]
+        assert value(f"max_over_time(({held})[1m:1s])") == 2
+        wire = value(exprs["Bytes on the wire, swarm total by traffic"][0], traffic="round")
+        assert wire == pytest.approx(bytes_per_s, rel=0.15), (wire, bytes_per_s)
+        # Peers scraped up to a scrape interval (1 s) apart differ by the rounds
+        # applied meanwhile: that is the noise floor of "steps behind".
+        noise = 2 * per_min / 60 + 1
+        (behind,) = exprs["Steps behind the swarm, per peer"]
+        lags = [float(r["value"][1]) for r in _api(base, "query", query=behind)["result"]]
+        assert len(lags) == 2 and min(lags) == 0 and max(lags) <= noise, (lags, noise)
+        assert value(exprs["Seconds since a round was applied"][1]) < 5
+
+        # The alert rules load, evaluate cleanly, and none fires on a healthy swarm.
+        rules = [r for g in _api(base, "rules")["groups"] for r in g["rules"]]
+        assert len(rules) == len(rule_exprs())
+        assert all(r["health"] == "ok" for r in rules), rules
+        assert not [a for a in _api(base, "alerts")["alerts"] if a["state"] == "firing"]
+    finally:
+        proc.terminate()
+        proc.wait(20)
