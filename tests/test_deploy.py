@@ -555,7 +555,7 @@ def test_a_real_prometheus_shows_every_panel_and_the_right_figures(swarm, tmp_pa
         sent1 = [_sent(p) for p in swarm.ports]
         per_min = (applied1[0] - applied0[0]) / (t1 - t0) * 60
         assert per_min > 10, "the swarm applied too few rounds to measure"
-        assert abs((applied1[1] - applied0[1]) - (applied1[0] - applied0[0])) <= 2  # both apply each
+        assert abs((applied1[1] - applied0[1]) - (applied1[0] - applied0[0])) <= 2  # both apply all
         bytes_per_s = sum(b - a for a, b in zip(sent0, sent1)) / (t1 - t0)
 
         def value(expr: str, **match) -> float:
