@@ -3,12 +3,19 @@
 Read at scrape time from the daemon's own counters (the daemon knows nothing
 of Prometheus), into a registry of its own, served on 127.0.0.1 by default.
 Names follow the usual conventions: one `peerlearn_` prefix, base units,
-counters ending in `_total`, no per-peer labels.
+counters ending in `_total`, no per-peer labels. The endpoint also serves
+prometheus_client's standard process metrics (`process_*`: CPU, resident
+memory, open and max fds, start time; Linux only) and `python_info`.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -110,6 +117,10 @@ def serve(daemon, host: str = "127.0.0.1", port: int = 0):
     """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PeerCollector(daemon))
+    # A registry of our own does not get the default collectors: add the
+    # process ones (memory, CPU, fds, start time) an operator alerts on.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     server, thread = start_http_server(port, addr=host, registry=registry)
 
     def stop() -> None:
