@@ -32,7 +32,9 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
     "diloco-H10": (4, ["--algo", "diloco", "--H", "10"]),
     "diloco-H50": (4, ["--algo", "diloco", "--H", "50"]),
     "diloco-H200": (4, ["--algo", "diloco", "--H", "200"]),
-    "streaming": (4, ["--algo", "streaming", "--H", "50", "--P", "4", "--tau", "1",
+    # Streaming needs H % P == 0: H = 48 against DiLoCo at the same H.
+    "diloco-H48": (4, ["--algo", "diloco", "--H", "48"]),
+    "streaming": (4, ["--algo", "streaming", "--H", "48", "--P", "4", "--tau", "1",
                       "--codec", "e3m0"]),
     "async": (4, ["--algo", "async", "--H", "50"]),
     "eager": (4, ["--algo", "eager", "--H", "50"]),

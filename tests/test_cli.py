@@ -118,3 +118,15 @@ def test_ordinary_mistakes_give_one_line_and_no_traceback(tmp_path):
             assert says in out.stderr, (name, out.stderr[-1500:])
     finally:
         held.close()
+
+
+def test_streaming_settings_that_cannot_run_are_refused_before_starting(tmp_path):
+    import os
+    env = dict(os.environ, PEERLEARN_SECRET="kq3W9zP0xV7mB2nR5tY8uC1eD4fG6hJ-aSdLq0Zx9Vb")
+    for args, says in ((["--H", "50", "--P", "4"], "multiple of P"),
+                       (["--H", "8", "--P", "4", "--tau", "2"], "tau")):
+        out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "run", "--algo",
+                              "streaming", "--data-dir", str(tmp_path / "p"), *args],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 1 and says in out.stderr and ".py:" not in out.stderr, out.stderr
+        assert not (tmp_path / "p").exists()  # refused before the peer started

@@ -63,6 +63,22 @@ class Hyper:
     weighted: bool = False  # diloco: weight pseudo-gradients by tokens
     timeout: float | None = 120.0  # an outer step waits this long, then is skipped
 
+    def check(self, algo: str) -> None:
+        """Raises ValueError (one line) for settings `algo` cannot run with,
+        before a peer starts rather than after it joined."""
+        if algo not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
+        if self.H < 1:
+            raise ValueError(f"--H must be at least 1, not {self.H}")
+        if algo == "streaming":
+            if self.P < 1 or self.H % self.P:
+                raise ValueError(f"streaming needs H a multiple of P: H={self.H}, P={self.P}")
+            if not 0 <= self.tau < self.H // self.P:
+                raise ValueError(f"streaming needs 0 <= tau < H/P = {self.H // self.P}, "
+                                 f"not tau={self.tau}")
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
+
 
 def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
     """What a founder's swarm starts from for `algo` (the model's initial params)."""

@@ -56,6 +56,10 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                         stream=sys.stderr)
     torch.manual_seed(seed)
     try:
+        hyper.check(algo)
+    except ValueError as e:
+        raise SystemExit(f"peerlearn: {e}") from None
+    try:
         task = load(task_spec, **task_args)
     except TaskError as e:
         raise SystemExit(f"peerlearn: {e}") from None
