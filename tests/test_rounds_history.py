@@ -15,6 +15,7 @@ from peerlearn.swarm import rounds as r
 from peerlearn.wire import control as m
 
 U64 = (1 << 64) - 1
+SIM_T = Sim.__init__.__defaults__[0]  # the simulator's timeouts
 
 
 def applied_after(sim, t0, ids=None):
@@ -162,3 +163,54 @@ def test_a_stalled_coordinator_says_why():
     assert core.is_coordinator(sim.now)
     assert core.stall is not None and "no majority" in core.stall, core.stall
     assert core.quorum_needed == 3 and core.quorum_held == 2
+
+
+def test_a_restarted_peer_below_its_floor_syncs_from_a_non_member_holding_it():
+    """The founder trained alone (its view is itself: the joiners were always
+    a step late for its rounds); a joiner synced its step 5; the founder was
+    killed and restarted from its step-4 checkpoint. The only live holder of
+    step 5 is not a view member, so the members' parity check shows nothing
+    newer than step 4 and the founder, the only member, waited forever for a
+    step it remembers (found by the property run:
+    (3, 0.048828125, 3, [(('kill', 0), 1.0)])). Its record holds the hash of
+    that step, so it fetches it from whoever holds exactly that state."""
+    me, j = m.PeerInfo("p00", "p00:1", "p00:2"), m.PeerInfo("p01", "p01:1", "p01:2")
+    h4, h5 = b"\4" * 8, b"\5" * 8
+    core = r.RoundCore(me, SIM_T, record=r.Applied(5, (me,), 5, 5, 5, h5))
+    core.state_synced(4, h4)  # the checkpoint
+    core.join_via("p01")
+    core.receive(0.0, "p01", m.Welcome(5, 5, (me,)))  # the joiner's view: the founder alone
+    assert set(core.members) == {"p00"}
+    core.receive(0.05, "p01", m.Heartbeat(5, 0, 5, 5, h5, True, j))
+    out = [a for a in core.tick(0.1) if isinstance(a, r.SyncNeeded)]
+    assert out == [r.SyncNeeded(5, h5, ("p01",))]
+    # A peer announcing another state at that step is no donor of ours.
+    other = r.RoundCore(me, SIM_T, record=r.Applied(5, (me,), 5, 5, 5, h5))
+    other.state_synced(4, h4)
+    other.join_via("p01")
+    other.receive(0.0, "p01", m.Welcome(5, 5, (me,)))
+    other.receive(0.05, "p01", m.Heartbeat(5, 0, 5, 5, b"\6" * 8, True, j))
+    assert not [a for a in other.tick(0.1) if isinstance(a, r.SyncNeeded)]
+
+
+def test_a_swarm_whose_only_member_restarted_behind_a_joiner_goes_on():
+    """The same, end to end in the simulator."""
+    sim = Sim(1)
+    sim.run(2)
+    sim.join("p01", via="p00")
+    founder = sim.peers["p00"]
+    # The founder keeps training alone: the joiner syncs but never gets a round in.
+    sim.peers["p01"].core.local_ready = lambda now, step, h: []
+    while sim.peers["p01"].step != founder.step or founder.pending is not None:
+        sim.run(sim.now + 0.01)
+    assert set(sim.peers["p01"].core.members) == {"p00"}
+    held = founder.step
+    sim.kill("p00")
+    sim.run(sim.now + 1)
+    del sim.peers["p01"].core.local_ready  # back to the real method
+    t0 = sim.now
+    sim.restart("p00", via="p01", back=1)
+    sim.run(t0 + 8)
+    assert sim.parity_violations() == []
+    assert any(e[1] == "sync" and e[2] == "p00" and e[0] > t0 for e in sim.events)
+    assert min(p.step for p in sim.peers.values()) >= held + 2
