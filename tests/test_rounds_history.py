@@ -214,3 +214,24 @@ def test_a_swarm_whose_only_member_restarted_behind_a_joiner_goes_on():
     assert sim.parity_violations() == []
     assert any(e[1] == "sync" and e[2] == "p00" and e[0] > t0 for e in sim.events)
     assert min(p.step for p in sim.peers.values()) >= held + 2
+
+
+def test_the_record_keeps_the_newest_step_reached_after_a_sync_below_it():
+    """A peer that reached step 5, restarted from step 3 and synced step 4 (the
+    newest a live member held: every holder of 5 restarted older) writes its
+    record after that sync. The record must still say 5: written as 4, a
+    second restart would forget step 5 and the peer could take part in a
+    round for step 4, giving step 5 a second hash."""
+    me, b = m.PeerInfo("p00", "p00:1", "p00:2"), m.PeerInfo("p01", "p01:1", "p01:2")
+    h3, h4, h5 = b"\3" * 8, b"\4" * 8, b"\5" * 8
+    core = r.RoundCore(me, SIM_T, founder=True, record=r.Applied(7, (me, b), 7, 7, 5, h5))
+    core.state_synced(3, h3)  # the checkpoint
+    core.receive(0.0, "p01", m.Heartbeat(7, 0, 7, 4, h4, True, b))
+    need = [a for a in core.tick(0.1) if isinstance(a, r.SyncNeeded)]
+    assert need == [r.SyncNeeded(4, h4, ("p01",))]
+    core.state_synced(4, h4)
+    rec = core.record()
+    assert (rec.step, rec.state_hash) == (5, h5)
+    again = r.RoundCore(me, SIM_T, record=rec)
+    again.state_synced(4, h4)
+    assert again.floor == 5 and again.newest_step(1.0) == 5

@@ -226,9 +226,13 @@ class RoundCore(Coordinating, Settling):
             self.floor, self.floor_hash = self.step, self.state_hash
 
     def record(self) -> Applied:
-        """What the driver writes to disk after each applied round (Applied)."""
+        """What the driver writes to disk after each applied round and sync
+        (Applied): the newest step reached, not the one held now (a sync may
+        go below it when every holder of the newest restarted older)."""
+        step, h = (self.floor, self.floor_hash) if self.floor_hash is not None else \
+            (self.step, self.state_hash)
         return Applied(self.epoch, tuple(self.members.values()), self.max_round_id,
-                       self.term, self.step, self.state_hash)
+                       self.term, step, h)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
                             result_hash: bytes = ZERO_HASH) -> list:
