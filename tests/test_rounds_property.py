@@ -88,7 +88,14 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
     # The faults stop: heal, bring every dead peer back from its checkpoint.
     sim.heal()
     live = [p for p in sorted(sim.peers) if sim.peers[p].alive]
-    contact = next((p for p in live if sim.peers[p].core.members), live[0])
+    if not any(sim.peers[p].core.members for p in live):
+        # Nobody alive has a view: every live peer is a restarted joiner whose
+        # contact was cut off or died, and a peer with no view answers no Join
+        # (the daemon's join gives up after join_timeout). An operator starts
+        # one of them again as the founder, from its data dir (docs/swarm.md:
+        # restarting a whole swarm); the others join it.
+        sim.restart(live[0], via=None)
+    contact = next(p for p in live if sim.peers[p].core.members)
     for p in sorted(sim.peers):
         if not sim.peers[p].alive:
             sim.restart(p, via=contact, back=1)
