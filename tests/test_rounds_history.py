@@ -235,3 +235,31 @@ def test_the_record_keeps_the_newest_step_reached_after_a_sync_below_it():
     again = r.RoundCore(me, SIM_T, record=rec)
     again.state_synced(4, h4)
     assert again.floor == 5 and again.newest_step(1.0) == 5
+
+
+def test_a_restarted_joiner_keeps_its_recorded_view_over_an_older_welcome():
+    """p02 applied round 9 in the view {p02, p04} (the majority side of a cut
+    swarm of five), was killed and restarted, and joined via p01, a peer from
+    the cut-off minority whose view is still the old five (epoch 5). Taking
+    that Welcome regressed p02 to epoch 5: p04's view {p02, p04} then had a
+    coordinator (p02) that led another view, and the stale peers could never
+    take p04's view (no quorum of theirs, and p02 no longer vouched for it):
+    no round ever again (found by the property run:
+    (5, 0.0, 0, [(('partition', {1, 3}), 1.0), (('kill', 0), 1.0), (('kill', 2), 1.0)])).
+    Its record holds a newer view than its contact's: it keeps that one."""
+    ids = [f"p0{i}" for i in range(5)]
+    info = {i: m.PeerInfo(i, f"{i}:1", f"{i}:2") for i in ids}
+    me = info["p02"]
+    rec = r.Applied(9, (me, info["p04"]), 9, 9, 7, b"\7" * 8)
+    core = r.RoundCore(me, SIM_T, record=rec)
+    core.state_synced(6, b"\6" * 8)
+    core.join_via("p01")
+    out = core.receive(0.0, "p01", m.Welcome(5, 5, tuple(info.values())))
+    assert set(core.members) == {"p02", "p04"} and core.epoch == 9
+    # Every peer the contact named still hears of us (our addresses moved).
+    assert {a.to for a in out if isinstance(a, r.Send)} == {"p00", "p03", "p04"}
+    # A Welcome at least as new as the record is taken as before.
+    core2 = r.RoundCore(me, SIM_T, record=rec)
+    core2.join_via("p04")
+    core2.receive(0.0, "p04", m.Welcome(11, 8, (info["p04"], info["p03"])))
+    assert set(core2.members) == {"p03", "p04"} and core2.epoch == 11

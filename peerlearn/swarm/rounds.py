@@ -109,6 +109,9 @@ class RoundCore(Coordinating, Settling):
                 self.members = {p.id: me if p.id == me.id else p for p in record.members}
                 self.known.update({i: p for i, p in self.members.items() if i != me.id})
             self.resuming = False
+        # A restarted joiner's last applied view (its record's): kept over a
+        # Welcome from a contact whose view is older.
+        self.recorded_view = record.members if record is not None and not founder else ()
         # Why the coordinator proposes nothing (None while rounds run): the
         # driver logs it when it changes and exports it as a metric.
         self.stall: str | None = None
@@ -376,16 +379,22 @@ class RoundCore(Coordinating, Settling):
         if msg.epoch >= ROUND_ID_LIMIT or not self._from_join_target(sender, msg):
             self.rejected += 1  # joining: only the member we asked answers, with a real view
             return []
-        for p in msg.members:
+        view, epoch = msg.members, msg.epoch
+        if msg.epoch < self.epoch and self.recorded_view:
+            # Our record shows a later view than the contact's (it was cut off
+            # while we applied rounds): taking its view would forget ours, and
+            # with it the coordinator our view's members follow.
+            view, epoch = self.recorded_view, self.epoch
+        for p in msg.members + view:
             self.known.setdefault(p.id, p)
             self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
-        self.members = {p.id: p for p in msg.members}
+        self.members = {p.id: p for p in view}
         self.join_target = None
-        self.epoch = msg.epoch
+        self.epoch = epoch
         # Every member must know us to send us heartbeats: the parity check
         # that tells us what to sync needs a majority of them.
-        return [Send(p.id, m.Join(self.me)) for p in msg.members
-                if p.id not in (sender, self.me.id)]
+        return [Send(i, m.Join(self.me)) for i in sorted({p.id for p in msg.members + view})
+                if i not in (sender, self.me.id)]
 
     def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
         """A majority of the new view, counting the sender and at least one
