@@ -34,6 +34,9 @@ class SimPeer:
         self.state = r.ZERO_HASH if founder else None
         self.pending = None  # (round_id, result_hash) held until Apply/Abort
         self.join_asked_at = 0.0
+        # applied.json: written at every applied round and sync, as the daemon
+        # does; a process that restarts and writes nothing keeps the old one.
+        self.disk_record = record
         self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
         if founder:
             self.applied_steps[0] = self.state
@@ -95,24 +98,28 @@ class Sim:
         self.peers[pid].alive = False
         self.peers[pid].killed = True
 
-    def restart(self, pid: str, via: str, back: int = 0) -> SimPeer:
+    def restart(self, pid: str, via: str | None, back: int = 0) -> SimPeer:
         """The process of pid starts again (killed first if it runs) from its
         checkpoint `back` steps before the last step it held: a fresh core,
-        counters at zero, its identity and its disk history kept; it joins via `via`."""
+        counters at zero, its identity and its disk history kept; it joins via
+        `via`, or with via=None starts as a founder (no --join: the view is
+        its record's, as `peerlearn run` restarts a whole swarm)."""
         old = self.peers[pid]
         ckpt = max(0, old.step - back)
         while ckpt not in old.applied_steps:  # a checkpoint is a state it really held
             ckpt += 1
         old.alive = False
-        record = old.core.record() if self.durable else None
-        p = SimPeer(self, pid, False, self.t, record)
+        record = old.disk_record if self.durable else None
+        p = SimPeer(self, pid, via is None, self.t, record)
         p.applied_steps = old.applied_steps
         p.step, p.state = ckpt, old.applied_steps[ckpt]
         p.core.state_synced(p.step, p.state)
         self.peers[pid] = p
         self.events.append((self.now, "restart", pid, ckpt))
-        self.joining[pid] = via
-        self.run_actions(p, p.core.join_via(via))
+        self.joining.pop(pid, None)
+        if via is not None:
+            self.joining[pid] = via
+            self.run_actions(p, p.core.join_via(via))
         self.at(self.compute, self._ready, p)
         return p
 
@@ -177,6 +184,7 @@ class Sim:
                 p.pending = None
                 p.applied_steps[p.step] = p.state
                 p.core.result_applied(p.step, p.state)
+                p.disk_record = p.core.record()
                 self.events.append((self.now, "apply", p.id, p.step))
                 self.at(self.compute, self._ready, p)
             elif isinstance(a, r.DiscardResult):
@@ -224,6 +232,7 @@ class Sim:
                 p.step, p.state = a.step, a.state_hash
                 p.applied_steps[p.step] = p.state
                 p.core.state_synced(p.step, p.state)
+                p.disk_record = p.core.record()
                 self.events.append((self.now, "sync", p.id, p.step))
                 # A peer that just synced enters the next round at once with a
                 # zero update (as prime does), rather than chase the swarm.

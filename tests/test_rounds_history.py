@@ -15,6 +15,7 @@ from peerlearn.swarm import rounds as r
 from peerlearn.wire import control as m
 
 U64 = (1 << 64) - 1
+SIM_T = Sim.__init__.__defaults__[0]  # the simulator's timeouts
 
 
 def applied_after(sim, t0, ids=None):
@@ -180,3 +181,102 @@ def test_a_joiner_enters_a_swarm_whose_rounds_are_shorter_than_its_state_transfe
     assert "p01" in sim.peers["p00"].core.members
     assert sim.peers["p01"].step == sim.peers["p00"].step
     assert sim.parity_violations() == []
+
+def test_a_restarted_peer_below_its_floor_syncs_from_a_non_member_holding_it():
+    """The founder trained alone (its view is itself: the joiners were always
+    a step late for its rounds); a joiner synced its step 5; the founder was
+    killed and restarted from its step-4 checkpoint. The only live holder of
+    step 5 is not a view member, so the members' parity check shows nothing
+    newer than step 4 and the founder, the only member, waited forever for a
+    step it remembers (found by the property run:
+    (3, 0.048828125, 3, [(('kill', 0), 1.0)])). Its record holds the hash of
+    that step, so it fetches it from whoever holds exactly that state."""
+    me, j = m.PeerInfo("p00", "p00:1", "p00:2"), m.PeerInfo("p01", "p01:1", "p01:2")
+    h4, h5 = b"\4" * 8, b"\5" * 8
+    core = r.RoundCore(me, SIM_T, record=r.Applied(5, (me,), 5, 5, 5, h5))
+    core.state_synced(4, h4)  # the checkpoint
+    core.join_via("p01")
+    core.receive(0.0, "p01", m.Welcome(5, 5, (me,)))  # the joiner's view: the founder alone
+    assert set(core.members) == {"p00"}
+    core.receive(0.05, "p01", m.Heartbeat(5, 0, 5, 5, h5, True, j))
+    out = [a for a in core.tick(0.1) if isinstance(a, r.SyncNeeded)]
+    assert out == [r.SyncNeeded(5, h5, ("p01",))]
+    # A peer announcing another state at that step is no donor of ours.
+    other = r.RoundCore(me, SIM_T, record=r.Applied(5, (me,), 5, 5, 5, h5))
+    other.state_synced(4, h4)
+    other.join_via("p01")
+    other.receive(0.0, "p01", m.Welcome(5, 5, (me,)))
+    other.receive(0.05, "p01", m.Heartbeat(5, 0, 5, 5, b"\6" * 8, True, j))
+    assert not [a for a in other.tick(0.1) if isinstance(a, r.SyncNeeded)]
+
+
+def test_a_swarm_whose_only_member_restarted_behind_a_joiner_goes_on():
+    """The same, end to end in the simulator."""
+    sim = Sim(1)
+    sim.run(2)
+    sim.join("p01", via="p00")
+    founder = sim.peers["p00"]
+    # The founder keeps training alone: the joiner syncs but never gets a round in.
+    sim.peers["p01"].core.local_ready = lambda now, step, h: []
+    while sim.peers["p01"].step != founder.step or founder.pending is not None:
+        sim.run(sim.now + 0.01)
+    assert set(sim.peers["p01"].core.members) == {"p00"}
+    held = founder.step
+    sim.kill("p00")
+    sim.run(sim.now + 1)
+    del sim.peers["p01"].core.local_ready  # back to the real method
+    t0 = sim.now
+    sim.restart("p00", via="p01", back=1)
+    sim.run(t0 + 8)
+    assert sim.parity_violations() == []
+    assert any(e[1] == "sync" and e[2] == "p00" and e[0] > t0 for e in sim.events)
+    assert min(p.step for p in sim.peers.values()) >= held + 2
+
+
+def test_the_record_keeps_the_newest_step_reached_after_a_sync_below_it():
+    """A peer that reached step 5, restarted from step 3 and synced step 4 (the
+    newest a live member held: every holder of 5 restarted older) writes its
+    record after that sync. The record must still say 5: written as 4, a
+    second restart would forget step 5 and the peer could take part in a
+    round for step 4, giving step 5 a second hash."""
+    me, b = m.PeerInfo("p00", "p00:1", "p00:2"), m.PeerInfo("p01", "p01:1", "p01:2")
+    h3, h4, h5 = b"\3" * 8, b"\4" * 8, b"\5" * 8
+    core = r.RoundCore(me, SIM_T, founder=True, record=r.Applied(7, (me, b), 7, 7, 5, h5))
+    core.state_synced(3, h3)  # the checkpoint
+    core.receive(0.0, "p01", m.Heartbeat(7, 0, 7, 4, h4, True, b))
+    need = [a for a in core.tick(0.1) if isinstance(a, r.SyncNeeded)]
+    assert need == [r.SyncNeeded(4, h4, ("p01",))]
+    core.state_synced(4, h4)
+    rec = core.record()
+    assert (rec.step, rec.state_hash) == (5, h5)
+    again = r.RoundCore(me, SIM_T, record=rec)
+    again.state_synced(4, h4)
+    assert again.floor == 5 and again.newest_step(1.0) == 5
+
+
+def test_a_restarted_joiner_keeps_its_recorded_view_over_an_older_welcome():
+    """p02 applied round 9 in the view {p02, p04} (the majority side of a cut
+    swarm of five), was killed and restarted, and joined via p01, a peer from
+    the cut-off minority whose view is still the old five (epoch 5). Taking
+    that Welcome regressed p02 to epoch 5: p04's view {p02, p04} then had a
+    coordinator (p02) that led another view, and the stale peers could never
+    take p04's view (no quorum of theirs, and p02 no longer vouched for it):
+    no round ever again (found by the property run:
+    (5, 0.0, 0, [(('partition', {1, 3}), 1.0), (('kill', 0), 1.0), (('kill', 2), 1.0)])).
+    Its record holds a newer view than its contact's: it keeps that one."""
+    ids = [f"p0{i}" for i in range(5)]
+    info = {i: m.PeerInfo(i, f"{i}:1", f"{i}:2") for i in ids}
+    me = info["p02"]
+    rec = r.Applied(9, (me, info["p04"]), 9, 9, 7, b"\7" * 8)
+    core = r.RoundCore(me, SIM_T, record=rec)
+    core.state_synced(6, b"\6" * 8)
+    core.join_via("p01")
+    out = core.receive(0.0, "p01", m.Welcome(5, 5, tuple(info.values())))
+    assert set(core.members) == {"p02", "p04"} and core.epoch == 9
+    # Every peer the contact named still hears of us (our addresses moved).
+    assert {a.to for a in out if isinstance(a, r.Send)} == {"p00", "p03", "p04"}
+    # A Welcome at least as new as the record is taken as before.
+    core2 = r.RoundCore(me, SIM_T, record=rec)
+    core2.join_via("p04")
+    core2.receive(0.0, "p04", m.Welcome(11, 8, (info["p04"], info["p03"])))
+    assert set(core2.members) == {"p03", "p04"} and core2.epoch == 11

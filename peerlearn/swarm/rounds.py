@@ -75,6 +75,7 @@ class RoundCore(Coordinating, Settling):
         # The newest step this peer ever reached (from its record on disk): no
         # round for an older step, whatever checkpoint it restarted from.
         self.floor = 0
+        self.floor_hash: bytes | None = None  # the state hash at that step
         self.last_heard: dict[str, float] = {}
         self.left: set[str] = set()
         self.beats: dict[str, m.Heartbeat] = {}
@@ -103,13 +104,16 @@ class RoundCore(Coordinating, Settling):
         # before the restart get rejoin_grace to come back before round one.
         self.resuming = resuming
         if record is not None:
-            self.epoch, self.floor = record.epoch, record.step
+            self.epoch, self.floor, self.floor_hash = record.epoch, record.step, record.state_hash
             self.max_round_id, self.term = record.max_round_id, record.term
             if founder:  # a joiner's view comes with its Welcome (which also
                 # tells the members our new addresses); a founder starts from its own
                 self.members = {p.id: me if p.id == me.id else p for p in record.members}
                 self.known.update({i: p for i, p in self.members.items() if i != me.id})
             self.resuming = False
+        # A restarted joiner's last applied view (its record's): kept over a
+        # Welcome from a contact whose view is older.
+        self.recorded_view = record.members if record is not None and not founder else ()
         # Why the coordinator proposes nothing (None while rounds run): the
         # driver logs it when it changes and exports it as a metric.
         self.stall: str | None = None
@@ -209,7 +213,7 @@ class RoundCore(Coordinating, Settling):
     def state_synced(self, step: int, state_hash: bytes) -> None:
         """The driver fetched and verified the state (step, state_hash)."""
         self.step, self.state_hash, self.synced = step, state_hash, True
-        self.floor = max(self.floor, step)
+        self._raise_floor()
         self.sync_requested = None
 
     def sync_failed(self) -> None:
@@ -220,12 +224,20 @@ class RoundCore(Coordinating, Settling):
     def result_applied(self, step: int, state_hash: bytes) -> None:
         """After ApplyResult: the driver's new state and its hash."""
         self.step, self.state_hash = step, state_hash
-        self.floor = max(self.floor, step)
+        self._raise_floor()
+
+    def _raise_floor(self) -> None:
+        if self.step >= self.floor:
+            self.floor, self.floor_hash = self.step, self.state_hash
 
     def record(self) -> Applied:
-        """What the driver writes to disk after each applied round (Applied)."""
+        """What the driver writes to disk after each applied round and sync
+        (Applied): the newest step reached, not the one held now (a sync may
+        go below it when every holder of the newest restarted older)."""
+        step, h = (self.floor, self.floor_hash) if self.floor_hash is not None else \
+            (self.step, self.state_hash)
         return Applied(self.epoch, tuple(self.members.values()), self.max_round_id,
-                       self.term, self.step, self.state_hash)
+                       self.term, step, h)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
                             result_hash: bytes = ZERO_HASH) -> list:
@@ -369,16 +381,22 @@ class RoundCore(Coordinating, Settling):
         if msg.epoch >= ROUND_ID_LIMIT or not self._from_join_target(sender, msg):
             self.rejected += 1  # joining: only the member we asked answers, with a real view
             return []
-        for p in msg.members:
+        view, epoch = msg.members, msg.epoch
+        if msg.epoch < self.epoch and self.recorded_view:
+            # Our record shows a later view than the contact's (it was cut off
+            # while we applied rounds): taking its view would forget ours, and
+            # with it the coordinator our view's members follow.
+            view, epoch = self.recorded_view, self.epoch
+        for p in msg.members + view:
             self.known.setdefault(p.id, p)
             self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
-        self.members = {p.id: p for p in msg.members}
+        self.members = {p.id: p for p in view}
         self.join_target = None
-        self.epoch = msg.epoch
+        self.epoch = epoch
         # Every member must know us to send us heartbeats: the parity check
         # that tells us what to sync needs a majority of them.
-        return [Send(p.id, m.Join(self.me)) for p in msg.members
-                if p.id not in (sender, self.me.id)]
+        return [Send(i, m.Join(self.me)) for i in sorted({p.id for p in msg.members + view})
+                if i not in (sender, self.me.id)]
 
     def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
         """A majority of the new view, counting the sender and at least one
@@ -457,53 +475,3 @@ class RoundCore(Coordinating, Settling):
 
     def _on_abort(self, now, sender, msg: m.Abort) -> list:
         return self._settle(now, sender, msg.round_id, apply=False)
-
-    # ---------------------------------------------------------- participant
-
-    def _check_sync(self, now: float) -> list:
-        """Parity: if a majority of the view holds a state I do not, fetch it."""
-        if self.active is not None:
-            return []
-        if self.epoch == 0 and set(self.members) <= {self.me.id}:
-            return self._resume_newest(now)
-        views: dict[tuple[int, bytes], list[str]] = {}
-        for i, b in self._member_beats(now).items():
-            if b.synced:
-                views.setdefault((b.step, b.state_hash), []).append(i)
-        if self.synced and self.me.id in self.members:
-            views.setdefault((self.step, self.state_hash), []).append(self.me.id)
-        if not views:
-            return []
-        newest = max(st for st, _ in views)
-        if newest > self.step or not self.synced:
-            # A newer state wins even when few hold it: it was applied by an
-            # agreed round, and the step we hold has been passed for good.
-            best = [(k, v) for k, v in views.items() if k[0] == newest]
-        else:
-            # Same step, another hash: the majority's state repairs ours.
-            best = [(k, v) for k, v in views.items() if k[0] == self.step and self._quorum(v)]
-        if not best:
-            return []
-        (step, h), donors = max(best, key=lambda kv: (len(kv[1]), kv[0][1]))
-        if (step, h) == (self.step, self.state_hash) and self.synced:
-            return []
-        if step < self.step or self.sync_requested == (step, h):
-            return []
-        self.sync_requested = (step, h)
-        return [SyncNeeded(step, h, tuple(sorted(d for d in donors if d != self.me.id)))]
-
-    def _resume_newest(self, now: float) -> list:
-        """A founder that has applied nothing yet (a swarm restarting from its
-        checkpoints) adopts the newest state any synced peer brings, so the
-        swarm resumes from the newest step its peers hold, not the founder's."""
-        newer: dict[tuple[int, bytes], list[str]] = {}
-        for i, b in self.beats.items():
-            if self.alive(i, now) and b.synced and b.step > self.step:
-                newer.setdefault((b.step, b.state_hash), []).append(i)
-        if not newer:
-            return []
-        (step, h), donors = max(newer.items(), key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
-        if self.sync_requested == (step, h):
-            return []
-        self.sync_requested = (step, h)
-        return [SyncNeeded(step, h, tuple(sorted(donors)))]

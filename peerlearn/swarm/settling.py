@@ -1,23 +1,28 @@
-"""How a committed round ends for a participant (sans-IO, part of RoundCore).
+"""How a participant settles: committed rounds, and its state (sans-IO, part
+of RoundCore).
 
 A round's decision (Apply or Abort) is sent once. A participant that missed
 it, or whose leader restarted and never knew the round, must still settle it,
 or it holds the round open forever and withholds its quorum vote. These are
 the rules it settles by, from the evidence it has: the decider's message, or
 view members' heartbeats (epoch = last applied round, aborted = last settled
-as aborted, term = highest id known). RoundCore (rounds.py) mixes this in;
-the state is RoundCore's.
+as aborted, term = highest id known).
+
+The parity check settles the state: a peer behind the newest state a live
+member holds, or off the majority's hash, fetches it; a peer restarted below
+the step it recorded fetches exactly that recorded state from whoever holds
+it. RoundCore (rounds.py) mixes this in; the state is RoundCore's.
 """
 
 from __future__ import annotations
 
-from peerlearn.swarm.actions import ApplyResult, DiscardResult, ViewChanged
+from peerlearn.swarm.actions import ApplyResult, DiscardResult, SyncNeeded, ViewChanged
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT
 from peerlearn.wire import control as m
 
 
 class Settling:
-    """Participant-side settlement of committed rounds; see rounds.py for the state."""
+    """Participant-side settlement of rounds and state; see rounds.py for the state."""
 
     def _outcome_seen(self, round_id: int) -> bool | None:
         """How round_id ended, as view members' heartbeats tell: True applied,
@@ -115,3 +120,76 @@ class Settling:
             # the new step with the old hash.
             out.insert(0, ApplyResult(round_id, c.step))
         return out
+
+    # ---------------------------------------------------------- parity
+
+    def _check_sync(self, now: float) -> list:
+        """Parity: if a majority of the view holds a state I do not, fetch it."""
+        if self.active is not None:
+            return []
+        if self.epoch == 0 and set(self.members) <= {self.me.id}:
+            return self._resume_newest(now)
+        views: dict[tuple[int, bytes], list[str]] = {}
+        for i, b in self._member_beats(now).items():
+            if b.synced:
+                views.setdefault((b.step, b.state_hash), []).append(i)
+        if self.synced and self.me.id in self.members:
+            views.setdefault((self.step, self.state_hash), []).append(self.me.id)
+        if self.step < self.floor and max((st for st, _ in views), default=-1) < self.floor:
+            # I restarted below the step I reached and no live member holds it
+            # (the view was all restarted, or only a peer outside it synced it):
+            # that exact state, whoever holds it, is mine again.
+            out = self._back_to_floor(now)
+            if out or self.sync_requested == (self.floor, self.floor_hash):
+                return out
+        if not views:
+            return []
+        newest = max(st for st, _ in views)
+        if newest > self.step or not self.synced:
+            # A newer state wins even when few hold it: it was applied by an
+            # agreed round, and the step we hold has been passed for good.
+            best = [(k, v) for k, v in views.items() if k[0] == newest]
+        else:
+            # Same step, another hash: the majority's state repairs ours.
+            best = [(k, v) for k, v in views.items() if k[0] == self.step and self._quorum(v)]
+        if not best:
+            return []
+        (step, h), donors = max(best, key=lambda kv: (len(kv[1]), kv[0][1]))
+        if (step, h) == (self.step, self.state_hash) and self.synced:
+            return []
+        if step < self.step or self.sync_requested == (step, h):
+            return []
+        self.sync_requested = (step, h)
+        return [SyncNeeded(step, h, tuple(sorted(d for d in donors if d != self.me.id)))]
+
+    def _resume_newest(self, now: float) -> list:
+        """A founder that has applied nothing yet (a swarm restarting from its
+        checkpoints) adopts the newest state any synced peer brings, so the
+        swarm resumes from the newest step its peers hold, not the founder's."""
+        newer: dict[tuple[int, bytes], list[str]] = {}
+        for i, b in self.beats.items():
+            if self.alive(i, now) and b.synced and b.step > self.step:
+                newer.setdefault((b.step, b.state_hash), []).append(i)
+        if not newer:
+            return []
+        (step, h), donors = max(newer.items(), key=lambda kv: (kv[0][0], len(kv[1]), kv[0][1]))
+        if self.sync_requested == (step, h):
+            return []
+        self.sync_requested = (step, h)
+        return [SyncNeeded(step, h, tuple(sorted(donors)))]
+
+    def _back_to_floor(self, now: float) -> list:
+        """Fetch the state my record says I reached (step floor, hash
+        floor_hash) from any live peer announcing exactly it, view member or
+        not: it is on the one history (I applied it), and the hash I check it
+        against is my own. Without this a view whose members all restarted
+        below the newest step waited forever beside a joiner that held it."""
+        if self.floor_hash is None:
+            return []
+        want = (self.floor, self.floor_hash)
+        donors = sorted(i for i, b in self.beats.items() if i != self.me.id and
+                        self.alive(i, now) and b.synced and (b.step, b.state_hash) == want)
+        if not donors or self.sync_requested == want:
+            return []
+        self.sync_requested = want
+        return [SyncNeeded(*want, tuple(donors))]
