@@ -89,7 +89,8 @@ DEFAULT_PIECE_ELEMS = 1 << 22
 class AllReduceAborted(PeerlearnError, RuntimeError):
     """The all-reduce did not complete; nothing was returned.
 
-    phase: "reduce-scatter", "all-gather" or "finalise"; step: the global step
+    phase: "reduce-scatter", "all-gather" or "finalise" ("contribute": this
+    peer had nothing to send, its contribution withdrawn); step: the global step
     index (0 .. 2(N-1)-1); direction: "send" (link to the successor) or "recv"
     (link from the predecessor) or None; cause: the underlying exception.
     Both links are shut down: build a new ring before retrying.

@@ -414,7 +414,9 @@ class PeerDaemon:
     def _collective(self, a: r.StartCollective, update: torch.Tensor | None) -> torch.Tensor:
         """Worker thread: my contribution, all-reduced among a.participants (ring order)."""
         if update is None:  # withdrawn after our Ready went out: fail the round
-            raise AllReduceAborted("no contribution: the caller withdrew it")
+            raise AllReduceAborted("no contribution: the caller withdrew it",
+                                   rank=a.participants.index(self.id), phase="contribute",
+                                   step=0, direction=None, cause=None)
         n, rank = len(a.participants), a.participants.index(self.id)
         if n == 1:
             return update
