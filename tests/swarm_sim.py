@@ -163,6 +163,9 @@ class Sim:
                 fn(*args)
 
     def run_actions(self, p: SimPeer, actions):
+        rec = p.disk_record
+        if (p.core.max_round_id, p.core.term) > ((rec.max_round_id, rec.term) if rec else (0, 0)):
+            p.disk_record = p.core.record()  # as the daemon: ids on disk before messages leave
         for a in actions:
             if isinstance(a, r.Send):
                 delay = self.latency + (self.rng.uniform(0, self.jitter) if self.jitter else 0)

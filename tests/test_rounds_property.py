@@ -123,6 +123,14 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
 @given(schedule)
 # Schedules the 10k run failed on once (docs in test_rounds_history.py and the log).
 @example((3, 0.048828125, 3, [(("kill", 0), 1.0)]))
+# Two hashes for one step when a restart forgot a proposal it had acked
+# (round ids and term reached the disk only at applied rounds and syncs).
+@example((5, 0.03125, 0, [(("restart", 0, 0), 1.0), (("partition", {1, 2, 5}), 1.0),
+                          (("partition", {0}), 0.5), (("kill", 3), 0.25),
+                          (("restart", 2, 0), 1.5), (("heal",), 1.0)]))
+@example((5, 0.03125, 0, [(("restart", 0, 0), 1.0), (("partition", {0, 2, 6}), 1.0),
+                          (("partition", {0}), 0.5), (("kill", 3), 0.25),
+                          (("restart", 2, 0), 1.5)]))
 @example((3, 0.0, 0, [(("kill", 2), 1.0), (("partition", {0}), 1.0),
                       (("restart", 0, 0), 1.0), (("kill", 1), 1.0)]))
 @example((5, 0.0, 0, [(("partition", {1, 3}), 1.0), (("kill", 0), 1.0), (("kill", 2), 1.0)]))

@@ -90,6 +90,7 @@ class PeerDaemon:
             self.state = initial_state() if initial_state is not None else SharedState(0)
         self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming,
                                 record=self._load_record())
+        self._recorded_ids = (self.core.max_round_id, self.core.term)
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}
@@ -165,6 +166,7 @@ class PeerDaemon:
         """After every applied round or sync: a restart must not forget that this
         peer reached this step (its checkpoint may be older). Small, atomic."""
         rec = self.core.record()
+        self._recorded_ids = (rec.max_round_id, rec.term)
         body = {"epoch": rec.epoch, "members": [p.to_wire() for p in rec.members],
                 "max_round_id": rec.max_round_id, "term": rec.term, "step": rec.step,
                 "state_hash": rec.state_hash.hex()}
@@ -297,6 +299,11 @@ class PeerDaemon:
     def _dispatch(self, actions) -> None:
         if self.closing:
             return
+        if (self.core.max_round_id, self.core.term) > self._recorded_ids:
+            # A proposal made or acked is on disk before any message about it
+            # leaves: a restart that forgot an ack could ack a second proposal
+            # for the same step (two hashes for one step; the property run).
+            self._save_record()
         for a in actions:
             if isinstance(a, r.Send):
                 peer = self.core.known.get(a.to)
