@@ -124,6 +124,17 @@ def fragments_of(model: nn.Module, P: int, layout: str = "strided") -> list[list
     return frags
 
 
+def check_schedule(H: int, P: int, tau: int, alpha: float) -> None:
+    """Raises ValueError (one line) unless H is a positive multiple of P,
+    0 <= tau < H/P (one fragment in flight) and alpha is in [0, 1]."""
+    if P < 1 or H < P or H % P:
+        raise ValueError(f"H={H} must be a positive multiple of P={P}")
+    if not 0 <= tau < H // P:
+        raise ValueError(f"tau={tau} must be in [0, H/P={H // P}): one fragment in flight")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+
+
 class StreamingDiLoCo(OuterLoop):
     """Streaming DiLoCo over a swarm peer; call `step()` after every inner
     `optimizer.step()`.
@@ -140,13 +151,8 @@ class StreamingDiLoCo(OuterLoop):
         self.fragments = check_fragments(model, fragments if fragments is not None
                                          else fragments_of(model, P, layout))
         self.P = len(self.fragments)
-        if H < self.P or H % self.P:
-            raise ValueError(f"H={H} must be a positive multiple of P={self.P}")
+        check_schedule(H, self.P, tau, alpha)
         self.per = H // self.P
-        if not 0 <= tau < self.per:
-            raise ValueError(f"tau={tau} must be in [0, H/P={self.per}): one fragment in flight")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError("alpha must be in [0, 1]")
         self.H, self.tau, self.alpha = H, tau, float(alpha)
         self.outer = outer if outer is not None else default_outer()
         state = self._state()

@@ -30,7 +30,7 @@ from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
 from peerlearn.algorithms.diloco import OUTER, DiLoCo
 from peerlearn.algorithms.outer import Nesterov
-from peerlearn.algorithms.streaming import StreamingDiLoCo
+from peerlearn.algorithms.streaming import StreamingDiLoCo, check_schedule
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.errors import CollectiveTimeout
 from peerlearn.transport.link import WIRE
@@ -71,13 +71,7 @@ class Hyper:
         if self.H < 1:
             raise ValueError(f"--H must be at least 1, not {self.H}")
         if algo == "streaming":
-            if self.P < 1 or self.H % self.P:
-                raise ValueError(f"streaming needs H a multiple of P: H={self.H}, P={self.P}")
-            if not 0 <= self.tau < self.H // self.P:
-                raise ValueError(f"streaming needs 0 <= tau < H/P = {self.H // self.P}, "
-                                 f"not tau={self.tau}")
-            if not 0.0 <= self.alpha <= 1.0:
-                raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
+            check_schedule(self.H, self.P, self.tau, self.alpha)
 
 
 def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
@@ -187,9 +181,10 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         loss_sum += float(loss.detach())
         loss_n += 1
         done = step
-        shared = peer.state_fingerprint()
-        if shared is not None:
-            hashes.setdefault(shared[0], shared[1])
+        if peer.step not in hashes:  # a loop round trip only when the shared step moved
+            shared = peer.state_fingerprint()
+            if shared is not None:
+                hashes.setdefault(shared[0], shared[1])
         if progress_every and step % progress_every == 0:
             wall = time.monotonic() - started
             curve.append((step, loss_sum / loss_n))
