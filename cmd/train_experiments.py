@@ -45,6 +45,49 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
                        "--momentum", "0"]),
 }
 
+# The DiLoCo paper's protocol: every run starts from one pretrained model
+# (24k steps there; WARM_STEPS single-replica steps here), then each method
+# trains the same number of tokens from it. "-warm" configs do that.
+WARM_STEPS = 1000
+WARM = ("single", "ddp", "diloco-H10", "diloco-H50", "diloco-H200", "diloco-H48", "streaming",
+        "async", "eager", "fedavg-H50")
+CONFIGS.update({f"{name}-warm": CONFIGS[name] for name in WARM})
+
+
+def pretrain(seed: int, steps: int) -> Path:
+    """One replica trained `steps` steps on the whole corpus, saved as a
+    state_dict: the warm start of the "-warm" configs (a plain PyTorch loop
+    over the task interface). Deterministic, cached by (seed, steps)."""
+    import torch
+
+    from peerlearn.tasks import bytelm
+
+    path = OUT / "warm" / f"bytelm-seed{seed}-{steps}.pt"
+    if path.exists():
+        return path
+    torch.set_num_threads(2)
+    task = bytelm.task(seed=seed)
+    opt = task.inner_optimizer(task.model.parameters())
+    sched = task.schedule(opt, steps)
+    # Another data order than the runs' shards (seed + 1000): the same corpus,
+    # as a pretraining and a fine-tuning phase of one run would see it.
+    batches = task.batches(0, 1, seed + 1000)
+    t0 = time.monotonic()
+    for step in range(1, steps + 1):
+        loss = task.loss(task.model, next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            print(f"pretrain seed {seed}: step {step} loss {loss.item():.4f} "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(task.model.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
 
 def done_keys(path: Path) -> set[tuple[str, int, int]]:
     if not path.exists():
@@ -62,6 +105,8 @@ def run(args) -> None:
             if (name, seed, args.steps) in done_keys(results):
                 continue
             peers, extra = CONFIGS[name]
+            if name.endswith("-warm"):
+                extra = [*extra, "--set", f"init={pretrain(seed, WARM_STEPS)}"]
             argv = [sys.executable, "-m", "peerlearn.cli.app", "demo", "--peers", str(peers),
                     "--steps", str(args.steps), "--seed", str(seed), "--progress-every", "10",
                     "--json", *extra]

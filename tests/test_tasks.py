@@ -63,6 +63,27 @@ def test_building_a_task_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_init_file_is_a_warm_start_and_a_mismatched_file_is_refused(tmp_path):
+    trained = bytelm.task(**SMALL, seed=3).model
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)  # anything the seeded initialisation would not give
+    path = tmp_path / "warm.pt"
+    torch.save(trained.state_dict(), path)
+    warm = bytelm.task(**SMALL, seed=0, init=str(path)).model
+    assert params_digest(warm) == params_digest(trained)
+    assert params_digest(warm) != params_digest(bytelm.task(**SMALL, seed=0).model)
+
+    with pytest.raises(TaskError, match="does not exist"):
+        bytelm.task(**SMALL, init=str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TaskError, match="not a saved state_dict"):
+        bytelm.task(**SMALL, init=str(tmp_path / "junk.pt"))
+    other = dict(SMALL, n_embd=32)
+    with pytest.raises(TaskError, match="wrong shape"):
+        bytelm.task(**other, init=str(path))
+
+
 def test_head_is_tied_and_every_parameter_has_one_name():
     t = bytelm.task(**SMALL)
     names = list(t.model.state_dict())

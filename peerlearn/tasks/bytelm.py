@@ -62,6 +62,7 @@ class Config:
     schedule: str = "cosine"   # 5 % warmup, cosine to 10 % of lr (the papers); or "constant"
     corpus_bytes: int = 8 << 20  # read at most this much of the stdlib: startup stays fast
     val_every: int = 20        # about one file in val_every goes to validation
+    init: str = ""             # a state_dict file (torch.save) to start from: a warm start
 
 
 # --- Model -------------------------------------------------------------------
@@ -155,7 +156,31 @@ def build_model(cfg: Config) -> ByteLM:
     with torch.random.fork_rng(devices=[]):
         model = ByteLM(cfg)
     init_parameters(model, cfg.seed, cfg.n_layer)
+    if cfg.init:
+        load_init(model, cfg.init)
     return model
+
+
+def load_init(model: ByteLM, path: str) -> None:
+    """Overwrites the seeded parameters with a saved state_dict (a warm start:
+    the DiLoCo paper starts its runs from a pretrained model). Loaded with
+    weights_only, so the file holds tensors and nothing executable; a file that
+    does not match the model's names and shapes is refused with TaskError."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TaskError(f"bytelm: init file {path!r} does not exist") from None
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise TaskError(f"bytelm: init file {path!r} is not a saved state_dict: {e}") from None
+    own = model.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(own):
+        raise TaskError(f"bytelm: init file {path!r} does not hold this model's parameters")
+    for name, t in own.items():
+        if not isinstance(saved[name], torch.Tensor) or saved[name].shape != t.shape:
+            raise TaskError(f"bytelm: init file {path!r}: {name} has the wrong shape")
+    with torch.no_grad():
+        for name, t in own.items():
+            t.copy_(saved[name])
 
 
 # --- Data --------------------------------------------------------------------
