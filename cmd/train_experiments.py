@@ -47,11 +47,18 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
 
 # The DiLoCo paper's protocol: every run starts from one pretrained model
 # (24k steps there; WARM_STEPS single-replica steps here), then each method
-# trains the same number of tokens from it. "-warm" configs do that.
+# trains the same number of tokens from it. "-warm" configs do that, with the
+# outer lr the grid below chose on seed 0 (1.0; the paper's 0.7 is a grid row).
 WARM_STEPS = 1000
-WARM = ("single", "ddp", "diloco-H10", "diloco-H50", "diloco-H200", "diloco-H48", "streaming",
-        "async", "eager", "fedavg-H50")
-CONFIGS.update({f"{name}-warm": CONFIGS[name] for name in WARM})
+WARM_OUTER = ["--outer-lr", "1.0"]
+for name in ("single", "ddp", "diloco-H10", "diloco-H50", "diloco-H200", "diloco-H48",
+             "streaming", "async", "eager", "fedavg-H50"):
+    peers, extra = CONFIGS[name]
+    outer = WARM_OUTER if name.startswith(("diloco", "streaming", "async", "eager")) else []
+    CONFIGS[f"{name}-warm"] = (peers, [*extra, *outer])
+for lr, mu in ((0.7, 0.9), (0.5, 0.9), (0.7, 0.8), (1.0, 0.8), (0.7, 0.95)):
+    CONFIGS[f"diloco-H50-lr{lr}-m{mu}-warm"] = (
+        4, ["--algo", "diloco", "--H", "50", "--outer-lr", str(lr), "--momentum", str(mu)])
 
 
 def pretrain(seed: int, steps: int) -> Path:
@@ -145,10 +152,10 @@ def hash_mismatches(reports: list[dict]) -> int:
 
 
 def report(args) -> None:
+    """One table and two plots per regime: from scratch, and from the warm start."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()
             if line.strip()]
@@ -156,15 +163,22 @@ def report(args) -> None:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
-    ref = by.get("ddp")
+    for suffix in ("", "-warm"):
+        names = [n for n in CONFIGS if n.endswith("-warm") == bool(suffix) and n in by]
+        if names:
+            regime_report(args.steps, suffix, names, by)
+
+
+def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[dict]]) -> None:
+    import matplotlib.pyplot as plt
+
+    ref = by.get("ddp" + suffix)
     ref_loss = statistics.mean(r["val_loss"] for r in ref) if ref else None
     lines = ["| config | seeds | val loss (mean ± sd) | vs DDP | MB sent / peer | "
              "peak MB / sync | wall s | compute util. | parity |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name in CONFIGS:
-        rs = by.get(name)
-        if not rs:
-            continue
+    for name in names:
+        rs = by[name]
         losses = [r["val_loss"] for r in rs]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
         sent = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"]) for r in rs) / 1e6
@@ -179,33 +193,32 @@ def report(args) -> None:
                      f"{sent:.1f} | {sent / syncs if sent else 0:.2f} | {wall:.0f} | "
                      f"{util:.2f} | {parity} |")
     table = "\n".join(lines)
-    (OUT / f"table-{args.steps}.md").write_text(table + "\n")
+    (OUT / f"table-{steps}{suffix}.md").write_text(table + "\n")
     print(table)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in CONFIGS:
-        rs = [r for r in by.get(name, []) if r["seed"] == 0 and r["curve"]]
+    for name in names:
+        rs = [r for r in by[name] if r["seed"] == 0 and r["curve"]]
         if rs:
-            steps, losses = zip(*rs[0]["curve"])
-            ax.plot(steps, losses, label=name, lw=1.2)
+            xs, losses = zip(*rs[0]["curve"])
+            ax.plot(xs, losses, label=name, lw=1.2)
     ax.set_xlabel("inner step (equal tokens per peer)")
     ax.set_ylabel("training loss, peer 0 (nats/byte, 10-step mean)")
     ax.set_ylim(top=3.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(OUT / f"curves-{args.steps}.png", dpi=110)
+    fig.savefig(OUT / f"curves-{steps}{suffix}.png", dpi=110)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in CONFIGS:
-        rs = by.get(name, [])
-        if not rs or name == "single":
+    single = "single" + suffix
+    for name in names:
+        if name == single:
             continue
-        xs = [max(b or 0 for b in r["bytes_sent_per_peer"]) / 1e6 for r in rs]
-        ys = [r["val_loss"] for r in rs]
-        ax.scatter(xs, ys, label=name, s=18)
-    if "single" in by:
-        ax.axhline(statistics.mean(r["val_loss"] for r in by["single"]), color="grey",
+        xs = [max(b or 0 for b in r["bytes_sent_per_peer"]) / 1e6 for r in by[name]]
+        ax.scatter(xs, [r["val_loss"] for r in by[name]], label=name, s=18)
+    if single in by:
+        ax.axhline(statistics.mean(r["val_loss"] for r in by[single]), color="grey",
                    ls="--", lw=1, label="single peer")
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per peer (on the wire)")
@@ -213,7 +226,7 @@ def report(args) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(OUT / f"loss-vs-bytes-{args.steps}.png", dpi=110)
+    fig.savefig(OUT / f"loss-vs-bytes-{steps}{suffix}.png", dpi=110)
 
 
 def main() -> None:
