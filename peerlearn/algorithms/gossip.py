@@ -9,7 +9,7 @@ reference code `twoentartian/DFL_torch`, py_src/model_variance_correct.py).
             if variance correction and l is corrected:
                 σ²  ← (1/n) Σ_{j∈G} Var(l_j)                  # the target
                 μ   ← mean(l_avg)
-                l_avg ← (l_avg − μ)·sqrt(σ² / (Var(l_avg) + ε)) + μ
+                l_avg ← (l_avg − μ)·sqrt(σ² / Var(l_avg)) + μ
         θ_i ← l_avg
 
 Why: averaging n uncorrelated models (independent initialisations, early
@@ -24,9 +24,11 @@ Settled open points (spec sheet §6, §9.7):
     it is symmetric: both members compute the same target from the same
     bytes, so a pair ends byte-identical, as plain averaging does.
     FollowOthers (the partner's variance only) would leave the two apart.
-  * Var is unbiased (N − 1, `torch.var`, as DFL_torch); ε = 1e-12 in the
-    denominator only (DFL_torch's 1e-4 on both sides under-corrects small
-    layers: 78 % of the target for a Xavier 256×128 layer averaged 16 ways).
+  * Var is unbiased (N − 1, `torch.var`, as DFL_torch). No ε: DFL_torch's
+    1e-4 on both sides under-corrects small layers (78 % of the target for a
+    Xavier 256×128 layer averaged 16 ways), and even the sheet's 1e-12 in the
+    denominator alone is off by ε/Var; the one case ε guards against, a
+    constant average, is left uncorrected instead.
   * Not corrected (still averaged): one-element tensors, parameters of
     normalisation layers (their gains and shifts are not drawn from an
     initialisation's distribution), tensors whose average is constant.
@@ -48,7 +50,6 @@ from torch import nn
 
 from peerlearn.algorithms.decentral import GossipLoop, fp32_params, load_params, rms
 
-EPS = 1e-12
 VAR = "#var/"  # '#' sorts the variances before every parameter in the flat exchange
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
@@ -63,12 +64,13 @@ def corrected_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.numel() > 1 and n not in skip}
 
 
-def variance_correct(avg: torch.Tensor, target: float, eps: float = EPS) -> torch.Tensor:
+def variance_correct(avg: torch.Tensor, target: float) -> torch.Tensor:
     """avg rescaled around its mean to unbiased variance `target` (a new fp32
     tensor). Left as it is (a copy) where there is nothing to rescale: fewer
-    than 2 elements, a constant avg, or a target that is not positive and
-    finite. Computed in fp64, rounded once to fp32: a pure function of its
-    inputs, so every member of a group gets the same bytes."""
+    than 2 elements, a constant avg, a target that is not positive and
+    finite, or a scale that overflows. Computed in fp64, rounded once to
+    fp32: a pure function of its inputs, so every member of a group gets the
+    same bytes."""
     out = avg.detach().to(torch.float32).clone()
     if out.numel() < 2 or not (math.isfinite(target) and target > 0):
         return out
@@ -76,8 +78,11 @@ def variance_correct(avg: torch.Tensor, target: float, eps: float = EPS) -> torc
     var = float(x.var())
     if not (math.isfinite(var) and var > 0):
         return out
+    scale = math.sqrt(target / var)
+    if not math.isfinite(scale):
+        return out
     mu = x.mean()
-    return ((x - mu) * math.sqrt(target / (var + eps)) + mu).to(torch.float32)
+    return ((x - mu) * scale + mu).to(torch.float32)
 
 
 class GossipAveraging(GossipLoop):
