@@ -341,6 +341,10 @@ def status(
     for r in rows:
         typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} step {r['step']:<6} "
                    f"{r['state_hash']}")
+    # What equal hashes prove differs by algorithm; say it where the hashes are shown.
+    typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo family: "
+               "outer params and optimizer. Gossip runs (noloco, gossip, gossip-vc): step, "
+               "configuration and merged params only; each peer's own params differ by design.")
 
 
 def main() -> None:
