@@ -19,11 +19,13 @@ Invariants:
     caller needing agreement uses a round (all-reduce) instead.
   * Rounds are told, not assumed: each member first sends its round in a
     small header (op GOSSIP_HELLO_OP, the same for every round), then its
-    tensor (op GOSSIP_OP | round). A member whose partner is at another
-    round fails with GossipFailed naming the partner's round, so a caller
+    tensor (op GOSSIP_OP | round). A member whose partner is at a later
+    round fails at once with GossipFailed naming that round, so a caller
     whose counter fell behind (the two sides of a healed partition trained
     at different speeds) can jump forward and meet the others again; without
-    it the two sides would pair by different rounds forever.
+    it the two sides would pair by different rounds forever. A header of an
+    earlier round is skipped (it may be left over from an exchange the
+    partner abandoned), so only the member behind gives up early.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     sends on helper threads): first the round header, then the tensor. Raises
     GossipFailed on any failure, after aborting the group's gossip links so
     the partners fail fast too; its `rounds` names the partners heard from
-    at another round (peer id -> round).
+    ahead of ours (peer id -> round).
     """
     if not 0 <= round_ <= MAX_ROUND:
         raise ValueError("gossip round out of range")
@@ -120,14 +122,21 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     deadline = time.monotonic() + timeout
     try:
         for peer in others:
-            theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-            links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
-                            timeout=max(0.1, deadline - time.monotonic()))
-            their_round = int.from_bytes(bytes(theirs.tolist()), "little")
-            if their_round != round_:
-                if their_round <= MAX_ROUND:  # a larger one is not a round: no hint
+            while True:
+                theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+                links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
+                                timeout=max(0.1, deadline - time.monotonic()))
+                their_round = int.from_bytes(bytes(theirs.tolist()), "little")
+                if their_round == round_:
+                    break
+                if round_ < their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
                     rounds[peer] = their_round
-                raise GossipFailed(f"{peer} is at gossip round {their_round}, we at {round_}")
+                    raise GossipFailed(f"{peer} is at gossip round {their_round}, "
+                                       f"we at {round_}")
+                # An earlier round: a partner behind us (it learns ours from our
+                # header and gives up), or a header left on the link by an
+                # exchange the partner abandoned, whose current header comes next
+                # or on its fresh link. Read on until the deadline.
             values[peer] = torch.empty_like(tensor)
             links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
                             timeout=max(0.1, deadline - time.monotonic()))
