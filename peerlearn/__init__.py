@@ -43,6 +43,8 @@ _EXPORTS = {
     "AsyncDiLoCo": "peerlearn.algorithms",
     "EagerDiLoCo": "peerlearn.algorithms",
     "DDP": "peerlearn.algorithms",
+    "NoLoCo": "peerlearn.algorithms",
+    "GossipAveraging": "peerlearn.algorithms",
     "Nesterov": "peerlearn.algorithms",
     "HeavyBall": "peerlearn.algorithms",
     "SGD": "peerlearn.algorithms",

@@ -9,7 +9,9 @@ This is the loop a user would write (and `peerlearn run --algo` runs):
 and what it measures: tokens, seconds spent computing (forward, backward,
 inner step) against wall time, bytes on the wire as the transport counted
 them, and the validation loss of the parameters the swarm agreed on (the
-outer parameters for the DiLoCo family: the paper evaluates those).
+outer parameters for the DiLoCo family: the paper evaluates those; each
+peer's own parameters for gossip runs, which are the merged ones after a
+final merge).
 
 Every peer of a run must build the task with the same seed and settings and
 use the same algorithm settings (`Hyper`): the founder's initial state comes
@@ -28,14 +30,19 @@ from torch import nn
 
 from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
+from peerlearn.algorithms.decentral import GossipLoop, derive_seed
 from peerlearn.algorithms.diloco import OUTER, DiLoCo
+from peerlearn.algorithms.gossip import GossipAveraging
+from peerlearn.algorithms.noloco import NoLoCo
 from peerlearn.algorithms.outer import Nesterov
 from peerlearn.algorithms.streaming import StreamingDiLoCo, check_schedule
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.errors import CollectiveTimeout
 from peerlearn.transport.link import WIRE
 
-ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local")
+ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local", "noloco", "gossip",
+              "gossip-vc")
+GOSSIP_ALGORITHMS = ("noloco", "gossip", "gossip-vc")  # no global collective
 
 
 class Local:
@@ -62,6 +69,14 @@ class Hyper:
     alpha: float = 0.5  # streaming: local weight when merging
     weighted: bool = False  # diloco: weight pseudo-gradients by tokens
     timeout: float | None = 120.0  # an outer step waits this long, then is skipped
+    # Gossip runs (noloco, gossip, gossip-vc):
+    group: int = 2  # peers per gossip group
+    noloco_momentum: float = 0.5  # NoLoCo's α (its β is outer_lr)
+    gamma: float = 0.7  # NoLoCo's pull toward the group's mean
+    merge_at: int = 0  # one agreed all-reduce of the params: 0 never, -1 at the end, N after step N
+    independent_init: bool = False  # each peer starts from its own initialisation
+    gossip_timeout: float = 30.0  # an exchange waits this long for its group, then is skipped
+    gossip_seed: int = 0  # the pairing's seed (the same at every peer)
 
     def check(self, algo: str) -> None:
         """Raises ValueError (one line) for settings `algo` cannot run with,
@@ -70,6 +85,16 @@ class Hyper:
             raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
         if self.H < 1:
             raise ValueError(f"--H must be at least 1, not {self.H}")
+        if algo in GOSSIP_ALGORITHMS:
+            if self.group < 2:
+                raise ValueError(f"--group must be at least 2, not {self.group}")
+            if self.merge_at < -1:
+                raise ValueError("--merge-at: off, end or an inner step")
+            if not self.gossip_timeout > 0:
+                raise ValueError("--gossip-timeout must be positive")
+        elif self.merge_at or self.independent_init:
+            raise ValueError("--merge-at and --independent-init apply to "
+                             f"{', '.join(GOSSIP_ALGORITHMS)} only")
         if algo == "streaming":
             check_schedule(self.H, self.P, self.tau, self.alpha)
 
@@ -83,11 +108,33 @@ def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
         return StreamingDiLoCo.initial_state(model, hp.P, outer)
     if algo in ("ddp", "local"):
         return SharedState()  # nothing agreed but the step
+    if algo in GOSSIP_ALGORITHMS:
+        return GossipLoop.initial_state(model, gossip_config(algo, hp))
     raise ValueError(f"unknown algorithm {algo!r}: one of {', '.join(ALGORITHMS)}")
 
 
-def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper):
+def gossip_config(algo: str, hp: Hyper) -> dict:
+    """What the peers of a gossip run must agree on (the shared `gossip/config`)."""
+    cfg = {"algo": algo, "H": hp.H, "group": hp.group, "merge_at": hp.merge_at,
+           "independent_init": hp.independent_init, "gossip_seed": hp.gossip_seed}
+    if algo == "noloco":
+        cfg.update(outer_lr=hp.outer_lr, momentum=hp.noloco_momentum, gamma=hp.gamma)
+    return cfg
+
+
+def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int = 0):
+    """The algorithm object for one peer; `rank` (its shard) seeds an
+    independent initialisation."""
     outer = Nesterov(hp.outer_lr, hp.momentum)
+    if algo in GOSSIP_ALGORITHMS:
+        kw = dict(H=hp.H, config=gossip_config(algo, hp), group=hp.group, seed=hp.gossip_seed,
+                  merge_at=hp.merge_at, timeout=hp.timeout, gossip_timeout=hp.gossip_timeout,
+                  init_seed=derive_seed("init", hp.gossip_seed, rank)
+                  if hp.independent_init else None)
+        if algo == "noloco":
+            return NoLoCo(peer, model, optimizer, outer_lr=hp.outer_lr,
+                          momentum=hp.noloco_momentum, gamma=hp.gamma, **kw)
+        return GossipAveraging(peer, model, optimizer, vc=algo == "gossip-vc", **kw)
     if algo == "diloco":
         return DiLoCo(peer, model, optimizer, H=hp.H, outer=outer, weighted=hp.weighted,
                       timeout=hp.timeout)
@@ -140,7 +187,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
     model = task.model
     optimizer = task.inner_optimizer(model.parameters())
     scheduler = task.schedule(optimizer, steps) if task.schedule is not None else None
-    algorithm = make(algo, peer, model, optimizer, hp)
+    algorithm = make(algo, peer, model, optimizer, hp, rank=rank)
     batches = task.batches(rank, world, seed)
     wire0 = wire_bytes()
     started = time.monotonic()
@@ -192,8 +239,16 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
                 progress({"step": step, "loss": loss_sum / loss_n, "tokens": tokens,
                           "tokens_per_s": tokens / wall, "swarm_step": peer.step})
             loss_sum, loss_n = 0.0, 0
+    finish = getattr(algorithm, "finish", None)
+    if finish is not None and not (stop is not None and stop()):
+        finish()  # gossip runs: the final merge, when asked for
+        shared = peer.state_fingerprint()
+        if shared is not None:
+            hashes.setdefault(shared[0], shared[1])
     wall = time.monotonic() - started
     wire = wire_bytes()
+    # DiLoCo family: the agreed outer params. Gossip runs: this peer's own
+    # model (after a final merge, the merged params, the same at every peer).
     final = agreed_model(model, peer.state)
     return {
         "algo": algo, "hyper": asdict(hp), "inner_steps": done, "tokens": tokens,

@@ -114,6 +114,19 @@ def bench_allreduce(
 
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.
 _CODEC_HELP = "All-reduce codec: none, int8, int4, fp16, bf16, fp8, e3m0, int8-minmax, int4-minmax."
+# The gossip runs' options (noloco, gossip, gossip-vc), shared by `run` and `demo`.
+_GOSSIP = {
+    "group": typer.Option(2, help="Gossip: peers per averaging group."),
+    "noloco_momentum": typer.Option(0.5, help="NoLoCo: momentum α (its β is --outer-lr)."),
+    "gamma": typer.Option(0.7, help="NoLoCo: pull γ toward the group's mean."),
+    "merge_at": typer.Option("off", help="Gossip: one agreed all-reduce of the parameters: "
+                                         "off, end, or after inner step N."),
+    "independent_init": typer.Option(False, "--independent-init",
+                                     help="Gossip: each peer starts from its own "
+                                          "initialisation (the task's, permuted per peer)."),
+    "gossip_timeout": typer.Option(30.0, help="Gossip: seconds an exchange waits for its "
+                                              "group before it is skipped."),
+}
 
 
 @secret_app.command("new")
@@ -150,8 +163,8 @@ def run(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
     data_port: int = typer.Option(0, help="Data-plane port (0: any free one)."),
     algo: str = typer.Option(
-        "diloco", help="diloco | streaming | async | eager | ddp, or 'synthetic' (no model: "
-                       "the swarm's own test workload)."),
+        "diloco", help="diloco | streaming | async | eager | ddp | noloco | gossip | gossip-vc, "
+                       "or 'synthetic' (no model: the swarm's own test workload)."),
     task: Optional[str] = typer.Option(
         None, help="MODULE:FUNCTION or FILE.py:FUNCTION returning a peerlearn Task "
                    "(default: the built-in byte-level language model)."),
@@ -166,6 +179,10 @@ def run(
     alpha: float = typer.Option(0.5, help="Streaming: weight of the local params when merging."),
     outer_lr: float = typer.Option(0.7, help="Outer Nesterov learning rate."),
     momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
+    group: int = _GOSSIP["group"], noloco_momentum: float = _GOSSIP["noloco_momentum"],
+    gamma: float = _GOSSIP["gamma"], merge_at: str = _GOSSIP["merge_at"],
+    independent_init: bool = _GOSSIP["independent_init"],
+    gossip_timeout: float = _GOSSIP["gossip_timeout"],
     progress_every: int = typer.Option(25, help="A progress line every this many steps."),
     wait_peers: int = typer.Option(0, help="Start training once this many peers are heard "
                                            "from (0: at once)."),
@@ -201,7 +218,10 @@ def run(
         train.run_training(
             listen, join, data_dir, secret, algo=algo, task_spec=task,
             task_args=_settings(task_set),
-            hyper=Hyper(H=H, outer_lr=outer_lr, momentum=momentum, P=P, tau=tau, alpha=alpha),
+            hyper=Hyper(H=H, outer_lr=outer_lr, momentum=momentum, P=P, tau=tau, alpha=alpha,
+                        group=group, noloco_momentum=noloco_momentum, gamma=gamma,
+                        merge_at=_merge_at(merge_at), independent_init=independent_init,
+                        gossip_timeout=gossip_timeout),
             steps=steps, shard=shard, seed=seed, codec=codec_id,
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
@@ -212,6 +232,16 @@ def run(
                     compute_s=compute_s, codec=codec_id, data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None)
+
+
+def _merge_at(spec: str) -> int:
+    """--merge-at: off (0), end (-1) or an inner step N >= 1."""
+    if spec in ("off", "end"):
+        return 0 if spec == "off" else -1
+    if not spec.isdigit() or int(spec) < 1:
+        raise typer.BadParameter(f"off, end or an inner step, not {spec!r}",
+                                 param_hint="--merge-at")
+    return int(spec)
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
@@ -227,7 +257,7 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 @app.command("demo")
 def demo(
     algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp | local "
-                                            "(no communication)."),
+                                            "(no communication) | noloco | gossip | gossip-vc."),
     peers: int = typer.Option(4, help="Local peer processes."),
     steps: int = typer.Option(200, help="Inner steps each peer trains."),
     task: Optional[str] = typer.Option(None, help="MODULE:FUNCTION (default: built-in)."),
@@ -238,6 +268,10 @@ def demo(
     outer_lr: float = typer.Option(0.7, help="Outer Nesterov learning rate."),
     momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
     seed: int = typer.Option(0, help="Data order seed (the model's init comes from the task)."),
+    group: int = _GOSSIP["group"], noloco_momentum: float = _GOSSIP["noloco_momentum"],
+    gamma: float = _GOSSIP["gamma"], merge_at: str = _GOSSIP["merge_at"],
+    independent_init: bool = _GOSSIP["independent_init"],
+    gossip_timeout: float = _GOSSIP["gossip_timeout"],
     codec: str = typer.Option("none", help=_CODEC_HELP),
     task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
     wan: Optional[str] = typer.Option(
@@ -252,7 +286,11 @@ def demo(
 
     extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--alpha", str(alpha),
              "--outer-lr", str(outer_lr), "--momentum", str(momentum), "--seed", str(seed),
-             "--codec", codec, "--progress-every", str(progress_every)]
+             "--codec", codec, "--progress-every", str(progress_every),
+             "--group", str(group), "--noloco-momentum", str(noloco_momentum),
+             "--gamma", str(gamma), "--merge-at", merge_at,
+             "--gossip-timeout", str(gossip_timeout),
+             *(["--independent-init"] if independent_init else [])]
     for pair in task_set:
         extra += ["--set", pair]
     summary = train.run_demo(algo, peers, steps, task, extra, _wan(wan))
@@ -303,6 +341,10 @@ def status(
     for r in rows:
         typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} step {r['step']:<6} "
                    f"{r['state_hash']}")
+    # What equal hashes prove differs by algorithm; say it where the hashes are shown.
+    typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo family: "
+               "outer params and optimizer. Gossip runs (noloco, gossip, gossip-vc): step, "
+               "configuration and merged params only; each peer's own params differ by design.")
 
 
 def main() -> None:

@@ -49,4 +49,10 @@ class Withdrawn(PeerError):
 class GossipFailed(PeerError):
     """A gossip exchange did not complete (partner gone, views disagreed on the
     pairing, timeout). The caller keeps its own tensor; the partner may or may
-    not have averaged with ours (gossip results are not agreed)."""
+    not have averaged with ours (gossip results are not agreed). `rounds`:
+    partners that answered at a later gossip round (peer id -> their round),
+    so a caller whose round counter fell behind can catch up."""
+
+    def __init__(self, message: str, rounds: dict[str, int] | None = None):
+        super().__init__(message)
+        self.rounds = dict(rounds or {})

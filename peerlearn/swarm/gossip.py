@@ -17,6 +17,15 @@ Invariants:
   * Not agreed: if one side's exchange fails after the other side finished,
     the two hold different tensors. Gossip algorithms tolerate this; a
     caller needing agreement uses a round (all-reduce) instead.
+  * Rounds are told, not assumed: each member first sends its round in a
+    small header (op GOSSIP_HELLO_OP, the same for every round), then its
+    tensor (op GOSSIP_OP | round). A member whose partner is at a later
+    round fails at once with GossipFailed naming that round, so a caller
+    whose counter fell behind (the two sides of a healed partition trained
+    at different speeds) can jump forward and meet the others again; without
+    it the two sides would pair by different rounds forever. A header of an
+    earlier round is skipped (it may be left over from an exchange the
+    partner abandoned), so only the member behind gives up early.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ from peerlearn.wire import codecs
 # tag >= 2^45), which is harmless: gossip has its own channel, so its own links.
 GOSSIP_OP = 1 << 61
 MAX_ROUND = (1 << 48) - 1
+# The round header: outside every GOSSIP_OP | round (rounds stay below 2^48).
+GOSSIP_HELLO_OP = GOSSIP_OP | (1 << 48)
+HEADER_BYTES = 8  # the sender's round, uint64 little-endian
 
 
 def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
@@ -71,8 +83,10 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     """Averages tensor (flat fp32, only read) over group; returns a new tensor.
 
     Sends to every other member and receives from each at the same time (the
-    sends on helper threads). Raises GossipFailed on any failure, after
-    aborting the group's gossip links so the partners fail fast too.
+    sends on helper threads): first the round header, then the tensor. Raises
+    GossipFailed on any failure, after aborting the group's gossip links so
+    the partners fail fast too; its `rounds` names the partners heard from
+    ahead of ours (peer id -> round).
     """
     if not 0 <= round_ <= MAX_ROUND:
         raise ValueError("gossip round out of range")
@@ -89,9 +103,15 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     values = {me: mine}
     errors: list[BaseException] = []
 
+    header = torch.tensor(list(round_.to_bytes(HEADER_BYTES, "little")), dtype=torch.uint8)
+    rounds: dict[str, int] = {}  # partners at another round than ours
+
     def send(peer: str) -> None:
         try:
             link = links.outgoing(peer, addresses[peer], timeout=timeout, channel=CHANNEL_GOSSIP)
+            # The tensor follows the header at once: a partner at another round
+            # reads the header, gives up and aborts the link, which drops it.
+            link.send(header, GOSSIP_HELLO_OP, timeout=timeout)
             link.send(tensor, op, codec=codec, block_size=block_size, timeout=timeout)
         except (StreamError, TimeoutError, OSError, KeyError) as e:
             errors.append(e)
@@ -102,10 +122,25 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     deadline = time.monotonic() + timeout
     try:
         for peer in others:
+            while True:
+                theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+                links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
+                                timeout=max(0.1, deadline - time.monotonic()))
+                their_round = int.from_bytes(bytes(theirs.tolist()), "little")
+                if their_round == round_:
+                    break
+                if round_ < their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
+                    rounds[peer] = their_round
+                    raise GossipFailed(f"{peer} is at gossip round {their_round}, "
+                                       f"we at {round_}")
+                # An earlier round: a partner behind us (it learns ours from our
+                # header and gives up), or a header left on the link by an
+                # exchange the partner abandoned, whose current header comes next
+                # or on its fresh link. Read on until the deadline.
             values[peer] = torch.empty_like(tensor)
             links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
                             timeout=max(0.1, deadline - time.monotonic()))
-    except (StreamError, TimeoutError, OSError) as e:
+    except (StreamError, TimeoutError, OSError, GossipFailed) as e:
         errors.append(e)
     if errors:
         for peer in others:
@@ -113,8 +148,8 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     for t in senders:
         t.join()
     if errors:
-        raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}") from \
-            errors[0]
+        raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}",
+                           rounds=rounds) from errors[0]
     out = torch.zeros_like(tensor)
     for p in group:  # sorted: the same additions in the same order everywhere
         out.add_(values[p])

@@ -1,0 +1,301 @@
+"""What the gossip algorithms share: NoLoCo (`noloco.py`) and gossip averaging
+with or without variance correction (`gossip.py`) train with no global
+collective; each outer step a peer averages with a small group of others,
+chosen by `Peer.gossip`'s seeded pairing, and goes on whatever happens.
+
+Where state lives (the invariant the rest follows from):
+  * Shared (the swarm's SharedState: byte-identical at every peer of a step,
+    covered by parity checks, state repair of joiners and checkpoints), only
+    what the peers agree on:
+      `gossip/config`  the run's configuration (algorithm, H, group size,
+                       update constants, merge step, pairing seed) as
+                       canonical JSON bytes: a peer started with other
+                       settings refuses the state at once, not after
+                       thousands of silently mismatched exchanges;
+      `merged/<param>` fp32: the founder's initial parameters, and after a
+                       merge the merged ones (what a joiner starts from);
+      `merged/count`   int64: merges applied (0: these are the initial params).
+    They change only in the merge all-reduce's `apply`, which every
+    participant runs on the same mean.
+  * Local, by design different at every peer: the model's parameters, the
+    algorithm's own outer state (NoLoCo's slow weights and momentum, fp32 on
+    the CPU), the inner optimizer's state, the gossip round counter.
+
+Faults never reach the training loop except PeerClosed:
+  * a failed exchange (partner gone, partition, timeout, views that disagree
+    on the pairing) skips that outer step's averaging, counted; the peer
+    trains on. A partner that answered at another gossip round tells its
+    round, and the counter jumps forward to the larger one: the two sides of
+    a healed partition, which trained at different speeds, meet again.
+  * a peer alone in its live view (the rest partitioned away) takes its outer
+    step with a group of one (counted as `alone`, not as a failure).
+  * the merge is an ordinary round (`Peer.all_reduce`): a peer whose state
+    the swarm replaced meanwhile finds the merge in the new state and takes
+    it; one that times out keeps its own parameters (counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from peerlearn.state.shared import SharedState
+from peerlearn.swarm.errors import CollectiveTimeout, GossipFailed, PeerClosed, StateReplaced
+
+CONFIG = "gossip/config"
+MERGED = "merged/"
+MERGE_COUNT = "merged/#count"  # '#' keeps it apart from any parameter name
+MAX_LOGGED = 1000  # exchanges kept in the report's distance log
+
+
+def config_tensor(config: Mapping[str, object]) -> torch.Tensor:
+    """Canonical JSON bytes (sorted keys, no spaces) of the run's configuration."""
+    raw = json.dumps(dict(config), sort_keys=True, separators=(",", ":")).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def fp32_params(params: Mapping[str, nn.Parameter], names) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies (new tensors) of the model's parameters."""
+    return {n: params[n].detach().to("cpu", torch.float32).clone() for n in names}
+
+
+@torch.no_grad()
+def load_params(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor],
+                names, prefix: str = "") -> None:
+    for n in names:
+        params[n].copy_(values[prefix + n])
+
+
+def derive_seed(*parts: object) -> int:
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+@torch.no_grad()
+def independent_init(params: Mapping[str, nn.Parameter], seed: int) -> None:
+    """Makes this peer's initial parameters uncorrelated with every other
+    peer's while keeping the task's initial distribution: each tensor's
+    entries are permuted by a generator seeded with `seed`. The values (so
+    each tensor's mean and variance) are exactly the task's; constant
+    tensors (LayerNorm gains, zero biases) stay as they are, which is what an
+    independent draw of the task's init would give them too."""
+    g = torch.Generator().manual_seed(seed)
+    for n in sorted(params):
+        p = params[n]
+        flat = p.detach().reshape(-1).clone()
+        p.copy_(flat[torch.randperm(flat.numel(), generator=g)].view_as(p))
+
+
+def rms(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names) -> float:
+    """Root mean square of a − b over every element of the named tensors."""
+    total, count = 0.0, 0
+    for n in names:
+        d = (a[n].double() - b[n].double())
+        total += float(d.pow(2).sum())
+        count += d.numel()
+    return (total / count) ** 0.5 if count else 0.0
+
+
+class GossipLoop:
+    """The gossip algorithms' frame: the step counter, the exchange with its
+    fault handling and round catch-up, the merge, the shared-state layout and
+    the report. Subclasses implement `outer_step()` (every H inner steps)
+    and may override `after_merge()`."""
+
+    def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int, config: dict,
+                 group: int = 2, seed: int = 0, merge_at: int = 0,
+                 init_seed: int | None = None, timeout: float | None = 120.0,
+                 gossip_timeout: float = 30.0):
+        if H < 1:
+            raise ValueError("H must be >= 1")
+        if group < 2:
+            raise ValueError("a gossip group has at least 2 members")
+        if merge_at < -1:
+            raise ValueError("merge_at: 0 (never), -1 (at the end) or an inner step")
+        self.peer, self.model = peer, model
+        self.inner_optimizer = inner_optimizer  # local, never synchronised
+        self.H, self.group, self.seed, self.merge_at = H, group, seed, merge_at
+        self.timeout, self.gossip_timeout = timeout, gossip_timeout
+        self.params = dict(model.named_parameters())
+        self.names = sorted(self.params)
+        self.config = dict(config)
+        cfg = getattr(peer, "cfg", None)
+        self.codec = getattr(cfg, "codec", None)
+        self.block_size = int(getattr(cfg, "block_size", 64) or 64)
+        self.inner_steps = 0
+        self.local_steps = 0  # inner steps since the last outer step
+        self.outer_steps = 0
+        self.round = 0  # gossip round: pairs meet where their rounds agree
+        self.exchanges = 0
+        self.failures = 0
+        self.caught_up = 0  # rounds skipped to meet partners that were ahead
+        self.alone = 0
+        self.merges = 0
+        self.merge_failures = 0
+        self.merge_participants = 0
+        self.distances: list[tuple[int, float, float]] = []  # (outer step, unix time, rms)
+        state = self._state()
+        self.check_layout(state)
+        if init_seed is not None and int(state.tensors[MERGE_COUNT]) == 0:
+            independent_init(self.params, init_seed)
+        else:  # the swarm's agreed params: the founder's init, or the last merge
+            load_params(self.params, state.tensors, self.names, MERGED)
+
+    # ------------------------------------------------------------ shared state
+
+    @staticmethod
+    def initial_state(model: nn.Module, config: Mapping[str, object]) -> SharedState:
+        """A founder's shared state: the configuration, the model's parameters
+        as `merged/` (fp32, CPU) and a merge count of 0."""
+        state = SharedState()
+        state.register(CONFIG, config_tensor(config))
+        for n, p in model.named_parameters():
+            state.register(MERGED + n, p.detach().to("cpu", torch.float32).clone())
+        state.register(MERGE_COUNT, torch.zeros((), dtype=torch.int64))
+        return state
+
+    def check_layout(self, state: SharedState) -> None:
+        """Refuses a state made for another run (other settings or model):
+        ValueError here beats exchanges that never match, or a KeyError in an
+        apply on the daemon's thread."""
+        have = state.tensors.get(CONFIG)
+        want = config_tensor(self.config)
+        if have is None or not torch.equal(have, want):
+            theirs = bytes(have.tolist()).decode(errors="replace") if have is not None else "none"
+            raise ValueError(f"the swarm runs {theirs}, this peer "
+                             f"{bytes(want.tolist()).decode()}")
+        for n in self.names:
+            t = state.tensors.get(MERGED + n)
+            if t is None or t.dtype != torch.float32 or t.shape != self.params[n].shape:
+                raise ValueError(f"shared state has no fp32 {MERGED + n} "
+                                 f"shaped {tuple(self.params[n].shape)}")
+        count = state.tensors.get(MERGE_COUNT)
+        if count is None or count.dtype != torch.int64 or count.numel() != 1:
+            raise ValueError(f"shared state has no int64 {MERGE_COUNT}")
+
+    def _state(self) -> SharedState:
+        state = self.peer.state
+        if state is None:
+            raise PeerClosed("the peer holds no shared state (not started?)")
+        return state
+
+    # ------------------------------------------------------------ the loop
+
+    def step(self) -> bool:
+        """One inner step done. Every H calls an outer step (True returned);
+        at inner step `merge_at` the merge."""
+        self.inner_steps += 1
+        self.local_steps += 1
+        took = False
+        if self.local_steps % self.H == 0:
+            self.local_steps = 0
+            self.outer_step()
+            self.outer_steps += 1
+            took = True
+        if self.merge_at > 0 and self.inner_steps == self.merge_at:
+            self.merge()
+        return took
+
+    def finish(self) -> None:
+        """End of the run: the final merge, when it is asked for (merge_at = -1)."""
+        if self.merge_at == -1:
+            self.merge()
+
+    def outer_step(self) -> None:
+        raise NotImplementedError
+
+    def exchange(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The mean of tensors over this round's group, or None when this
+        outer step goes without averaging (a failure, counted, or alone)."""
+        if len(self.peer.live_members()) < 2:
+            self.alone += 1
+            self.round += 1
+            return None
+        try:
+            out = self.peer.gossip(tensors, round_=self.round, seed=self.seed,
+                                   group_size=self.group, codec=self.codec,
+                                   block_size=self.block_size, timeout=self.gossip_timeout)
+        except GossipFailed as e:
+            self.failures += 1
+            ahead = max(e.rounds.values(), default=self.round)
+            if ahead > self.round:
+                self.caught_up += ahead - self.round
+            # The partners go on to their round + 1 as well: meet them there.
+            self.round = max(self.round, ahead) + 1
+            return None
+        self.round += 1
+        self.exchanges += 1
+        return out
+
+    def log_distance(self, distance: float) -> None:
+        self.distances.append((self.outer_steps + 1, time.time(), distance))
+        del self.distances[:-MAX_LOGGED]
+
+    # ------------------------------------------------------------ the merge
+
+    def merge(self) -> bool:
+        """One agreed all-reduce of the model's parameters ("a single merging
+        suffices"): the mean lands in the shared state's `merged/` on every
+        participant byte for byte, and the model takes it. A peer left out of
+        the round (late, or its state replaced) takes the merge from the
+        state it syncs to. Returns whether the model now holds a merge."""
+        before = int(self._state().tensors[MERGE_COUNT])
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                self.peer.all_reduce(fp32_params(self.params, self.names),
+                                     apply=self.make_merge_apply(), timeout=left)
+            except StateReplaced:
+                pass  # the swarm moved on without us: its state may hold the merge
+            except CollectiveTimeout:
+                break
+            if int(self._state().tensors[MERGE_COUNT]) > before:
+                break
+        state = self._state()
+        if int(state.tensors[MERGE_COUNT]) <= before:
+            self.merge_failures += 1
+            return False
+        load_params(self.params, state.tensors, self.names, MERGED)
+        self.merges += 1
+        self.merge_participants = len(self.peer.members())
+        self.after_merge()
+        return True
+
+    def make_merge_apply(self) -> Callable[[SharedState, Mapping[str, torch.Tensor]], None]:
+        """merged ← mean of the participants' parameters; count + 1. Runs on
+        every participant on the same mean: deterministic copies only."""
+        names = self.names
+
+        def apply(state: SharedState, mean: Mapping[str, torch.Tensor]) -> None:
+            for n in names:
+                state.tensors[MERGED + n].copy_(mean[n])
+            state.tensors[MERGE_COUNT].add_(1)
+
+        return apply
+
+    def after_merge(self) -> None:
+        """The model holds the merged params; subclasses reset what depends on them."""
+
+    # ------------------------------------------------------------ report
+
+    def metrics(self) -> dict:
+        return {"inner_steps": self.inner_steps, "outer_steps": self.outer_steps,
+                "exchanges": self.exchanges, "exchange_failures": self.failures,
+                "alone": self.alone, "gossip_round": self.round,
+                "rounds_caught_up": self.caught_up, "merges": self.merges,
+                "merge_failures": self.merge_failures,
+                "merge_participants": self.merge_participants,
+                "shared_step": self._state().step,
+                "distances": [list(d) for d in self.distances]}
+
+
+__all__ = ["CONFIG", "GossipLoop", "MERGED", "MERGE_COUNT", "config_tensor",
+           "independent_init"]

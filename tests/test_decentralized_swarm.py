@@ -1,0 +1,150 @@
+"""Gossip training over real peers on loopback: a dead partner never blocks,
+rounds that disagree meet again, and `peerlearn demo` runs every gossip
+algorithm with the same report (and byte-identical parameters after a
+final merge)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from peerlearn.algorithms.decentral import GossipLoop
+from peerlearn.algorithms.noloco import NoLoCo
+from peerlearn.algorithms.training import Hyper, gossip_config
+from peerlearn.swarm.api import Peer
+from peerlearn.swarm.errors import GossipFailed
+from peerlearn.swarm.peer import PeerConfig
+from peerlearn.swarm.rounds import Timeouts
+from tests.test_api import run_all, wait_joiners_reported
+from tests.test_training import TINY
+
+SECRET = b"decentral-test-secret-0123456789"
+FAST = Timeouts(heartbeat_every=0.1, dead_after=2.0, gather=2.0, ack=2.0)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+@pytest.fixture
+def peers(tmp_path):
+    started: list[Peer] = []
+    cfg = gossip_config("noloco", Hyper(H=2))
+
+    def make(n: int) -> list[Peer]:
+        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST),
+                     lambda: GossipLoop.initial_state(model(), cfg)).start()
+        started.append(first)
+        for i in range(1, n):
+            started.append(Peer(PeerConfig(tmp_path / f"p{i}", SECRET, timeouts=FAST,
+                                           join=first.control_address)).start(timeout=20))
+        for p in started:
+            p.sync_state(timeout=20)
+        wait_joiners_reported(first, started[1:])
+        # One round of everyone puts them all in the view (a demo's start barrier).
+        run_all(started, lambda i, p: p.wait_for_peers(n, timeout=30))
+        return started
+
+    yield make, cfg
+    for p in started:
+        p.close()
+
+
+def trainer(peer: Peer, cfg: dict, rank: int):
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    algo = NoLoCo(peer, net, opt, H=2, config=cfg, gossip_timeout=3.0)
+    g = torch.Generator().manual_seed(rank)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x = torch.randn(16, 8, generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+            algo.step()
+
+    return algo, steps
+
+
+def test_a_dead_partner_never_blocks_and_the_failure_is_counted(peers):
+    make, cfg = peers
+    a, b = make(2)
+    (algo_a, steps_a), (algo_b, steps_b) = trainer(a, cfg, 0), trainer(b, cfg, 1)
+    run_all([a, b], lambda i, p: (steps_a, steps_b)[i](6))  # 3 outer steps together
+    assert algo_a.exchanges == algo_b.exchanges == 3
+    b.close()  # the partner is gone, before anyone noticed
+    t0 = time.monotonic()
+    steps_a(10)  # 5 outer steps alone
+    took = time.monotonic() - t0
+    assert algo_a.inner_steps == 16 and algo_a.outer_steps == 8
+    assert algo_a.failures + algo_a.alone == 5 and algo_a.alone >= 1
+    assert a.daemon.gossip_failures == algo_a.failures
+    # At most one exchange waited out its timeout; then the partner was dead.
+    assert took < 3.0 * max(1, algo_a.failures) + 5, took
+
+
+def test_gossip_rounds_that_disagree_tell_each_other_and_meet_again(peers):
+    make, _ = peers
+    a, b = make(2)
+    x = {0: torch.zeros(1000), 1: torch.ones(1000)}
+    rounds = {0: 9, 1: 4}  # two sides of a healed partition, at different rounds
+
+    def gossip(i, p):
+        try:
+            return p.gossip(x[i], round_=rounds[i], timeout=3)
+        except GossipFailed as e:
+            return e
+
+    out = run_all([a, b], gossip)
+    assert isinstance(out[0], GossipFailed) and isinstance(out[1], GossipFailed)
+    # The one behind learns where the other is; the one ahead learns nothing
+    # (an earlier round's header may be a leftover) and waits out its timeout.
+    assert out[1].rounds == {a.id: 9} and out[0].rounds == {}
+    nxt = max(rounds.values()) + 1  # what GossipLoop does with it
+    out = run_all([a, b], lambda i, p: p.gossip(x[i], round_=nxt, timeout=10))
+    assert torch.equal(out[0], torch.full((1000,), 0.5)) and torch.equal(out[0], out[1])
+
+
+def demo(algo: str, peers: int, *extra: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", algo, "--peers", str(peers),
+         "--steps", "16", "--H", "4", "--gossip-timeout", "10", "--json", *extra, *TINY],
+        capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("algo", ["noloco", "gossip-vc"])
+def test_demo_runs_a_gossip_algorithm_and_a_final_merge_agrees(algo):
+    reports = demo(algo, 3, "--independent-init", "--merge-at", "end")["peers_report"]
+    assert all("val_loss" in r for r in reports), reports
+    losses = [r["val_loss"] for r in reports]
+    assert all(math.isfinite(v) and v < math.log(256) for v in losses), losses
+    assert len(set(losses)) == 1, losses  # after the merge: one model everywhere
+    for r in reports:
+        m = r["algorithm"]
+        assert m["outer_steps"] == 4 and m["exchanges"] + m["exchange_failures"] + m["alone"] == 4
+        assert m["exchanges"] >= 1 and m["merges"] == 1 and m["merge_participants"] == 3
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
+    first = reports[0]["state_hashes"]  # parity of what is agreed: config, step, merge
+    for r in reports[1:]:
+        common = first.keys() & r["state_hashes"].keys()
+        assert len(common) >= 2 and all(first[k] == r["state_hashes"][k] for k in common)
+
+
+def test_demo_gossip_without_a_merge_keeps_each_peers_own_model():
+    reports = demo("gossip", 4, "--independent-init")["peers_report"]
+    m = [r["algorithm"] for r in reports]
+    assert all(x["merges"] == 0 and x["exchanges"] >= 1 for x in m), m
+    assert len({r["val_loss"] for r in reports}) > 1  # per-peer params differ by design
+    hashes = [r["state_hashes"] for r in reports]
+    assert all(h == hashes[0] for h in hashes)  # nothing agreed changed: one hash
