@@ -60,6 +60,22 @@ for lr, mu in ((0.7, 0.9), (0.5, 0.9), (0.7, 0.8), (1.0, 0.8), (0.7, 0.95)):
     CONFIGS[f"diloco-H50-lr{lr}-m{mu}-warm"] = (
         4, ["--algo", "diloco", "--H", "50", "--outer-lr", str(lr), "--momentum", str(mu)])
 
+# Decentralized training (issue 9): no global collective except the optional
+# single final merge. NoLoCo from the warm start against diloco-H50-warm, and
+# from scratch against diloco-H50; gossip from independent initialisations
+# (each peer permutes every tensor, seeded by its rank), with and without
+# variance correction, with and without one merge at the end.
+CONFIGS.update({
+    "noloco-H50": (4, ["--algo", "noloco", "--H", "50"]),
+    "noloco-H50-warm": (4, ["--algo", "noloco", "--H", "50"]),
+    "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
+    "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
+    "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",
+                               "--merge-at", "end"]),
+    "gossip-vc-indep-merge": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init",
+                                  "--merge-at", "end"]),
+})
+
 
 def pretrain(seed: int, steps: int) -> Path:
     """One replica trained `steps` steps on the whole corpus, saved as a
@@ -151,6 +167,14 @@ def hash_mismatches(reports: list[dict]) -> int:
     return sum(1 for hs in seen.values() if len(hs) > 1)
 
 
+def val_loss(row: dict) -> float:
+    """The run's validation loss: of the agreed parameters (all peers equal),
+    or for a gossip run without a merge, where each peer holds its own model,
+    the mean over peers (the summary's `val_loss` is their maximum)."""
+    per_peer = [v for v in row.get("val_loss_per_peer", []) if v is not None]
+    return statistics.mean(per_peer) if per_peer else row["val_loss"]
+
+
 def report(args) -> None:
     """One table and two plots per regime: from scratch, and from the warm start."""
     import matplotlib
@@ -173,13 +197,13 @@ def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[
     import matplotlib.pyplot as plt
 
     ref = by.get("ddp" + suffix)
-    ref_loss = statistics.mean(r["val_loss"] for r in ref) if ref else None
+    ref_loss = statistics.mean(val_loss(r) for r in ref) if ref else None
     lines = ["| config | seeds | val loss (mean ± sd) | vs DDP | MB sent / peer | "
              "peak MB / sync | wall s | compute util. | parity |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         rs = by[name]
-        losses = [r["val_loss"] for r in rs]
+        losses = [val_loss(r) for r in rs]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
         sent = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"]) for r in rs) / 1e6
         syncs = statistics.mean(max(a.get("outer_steps", a.get("ddp_steps", 0)) or 1
@@ -216,9 +240,9 @@ def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[
         if name == single:
             continue
         xs = [max(b or 0 for b in r["bytes_sent_per_peer"]) / 1e6 for r in by[name]]
-        ax.scatter(xs, [r["val_loss"] for r in by[name]], label=name, s=18)
+        ax.scatter(xs, [val_loss(r) for r in by[name]], label=name, s=18)
     if single in by:
-        ax.axhline(statistics.mean(r["val_loss"] for r in by[single]), color="grey",
+        ax.axhline(statistics.mean(val_loss(r) for r in by[single]), color="grey",
                    ls="--", lw=1, label="single peer")
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per peer (on the wire)")
