@@ -18,7 +18,7 @@ from peerlearn.transport.swarm_secret import check_secret
 class PeerConfig:
     data_dir: Path
     secret: bytes | None  # None: an allowlist swarm (then allowlist is required)
-    host: str = "127.0.0.1"  # bound and advertised
+    host: str = "127.0.0.1"  # bound; advertised too unless `advertise` says otherwise
     control_port: int = 0
     data_port: int = 0
     join: str | None = None  # host:port of any member's control socket; None founds a swarm
@@ -34,14 +34,42 @@ class PeerConfig:
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
     # A joiner gives up (JoinTimeout) when no member answers within this; None: never.
     join_timeout: float | None = 60.0
+    # HOST or HOST:PORT the other peers reach this one at (a public address
+    # behind NAT, a VPN address while binding 0.0.0.0). The data port is
+    # advertised on the same host with its bound number. None: `host`.
+    advertise: str | None = None
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's
         # one-line reason (WeakSecretError, a ValueError).
         if self.secret is not None:
             self.secret = check_secret(self.secret)
+        host = self.advertise.rpartition(":")[0] or self.advertise if self.advertise \
+            else self.host
+        if unspecified(host):
+            raise ValueError(f"{host} names no machine to the other peers: advertise an "
+                             "address they reach (advertise=HOST[:PORT])")
         if not 1 <= self.ring_lanes <= self.n_conns:
             raise ValueError("ring_lanes must be between 1 and n_conns (one connection a lane)")
+
+
+    def advertised(self, control_port: int, data_port: int) -> tuple[str, str]:
+        """(control, data) addresses told to the other peers, given the bound ports."""
+        host, port = self.host, control_port
+        if self.advertise:
+            h, sep, p = self.advertise.rpartition(":")
+            host, port = (h, int(p)) if sep and p.isdigit() else (self.advertise, control_port)
+        return f"{host}:{port or control_port}", f"{host}:{data_port}"
+
+
+def unspecified(host: str) -> bool:
+    """0.0.0.0 and ::, which bind every interface and reach none."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""  # a name
 
 
 @dataclass(eq=False)

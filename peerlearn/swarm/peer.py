@@ -82,8 +82,7 @@ class PeerDaemon:
         self.links = PeerLinks(self.id, config.host, config.data_port,
                                self.data_key or os.urandom(32), config.n_conns,
                                identity=self.identity)
-        self.info = m.PeerInfo(self.id, f"{config.host}:{self.plane.port}",
-                               f"{config.host}:{self.links.port}")
+        self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))
         self.state = self._load_checkpoint()
         founder = config.join is None
         resuming = founder and self.state is not None
@@ -504,7 +503,7 @@ class PeerDaemon:
         self._save_record()
         self.rounds_applied += 1
         self.last_applied_at = time.monotonic()
-        log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
+        log.debug("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
                  a.round_id, digest.hex())
         if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0 \
                 and not self.checkpointing:
