@@ -86,15 +86,16 @@ def resolve_advertise(listen: str, advertise: str | None, join: str | None) -> s
     --advertise if given; else, when --listen binds every interface, the
     address the route to the --join target leaves from; else None (the
     listen address). An unspecified address to advertise exits with one line."""
-    from peerlearn.swarm.config import unspecified
+    from peerlearn.swarm.config import split_host_port, unspecified
     from peerlearn.transport.control import split_target
 
     host, _ = split_addr(listen)
     if advertise:
-        ahost, sep, aport = advertise.rpartition(":")
-        if not sep:
-            ahost = advertise
-        elif not aport.isdigit() or not 0 < int(aport) <= 65535:
+        try:
+            ahost, aport = split_host_port(advertise)
+        except ValueError:
+            aport = -1
+        if aport is not None and not 0 < aport <= 65535:
             raise SystemExit(f"peerlearn: --advertise wants HOST or HOST:PORT with a port of "
                              f"1..65535, got {advertise!r}")
         if unspecified(ahost):

@@ -44,8 +44,7 @@ class PeerConfig:
         # one-line reason (WeakSecretError, a ValueError).
         if self.secret is not None:
             self.secret = check_secret(self.secret)
-        host = self.advertise.rpartition(":")[0] or self.advertise if self.advertise \
-            else self.host
+        host = split_host_port(self.advertise)[0] if self.advertise else self.host
         if unspecified(host):
             raise ValueError(f"{host} names no machine to the other peers: advertise an "
                              "address they reach (advertise=HOST[:PORT])")
@@ -57,9 +56,24 @@ class PeerConfig:
         """(control, data) addresses told to the other peers, given the bound ports."""
         host, port = self.host, control_port
         if self.advertise:
-            h, sep, p = self.advertise.rpartition(":")
-            host, port = (h, int(p)) if sep and p.isdigit() else (self.advertise, control_port)
+            host, port = split_host_port(self.advertise)
         return f"{host}:{port or control_port}", f"{host}:{data_port}"
+
+
+def split_host_port(addr: str) -> tuple[str, int | None]:
+    """"HOST", "HOST:PORT", "[V6]" or "[V6]:PORT" -> (host, port or None);
+    ValueError for a port that is not a number."""
+    if addr.startswith("["):
+        host, _, rest = addr.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else None
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:  # a name, an IPv4 address, or a bare IPv6 address
+        host, port = addr, None
+    if port is not None and not port.isdigit():
+        raise ValueError(f"{addr!r}: the port must be a number")
+    return host, None if port is None else int(port)
 
 
 def unspecified(host: str) -> bool:
