@@ -324,3 +324,32 @@ def test_swarm_lines_are_whole_and_prefixed_and_its_directory_goes(tmp_path):
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=60)
     assert not os.path.exists(work)
+
+
+def test_a_training_loop_reports_and_adds_its_own_metrics_on_the_peers_endpoint(tmp_path):
+    """peerlearn.telemetry: what a user's loop records and registers is served
+    by the peer's metrics endpoint beside the daemon's figures."""
+    import urllib.request
+
+    from peerlearn import telemetry
+    from peerlearn.cli import metrics
+    from peerlearn.swarm.api import Peer
+    from peerlearn.swarm.config import PeerConfig
+
+    with pytest.raises(ValueError):
+        telemetry.gauge("peerlearn_mine", "reserved prefix")
+    grad = telemetry.gauge("cli_test_grad_norm", "L2 norm of the last gradient.")
+    peer = Peer(PeerConfig(tmp_path / "p", SECRET.encode())).start()
+    port, stop = metrics.serve(peer.daemon, "127.0.0.1", 0)
+    try:
+        grad.set(1.5)
+        telemetry.record_training(algo="mine", inner_step=7, loss=2.25, tokens=100,
+                                  learning_rates={"inner": 0.01})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        stop()
+        peer.close()
+    for line in ("cli_test_grad_norm 1.5", "peerlearn_train_loss 2.25",
+                 "peerlearn_train_inner_step 7.0", "peerlearn_train_tokens_total 100.0",
+                 'peerlearn_train_learning_rate{optimizer="inner"} 0.01', "peerlearn_members 1.0"):
+        assert line in text, line
