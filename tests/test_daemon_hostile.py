@@ -26,7 +26,11 @@ SECRET = "hostile-test-secret-0123456789"
 
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {k: float(v) for k, v in re.findall(r"^(peerlearn_\w+) ([0-9.e+-]+)$", text, re.M)}
+    # Labelled series (e.g. rejected messages by reason) are summed under their name.
+    out: dict[str, float] = {}
+    for k, v in re.findall(r"^(peerlearn_\w+)(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M):
+        out[k] = out.get(k, 0.0) + float(v)
+    return out
 
 
 def wait_for(fn, timeout=10.0):
