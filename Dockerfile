@@ -49,7 +49,10 @@ RUN groupadd --system --gid 10001 peerlearn \
     && mkdir -p /data && chown peerlearn:peerlearn /data
 USER 10001:10001
 WORKDIR /data
-ENV HOME=/data
+# The source revision the metrics report (peerlearn_build_info): a wheel
+# carries none, so the build says it: --build-arg GIT_REVISION=$(git rev-parse HEAD).
+ARG GIT_REVISION=unknown
+ENV HOME=/data PEERLEARN_BUILD_REVISION=${GIT_REVISION}
 VOLUME ["/data"]
 
 # 7400: control socket (--listen, the default port); 7401: data plane

@@ -59,6 +59,15 @@ for name in ("single", "ddp", "diloco-H10", "diloco-H50", "diloco-H200", "diloco
 for lr, mu in ((0.7, 0.9), (0.5, 0.9), (0.7, 0.8), (1.0, 0.8), (0.7, 0.95)):
     CONFIGS[f"diloco-H50-lr{lr}-m{mu}-warm"] = (
         4, ["--algo", "diloco", "--H", "50", "--outer-lr", str(lr), "--momentum", str(mu)])
+# Streaming probes from the warm start: fp32 (no quantization) separates the
+# 4-bit codec's share of the gap from the schedule's; the paper's outer lr.
+CONFIGS["streaming-fp32-warm"] = (4, ["--algo", "streaming", "--H", "48", "--P", "4",
+                                      "--tau", "1", *WARM_OUTER])
+CONFIGS["streaming-lr0.7-warm"] = (4, ["--algo", "streaming", "--H", "48", "--P", "4",
+                                       "--tau", "1", "--codec", "e3m0"])
+CONFIGS["streaming-alpha0-warm"] = (4, ["--algo", "streaming", "--H", "48", "--P", "4",
+                                        "--tau", "1", "--alpha", "0", "--codec", "e3m0",
+                                        *WARM_OUTER])
 
 # Decentralized training (issue 9): no global collective except the optional
 # single final merge. NoLoCo from the warm start against diloco-H50-warm, and

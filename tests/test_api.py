@@ -135,7 +135,7 @@ def test_gossip_pairs_agree_without_messages_and_average_exactly(swarm):
         a, b = (ids[q] for q in group)
         assert torch.equal(out8[a], out8[b])
         assert (out8[a] - (x[a] + x[b]) / 2).abs().max() < 4 / 127
-    assert all(p.daemon.gossips == 2 for p in peers)
+    assert all(p.daemon.stats.gossips == 2 for p in peers)
 
 
 def test_gossip_groups_are_a_pure_function():
@@ -155,7 +155,7 @@ def test_gossip_with_an_absent_partner_fails_cleanly(swarm):
     run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
     with pytest.raises(GossipFailed):
         peers[0].gossip(torch.ones(N), round_=1, timeout=1.0)  # the partner never calls
-    assert peers[0].daemon.gossip_failures == 1
+    assert peers[0].daemon.stats.gossip_failures == 1
     # Both sides try again with a fresh round: it works.
     run_all(peers, lambda i, p: p.gossip(torch.ones(N), round_=2, timeout=10))
 

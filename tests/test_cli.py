@@ -1,5 +1,6 @@
 """The command line: entry points exist and benchmarks print parseable JSON."""
 
+import os
 import json
 import subprocess
 import sys
@@ -130,3 +131,225 @@ def test_streaming_settings_that_cannot_run_are_refused_before_starting(tmp_path
                              capture_output=True, text=True, env=env, timeout=60)
         assert out.returncode == 1 and says in out.stderr and ".py:" not in out.stderr, out.stderr
         assert not (tmp_path / "p").exists()  # refused before the peer started
+
+
+SECRET = "kq3W9zP0xV7mB2nR5tY8uC1eD4fG6hJ-aSdLq0Zx9Vb"
+
+
+def _env(**extra):
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEERLEARN_")}
+    return dict(env, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1", **extra)
+
+
+def test_settings_come_from_flags_then_environment_then_file_then_defaults(tmp_path):
+    """The value that wins shows in the one-line error a bad --listen gives
+    (split before anything starts); then a peer starts from a file alone."""
+    conf = tmp_path / "peer.toml"
+    conf.write_text('listen = "from-file"\n[run]\nalgo = "synthetic"\n[status]\njson = true\n')
+
+    def said(*args, **env) -> str:
+        out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "run",
+                              "--data-dir", str(tmp_path / "d"), *args],
+                             capture_output=True, text=True, env=_env(**env), timeout=60)
+        assert out.returncode != 0 and ".py:" not in out.stderr, out.stderr
+        return out.stderr
+
+    assert "'from-flag'" in said("--config", str(conf), "--listen", "from-flag",
+                                 PEERLEARN_LISTEN="from-env")
+    assert "'from-env'" in said("--config", str(conf), PEERLEARN_LISTEN="from-env")
+    assert "'from-file'" in said("--config", str(conf))
+    assert "'from-file'" in said(PEERLEARN_CONFIG=str(conf))  # the file named by the environment
+    # Mistakes in the file are one line too.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lisen = "x"\n')
+    assert "no setting 'lisen'" in said("--config", str(bad))
+    bad.write_text('listen = \n')
+    assert "not valid TOML" in said("--config", str(bad))
+    # A whole peer from the file (types converted: ints, floats, off).
+    conf.write_text(f'listen = "127.0.0.1:0"\nmetrics = "off"\ndata-dir = "{tmp_path / "p"}"\n'
+                    '[run]\nalgo = "synthetic"\nnumel = 1000\ncompute_s = 0.1\n')
+    p = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "run", "--config", str(conf)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        hello = json.loads(p.stdout.readline())
+        assert hello["control"].startswith("127.0.0.1:") and hello["metrics_port"] is None
+        assert "--numel 1000" in hello["join_command"]
+        assert (tmp_path / "p").is_dir()
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+def test_help_names_each_options_environment_variable():
+    out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "run", "--help"],
+                         capture_output=True, text=True, timeout=60,
+                         env=_env(COLUMNS="250", NO_COLOR="1", TERM="dumb"))
+    import re
+    flags = set(re.findall(r"(?<![\w-])--([a-z][\w-]*)", out.stdout)) - {"help"}
+    for flag in flags - {"config"}:
+        assert f"PEERLEARN_{flag.upper().replace('-', '_')}" in out.stdout, flag
+    assert "PEERLEARN_CONFIG" in out.stdout and "flags > PEERLEARN_* environment" in out.stdout
+
+
+def test_metrics_default_port_is_the_deployment_files_port():
+    from peerlearn.cli import app, metrics
+
+    assert app.DEFAULT_METRICS_PORT == metrics.DEFAULT_PORT == 9400
+
+
+def _start(args, **env):
+    p = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+                          "--numel", "1000", "--compute-s", "0.1", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
+    line = p.stdout.readline()
+    assert line, p.stderr.read()
+    return p, json.loads(line)
+
+
+def test_advertise_is_what_other_peers_are_told_and_status_watch_refreshes(tmp_path):
+    """Bound on 0.0.0.0: the founder advertises --advertise, a joiner the
+    address its route to the founder leaves from; nobody is told 0.0.0.0.
+    The founder prints the command that joins it; `status --watch` refreshes."""
+    founder, hello = _start(["--listen", "0.0.0.0:0", "--advertise", "127.0.0.1",
+                             "--data-dir", str(tmp_path / "a"), "--metrics", "off"])
+    joiner = None
+    try:
+        port = hello["control"].rsplit(":", 1)[1]
+        assert hello["control"] == f"127.0.0.1:{port}"
+        assert hello["data"].startswith("127.0.0.1:")
+        assert f"--join 127.0.0.1:{port} " in hello["join_command"]
+        assert SECRET not in hello["join_command"] and SECRET not in founder.stderr.readline()
+        joiner, jhello = _start(["--listen", "0.0.0.0:0", "--join", hello["control"],
+                                 "--data-dir", str(tmp_path / "b"), "--metrics", "off"])
+        assert jhello["control"].startswith("127.0.0.1:")
+        watch = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "status",
+                                  hello["control"], "--watch", "0.5"],
+                                 stdout=subprocess.PIPE, text=True, env=_env())
+        import signal
+        import time
+        time.sleep(6)
+        watch.send_signal(signal.SIGINT)
+        out, _ = watch.communicate(timeout=20)
+        assert watch.returncode == 0
+        tables = [t for t in out.split("peers\n") if t.strip()]
+        assert len(tables) >= 3, out
+        last = tables[-1].splitlines()
+        assert len(last) == 2 and all("0.0.0.0" not in r and "127.0.0.1:" in r for r in last), out
+    finally:
+        for p in (founder, joiner):
+            if p is not None:
+                p.terminate()
+                p.wait(20)
+
+
+def test_unreachable_advertise_addresses_are_refused_in_one_line(tmp_path):
+    for args, says in ((["--listen", "0.0.0.0:0"], "--advertise"),
+                       (["--advertise", "0.0.0.0:7400"], "names no machine"),
+                       (["--advertise", "[::]"], "names no machine"),
+                       (["--advertise", "host:99999"], "1..65535")):
+        out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "run", "--algo",
+                              "synthetic", "--data-dir", str(tmp_path / "d"), *args],
+                             capture_output=True, text=True, env=_env(), timeout=60)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and says in lines[0], (args, out.stderr)
+        assert not (tmp_path / "d").exists()
+
+
+def test_log_levels_json_lines_and_the_view_line_only_on_change(tmp_path):
+    """--log-format json: every line one object with its level; -q keeps
+    info off; a swarm of two applying many rounds logs its view twice at most."""
+    a, hello = _start(["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "a"),
+                       "--metrics", "off", "--log-format", "json"])
+    b, _ = _start(["--listen", "127.0.0.1:0", "--join", hello["control"], "-q",
+                   "--data-dir", str(tmp_path / "b"), "--metrics", "off"])
+    import time
+    time.sleep(8)
+    for p in (a, b):
+        p.terminate()
+        p.wait(20)
+    records = [json.loads(line) for line in a.stderr.read().splitlines()]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    steps = [r["step"] for r in records if r["logger"] == "peerlearn.synthetic"]
+    views = [r for r in records if " view " in r["message"]]
+    assert len(steps) >= 10 and 1 <= len(views) <= 3, (len(steps), views)
+    assert any("join_command" in r for r in records)
+    quiet = b.stderr.read()
+    assert " INFO " not in quiet and "contributed" not in quiet, quiet[-500:]
+
+
+def test_swarm_lines_are_whole_and_prefixed_and_its_directory_goes(tmp_path):
+    """`peerlearn swarm`: every line of its output names the peer it comes
+    from, and its data directory is gone at the end: after --duration and
+    after Ctrl-C."""
+    import re
+    import signal
+    import socket
+    import time
+
+    def port_pair() -> int:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port < 65000:
+                return port
+
+    out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "swarm", "--peers", "3",
+                          "--duration", "10", "--base-port", str(port_pair()), "--compute-s",
+                          "0.2", "--numel", "2000", "--progress", "plain"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stderr.splitlines()
+    assert all(re.match(r"\[(peer[0-2]|swarm)\] \S", ln) for ln in lines), \
+        [ln for ln in lines if not re.match(r"\[(peer[0-2]|swarm)\] \S", ln)]
+    # Every peer spoke; rounds ran (a loaded machine may admit the last joiner late).
+    assert {ln.split("]")[0] for ln in lines} >= {"[peer0", "[peer1", "[peer2", "[swarm"}
+    assert len({ln.split("]")[0] for ln in lines if " step " in ln}) >= 2, out.stderr[-2000:]
+    work = re.search(r"data in (\S+)", out.stderr).group(1)
+    assert not os.path.exists(work)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 3
+
+    p = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "swarm", "--peers", "2",
+                          "--base-port", str(port_pair()), "--compute-s", "0.2", "--numel",
+                          "2000", "--progress", "plain"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    first = p.stderr.readline()
+    work = re.search(r"data in (\S+)", first).group(1)
+    deadline = time.monotonic() + 60
+    while not any(os.scandir(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=60)
+    assert not os.path.exists(work)
+
+
+def test_a_training_loop_reports_and_adds_its_own_metrics_on_the_peers_endpoint(tmp_path):
+    """peerlearn.telemetry: what a user's loop records and registers is served
+    by the peer's metrics endpoint beside the daemon's figures."""
+    import urllib.request
+
+    from peerlearn import telemetry
+    from peerlearn.cli import metrics
+    from peerlearn.swarm.api import Peer
+    from peerlearn.swarm.config import PeerConfig
+
+    with pytest.raises(ValueError):
+        telemetry.gauge("peerlearn_mine", "reserved prefix")
+    grad = telemetry.gauge("cli_test_grad_norm", "L2 norm of the last gradient.")
+    peer = Peer(PeerConfig(tmp_path / "p", SECRET.encode())).start()
+    port, stop = metrics.serve(peer.daemon, "127.0.0.1", 0)
+    try:
+        grad.set(1.5)
+        telemetry.record_training(algo="mine", inner_step=7, loss=2.25, tokens=100,
+                                  learning_rates={"inner": 0.01})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        stop()
+        peer.close()
+    for line in ("cli_test_grad_norm 1.5", "peerlearn_train_loss 2.25",
+                 "peerlearn_train_inner_step 7.0", "peerlearn_train_tokens_total 100.0",
+                 'peerlearn_train_learning_rate{optimizer="inner"} 0.01', "peerlearn_members 1.0"):
+        assert line in text, line

@@ -26,7 +26,11 @@ SECRET = "hostile-test-secret-0123456789"
 
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {k: float(v) for k, v in re.findall(r"^(peerlearn_\w+) ([0-9.e+-]+)$", text, re.M)}
+    # Labelled series (e.g. rejected messages by reason) are summed under their name.
+    out: dict[str, float] = {}
+    for k, v in re.findall(r"^(peerlearn_\w+)(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M):
+        out[k] = out.get(k, 0.0) + float(v)
+    return out
 
 
 def wait_for(fn, timeout=10.0):
@@ -42,7 +46,7 @@ def test_hostile_input_is_refused_counted_and_survived(tmp_path):
     env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
-         "--listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
          "--data-dir", str(tmp_path / "peer"), "--numel", "10000", "--compute-s", "0.1"],
         env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "peer.log", "w"), text=True)
     try:
@@ -137,7 +141,7 @@ def test_a_member_flooding_status_and_state_requests_is_bounded(tmp_path):
                MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     proc = subprocess.Popen(
         [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
-         "--listen", "127.0.0.1:0",
+         "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
          "--data-dir", str(tmp_path / "peer"), "--numel", str(4 << 20), "--compute-s", "0.1"],
         env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "peer.log", "w"), text=True)
     try:

@@ -63,10 +63,16 @@ class Swarm(list):
     ports: list[int]
 
 
+# A tiny model (test_training's), one outer step every 2 inner steps: many
+# rounds a minute, and every training figure is served.
+TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32",
+        "--set", "batch_size=8", "--set", "corpus_bytes=400000"]
+
+
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    """Two `peerlearn run --algo synthetic` peers that have applied rounds over
-    a data link."""
+    """Two `peerlearn run --algo diloco` peers that have applied rounds over a
+    data link and report training progress."""
     tmp = tmp_path_factory.mktemp("swarm")
     env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
     procs, ports = [], []
@@ -74,10 +80,10 @@ def swarm(tmp_path_factory):
         join: list[str] = []
         for i in range(2):
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+                [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "diloco",
+                 "--H", "2", "--steps", "1000000", "--progress-every", "5", "--shard", f"{i}/2",
                  "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                 "--data-dir", str(tmp / f"p{i}"), "--numel", "10000", "--compute-s", "0.1",
-                 *join],
+                 "--data-dir", str(tmp / f"p{i}"), *TINY, *join],
                 env=env, stdout=subprocess.PIPE, stderr=open(tmp / f"p{i}.log", "w"), text=True))
             hello = json.loads(procs[-1].stdout.readline())
             ports.append(hello["metrics_port"])
@@ -88,7 +94,8 @@ def swarm(tmp_path_factory):
             step = [v for n, _, v in s if n == "peerlearn_step"]
             sent = [v for n, lab, v in s if n == "peerlearn_wire_bytes_total"
                     and lab.get("direction") == "sent" and lab.get("traffic") == "round"]
-            return bool(step and step[0] >= 3 and sent and sent[0] > 0)
+            loss = [v for n, _, v in s if n == "peerlearn_train_loss"]
+            return bool(step and step[0] >= 3 and sent and sent[0] > 0 and loss)
 
         deadline = time.monotonic() + 90
         while True:
@@ -125,7 +132,23 @@ def test_metrics_endpoint_serves_peer_and_process_metrics(swarm):
     names = exported(swarm)
     assert {"peerlearn_build_info", "peerlearn_step", "peerlearn_rounds_applied_total",
             "peerlearn_seconds_since_applied", "peerlearn_quorum_needed",
-            "peerlearn_quorum_held", "peerlearn_wire_bytes_total"} <= names.keys()
+            "peerlearn_quorum_held", "peerlearn_wire_bytes_total",
+            "peerlearn_wire_sent_bytes_by_codec_total", "peerlearn_collective_seconds_bucket",
+            "peerlearn_round_retries_total", "peerlearn_checkpoint_age_seconds",
+            "peerlearn_checkpoint_seconds_count", "peerlearn_train_loss",
+            "peerlearn_train_tokens_total", "peerlearn_train_tokens_per_second",
+            "peerlearn_train_inner_step", "peerlearn_train_outer_step",
+            "peerlearn_train_learning_rate"} <= names.keys()
+    (build,) = {tuple(sorted(lab.items())) for lab in names["peerlearn_build_info"]}
+    build = dict(build)
+    import torch
+
+    assert build["torch"] == torch.__version__ and build["codec"] == "none" and build["revision"]
+    assert {lab["optimizer"] for lab in names["peerlearn_train_learning_rate"]} == \
+        {"inner", "outer"}
+    # A histogram's last finite bucket is an hour.
+    les = {lab["le"] for lab in names["peerlearn_collective_seconds_bucket"]}
+    assert "3600.0" in les and "+Inf" in les
     if sys.platform == "linux":  # prometheus_client's process collector reads /proc
         assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
                 "process_open_fds", "process_max_fds",
@@ -152,6 +175,8 @@ SWARM_WIDE = {
     "peerlearn_step", "peerlearn_members", "peerlearn_live_peers",
     "peerlearn_quorum_needed", "peerlearn_quorum_held", "peerlearn_seconds_since_applied",
     "peerlearn_gossip_exchanges_total", "peerlearn_gossip_failures_total",
+    "peerlearn_collective_seconds_bucket", "peerlearn_round_retries_total",
+    "peerlearn_train_outer_step", "peerlearn_train_learning_rate",
 }
 METRIC = re.compile(r"\b((?:peerlearn|process|python)_\w+|up)\b(?!\s*\()")
 
@@ -228,7 +253,10 @@ def test_dashboard_is_well_formed():
     titles = {p["title"] for p in dash["panels"]}
     for needed in ("Rounds applied and aborted (per minute)", "Seconds since a round was applied",
                    "Quorum: needed and held", "Bytes on the wire, swarm total by traffic",
-                   "Resident memory", "Refused or bounded input, by reason (per minute)"):
+                   "Resident memory", "Refused or bounded input, by reason (per minute)",
+                   "Training loss", "Training tokens per second, swarm total",
+                   "Inner and outer steps", "Learning rates", "Checkpoint age",
+                   "Round retries by reason (per minute)", "Bytes sent by codec, swarm total"):
         assert needed in titles
     for p in dash["panels"]:
         if p["type"] != "row":
@@ -509,6 +537,10 @@ def _sent(port: int, traffic: str = "round") -> float:
                and lab == {"direction": "sent", "traffic": traffic})
 
 
+def _tokens(port: int) -> float:
+    return next(v for n, _, v in _samples(_scrape(port)) if n == "peerlearn_train_tokens_total")
+
+
 def _applied(port: int) -> float:
     return next(v for n, _, v in _samples(_scrape(port)) if n == "peerlearn_rounds_applied_total")
 
@@ -549,10 +581,12 @@ def test_a_real_prometheus_shows_every_panel_and_the_right_figures(swarm, tmp_pa
         t0 = time.time()
         applied0 = [_applied(p) for p in swarm.ports]
         sent0 = [_sent(p) for p in swarm.ports]
+        tokens0 = [_tokens(p) for p in swarm.ports]
         time.sleep(62)
         t1 = time.time()
         applied1 = [_applied(p) for p in swarm.ports]
         sent1 = [_sent(p) for p in swarm.ports]
+        tokens1 = [_tokens(p) for p in swarm.ports]
         per_min = (applied1[0] - applied0[0]) / (t1 - t0) * 60
         assert per_min > 10, "the swarm applied too few rounds to measure"
         assert abs((applied1[1] - applied0[1]) - (applied1[0] - applied0[0])) <= 2  # both apply all
@@ -592,6 +626,12 @@ def test_a_real_prometheus_shows_every_panel_and_the_right_figures(swarm, tmp_pa
         lags = [float(r["value"][1]) for r in _api(base, "query", query=behind)["result"]]
         assert len(lags) == 2 and min(lags) == 0 and max(lags) <= noise, (lags, noise)
         assert value(exprs["Seconds since a round was applied"][1]) < 5
+        # Training: the swarm's tokens per second is the sum of the peers' own.
+        tokens_per_s = sum(b - a for a, b in zip(tokens0, tokens1)) / (t1 - t0)
+        swarm_tps = value(exprs["Training tokens per second, swarm total"][0])
+        assert swarm_tps == pytest.approx(tokens_per_s, rel=0.15), (swarm_tps, tokens_per_s)
+        outer = value(exprs["Inner and outer steps"][1])
+        assert outer >= 1 and value(exprs["Learning rates"][1]) == pytest.approx(0.7)
 
         # The alert rules load, evaluate cleanly, and none fires on a healthy swarm.
         rules = [r for g in _api(base, "rules")["groups"] for r in g["rules"]]

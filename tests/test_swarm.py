@@ -44,7 +44,8 @@ class Swarm:
         port = self.ports.setdefault(name, free_port())
         argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic", "--listen",
                 f"127.0.0.1:{port}", "--data-dir", str(self.tmp / name), "--numel", "50000",
-                "--compute-s", "0.2", "--dead-after", str(DEAD_AFTER)]
+                "--compute-s", "0.2", "--dead-after", str(DEAD_AFTER),
+                "--metrics", "127.0.0.1:0", "--log-level", "debug"]  # debug: applied lines
         if join:
             argv += ["--join", join]
         env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")

@@ -40,7 +40,8 @@ def test_partition_minority_stalls_majority_advances_then_all_converge(tmp_path)
         for i in range(5):
             argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
                     "--listen", f"{wan.hosts[i].addr}:7400", "--data-dir", str(tmp_path / f"d{i}"),
-                    "--numel", "20000", "--compute-s", "0.2", "--dead-after", "1.5"]
+                    "--numel", "20000", "--compute-s", "0.2", "--dead-after", "1.5",
+                    "--log-level", "debug"]  # debug: the applied lines checked below
             if i:
                 argv += ["--join", founder]
             p = wan.popen(i, argv, env=env, stdout=subprocess.PIPE, text=True,

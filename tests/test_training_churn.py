@@ -49,7 +49,8 @@ class Peers:
     def start(self, name: str, shard: str, steps: int, join: str | None = None,
               wait_peers: int = 0) -> dict:
         argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "diloco",
-                "--listen", "127.0.0.1:0", "--data-dir", str(self.tmp / name),
+                "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+                "--data-dir", str(self.tmp / name),
                 "--steps", str(steps), "--shard", shard, "--H", "4",
                 "--wait-peers", str(wait_peers), "--progress-every", "0", *TINY]
         if join:

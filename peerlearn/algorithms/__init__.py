@@ -1,8 +1,8 @@
 """Training algorithms over a swarm `Peer`: the DiLoCo family, the
 data-parallel baseline and the gossip algorithms (NoLoCo, gossip averaging
-with or without variance correction: no global collective). One module per algorithm, each reading like its
-paper's pseudo-code; the shared/local split of their state is stated at the
-top of each module."""
+with or without variance correction: no global collective). One module per
+algorithm, each reading like its paper's pseudo-code; the shared/local split
+of their state is stated at the top of each module."""
 
 from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from peerlearn import telemetry
 from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
 from peerlearn.algorithms.decentral import GossipLoop, derive_seed
@@ -171,6 +172,17 @@ def wire_bytes() -> dict[str, int]:
     return out
 
 
+def _report(algorithm, algo: str, task, optimizer, hp: Hyper, step: int) -> None:
+    """This step's figures for the metrics endpoint (peerlearn.telemetry)."""
+    stats = algorithm.metrics() if hasattr(algorithm, "metrics") else {}
+    lrs = {"inner": optimizer.param_groups[0]["lr"]}
+    if algo not in ("ddp", "local"):
+        lrs["outer"] = hp.outer_lr
+    telemetry.record_training(algo=algo, task=task.name, inner_step=step,
+                              outer_step=stats.get("outer_steps", stats.get("ddp_steps")),
+                              tokens=task.tokens_per_batch, learning_rates=lrs)
+
+
 def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world: int = 1,
           seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
           progress: Callable[[dict], None] | None = None,
@@ -228,6 +240,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         loss_sum += float(loss.detach())
         loss_n += 1
         done = step
+        _report(algorithm, algo, task, optimizer, hp, step)
         if peer.step not in hashes:  # a loop round trip only when the shared step moved
             shared = peer.state_fingerprint()
             if shared is not None:
@@ -235,6 +248,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         if progress_every and step % progress_every == 0:
             wall = time.monotonic() - started
             curve.append((step, loss_sum / loss_n))
+            telemetry.record_training(loss=loss_sum / loss_n)
             if progress is not None:
                 progress({"step": step, "loss": loss_sum / loss_n, "tokens": tokens,
                           "tokens_per_s": tokens / wall, "swarm_step": peer.step})

@@ -1,14 +1,22 @@
 """The `peerlearn` command line. Subcommands stay thin: they parse options and
-call into the library, printing JSON where a machine reads the output."""
+call into the library, printing JSON where a machine reads the output.
+
+Every option can also come from a `PEERLEARN_<FLAG>` environment variable or a
+TOML file (`--config FILE`); flags win over the environment, the environment
+over the file, the file over defaults."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from typing import Optional
 
 import typer
 
 from peerlearn import __version__
+from peerlearn.cli import options
+from peerlearn.cli.logs import LOG_FORMAT_OPTION, LOG_LEVEL_OPTION, QUIET_OPTION, VERBOSE_OPTION
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON with its baseline.")
@@ -112,6 +120,15 @@ def bench_allreduce(
                         gloo=gloo), as_json)
 
 
+# The deployment files' metrics port (peerlearn.cli.metrics.DEFAULT_PORT, kept
+# equal by a test; spelled out so `--help` does not import prometheus_client).
+DEFAULT_METRICS_PORT = 9400
+WATCH_DEFAULT_S = 2.0
+PROGRESS_OPTION = typer.Option(
+    "auto", "--progress", metavar="MODE",
+    help="auto | rich | plain. auto: a live table on a terminal when rich is installed "
+         "(pip install 'peerlearn[progress]'), else one prefixed line per event.")
+
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.
 _CODEC_HELP = "All-reduce codec: none, int8, int4, fp16, bf16, fp8, e3m0, int8-minmax, int4-minmax."
 # The gossip runs' options (noloco, gossip, gossip-vc), shared by `run` and `demo`.
@@ -154,7 +171,14 @@ def secret_new(
 
 @app.command("run")
 def run(
-    listen: str = typer.Option("127.0.0.1:7400", help="HOST:PORT of the control socket."),
+    config: Optional[str] = options.CONFIG_OPTION,
+    listen: str = typer.Option(
+        "127.0.0.1:7400", help="HOST:PORT the control socket binds (0.0.0.0: every interface; "
+                               "then --advertise, or --join to derive it)."),
+    advertise: Optional[str] = typer.Option(
+        None, help="HOST[:PORT] the other peers reach this one at (default: the --listen "
+                   "address); its host is advertised for the data port too (behind NAT: the "
+                   "public address, with both ports forwarded)."),
     join: Optional[str] = typer.Option(
         None, help="HOST:PORT of any live member (PEER_ID@HOST:PORT in an allowlist swarm); "
                    "omit to found a new swarm."),
@@ -193,21 +217,43 @@ def run(
     join_timeout: float = typer.Option(
         60.0, help="Give up (exit 1) when no member answers --join within this many seconds "
                    "(0: keep trying)."),
-    metrics: str = typer.Option("127.0.0.1:0",
+    metrics: str = typer.Option(f"127.0.0.1:{DEFAULT_METRICS_PORT}",
                                 help="HOST:PORT for Prometheus metrics (port 0: any; 'off')."),
     allowlist: Optional[str] = typer.Option(
         None, help="File of admitted Ed25519 public keys (hex, one per line) instead of a "
                    "secret."),
+    log_level: str = LOG_LEVEL_OPTION,
+    verbose: int = VERBOSE_OPTION,
+    quiet: int = QUIET_OPTION,
+    log_format: str = LOG_FORMAT_OPTION,
 ) -> None:
     """Start a peer that trains a task with an algorithm, as one member of a swarm."""
-    from peerlearn.cli import daemon
+    from peerlearn.cli import daemon, logs
     from peerlearn.wire.codecs import codec_from_name
+
+    logs.setup(log_level, log_format, verbose, quiet)
 
     try:
         codec_id = codec_from_name(codec)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--codec") from None
     secret, keys = daemon.read_credentials(secret_file, allowlist)
+    # What a joiner must pass as well: the settings every peer of a run shares.
+    shared = ["--algo", algo, "--codec", codec]
+    if algo == "synthetic":
+        shared += ["--numel", str(numel)]
+    else:
+        shared += ["--H", str(H), "--outer-lr", str(outer_lr), "--momentum", str(momentum)]
+        if algo == "streaming":
+            shared += ["--P", str(P), "--tau", str(tau), "--alpha", str(alpha)]
+        shared += [*(["--task", task] if task else []),
+                   *[a for pair in task_set for a in ("--set", pair)]]
+
+    def join_cmd(peer_id: str, control: str) -> str:
+        return daemon.join_command(peer_id, control, secret_swarm=secret is not None,
+                                   secret_file=secret_file, allowlist_file=allowlist,
+                                   settings=shared)
+
     if algo != "synthetic":
         from peerlearn.algorithms.training import ALGORITHMS, Hyper
         from peerlearn.cli import train
@@ -226,12 +272,13 @@ def run(
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
-            wait_peers=wait_peers)
+            wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_id, data_port=data_port,
                     dead_after=dead_after, metrics=None if metrics == "off" else metrics,
-                    allowlist=keys, join_timeout=join_timeout or None)
+                    allowlist=keys, join_timeout=join_timeout or None, advertise=advertise,
+                    join_cmd=join_cmd)
 
 
 def _merge_at(spec: str) -> int:
@@ -256,6 +303,7 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 
 @app.command("demo")
 def demo(
+    config: Optional[str] = options.CONFIG_OPTION,
     algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp | local "
                                             "(no communication) | noloco | gossip | gossip-vc."),
     peers: int = typer.Option(4, help="Local peer processes."),
@@ -279,11 +327,16 @@ def demo(
                    "(network namespaces; needs root)."),
     progress_every: int = typer.Option(25, help="A progress line every this many steps."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    progress: str = PROGRESS_OPTION,
+    log_level: str = LOG_LEVEL_OPTION,
+    verbose: int = VERBOSE_OPTION,
+    quiet: int = QUIET_OPTION,
 ) -> None:
     """Train the task with N local peers; end with validation loss, tokens, bytes and
     compute utilisation per peer (progress lines from every peer meanwhile)."""
-    from peerlearn.cli import train
+    from peerlearn.cli import logs, train
 
+    log_flags = logs.flags(log_level, "text", verbose, quiet)[:2]
     extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--alpha", str(alpha),
              "--outer-lr", str(outer_lr), "--momentum", str(momentum), "--seed", str(seed),
              "--codec", codec, "--progress-every", str(progress_every),
@@ -293,7 +346,8 @@ def demo(
              *(["--independent-init"] if independent_init else [])]
     for pair in task_set:
         extra += ["--set", pair]
-    summary = train.run_demo(algo, peers, steps, task, extra, _wan(wan))
+    summary = train.run_demo(algo, peers, steps, task, extra, _wan(wan), progress=progress,
+                             log_flags=log_flags)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -304,6 +358,7 @@ def demo(
 
 @app.command("swarm")
 def swarm(
+    config: Optional[str] = options.CONFIG_OPTION,
     peers: int = typer.Option(4, help="Peers to start on loopback."),
     duration: Optional[float] = typer.Option(
         None, help="Stop after this many seconds and print the status (default: until Ctrl-C)."),
@@ -311,15 +366,21 @@ def swarm(
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds per round."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
+    progress: str = PROGRESS_OPTION,
+    log_level: str = LOG_LEVEL_OPTION,
+    verbose: int = VERBOSE_OPTION,
+    quiet: int = QUIET_OPTION,
 ) -> None:
-    """Start a local swarm and show its rounds."""
-    from peerlearn.cli import daemon
+    """Start a local swarm and show its rounds; its data directory is removed at the end."""
+    from peerlearn.cli import daemon, logs
 
-    daemon.run_swarm(peers, duration, base_port, numel, compute_s, codec)
+    daemon.run_swarm(peers, duration, base_port, numel, compute_s, codec, progress=progress,
+                     log_flags=logs.flags(log_level, "text", verbose, quiet)[:2])
 
 
 @app.command("status")
 def status(
+    config: Optional[str] = options.CONFIG_OPTION,
     target: str = typer.Argument(
         ..., help="HOST:PORT of a peer's control socket (PEER_ID@HOST:PORT: allowlist swarm)."),
     secret_file: Optional[str] = typer.Option(
@@ -329,26 +390,48 @@ def status(
     data_dir: Optional[str] = typer.Option(
         None, help="Data directory whose identity is on the allowlist (with --allowlist)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    watch: Optional[float] = typer.Option(
+        None, "--watch", metavar="[SECONDS]",
+        help=f"Ask again every SECONDS ({WATCH_DEFAULT_S:g} if omitted) until Ctrl-C."),
 ) -> None:
     """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""
     from peerlearn.cli import daemon
 
     secret, keys = daemon.read_credentials(secret_file, allowlist)
-    rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} step {r['step']:<6} "
-                   f"{r['state_hash']}")
-    # What equal hashes prove differs by algorithm; say it where the hashes are shown.
-    typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo family: "
-               "outer params and optimizer. Gossip runs (noloco, gossip, gossip-vc): step, "
-               "configuration and merged params only; each peer's own params differ by design.")
+    if watch is not None and watch <= 0:
+        raise typer.BadParameter("SECONDS must be above 0", param_hint="--watch")
+    while True:
+        rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
+        if watch is not None and not as_json and sys.stdout.isatty():
+            typer.echo("\x1b[H\x1b[2J", nl=False)  # a terminal shows the latest table only
+        if as_json:
+            typer.echo(json.dumps(rows, indent=None if watch is not None else 2))
+        else:
+            if watch is not None:
+                typer.echo(time.strftime("%H:%M:%S ") + f"{target}: {len(rows)} peers")
+            for r in rows:
+                typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} "
+                           f"step {r['step']:<6} {r['state_hash']}")
+            # What equal hashes prove differs by algorithm; say it where they are shown.
+            typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo "
+                       "family: outer params and optimizer. Gossip runs (noloco, gossip, "
+                       "gossip-vc): step, configuration and merged params only; each peer's "
+                       "own params differ by design.")
+        if watch is None:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    options.wire_environment(command)
+    args = sys.argv[1:]
+    if args[:1] == ["status"]:
+        args = options.optional_values(args, {"--watch": f"{WATCH_DEFAULT_S:g}"})
+    command(args=args, prog_name="peerlearn")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SECRET_ENV = "PEERLEARN_SECRET"
@@ -77,6 +81,64 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def resolve_advertise(listen: str, advertise: str | None, join: str | None) -> str | None:
+    """What the other peers are told to reach us at (PeerConfig.advertise).
+    --advertise if given; else, when --listen binds every interface, the
+    address the route to the --join target leaves from; else None (the
+    listen address). An unspecified address to advertise exits with one line."""
+    from peerlearn.swarm.config import split_host_port, unspecified
+    from peerlearn.transport.control import split_target
+
+    host, _ = split_addr(listen)
+    if advertise:
+        try:
+            ahost, aport = split_host_port(advertise)
+        except ValueError:
+            aport = -1
+        if aport is not None and not 0 < aport <= 65535:
+            raise SystemExit(f"peerlearn: --advertise wants HOST or HOST:PORT with a port of "
+                             f"1..65535, got {advertise!r}")
+        if unspecified(ahost):
+            raise SystemExit(f"peerlearn: --advertise {advertise} names no machine: give the "
+                             "address the other peers reach this one at")
+        return advertise
+    if not unspecified(host):
+        return None
+    if join is None:
+        raise SystemExit(f"peerlearn: --listen {listen} binds every interface but names none to "
+                         "the other peers: add --advertise HOST[:PORT] (the address they reach)")
+    jhost, jport = split_addr(split_target(join)[1])
+    try:
+        return local_address_towards(jhost, jport)
+    except OSError as e:
+        raise SystemExit(f"peerlearn: no route to --join {join}: {e.strerror or e}") from None
+
+
+def join_command(peer_id: str, control: str, *, secret_swarm: bool, secret_file: str | None,
+                 allowlist_file: str | None, settings: list[str]) -> str:
+    """The command another machine runs to join this peer's swarm: the same
+    credentials and the settings every peer must share. The secret itself is
+    never printed (logs are read by more people than the swarm's members)."""
+    target = control if secret_swarm else f"{peer_id}@{control}"
+    argv = ["peerlearn", "run", "--join", target, "--listen", "0.0.0.0:7400", *settings]
+    if secret_swarm and secret_file:
+        argv += ["--secret-file", secret_file]
+    if allowlist_file:
+        argv += ["--allowlist", allowlist_file]
+    prefix = f"{SECRET_ENV}=<this swarm's secret> " if secret_swarm and not secret_file else ""
+    return prefix + shlex.join(argv)
+
+
+def announce(peer, hello: dict, join_cmd: str) -> None:
+    """The first stdout line (JSON: addresses taken, for scripts) and, on the
+    log, how another machine joins."""
+    hello = {**hello, "join_command": join_cmd}
+    print(json.dumps(hello), flush=True)
+    logging.getLogger("peerlearn.run").info(
+        "%s serving at %s; to join from another machine: %s", peer.id[:8],
+        peer.control_address, join_cmd, extra={"fields": {"join_command": join_cmd}})
+
+
 def serve_metrics(peer, metrics: str | None) -> tuple[int | None, object]:
     """Serves `peer`'s metrics on `metrics` (HOST:PORT; None: off). A bind
     failure (port in use, address not here) leaves the swarm cleanly, the
@@ -90,14 +152,17 @@ def serve_metrics(peer, metrics: str | None) -> tuple[int | None, object]:
         return prom.serve(peer.daemon, mhost, mport)
     except OSError as e:
         peer.close()
+        hint = " (another peer on this host? give each its own --metrics port, or off)" \
+            if e.errno == errno.EADDRINUSE else ""
         raise SystemExit(f"peerlearn: cannot serve metrics on {metrics}: "
-                         f"{e.strerror or e}") from None
+                         f"{e.strerror or e}{hint}") from None
 
 
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None, *, numel: int,
              compute_s: float, codec: int | None, data_port: int, dead_after: float,
              metrics: str | None = "127.0.0.1:0", allowlist: list[bytes] | None = None,
-             join_timeout: float | None = 60.0) -> None:
+             join_timeout: float | None = 60.0, advertise: str | None = None,
+             join_cmd: Callable[[str, str], str] = lambda i, c: "") -> None:
     """One peer running the built-in synthetic task through the Python API,
     exactly as a training loop would: wait for the swarm's state, contribute,
     let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully at
@@ -109,11 +174,11 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
-                     timeouts=Timeouts.for_dead_after(dead_after))
+                     timeouts=Timeouts.for_dead_after(dead_after),
+                     advertise=resolve_advertise(listen, advertise, join))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,8 +191,10 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     except PeerStartError as e:
         raise SystemExit(f"peerlearn: {e}") from None
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
-    print(json.dumps({"peer": peer.id, "control": peer.control_address,
-                      "data": peer.daemon.info.data, "metrics_port": metrics_port}), flush=True)
+    announce(peer, {"peer": peer.id, "control": peer.control_address,
+                    "data": peer.daemon.info.data, "metrics_port": metrics_port},
+             join_cmd(peer.id, peer.control_address))
+    log = logging.getLogger("peerlearn.synthetic")
 
     def train() -> None:
         fresh = False  # after a sync, contribute at once (as prime does), not after compute
@@ -137,6 +204,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
                 if not fresh and stop.wait(work.compute_s):
                     return
                 peer.all_reduce(work.local_update(peer.id, step), apply=work.apply)
+                log.info("contributed to step %d", step + 1, extra={"fields": {"step": step + 1}})
                 fresh = False
             except StateReplaced:
                 fresh = True
@@ -215,40 +283,61 @@ def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
         raise SystemExit(f"no status answer from {target} within {timeout} s") from None
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a launcher as Ctrl-C does: its `finally` stops the
+    children and removes its temporary directory."""
+    def handler(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_swarm(n: int, duration: float | None, base_port: int, numel: int, compute_s: float,
-              codec: str) -> None:
-    """Starts n peers on loopback (the first founds, the rest join it) and shows their rounds."""
+              codec: str, *, progress: str = "auto", log_flags: list[str] | None = None) -> None:
+    """Starts n peers on loopback (the first founds, the rest join it) and
+    shows their rounds (peerlearn.cli.output); stops them and removes their
+    data directory at the end, after --duration or at Ctrl-C / SIGTERM."""
+    from peerlearn.cli import output
+
+    mode = output.choose(progress)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault(SECRET_ENV, secrets.token_hex(16))
+    # A throwaway local swarm's own secret is shown (status needs it); one
+    # from the environment is not.
+    own = f"{SECRET_ENV}={env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))}" \
+        if not os.environ.get(SECRET_ENV) else f"{SECRET_ENV} as here"
+    interrupt_on_sigterm()
     work = tempfile.mkdtemp(prefix="peerlearn-swarm-")
-    procs = []
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
     founder = f"127.0.0.1:{base_port}"
-    for i in range(n):
-        argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
-                "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
-                "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec]
-        if i:
-            argv += ["--join", founder]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-
-    def pump(i: int, p: subprocess.Popen) -> None:
-        for line in p.stdout:
-            print(f"[peer{i}] {line.rstrip()}", flush=True)
-
-    pumps = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in pumps:
-        t.start()
-    print(f"swarm of {n} on 127.0.0.1:{base_port}..{base_port + n - 1}, data in {work}; "
-          f"`peerlearn status {founder}` with {SECRET_ENV}={env[SECRET_ENV]}", flush=True)
+    board = output.Board(mode, [f"peer{i}" for i in range(n)])
     try:
+        board.line("swarm", f"{n} peers on 127.0.0.1:{base_port}..{base_port + n - 1}, data in "
+                            f"{work} (removed at the end); `peerlearn status {founder}` with {own}")
+        for i in range(n):
+            # Metrics off: n peers on one host cannot share the default port.
+            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+                    "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
+                    "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec,
+                    "--metrics", "off", *(log_flags or []), "--log-format", "json"]
+            if i:
+                argv += ["--join", founder]
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+            procs.append(p)
+            t = threading.Thread(target=output.pump, args=(p.stdout, f"peer{i}", board),
+                                 kwargs={"other": lambda line: line.startswith('{"peer"')},
+                                 name=f"swarm-peer-{i}")
+            t.start()
+            pumps.append(t)
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             if all(p.poll() is not None for p in procs):
                 break
             time.sleep(0.2)
         if duration is not None:
-            for row in query_status(founder, env[SECRET_ENV].encode()):
+            rows = query_status(founder, env[SECRET_ENV].encode())
+            board.close()
+            for row in rows:
                 print(json.dumps(row), flush=True)
     except KeyboardInterrupt:
         pass
@@ -261,5 +350,8 @@ def run_swarm(n: int, duration: float | None, base_port: int, numel: int, comput
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         for t in pumps:
-            t.join(timeout=2)
+            t.join(timeout=5)
+        board.close()
+        shutil.rmtree(work, ignore_errors=True)

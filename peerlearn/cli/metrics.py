@@ -1,14 +1,26 @@
-"""Prometheus metrics of one peer daemon.
+"""Prometheus metrics of one peer daemon, and of the training loop beside it.
 
-Read at scrape time from the daemon's own counters (the daemon knows nothing
-of Prometheus), into a registry of its own, served on 127.0.0.1 by default.
+The daemon knows nothing of Prometheus. At each scrape the collector asks the
+daemon's event loop for a snapshot of its counters (`snapshot`, run on the
+loop, which owns them) and serves that copy; if the loop does not answer
+within SNAPSHOT_TIMEOUT_S (busy, or shutting down) the previous one is served.
+Bytes on the wire come from the transport's own thread-safe counters, the
+training figures from peerlearn.telemetry (set by the training loop, and by a
+user's loop through that module's API).
+
 Names follow the usual conventions: one `peerlearn_` prefix, base units,
-counters ending in `_total`, no per-peer labels. The endpoint also serves
-prometheus_client's standard process metrics (`process_*`: CPU, resident
-memory, open and max fds, start time; Linux only) and `python_info`.
+counters ending in `_total`, no per-peer labels, bounded label values. The
+endpoint also serves prometheus_client's process metrics (`process_*`: CPU,
+resident memory, open and max fds, start time; Linux) and `python_info`.
+docs/operations.md lists every metric.
 """
 
 from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,58 +31,165 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
-    SummaryMetricFamily,
 )
 
-from peerlearn import __version__
+from peerlearn import buildinfo, telemetry
+
+# The metrics port every deployment file uses; `peerlearn run`'s default.
+DEFAULT_PORT = 9400
+SNAPSHOT_TIMEOUT_S = 2.0
+
+
+def snapshot(d) -> dict:
+    """On the daemon's loop: a copy of everything the metrics show."""
+    now = time.monotonic()
+    listener = d.links.listener
+    return {
+        "step": d.state.step if d.state is not None else 0,
+        "members": len(d.core.members),
+        "live_peers": sum(d.core.alive(p, now) for p in d.core.known),
+        "is_coordinator": float(d.core.is_coordinator(now)),
+        "seconds_since_applied": now - d.last_applied_at,
+        "quorum_needed": d.core.quorum_needed,
+        "quorum_held": d.core.quorum_held,
+        "refused": {
+            "status_rate": d.status_refused,
+            "state_request": d.transfers.refused,
+            "nonfinite_round": d.nonfinite_rounds,
+            "data_admission": listener.refused,
+            "data_handshake_deadline": listener.deadlines,
+            "data_accept_error": listener.accept_errors,
+            "data_link_limit": d.links.refused_links,
+            "loop_error": d.loop_errors,
+        },
+        # Rejected control messages, by where they were dropped: undecodable
+        # or invalid (the plane), refused by the protocol (the core: stale
+        # epoch, not a member, ...), or a handler that failed on them.
+        "rejected": {"invalid": d.plane.rejected_messages, "protocol": d.core.rejected,
+                     "handler_error": d.handler_errors},
+        "retries": dict(d.stats.retries),
+        "counters": {
+            "rounds_applied": d.rounds_applied,
+            "rounds_aborted": d.rounds_aborted,
+            "state_syncs": d.syncs,
+            "state_sync_failures": d.sync_failures,
+            "parity_mismatches": d.parity_mismatches,
+            "gossip_exchanges": d.stats.gossips,
+            "gossip_failures": d.stats.gossip_failures,
+            "checkpoints": d.stats.checkpoints,
+            "checkpoint_failures": d.stats.checkpoint_failures,
+            "control_refused_connections": d.plane.refused_connections,
+            "control_dropped_sends": d.plane.dropped_sends,
+            "data_refused_connections": d.links.listener.rejected + d.links.bad_greetings,
+        },
+        "durations": d.stats.durations.copy(),
+        "checkpoint_seconds": d.stats.checkpoint_seconds.copy(),
+    }
+
+
+_COUNTER_DOCS = {
+    "rounds_applied": "Rounds whose result this peer applied.",
+    "rounds_aborted": "Rounds this peer took part in that were aborted.",
+    "state_syncs": "Shared states fetched from donors and verified.",
+    "state_sync_failures": "State fetches that failed or did not verify.",
+    "parity_mismatches": "Times this peer's state differed from the swarm's.",
+    "gossip_exchanges": "Gossip exchanges completed.",
+    "gossip_failures": "Gossip exchanges that failed (partner gone, timeout).",
+    "checkpoints": "Checkpoints written.",
+    "checkpoint_failures": "Checkpoint writes that failed.",
+    "control_refused_connections": "Control connections refused (no secret, not allowlisted).",
+    "control_dropped_sends": "Control messages dropped at a full queue.",
+    "data_refused_connections": "Data-plane connections refused (handshake, greeting).",
+}
+
+
+def _histogram(name: str, doc: str, durations, label: str | None) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=[label] if label else None)
+    bounds = [repr(float(b)) for b in durations.buckets] + ["+Inf"]
+    for op, counts in durations.counts.items():
+        cumulative, total = [], 0
+        for bound, n in zip(bounds, counts):
+            total += n
+            cumulative.append((bound, total))
+        fam.add_metric([op] if label else [], cumulative, sum_value=durations.sums[op])
+    return fam
 
 
 class PeerCollector:
     def __init__(self, daemon):
         self.d = daemon
+        self.last: dict | None = None
+        self.build = buildinfo.info(daemon.cfg.codec)
+
+    def _snapshot(self) -> dict | None:
+        fut: Future = Future()
+
+        def take() -> None:
+            try:
+                fut.set_result(snapshot(self.d))
+            except BaseException as e:  # noqa: BLE001 - handed to the scraping thread
+                fut.set_exception(e)
+
+        loop = self.d.loop
+        try:
+            loop.call_soon_threadsafe(take)
+            self.last = fut.result(SNAPSHOT_TIMEOUT_S)
+        except (AttributeError, RuntimeError, FutureTimeout):
+            pass  # no loop, a closed one, or a busy one: serve what we had
+        return self.last
 
     def collect(self):
-        import time
+        yield InfoMetricFamily("peerlearn_build", "What this peer runs.", value=self.build)
+        s = self._snapshot()
+        if s is None:
+            return
+        for name, doc in (
+                ("step", "Shared-state step this peer holds."),
+                ("members", "Members of the last applied view."),
+                ("live_peers", "Known peers heard from recently."),
+                ("is_coordinator", "1 if this peer coordinates rounds."),
+                ("seconds_since_applied",
+                 "Seconds since this peer last applied a round or synced."),
+                ("quorum_needed", "Members a round needs: a strict majority of the view."),
+                ("quorum_held", "Live members ready on the newest state (coordinator's view).")):
+            yield GaugeMetricFamily(f"peerlearn_{name}", doc, value=s[name])
+        for name, doc, label, values in (
+                ("refused", "Input refused or bounded, by reason (a fixed set).", "reason",
+                 s["refused"]),
+                ("control_rejected_messages",
+                 "Control messages dropped, by where (invalid, protocol, handler_error).",
+                 "reason", s["rejected"]),
+                ("round_retries",
+                 "Times this peer's contribution went into another round, by reason.",
+                 "reason", s["retries"])):
+            fam = CounterMetricFamily(f"peerlearn_{name}", doc, labels=[label])
+            for value, n in values.items():
+                fam.add_metric([value], n)
+            yield fam
+        for name, value in s["counters"].items():
+            yield CounterMetricFamily(f"peerlearn_{name}", _COUNTER_DOCS[name], value=value)
+        yield _histogram("peerlearn_collective_seconds",
+                         "Wall time of each collective, by operation.", s["durations"],
+                         "operation")
+        yield _histogram("peerlearn_checkpoint_seconds", "Time to write a checkpoint.",
+                         s["checkpoint_seconds"], None)
+        yield from self._disk()
+        yield from self._wire()
 
-        d = self.d
-        now = time.monotonic()
-        yield InfoMetricFamily("peerlearn_build", "Version of this peer.",
-                               value={"version": __version__})
-        yield GaugeMetricFamily("peerlearn_step", "Shared-state step this peer holds.",
-                                value=d.state.step if d.state is not None else 0)
-        yield GaugeMetricFamily("peerlearn_members", "Members of the last applied view.",
-                                value=len(d.core.members))
-        yield GaugeMetricFamily("peerlearn_live_peers", "Known peers heard from recently.",
-                                value=sum(d.core.alive(p, now) for p in list(d.core.known)))
-        yield GaugeMetricFamily("peerlearn_is_coordinator", "1 if this peer coordinates rounds.",
-                                value=float(d.core.is_coordinator(now)))
-        # Stall visibility: a swarm that stops applying rounds shows it here
-        # (and the coordinator logs why).
-        yield GaugeMetricFamily("peerlearn_seconds_since_applied",
-                                "Seconds since this peer last applied a round or synced.",
-                                value=now - d.last_applied_at)
-        yield GaugeMetricFamily("peerlearn_quorum_needed",
-                                "Members a round needs: a strict majority of the view.",
-                                value=d.core.quorum_needed)
-        yield GaugeMetricFamily("peerlearn_quorum_held",
-                                "Live members ready on the newest state (coordinator's view).",
-                                value=d.core.quorum_held)
-        refused = CounterMetricFamily(
-            "peerlearn_refused", "Input refused or bounded, by reason (a fixed set).",
-            labels=["reason"])
-        listener = d.links.listener
-        for reason, value in (
-                ("status_rate", d.status_refused),
-                ("state_request", d.transfers.refused),
-                ("nonfinite_round", d.nonfinite_rounds),
-                ("data_admission", listener.refused),
-                ("data_handshake_deadline", listener.deadlines),
-                ("data_accept_error", listener.accept_errors),
-                ("data_link_limit", d.links.refused_links),
-                ("loop_error", d.loop_errors)):
-            refused.add_metric([reason], value)
-        yield refused
+    def _disk(self):
+        from peerlearn.swarm.peer import CHECKPOINT_FILE
+
+        try:  # the file's age: also right for one written before this process started
+            mtime = os.stat(self.d.cfg.data_dir / CHECKPOINT_FILE).st_mtime
+        except OSError:
+            return
+        yield GaugeMetricFamily("peerlearn_checkpoint_age_seconds",
+                                "Seconds since the checkpoint on disk was written.",
+                                value=max(0.0, time.time() - mtime))
+
+    def _wire(self):
         from peerlearn.transport.link import WIRE
 
         wire = CounterMetricFamily("peerlearn_wire_bytes",
@@ -79,44 +198,22 @@ class PeerCollector:
         for (direction, traffic), n in sorted(WIRE.snapshot().items()):
             wire.add_metric([direction, traffic], n)
         yield wire
-        counters = [
-            ("peerlearn_rounds_applied", "Rounds whose result this peer applied.",
-             d.rounds_applied),
-            ("peerlearn_rounds_aborted", "Rounds this peer took part in that were aborted.",
-             d.rounds_aborted),
-            ("peerlearn_state_syncs", "Shared states fetched from donors and verified.", d.syncs),
-            ("peerlearn_state_sync_failures", "State fetches that failed or did not verify.",
-             d.sync_failures),
-            ("peerlearn_parity_mismatches", "Times this peer's state differed from the swarm's.",
-             d.parity_mismatches),
-            ("peerlearn_gossip_exchanges", "Gossip exchanges completed.", d.gossips),
-            ("peerlearn_gossip_failures", "Gossip exchanges that failed (partner gone, timeout).",
-             d.gossip_failures),
-            ("peerlearn_control_rejected_messages", "Control messages dropped as invalid.",
-             d.plane.rejected_messages + d.core.rejected + d.handler_errors),
-            ("peerlearn_control_refused_connections",
-             "Control connections refused (no secret, not allowlisted).",
-             d.plane.refused_connections),
-            ("peerlearn_control_dropped_sends", "Control messages dropped at a full queue.",
-             d.plane.dropped_sends),
-            ("peerlearn_data_refused_connections",
-             "Data-plane connections refused (handshake, greeting).",
-             d.links.listener.rejected + d.links.bad_greetings),
-        ]
-        for name, doc, value in counters:
-            yield CounterMetricFamily(name, doc, value=value)
-        yield SummaryMetricFamily("peerlearn_collective_seconds", "Time of each collective.",
-                                  count_value=d.collectives, sum_value=d.collective_seconds)
+        by_codec = CounterMetricFamily(
+            "peerlearn_wire_sent_bytes_by_codec",
+            "Bytes sent over data links, by traffic and the codec they were packed with.",
+            labels=["traffic", "codec"])
+        for (traffic, codec), n in sorted(WIRE.sent_by_codec().items(),
+                                          key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            by_codec.add_metric([traffic, buildinfo.codec_name(codec)], n)
+        yield by_codec
 
 
-def serve(daemon, host: str = "127.0.0.1", port: int = 0):
+def serve(daemon, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
     """Starts the metrics endpoint on its own thread; returns (port, stop).
-
-    The collector reads the daemon's counters from that thread: plain ints
-    and snapshots of dicts, never anything the loop holds a lock for.
-    """
+    stop() shuts the server down and joins its thread."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PeerCollector(daemon))
+    registry.register(_Telemetry())
     # A registry of our own does not get the default collectors: add the
     # process ones (memory, CPU, fds, start time) an operator alerts on.
     ProcessCollector(registry=registry)
@@ -129,3 +226,13 @@ def serve(daemon, host: str = "127.0.0.1", port: int = 0):
         thread.join(timeout=5)
 
     return server.server_address[1], stop
+
+
+class _Telemetry:
+    """peerlearn.telemetry's registry (training figures, a user's own metrics)."""
+
+    def collect(self):
+        yield from telemetry.REGISTRY.collect()
+
+
+__all__ = ["DEFAULT_PORT", "serve", "snapshot"]

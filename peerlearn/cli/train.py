@@ -18,7 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-from peerlearn.cli.daemon import SECRET_ENV, serve_metrics, split_addr
+from peerlearn.cli.daemon import (
+    SECRET_ENV,
+    announce,
+    interrupt_on_sigterm,
+    resolve_advertise,
+    serve_metrics,
+    split_addr,
+)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -35,9 +42,12 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                  algo: str, task_spec: str | None, task_args: dict, hyper, steps: int,
                  shard: str, seed: int, codec: int | None, data_port: int, dead_after: float,
                  metrics: str | None, allowlist: list[bytes] | None,
-                 join_timeout: float | None, progress_every: int, wait_peers: int = 0) -> None:
-    """One peer trains `task_spec` with `algo` for `steps` inner steps, printing
-    progress lines on stderr and, at the end, one JSON report on stdout.
+                 join_timeout: float | None, progress_every: int, wait_peers: int = 0,
+                 advertise: str | None = None,
+                 join_cmd=lambda peer_id, control: "") -> None:
+    """One peer trains `task_spec` with `algo` for `steps` inner steps, logging
+    progress lines (logger peerlearn.train, INFO) and, at the end, printing
+    one JSON report on stdout.
     SIGINT/SIGTERM end the run early (the report still comes)."""
     import torch
 
@@ -48,12 +58,6 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed, PeerStartError
     from peerlearn.tasks import TaskError, load
 
-    # Progress lines are the run's own output; the daemon's log is kept to
-    # warnings unless PEERLEARN_LOG_LEVEL asks for more (INFO, DEBUG).
-    level = os.environ.get("PEERLEARN_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
-                        format="%(asctime)s %(message)s",
-                        stream=sys.stderr)
     torch.manual_seed(seed)
     try:
         hyper.check(algo)
@@ -67,7 +71,8 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
-                     timeouts=Timeouts.for_dead_after(dead_after))
+                     timeouts=Timeouts.for_dead_after(dead_after),
+                     advertise=resolve_advertise(listen, advertise, join))
     stop = threading.Event()
     peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
 
@@ -85,14 +90,15 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     except PeerStartError as e:
         raise SystemExit(f"peerlearn: {e}") from None
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
-    print(json.dumps({"peer": peer.id, "control": peer.control_address,
-                      "metrics_port": metrics_port, "task": task.name,
-                      "fingerprint": task.fingerprint}), flush=True)
+    announce(peer, {"peer": peer.id, "control": peer.control_address,
+                    "data": peer.daemon.info.data, "metrics_port": metrics_port,
+                    "task": task.name, "fingerprint": task.fingerprint},
+             join_cmd(peer.id, peer.control_address))
+    log = logging.getLogger("peerlearn.train")
 
     def show(row: dict) -> None:
-        print(f"[{peer.id[:8]}] step {row['step']} loss {row['loss']:.4f} "
-              f"tokens/s {row['tokens_per_s']:.0f} swarm step {row['swarm_step']}",
-              file=sys.stderr, flush=True)
+        log.info("%s step %d loss %.4f tokens/s %.0f swarm step %d", peer.id[:8], row["step"],
+                 row["loss"], row["tokens_per_s"], row["swarm_step"], extra={"fields": row})
 
     report: dict = {}
     try:
@@ -121,12 +127,19 @@ def _free_port() -> int:
 
 
 def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
-             wan: tuple[float, float] | None = None) -> dict:
+             wan: tuple[float, float] | None = None, *, progress: str = "auto",
+             log_flags: list[str] | None = None) -> dict:
     """Starts `peers` local `peerlearn run` processes (the first founds, the
     rest join it), each on its own shard, and collects their final reports.
     With `wan` = (rtt_ms, mbit) each peer runs on its own emulated host
     (peerlearn.netsim: network namespaces, a forwarder adding the delay and
-    rate limit), so all their traffic crosses that path."""
+    rate limit), so all their traffic crosses that path. Their log lines and
+    progress are shown by peerlearn.cli.output (prefixed lines, or a live
+    table); their data directory is removed at the end, Ctrl-C included."""
+    from peerlearn.cli import output
+
+    mode = output.choose(progress)
+    interrupt_on_sigterm()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))
     # One thread a peer: N peers on a few cores would oversubscribe them.
@@ -136,7 +149,9 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
     threads: list[threading.Thread] = []
     reports: dict[int, dict] = {}
     started = time.monotonic()
+    board = output.Board(mode, [f"p{i}" for i in range(peers)])
     with contextlib.ExitStack() as stack:
+        stack.callback(board.close)
         if wan is not None:
             from peerlearn.netsim import WanEmulator
 
@@ -155,12 +170,17 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                         "--listen", f"{host}:{port}", "--data-port", str(data_port),
                         "--data-dir", str(work / f"p{i}"),
                         "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
-                        "--wait-peers", str(peers),
+                        "--wait-peers", str(peers), *(log_flags or []), "--log-format", "json",
                         *(["--task", task_spec] if task_spec else []), *extra]
                 if founder:
                     argv += ["--join", founder]
-                p = launch(i, argv, env=env, stdout=subprocess.PIPE, text=True)
+                p = launch(i, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
                 procs.append(p)
+                t = threading.Thread(target=output.pump, args=(p.stderr, f"p{i}", board),
+                                     name=f"demo-log-{i}")
+                t.start()
+                threads.append(t)
                 hello = p.stdout.readline()
                 if not hello:
                     raise SystemExit(f"peerlearn demo: peer {i} did not start")
@@ -178,9 +198,13 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                 p.wait()
         except KeyboardInterrupt:
             for p in procs:
-                p.send_signal(signal.SIGINT)
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
             for p in procs:
-                p.wait()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             for p in procs:
                 if p.poll() is None:

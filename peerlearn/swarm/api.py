@@ -288,15 +288,17 @@ class Peer:
                                            if p in self.daemon.core.known})
         if not self._gossip_lock.acquire(blocking=False):
             raise PeerError("one gossip at a time per peer")
+        started = time.monotonic()
         try:
             out = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
                              codec=codec, block_size=block_size, timeout=timeout)
         except GossipFailed:
-            self.daemon.gossip_failures += 1
+            # Counted on the loop, which owns the daemon's counters.
+            self._on_loop(self.daemon.stats.gossip_done, False, time.monotonic() - started)
             raise
         finally:
             self._gossip_lock.release()
-        self.daemon.gossips += 1
+        self._on_loop(self.daemon.stats.gossip_done, True, time.monotonic() - started)
         return unflatten(out)
 
     # ------------------------------------------------------------ plumbing

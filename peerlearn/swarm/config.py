@@ -18,7 +18,7 @@ from peerlearn.transport.swarm_secret import check_secret
 class PeerConfig:
     data_dir: Path
     secret: bytes | None  # None: an allowlist swarm (then allowlist is required)
-    host: str = "127.0.0.1"  # bound and advertised
+    host: str = "127.0.0.1"  # bound; advertised too unless `advertise` says otherwise
     control_port: int = 0
     data_port: int = 0
     join: str | None = None  # host:port of any member's control socket; None founds a swarm
@@ -34,14 +34,56 @@ class PeerConfig:
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
     # A joiner gives up (JoinTimeout) when no member answers within this; None: never.
     join_timeout: float | None = 60.0
+    # HOST or HOST:PORT the other peers reach this one at (a public address
+    # behind NAT, a VPN address while binding 0.0.0.0). The data port is
+    # advertised on the same host with its bound number. None: `host`.
+    advertise: str | None = None
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's
         # one-line reason (WeakSecretError, a ValueError).
         if self.secret is not None:
             self.secret = check_secret(self.secret)
+        host = split_host_port(self.advertise)[0] if self.advertise else self.host
+        if unspecified(host):
+            raise ValueError(f"{host} names no machine to the other peers: advertise an "
+                             "address they reach (advertise=HOST[:PORT])")
         if not 1 <= self.ring_lanes <= self.n_conns:
             raise ValueError("ring_lanes must be between 1 and n_conns (one connection a lane)")
+
+
+    def advertised(self, control_port: int, data_port: int) -> tuple[str, str]:
+        """(control, data) addresses told to the other peers, given the bound ports."""
+        host, port = self.host, control_port
+        if self.advertise:
+            host, port = split_host_port(self.advertise)
+        return f"{host}:{port or control_port}", f"{host}:{data_port}"
+
+
+def split_host_port(addr: str) -> tuple[str, int | None]:
+    """"HOST", "HOST:PORT", "[V6]" or "[V6]:PORT" -> (host, port or None);
+    ValueError for a port that is not a number."""
+    if addr.startswith("["):
+        host, _, rest = addr.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else None
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:  # a name, an IPv4 address, or a bare IPv6 address
+        host, port = addr, None
+    if port is not None and not port.isdigit():
+        raise ValueError(f"{addr!r}: the port must be a number")
+    return host, None if port is None else int(port)
+
+
+def unspecified(host: str) -> bool:
+    """0.0.0.0 and ::, which bind every interface and reach none."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""  # a name
 
 
 @dataclass(eq=False)

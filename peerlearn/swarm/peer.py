@@ -40,6 +40,7 @@ from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduc
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import PeerLinks
 from peerlearn.swarm.errors import JoinTimeout, PeerClosed, StateReplaced, Withdrawn
+from peerlearn.swarm.stats import PeerStats, TokenBucket
 from peerlearn.swarm.statesync import MAX_DONORS, StateTransfers, SyncFailed
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
@@ -81,8 +82,7 @@ class PeerDaemon:
         self.links = PeerLinks(self.id, config.host, config.data_port,
                                self.data_key or os.urandom(32), config.n_conns,
                                identity=self.identity)
-        self.info = m.PeerInfo(self.id, f"{config.host}:{self.plane.port}",
-                               f"{config.host}:{self.links.port}")
+        self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))
         self.state = self._load_checkpoint()
         founder = config.join is None
         resuming = founder and self.state is not None
@@ -113,14 +113,12 @@ class PeerDaemon:
         # Counters for metrics (read by peerlearn.cli.metrics at scrape time).
         self.rounds_applied = 0
         self.rounds_aborted = 0
-        self.collectives = 0
-        self.collective_seconds = 0.0
+        self.stats = PeerStats()  # durations, retries, gossip, checkpoints
         self.syncs = 0
         self.sync_failures = 0
         self.parity_mismatches = 0
         self.handler_errors = 0
-        self.gossips = 0  # counted by the Peer API, which runs gossip
-        self.gossip_failures = 0
+        self._view_logged: frozenset[str] = frozenset()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.checkpointing = False
@@ -321,7 +319,8 @@ class PeerDaemon:
                     self.round_subs[a.round_id] = sub  # leads by the time it applies
                 fut = self.loop.run_in_executor(None, self._collective, a,
                                                 None if sub is None else sub.tensor)
-                fut.add_done_callback(lambda f, t=started: self._timed(t))
+                fut.add_done_callback(lambda f, t=started: self.stats.durations.observe(
+                    "all_reduce", time.monotonic() - t))
                 fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
             elif isinstance(a, r.ApplyResult):
                 self._apply(a)
@@ -334,7 +333,7 @@ class PeerDaemon:
                 for link in self.inflight_links.pop(a.round_id, []):
                     link.abort()
                 log.info("%s round %d aborted", self.id[:8], a.round_id)
-                self._retry()
+                self._retry("aborted")
             elif isinstance(a, r.SyncNeeded):
                 if self.applying:  # the state is being written: ask again next tick
                     self.core.sync_failed()
@@ -344,7 +343,9 @@ class PeerDaemon:
                 if not self.syncing:  # else the running sync ends with synced or failed
                     self.syncing = True
                     self.sync_task = self.loop.create_task(self._sync(a))
-            elif isinstance(a, r.ViewChanged):
+            elif isinstance(a, r.ViewChanged) and frozenset(a.members) != self._view_logged:
+                # Every applied round starts a view: say so only when its members change.
+                self._view_logged = frozenset(a.members)
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
     def submit(self, sub: Submission) -> None:
@@ -396,9 +397,10 @@ class PeerDaemon:
         while self.submissions:
             _settle(self.submissions.popleft().future, exc=exc)
 
-    def _retry(self) -> None:
-        """A round ended without applying: go again with the same contribution,
-        unless the caller withdrew it (then it is dropped here)."""
+    def _retry(self, reason: str) -> None:
+        """A round ended without applying (reason: stats.RETRY_REASONS): go again
+        with the same contribution, unless the caller withdrew it (dropped here)."""
+        self.stats.retried(reason)
         self._drop_withdrawn_head()
         self._schedule_ready(0.0)
 
@@ -437,10 +439,6 @@ class PeerDaemon:
                               op_tag=a.round_id, average=True, codec=codec,
                               timeout=self.cfg.step_timeout, lanes=self.cfg.ring_lanes)
 
-    def _timed(self, started: float) -> None:
-        self.collectives += 1
-        self.collective_seconds += time.monotonic() - started
-
     def _collective_done(self, a: r.StartCollective, fut) -> None:
         self.busy = False
         self.inflight_links.pop(a.round_id, None)
@@ -450,11 +448,11 @@ class PeerDaemon:
             self.round_subs.pop(a.round_id, None)
             log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
-            self._retry()
+            self._retry("collective_failed")
             return
         if self.core.active is None or self.core.active.round_id != a.round_id:
             self.round_subs.pop(a.round_id, None)
-            self._retry()  # decided (aborted) while we were still at it
+            self._retry("superseded")  # decided (aborted) while we were still at it
             return
         if not bool(torch.isfinite(result).all()):
             # A member contributed NaN or inf: every participant sees the same
@@ -464,7 +462,7 @@ class PeerDaemon:
             log.warning("%s round %d: the mean is not finite; failing the round", self.id[:8],
                         a.round_id)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
-            self._retry()
+            self._retry("nonfinite")
             return
         self.pending[a.round_id] = result
         digest = hash_tensor(result).to_bytes(8, "little")  # native XXH64, no copy
@@ -505,7 +503,7 @@ class PeerDaemon:
         self._save_record()
         self.rounds_applied += 1
         self.last_applied_at = time.monotonic()
-        log.info("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
+        log.debug("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
                  a.round_id, digest.hex())
         if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0 \
                 and not self.checkpointing:
@@ -520,11 +518,15 @@ class PeerDaemon:
             _settle(sub.future, result=result, exc=error)
         self._schedule_ready(0.0)
 
-    def _write_checkpoint(self, state: SharedState) -> None:
+    def _write_checkpoint(self, state: SharedState) -> float:
+        started = time.monotonic()
         checkpoint.save(state, self.cfg.data_dir / CHECKPOINT_FILE)
+        return time.monotonic() - started
 
     def _checkpoint_done(self, fut) -> None:
         self.checkpointing = False
+        self.stats.checkpoint_done(fut.exception() is None,
+                                   fut.result() if fut.exception() is None else 0.0)
         if fut.exception() is not None:
             log.warning("%s checkpoint failed: %s", self.id[:8], fut.exception())
 
@@ -536,6 +538,7 @@ class PeerDaemon:
 
     async def _sync(self, need: r.SyncNeeded) -> None:
         """Fetch and install the state the core asked for (statesync.StateTransfers)."""
+        started = time.monotonic()
         try:
             state = await self.transfers.fetch(need)
         except SyncFailed as e:
@@ -545,6 +548,7 @@ class PeerDaemon:
             return
         finally:
             self.syncing = False
+            self.stats.durations.observe("state_sync", time.monotonic() - started)
         step, digest = state.step, state.state_hash()
         self.state = state
         self.syncs += 1
@@ -598,20 +602,3 @@ def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
-
-
-class TokenBucket:
-    """At most `rate` events a second on average, `burst` at once. Loop-owned."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = float(burst), None
-
-    def take(self, now: float) -> bool:
-        if self.at is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True

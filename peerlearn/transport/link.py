@@ -53,15 +53,25 @@ class WireBytes:
     def __init__(self):
         self._lock = threading.Lock()
         self._bytes: dict[tuple[str, str], int] = {}
+        # Sent bytes again, by (traffic, codec id; None: raw): only the sender
+        # names the codec (a receiver learns it from the frames, natively).
+        self._sent_by_codec: dict[tuple[str, int | None], int] = {}
 
-    def add(self, direction: str, traffic: str, n: int) -> None:
+    def add(self, direction: str, traffic: str, n: int, codec: int | None = None) -> None:
         with self._lock:
             key = (direction, traffic)
             self._bytes[key] = self._bytes.get(key, 0) + n
+            if direction == "sent":
+                ckey = (traffic, codec)
+                self._sent_by_codec[ckey] = self._sent_by_codec.get(ckey, 0) + n
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._bytes)
+
+    def sent_by_codec(self) -> dict[tuple[str, int | None], int]:
+        with self._lock:
+            return dict(self._sent_by_codec)
 
 
 WIRE = WireBytes()
@@ -180,7 +190,8 @@ class Link:
             )
             stats = _run(op, started)
             failed = False
-            WIRE.add("sent", self._root.traffic, stats.bytes_on_wire)
+            WIRE.add("sent", self._root.traffic, stats.bytes_on_wire,
+                     None if codec is None else int(codec))
             return stats
         finally:
             self._release("send", failed)
