@@ -87,7 +87,7 @@ def test_a_dead_partner_never_blocks_and_the_failure_is_counted(peers):
     took = time.monotonic() - t0
     assert algo_a.inner_steps == 16 and algo_a.outer_steps == 8
     assert algo_a.failures + algo_a.alone == 5 and algo_a.alone >= 1
-    assert a.daemon.gossip_failures == algo_a.failures
+    assert a.daemon.stats.gossip_failures == algo_a.failures
     # At most one exchange waited out its timeout; then the partner was dead.
     assert took < 3.0 * max(1, algo_a.failures) + 5, took
 
