@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -50,3 +56,47 @@ def test_demo_trains_every_algorithm_to_one_agreed_model(algo, peers):
         # Started together, every peer took part in every outer step.
         assert all(r["algorithm"]["outer_steps"] == 4 and r["algorithm"]["state_replaced"] == 0
                    for r in reports), [r["algorithm"] for r in reports]
+
+
+def test_a_running_demo_says_how_to_watch_it_and_status_and_metrics_show_the_training():
+    """The newcomer's path: the demo prints a status command and a metrics
+    address; from another terminal both show the peers training."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", "diloco", "--peers", "2",
+         "--steps", "100000", "--H", "4", "--progress", "plain", "--progress-every", "5", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drain = None
+    try:
+        hint = None
+        for line in p.stderr:
+            if "watch it: peerlearn status" in line:
+                hint = line
+                break
+        assert hint is not None, "the demo never said how to watch it"
+        m = re.search(r"peerlearn status (\S+) --secret-file (\S+); metrics: (\S+)", hint)
+        assert m, hint
+        control, secret_file, url = m.groups()
+        drain = threading.Thread(target=lambda: [None for _ in p.stderr])
+        drain.start()
+        deadline = time.monotonic() + 120
+        loss_seen = False
+        while time.monotonic() < deadline and not loss_seen:
+            time.sleep(2)
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            step = re.search(r"^peerlearn_train_inner_step (\S+)$", text, re.M)
+            loss = re.search(r"^peerlearn_train_loss (\S+)$", text, re.M)
+            loss_seen = bool(step and loss and float(step.group(1)) >= 5
+                             and 0 < float(loss.group(1)) < math.log(256) + 1)
+        assert loss_seen, text[-2000:]
+        out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "status", control,
+                              "--secret-file", secret_file, "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = json.loads(out.stdout)
+        assert len(rows) == 2 and max(r["step"] for r in rows) >= 1, rows
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        if drain is not None:
+            drain.join()
+    assert not os.path.exists(secret_file)  # the demo's directory went with it

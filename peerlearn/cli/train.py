@@ -126,6 +126,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def watch_hint(work: Path, secret: str, control: str, metrics_port: int | None) -> str:
+    """How to look at the running demo from another terminal: its secret goes
+    to a 0600 file in the demo's own directory (removed with it)."""
+    path = work / "secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    hint = f"watch it: peerlearn status {control} --secret-file {path}"
+    if metrics_port:
+        hint += f"; metrics: http://127.0.0.1:{metrics_port}/metrics"
+    return hint
+
+
 def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
              wan: tuple[float, float] | None = None, *, progress: str = "auto",
              log_flags: list[str] | None = None) -> dict:
@@ -142,6 +155,7 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
     interrupt_on_sigterm()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))
+    metrics_at = "off" if wan is not None else "127.0.0.1:0"  # namespaces: not reachable here
     # One thread a peer: N peers on a few cores would oversubscribe them.
     env.setdefault("OMP_NUM_THREADS", "1")
     work = Path(tempfile.mkdtemp(prefix="peerlearn-demo-"))
@@ -169,7 +183,7 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                 argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
                         "--listen", f"{host}:{port}", "--data-port", str(data_port),
                         "--data-dir", str(work / f"p{i}"),
-                        "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", "off",
+                        "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", metrics_at,
                         "--wait-peers", str(peers), *(log_flags or []), "--log-format", "json",
                         *(["--task", task_spec] if task_spec else []), *extra]
                 if founder:
@@ -186,6 +200,8 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                     raise SystemExit(f"peerlearn demo: peer {i} did not start")
                 if founder is None:
                     founder = json.loads(hello)["control"]
+                    board.line("demo", watch_hint(work, env[SECRET_ENV], founder,
+                                                  json.loads(hello).get("metrics_port")))
 
                 def collect(i=i, p=p):
                     for line in p.stdout:
