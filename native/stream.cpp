@@ -449,6 +449,7 @@ void RecvOp::conn_body(size_t conn) {
       plcodec::Header h = plcodec::parse_header(qhdr, f.payload_len);
       if (h.numel != elems)
         throw StreamError(ErrorKind::PROTOCOL, "packed chunk element count does not match");
+      wire_codec_.store(static_cast<int>(h.codec), std::memory_order_relaxed);
       recv_growing(fd, qhdr, f.payload_len, scratch);
       if (opt_.mode == RecvMode::COPY)
         plcodec::decode(scratch.data(), f.payload_len, dst, dst_.dtype, elems, 1);

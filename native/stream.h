@@ -87,6 +87,9 @@ class Op {
   void cancel();
   bool done() const { return finished_.load(); }
   uint64_t bytes_on_wire() const { return wire_bytes_.load(); }
+  // Codec id of the packed chunks received (-1: raw, or none yet); a receiver
+  // learns it from the frames, so its byte counts can name the codec too.
+  int wire_codec() const { return wire_codec_.load(std::memory_order_relaxed); }
   // DATA frames each connection carried so far (shows the striping).
   std::vector<uint32_t> conn_chunks() const;
 
@@ -105,6 +108,7 @@ class Op {
   std::vector<int> fds_;
   double deadline_ = 0;  // monotonic seconds, 0: none
   std::atomic<uint64_t> wire_bytes_{0};
+  std::atomic<int> wire_codec_{-1};
   std::unique_ptr<std::atomic<uint32_t>[]> conn_chunks_;
 
  private:

@@ -70,6 +70,8 @@ void bind_op_methods(nb::class_<T>& c) {
       .def("cancel", [](T& s) { s.op_->cancel(); })
       .def_prop_ro("done", [](T& s) { return s.op_->done(); })
       .def_prop_ro("bytes_on_wire", [](T& s) { return s.op_->bytes_on_wire(); })
+      .def_prop_ro("wire_codec", [](T& s) { return s.op_->wire_codec(); },
+                   "Codec id of the packed chunks received (-1: raw, or none yet).")
       .def_prop_ro("conn_chunks", [](T& s) { return s.op_->conn_chunks(); },
                    "DATA frames each connection carried so far.");
 }

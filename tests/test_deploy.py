@@ -133,7 +133,7 @@ def test_metrics_endpoint_serves_peer_and_process_metrics(swarm):
     assert {"peerlearn_build_info", "peerlearn_step", "peerlearn_rounds_applied_total",
             "peerlearn_seconds_since_applied", "peerlearn_quorum_needed",
             "peerlearn_quorum_held", "peerlearn_wire_bytes_total",
-            "peerlearn_wire_sent_bytes_by_codec_total", "peerlearn_collective_seconds_bucket",
+            "peerlearn_wire_bytes_by_codec_total", "peerlearn_collective_seconds_bucket",
             "peerlearn_round_retries_total", "peerlearn_checkpoint_age_seconds",
             "peerlearn_checkpoint_seconds_count", "peerlearn_train_loss",
             "peerlearn_train_tokens_total", "peerlearn_train_tokens_per_second",

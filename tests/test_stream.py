@@ -369,6 +369,32 @@ def test_packed_transfer_equals_encode_then_decode(pair):
     assert sent.bytes_on_wire < x.numel() * 4 / 3  # about a quarter of fp32, plus scales
 
 
+def test_wire_bytes_name_the_codec_on_both_sides(pair):
+    """The receiver learns the codec from the frames: its byte count names it too."""
+    from peerlearn.transport.link import WIRE
+    from peerlearn.wire import codecs as C
+
+    traffic = pair.server._root.traffic
+    before = WIRE.by_codec()
+    x = torch.randn(50_000)
+    y = torch.empty_like(x)
+    r = in_thread(pair.server.recv_into, y, op_id=11)
+    sent = pair.client.send(x, op_id=11, codec=C.Codec.E3M0, block_size=32)
+    got = r.result()
+    r = in_thread(pair.server.recv_into, y, op_id=12)
+    raw = pair.client.send(x, op_id=12)
+    got_raw = r.result()
+    after = WIRE.by_codec()
+
+    def grew(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    codec = int(C.Codec.E3M0)
+    assert grew(("sent", pair.client._root.traffic, codec)) == sent.bytes_on_wire
+    assert grew(("received", traffic, codec)) == got.bytes_on_wire == sent.bytes_on_wire
+    assert grew(("received", traffic, None)) == got_raw.bytes_on_wire == raw.bytes_on_wire
+
+
 def test_packed_accumulate_and_stochastic_rounding_are_deterministic(pair):
     from peerlearn.wire import codecs as C
 

@@ -199,12 +199,13 @@ class PeerCollector:
             wire.add_metric([direction, traffic], n)
         yield wire
         by_codec = CounterMetricFamily(
-            "peerlearn_wire_sent_bytes_by_codec",
-            "Bytes sent over data links, by traffic and the codec they were packed with.",
-            labels=["traffic", "codec"])
-        for (traffic, codec), n in sorted(WIRE.sent_by_codec().items(),
-                                          key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            by_codec.add_metric([traffic, buildinfo.codec_name(codec)], n)
+            "peerlearn_wire_bytes_by_codec",
+            "Bytes moved over data links, by direction, traffic and the codec they were "
+            "packed with (the sender's; a receiver reads it from the frames).",
+            labels=["direction", "traffic", "codec"])
+        for (direction, traffic, codec), n in sorted(
+                WIRE.by_codec().items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+            by_codec.add_metric([direction, traffic, buildinfo.codec_name(codec)], n)
         yield by_codec
 
 

@@ -53,25 +53,24 @@ class WireBytes:
     def __init__(self):
         self._lock = threading.Lock()
         self._bytes: dict[tuple[str, str], int] = {}
-        # Sent bytes again, by (traffic, codec id; None: raw): only the sender
-        # names the codec (a receiver learns it from the frames, natively).
-        self._sent_by_codec: dict[tuple[str, int | None], int] = {}
+        # The same bytes by (direction, traffic, codec id; None: raw): the
+        # sender names its codec, a receiver the one its frames' headers named.
+        self._by_codec: dict[tuple[str, str, int | None], int] = {}
 
     def add(self, direction: str, traffic: str, n: int, codec: int | None = None) -> None:
         with self._lock:
             key = (direction, traffic)
             self._bytes[key] = self._bytes.get(key, 0) + n
-            if direction == "sent":
-                ckey = (traffic, codec)
-                self._sent_by_codec[ckey] = self._sent_by_codec.get(ckey, 0) + n
+            ckey = (direction, traffic, codec)
+            self._by_codec[ckey] = self._by_codec.get(ckey, 0) + n
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._bytes)
 
-    def sent_by_codec(self) -> dict[tuple[str, int | None], int]:
+    def by_codec(self) -> dict[tuple[str, str, int | None], int]:
         with self._lock:
-            return dict(self._sent_by_codec)
+            return dict(self._by_codec)
 
 
 WIRE = WireBytes()
@@ -212,7 +211,9 @@ class Link:
             op = _native.start_recv(self._fds, flat, op_id, accumulate, timeout)
             stats = _run(op, started)
             failed = False
-            WIRE.add("received", self._root.traffic, stats.bytes_on_wire)
+            codec = op.wire_codec
+            WIRE.add("received", self._root.traffic, stats.bytes_on_wire,
+                     None if codec < 0 else codec)
             return stats
         finally:
             self._release("receive", failed)
