@@ -78,6 +78,13 @@ CONFIGS["streaming-warm"] = (4, [*CONFIGS["streaming-warm"][1], "--alpha", "0"])
 CONFIGS.update({
     "noloco-H50": (4, ["--algo", "noloco", "--H", "50"]),
     "noloco-H50-warm": (4, ["--algo", "noloco", "--H", "50"]),
+    # NoLoCo's outer step from the warm start, as DiLoCo's was probed: larger
+    # lr and momentum (DiLoCo's grid chose an aggressive outer step there), and
+    # the agreed model after one final merge.
+    "noloco-H50-lr1.0-m0.9-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.0",
+                                       "--noloco-momentum", "0.9", "--gamma", "1.0"]),
+    "noloco-H50-m0.9-warm": (4, ["--algo", "noloco", "--H", "50", "--noloco-momentum", "0.9"]),
+    "noloco-H50-merge-warm": (4, ["--algo", "noloco", "--H", "50", "--merge-at", "end"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",

@@ -400,29 +400,36 @@ def status(
     secret, keys = daemon.read_credentials(secret_file, allowlist)
     if watch is not None and watch <= 0:
         raise typer.BadParameter("SECONDS must be above 0", param_hint="--watch")
-    while True:
+    def show(first: bool) -> None:
         rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
         if watch is not None and not as_json and sys.stdout.isatty():
             typer.echo("\x1b[H\x1b[2J", nl=False)  # a terminal shows the latest table only
         if as_json:
             typer.echo(json.dumps(rows, indent=None if watch is not None else 2))
-        else:
-            if watch is not None:
-                typer.echo(time.strftime("%H:%M:%S ") + f"{target}: {len(rows)} peers")
-            for r in rows:
-                typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} "
-                           f"step {r['step']:<6} {r['state_hash']}")
+            return
+        if watch is not None:
+            typer.echo(time.strftime("%H:%M:%S ") + f"{target}: {len(rows)} peers")
+        for r in rows:
+            typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} "
+                       f"step {r['step']:<6} {r['state_hash']}")
+        if first or sys.stdout.isatty():
             # What equal hashes prove differs by algorithm; say it where they are shown.
             typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo "
                        "family: outer params and optimizer. Gossip runs (noloco, gossip, "
                        "gossip-vc): step, configuration and merged params only; each peer's "
                        "own params differ by design.")
-        if watch is None:
-            return
-        try:
+
+    if watch is None:
+        show(True)
+        return
+    first = True
+    try:
+        while True:
+            show(first)
+            first = False
             time.sleep(watch)
-        except KeyboardInterrupt:
-            return
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a watch ends, wherever it lands: not an error
 
 
 def main() -> None:
