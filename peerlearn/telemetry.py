@@ -88,6 +88,10 @@ class _Training:
             if now - t0 >= 5.0:
                 self._tokens_per_s = (self._tokens - n0) / (now - t0)
                 self._window = (now, self._tokens)
+            elif self._tokens_per_s is None and now > t0:
+                # Until the first full window: the rate so far, so a scrape of
+                # a young (or fast-finishing) run still shows one.
+                self._tokens_per_s = (self._tokens - n0) / (now - t0)
             if algo is not None:
                 self._algo = algo
             if task is not None:
