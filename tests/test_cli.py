@@ -353,3 +353,25 @@ def test_a_training_loop_reports_and_adds_its_own_metrics_on_the_peers_endpoint(
                  "peerlearn_train_inner_step 7.0", "peerlearn_train_tokens_total 100.0",
                  'peerlearn_train_learning_rate{optimizer="inner"} 0.01', "peerlearn_members 1.0"):
         assert line in text, line
+
+
+def test_the_join_command_of_a_gossip_run_carries_its_settings(tmp_path):
+    """A gossip run's peers refuse a swarm with other settings: the printed
+    command must carry every one that the founder was given."""
+    from tests.test_training import TINY
+
+    p = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "noloco",
+                          "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "a"),
+                          "--metrics", "off", "--steps", "100000", "--group", "3",
+                          "--gamma", "0.25", "--merge-at", "end", "--independent-init", *TINY],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        line = p.stdout.readline()
+        assert line, p.stderr.read()
+        cmd = json.loads(line)["join_command"]
+        for setting in ("--algo noloco", "--group 3", "--gamma 0.25", "--merge-at end",
+                        "--independent-init", "--set n_embd=32"):
+            assert setting in cmd, cmd
+    finally:
+        p.terminate()
+        p.wait(30)

@@ -238,7 +238,8 @@ def run(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--codec") from None
     secret, keys = daemon.read_credentials(secret_file, allowlist)
-    # What a joiner must pass as well: the settings every peer of a run shares.
+    # What a joiner must pass as well: the settings every peer of a run shares
+    # (a gossip run's peers refuse a swarm whose settings differ from theirs).
     shared = ["--algo", algo, "--codec", codec]
     if algo == "synthetic":
         shared += ["--numel", str(numel)]
@@ -246,6 +247,11 @@ def run(
         shared += ["--H", str(H), "--outer-lr", str(outer_lr), "--momentum", str(momentum)]
         if algo == "streaming":
             shared += ["--P", str(P), "--tau", str(tau), "--alpha", str(alpha)]
+        if algo in ("noloco", "gossip", "gossip-vc"):  # training.GOSSIP_ALGORITHMS (no torch here)
+            shared += ["--group", str(group), "--noloco-momentum", str(noloco_momentum),
+                       "--gamma", str(gamma), "--merge-at", merge_at,
+                       "--gossip-timeout", str(gossip_timeout),
+                       *(["--independent-init"] if independent_init else [])]
         shared += [*(["--task", task] if task else []),
                    *[a for pair in task_set for a in ("--set", pair)]]
 
