@@ -85,7 +85,9 @@ def test_a_running_demo_says_how_to_watch_it_and_status_and_metrics_show_the_tra
             text = urllib.request.urlopen(url, timeout=10).read().decode()
             step = re.search(r"^peerlearn_train_inner_step (\S+)$", text, re.M)
             loss = re.search(r"^peerlearn_train_loss (\S+)$", text, re.M)
-            loss_seen = bool(step and loss and float(step.group(1)) >= 5
+            outer = re.search(r"^peerlearn_train_outer_step (\S+)$", text, re.M)
+            loss_seen = bool(step and loss and outer and float(step.group(1)) >= 5
+                             and float(outer.group(1)) >= 1
                              and 0 < float(loss.group(1)) < math.log(256) + 1)
         assert loss_seen, text[-2000:]
         out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", "status", control,

@@ -174,12 +174,13 @@ def wire_bytes() -> dict[str, int]:
 
 def _report(algorithm, algo: str, task, optimizer, hp: Hyper, step: int) -> None:
     """This step's figures for the metrics endpoint (peerlearn.telemetry)."""
-    stats = algorithm.metrics() if hasattr(algorithm, "metrics") else {}
+    # The counters themselves, not metrics(): that builds the whole report (a
+    # gossip run's log of up to 1000 exchanges), and this runs every step.
+    outer = getattr(algorithm, "outer_steps", getattr(algorithm, "steps", None))
     lrs = {"inner": optimizer.param_groups[0]["lr"]}
     if algo not in ("ddp", "local"):
         lrs["outer"] = hp.outer_lr
-    telemetry.record_training(algo=algo, task=task.name, inner_step=step,
-                              outer_step=stats.get("outer_steps", stats.get("ddp_steps")),
+    telemetry.record_training(algo=algo, task=task.name, inner_step=step, outer_step=outer,
                               tokens=task.tokens_per_batch, learning_rates=lrs)
 
 
