@@ -5,6 +5,7 @@ peerlearn.cli.metrics copies it there (`snapshot`) and serves the copy.
 
 from __future__ import annotations
 
+import bisect
 import time
 
 # Durations from a 10 ms all-reduce on a LAN to a state transfer of a large
@@ -27,8 +28,7 @@ class Durations:
 
     def observe(self, op: str, seconds: float) -> None:
         counts = self.counts[op]
-        i = next((i for i, b in enumerate(self.buckets) if seconds <= b), len(self.buckets))
-        counts[i] += 1
+        counts[bisect.bisect_left(self.buckets, seconds)] += 1  # first bound >= seconds
         self.sums[op] += seconds
 
     def copy(self) -> Durations:

@@ -52,25 +52,25 @@ class WireBytes:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._bytes: dict[tuple[str, str], int] = {}
-        # The same bytes by (direction, traffic, codec id; None: raw): the
-        # sender names its codec, a receiver the one its frames' headers named.
-        self._by_codec: dict[tuple[str, str, int | None], int] = {}
+        # By (direction, traffic, codec id; None: raw): the sender names its
+        # codec, a receiver the one its frames' headers named.
+        self._bytes: dict[tuple[str, str, int | None], int] = {}
 
     def add(self, direction: str, traffic: str, n: int, codec: int | None = None) -> None:
         with self._lock:
-            key = (direction, traffic)
+            key = (direction, traffic, codec)
             self._bytes[key] = self._bytes.get(key, 0) + n
-            ckey = (direction, traffic, codec)
-            self._by_codec[ckey] = self._by_codec.get(ckey, 0) + n
 
     def snapshot(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return dict(self._bytes)
+        """Bytes by (direction, traffic), every codec together."""
+        out: dict[tuple[str, str], int] = {}
+        for (direction, traffic, _), n in self.by_codec().items():
+            out[direction, traffic] = out.get((direction, traffic), 0) + n
+        return out
 
     def by_codec(self) -> dict[tuple[str, str, int | None], int]:
         with self._lock:
-            return dict(self._by_codec)
+            return dict(self._bytes)
 
 
 WIRE = WireBytes()
