@@ -375,3 +375,14 @@ def test_the_join_command_of_a_gossip_run_carries_its_settings(tmp_path):
     finally:
         p.terminate()
         p.wait(30)
+
+
+def test_the_derived_advertise_address_is_one_host_even_for_ipv6():
+    from peerlearn.cli.daemon import local_address_towards
+
+    assert local_address_towards("127.0.0.1", 9) == "127.0.0.1"
+    try:
+        v6 = local_address_towards("::1", 9)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert v6 == "[::1]"  # bracketed: "HOST:PORT" built from it stays unambiguous

@@ -232,8 +232,10 @@ def local_address_towards(host: str, port: int) -> str:
     what a peer there can reach us at. (A UDP connect sends nothing.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((host, port))
-        return s.getsockname()[0]
+        s.connect((host.strip("[]"), port))
+        addr = s.getsockname()[0]
+    # Bracketed, so "HOST:PORT" built from it stays one address (PeerConfig.advertised).
+    return f"[{addr}]" if ":" in addr else addr
 
 
 def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
