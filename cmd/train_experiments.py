@@ -85,6 +85,19 @@ CONFIGS.update({
                                        "--noloco-momentum", "0.9", "--gamma", "1.0"]),
     "noloco-H50-m0.9-warm": (4, ["--algo", "noloco", "--H", "50", "--noloco-momentum", "0.9"]),
     "noloco-H50-merge-warm": (4, ["--algo", "noloco", "--H", "50", "--merge-at", "end"]),
+    # The outer-step grid from the warm start (seed 0). The defaults (heavy-ball
+    # 0.5, lr 0.7) extrapolate about as little as FedAvg; momentum 0.9 lets each
+    # peer's own velocity drift from its partners' (the gamma pull acts on phi,
+    # never on m). So: more outer steps (the sheet's E4: H = 25 against DiLoCo's
+    # 50), and a larger lr with gamma 1 (phi lands on the group mean) and little
+    # or no momentum.
+    "noloco-H25-warm": (4, ["--algo", "noloco", "--H", "25"]),
+    "noloco-H50-a0-b2-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "2.0",
+                                     "--noloco-momentum", "0", "--gamma", "1.0"]),
+    "noloco-H50-a0-b3-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "3.0",
+                                     "--noloco-momentum", "0", "--gamma", "1.0"]),
+    "noloco-H50-a0.5-b1.5-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.5",
+                                         "--noloco-momentum", "0.5", "--gamma", "1.0"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",
