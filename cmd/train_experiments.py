@@ -98,6 +98,17 @@ CONFIGS.update({
                                      "--noloco-momentum", "0", "--gamma", "1.0"]),
     "noloco-H50-a0.5-b1.5-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.5",
                                          "--noloco-momentum", "0.5", "--gamma", "1.0"]),
+    # Momentum 0.9 with the paper's gamma 0.7 failed above: gamma's pull goes
+    # through the momentum, so it acts gamma / (1 - alpha) = 7 times over and
+    # throws each peer past its partner. gamma = 1 - alpha lands phi on the
+    # group mean. group 4 = everyone: heavy-ball DiLoCo (the identity), the
+    # same outer step with all four instead of a partner.
+    "noloco-H50-a0.9-b1.0-g0.1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.0",
+                                           "--noloco-momentum", "0.9", "--gamma", "0.1"]),
+    "noloco-H50-a0.9-b0.7-g0.1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "0.7",
+                                           "--noloco-momentum", "0.9", "--gamma", "0.1"]),
+    "noloco-H50-a0.9-b1.0-group4-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
+                                             "1.0", "--noloco-momentum", "0.9", "--group", "4"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",

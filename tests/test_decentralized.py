@@ -24,7 +24,7 @@ from peerlearn.algorithms.outer import HeavyBall
 from peerlearn.algorithms.training import Hyper, gossip_config
 from peerlearn.swarm.api import flatten
 from peerlearn.swarm.errors import GossipFailed
-from peerlearn.swarm.gossip import gossip_groups, group_of
+from peerlearn.swarm.gossip import gossip_groups, group_of, next_round
 from tests.fake_swarm import FakePeer, FakeSwarm, Lockstep
 
 torch.set_num_threads(1)
@@ -179,6 +179,22 @@ def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
     algo.peer.gossip = lambda *a, **k: (_ for _ in ()).throw(GossipFailed("x", {"peer1": 2}))
     algo.exchange({"x": torch.zeros(2)})
     assert algo.round == 12 and algo.caught_up == 7
+
+
+@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), a_heard=st.booleans(),
+       b_heard=st.booleans())
+def test_both_sides_of_a_round_mismatch_go_to_the_same_next_round(a, b, a_heard, b_heard):
+    """Whichever of two mismatched partners heard the other's header (the
+    one behind always does when the one ahead sent it; the one ahead may fail
+    on a broken link instead), both go to the same round: they meet there."""
+    if a == b:
+        return
+    lo, hi = min(a, b), max(a, b)
+    heard_by_lo = [hi] if (a_heard if a == lo else b_heard) else []
+    heard_by_hi = [lo] if (b_heard if b == hi else a_heard) else []
+    if not heard_by_lo:
+        return  # the one behind heard nothing: no header reached it; both time out
+    assert next_round(lo, heard_by_lo) == next_round(hi, heard_by_hi) == hi + 1
 
 
 def test_a_peer_with_other_settings_refuses_the_swarm_state():

@@ -20,6 +20,7 @@ from peerlearn.algorithms.noloco import NoLoCo
 from peerlearn.algorithms.training import Hyper, gossip_config
 from peerlearn.swarm.api import Peer
 from peerlearn.swarm.errors import GossipFailed
+from peerlearn.swarm.gossip import next_round
 from peerlearn.swarm.peer import PeerConfig
 from peerlearn.swarm.rounds import Timeouts
 from tests.test_api import run_all, wait_joiners_reported
@@ -100,17 +101,22 @@ def test_gossip_rounds_that_disagree_tell_each_other_and_meet_again(peers):
 
     def gossip(i, p):
         try:
-            return p.gossip(x[i], round_=rounds[i], timeout=3)
+            return p.gossip(x[i], round_=rounds[i], timeout=8)
         except GossipFailed as e:
             return e
 
+    t0 = time.monotonic()
     out = run_all([a, b], gossip)
+    took = time.monotonic() - t0
     assert isinstance(out[0], GossipFailed) and isinstance(out[1], GossipFailed)
-    # The one behind learns where the other is; the one ahead learns nothing
-    # (an earlier round's header may be a leftover) and waits out its timeout.
-    assert out[1].rounds == {a.id: 9} and out[0].rounds == {}
-    nxt = max(rounds.values()) + 1  # what GossipLoop does with it
-    out = run_all([a, b], lambda i, p: p.gossip(x[i], round_=nxt, timeout=10))
+    # Each learns where the other is, and both give up at once: the one ahead
+    # does not wait (it would read the other's next attempt, one round past
+    # its own, and the two would leapfrog each other for good).
+    assert out[1].rounds == {a.id: 9} and out[0].rounds == {b.id: 4}
+    assert took < 4.0, took  # not the 8 s timeout
+    nxt = {i: next_round(rounds[i], out[i].rounds.values()) for i in (0, 1)}
+    assert nxt == {0: 10, 1: 10}  # what GossipLoop does with it: the same round
+    out = run_all([a, b], lambda i, p: p.gossip(x[i], round_=nxt[i], timeout=10))
     assert torch.equal(out[0], torch.full((1000,), 0.5)) and torch.equal(out[0], out[1])
 
 

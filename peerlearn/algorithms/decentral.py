@@ -25,8 +25,9 @@ Faults never reach the training loop except PeerClosed:
   * a failed exchange (partner gone, partition, timeout, views that disagree
     on the pairing) skips that outer step's averaging, counted; the peer
     trains on. A partner that answered at another gossip round tells its
-    round, and the counter jumps forward to the larger one: the two sides of
-    a healed partition, which trained at different speeds, meet again.
+    round, and both go on to the larger one + 1 (`gossip.next_round`): the
+    two sides of a healed partition, which trained at different speeds, meet
+    again.
   * a peer alone in its live view (the rest partitioned away) takes its outer
     step with a group of one (counted as `alone`, not as a failure).
   * the merge is an ordinary round (`Peer.all_reduce`): a peer whose state
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 
@@ -46,11 +48,14 @@ from torch import nn
 
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.errors import CollectiveTimeout, GossipFailed, PeerClosed, StateReplaced
+from peerlearn.swarm.gossip import next_round
 
 CONFIG = "gossip/config"
 MERGED = "merged/"
 MERGE_COUNT = "merged/#count"  # '#' keeps it apart from any parameter name
 MAX_LOGGED = 1000  # exchanges kept in the report's distance log
+
+log = logging.getLogger(__name__)
 
 
 def config_tensor(config: Mapping[str, object]) -> torch.Tensor:
@@ -222,11 +227,12 @@ class GossipLoop:
                                    block_size=self.block_size, timeout=self.gossip_timeout)
         except GossipFailed as e:
             self.failures += 1
+            log.info("outer step %d goes without averaging: %s", self.outer_steps + 1, e)
             ahead = max(e.rounds.values(), default=self.round)
             if ahead > self.round:
                 self.caught_up += ahead - self.round
-            # The partners go on to their round + 1 as well: meet them there.
-            self.round = max(self.round, ahead) + 1
+            # Where the partners go as well, whichever side heard the other.
+            self.round = next_round(self.round, e.rounds.values())
             return None
         self.round += 1
         self.exchanges += 1

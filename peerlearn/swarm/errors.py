@@ -50,8 +50,8 @@ class GossipFailed(PeerError):
     """A gossip exchange did not complete (partner gone, views disagreed on the
     pairing, timeout). The caller keeps its own tensor; the partner may or may
     not have averaged with ours (gossip results are not agreed). `rounds`:
-    partners that answered at a later gossip round (peer id -> their round),
-    so a caller whose round counter fell behind can catch up."""
+    partners that answered at another gossip round (peer id -> their round):
+    the caller's next round is `gossip.next_round` of its own and these."""
 
     def __init__(self, message: str, rounds: dict[str, int] | None = None):
         super().__init__(message)

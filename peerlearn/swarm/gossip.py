@@ -19,13 +19,17 @@ Invariants:
     caller needing agreement uses a round (all-reduce) instead.
   * Rounds are told, not assumed: each member first sends its round in a
     small header (op GOSSIP_HELLO_OP, the same for every round), then its
-    tensor (op GOSSIP_OP | round). A member whose partner is at a later
-    round fails at once with GossipFailed naming that round, so a caller
-    whose counter fell behind (the two sides of a healed partition trained
-    at different speeds) can jump forward and meet the others again; without
-    it the two sides would pair by different rounds forever. A header of an
-    earlier round is skipped (it may be left over from an exchange the
-    partner abandoned), so only the member behind gives up early.
+    tensor (op GOSSIP_OP | round). A member whose partner is at another
+    round fails at once with GossipFailed naming that round, and both sides
+    go on to `next_round` = max(both rounds) + 1: the two sides of a healed
+    partition, which trained at different speeds, meet there; without it
+    they would pair by different rounds forever. Both sides give up, the
+    one ahead too: when it skipped the earlier header and waited, it read
+    the partner's *next* attempt, already one round past its own, and the
+    two leapfrogged each other for good (seen through a real partition).
+    A member that fails without hearing the other's round (timeout, link
+    broken) goes to its own round + 1, which is the same next_round when it
+    was the one ahead.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -70,6 +74,13 @@ def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
     return [tuple(sorted(g)) for g in groups]
 
 
+def next_round(mine: int, heard: Iterable[int] = ()) -> int:
+    """The round to try after a failed exchange at round `mine`, having
+    heard the partners' rounds `heard`: the same on both sides of a round
+    mismatch, whichever of them heard the other."""
+    return max([mine, *heard]) + 1
+
+
 def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
     for g in groups:
         if me in g:
@@ -85,8 +96,8 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     Sends to every other member and receives from each at the same time (the
     sends on helper threads): first the round header, then the tensor. Raises
     GossipFailed on any failure, after aborting the group's gossip links so
-    the partners fail fast too; its `rounds` names the partners heard from
-    ahead of ours (peer id -> round).
+    the partners fail fast too; its `rounds` names the partners heard at
+    another round than ours (peer id -> round): see `next_round`.
     """
     if not 0 <= round_ <= MAX_ROUND:
         raise ValueError("gossip round out of range")
@@ -129,14 +140,10 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
                 their_round = int.from_bytes(bytes(theirs.tolist()), "little")
                 if their_round == round_:
                     break
-                if round_ < their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
+                if their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
                     rounds[peer] = their_round
-                    raise GossipFailed(f"{peer} is at gossip round {their_round}, "
-                                       f"we at {round_}")
-                # An earlier round: a partner behind us (it learns ours from our
-                # header and gives up), or a header left on the link by an
-                # exchange the partner abandoned, whose current header comes next
-                # or on its fresh link. Read on until the deadline.
+                raise GossipFailed(f"{peer} is at gossip round {their_round}, "
+                                   f"we at {round_}")
             values[peer] = torch.empty_like(tensor)
             links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
                             timeout=max(0.1, deadline - time.monotonic()))
