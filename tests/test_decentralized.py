@@ -16,7 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from peerlearn.algorithms.decentral import MERGE_COUNT, MERGED, GossipLoop, independent_init
+from peerlearn.algorithms.decentral import (
+    MERGE_COUNT,
+    MERGED,
+    GossipLoop,
+    config_tensor,
+    independent_init,
+)
 from peerlearn.algorithms.diloco import DiLoCo
 from peerlearn.algorithms.gossip import GossipAveraging, corrected_names, variance_correct
 from peerlearn.algorithms.noloco import NoLoCo, noloco_update
@@ -195,6 +201,64 @@ def test_both_sides_of_a_round_mismatch_go_to_the_same_next_round(a, b, a_heard,
     if not heard_by_lo:
         return  # the one behind heard nothing: no header reached it; both time out
     assert next_round(lo, heard_by_lo) == next_round(hi, heard_by_hi) == hi + 1
+
+
+def test_a_restarted_noloco_peer_resumes_its_own_progress_byte_for_byte(tmp_path):
+    m, H = 2, 2
+    cfg = noloco_cfg(H=H)
+    paths = [tmp_path / f"p{i}.ckpt" for i in range(m)]
+    sw, models, algos, tick = replicas(
+        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=cfg, local_path=paths[p.index]))
+    Lockstep(sw, tick).run(3 * H)
+    sw.failing.add(algos[0].round)  # one failed exchange: peer 0's phi is its own
+    Lockstep(sw, tick).run(H)
+    old = algos[0]
+    assert old.failures == 1 and paths[0].stat().st_mode & 0o777 == 0o600
+    # Peer 0 restarts: a fresh model (the swarm's initial params) and algorithm.
+    fresh = tiny(0)
+    new = NoLoCo(sw.peers[0], fresh, torch.optim.Adam(fresh.parameters()), H=H, config=cfg,
+                 local_path=paths[0])
+    assert new.resumed
+    assert (new.round, new.inner_steps, new.outer_steps) == (old.round, 4 * H, 4)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, dict(models[0].named_parameters())[n])
+        assert torch.equal(new.phi[n], old.phi[n]) and torch.equal(new.m[n], old.m[n])
+    # It goes on exactly as the one it replaced would have.
+    assert not torch.equal(new.m["0.weight"], torch.zeros_like(new.m["0.weight"]))
+
+
+def test_a_local_checkpoint_of_another_run_or_from_before_a_merge_is_not_resumed(tmp_path,
+                                                                                   caplog):
+    cfg = noloco_cfg(H=1)
+    path = tmp_path / "own.ckpt"
+    sw, models, algos, tick = replicas(
+        2, lambda base: GossipSwarm(2, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=1, config=cfg,
+                                   local_path=path if p.index == 0 else None))
+    Lockstep(sw, tick).run(2)
+    assert path.exists()
+
+    def restart(config, p=path):
+        fresh = tiny(0)
+        return NoLoCo(sw.peers[0], fresh, torch.optim.Adam(fresh.parameters()), H=1,
+                      config=config, local_path=p)
+
+    assert restart(cfg).resumed
+    other = noloco_cfg(H=1, gamma=0.5)
+    sw.peers[0].state.tensors["gossip/config"] = config_tensor(other)
+    assert not restart(other).resumed and "other settings" in caplog.text
+    sw.peers[0].state.tensors["gossip/config"] = config_tensor(cfg)
+    # A torn or hostile file is set aside with its reason, never fatal.
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(path.read_bytes()[:-7])
+    assert not restart(cfg, bad).resumed and "not resuming" in caplog.text
+    # The swarm merged after the file was written: the merge wins.
+    sw.peers[0].state.tensors[MERGE_COUNT].fill_(1)
+    again = restart(cfg)
+    assert not again.resumed and "merged since" in caplog.text
+    merged = {n: sw.peers[0].state.tensors[MERGED + n] for n in again.names}
+    assert all(torch.equal(again.phi[n], merged[n]) for n in again.names)
 
 
 def test_a_peer_with_other_settings_refuses_the_swarm_state():

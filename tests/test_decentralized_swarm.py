@@ -17,7 +17,7 @@ from torch import nn
 
 from peerlearn.algorithms.decentral import GossipLoop
 from peerlearn.algorithms.noloco import NoLoCo
-from peerlearn.algorithms.training import Hyper, gossip_config
+from peerlearn.algorithms.training import Hyper, gossip_config, local_checkpoint_path
 from peerlearn.swarm.api import Peer
 from peerlearn.swarm.errors import GossipFailed
 from peerlearn.swarm.gossip import next_round
@@ -59,10 +59,10 @@ def peers(tmp_path):
         p.close()
 
 
-def trainer(peer: Peer, cfg: dict, rank: int):
+def trainer(peer: Peer, cfg: dict, rank: int, local_path=None):
     net = model()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    algo = NoLoCo(peer, net, opt, H=2, config=cfg, gossip_timeout=3.0)
+    algo = NoLoCo(peer, net, opt, H=2, config=cfg, gossip_timeout=3.0, local_path=local_path)
     g = torch.Generator().manual_seed(rank)
 
     def steps(n: int) -> None:
@@ -91,6 +91,29 @@ def test_a_dead_partner_never_blocks_and_the_failure_is_counted(peers):
     assert a.daemon.stats.gossip_failures == algo_a.failures
     # At most one exchange waited out its timeout; then the partner was dead.
     assert took < 3.0 * max(1, algo_a.failures) + 5, took
+
+
+def test_a_restarted_peer_resumes_its_own_progress_and_pairs_again(peers, tmp_path):
+    make, cfg = peers
+    a, b = make(2)
+    own = [tmp_path / f"p{i}" / local_checkpoint_path(p).name for i, p in enumerate((a, b))]
+    (algo_a, steps_a), (algo_b, steps_b) = trainer(a, cfg, 0, own[0]), trainer(b, cfg, 1, own[1])
+    run_all([a, b], lambda i, p: (steps_a, steps_b)[i](6))
+    assert algo_a.exchanges == algo_b.exchanges == 3
+    phi_b = {n: t.clone() for n, t in algo_b.phi.items()}
+    b.close()
+    b = Peer(PeerConfig(tmp_path / "p1", SECRET, timeouts=FAST,
+                        join=a.control_address)).start(timeout=20)
+    try:
+        b.sync_state(timeout=20)
+        algo_b2, steps_b2 = trainer(b, cfg, 1, own[1])
+        assert algo_b2.resumed and algo_b2.outer_steps == 3
+        assert all(torch.equal(algo_b2.phi[n], phi_b[n]) for n in phi_b)
+        run_all([a, b], lambda i, p: (steps_a, steps_b2)[i](8))
+        assert algo_b2.exchanges >= 1 and algo_a.exchanges >= 4, (algo_a.metrics(),
+                                                                   algo_b2.metrics())
+    finally:
+        b.close()
 
 
 def test_gossip_rounds_that_disagree_tell_each_other_and_meet_again(peers):

@@ -21,6 +21,15 @@ Where state lives (the invariant the rest follows from):
     algorithm's own outer state (NoLoCo's slow weights and momentum, fp32 on
     the CPU), the inner optimizer's state, the gossip round counter.
 
+  * This peer's own progress (the model's parameters, the algorithm's outer
+    state, the gossip round) is in its own checkpoint, `local_path` (the
+    data dir's gossip-local.ckpt), written atomically after every outer step
+    in the shared checkpoint's format (checked on load, nothing unpickled). A
+    restarted peer resumes from it, unless the file is of another run or the
+    swarm merged since it was written (the merge supersedes it); a file that
+    does not load is logged and set aside, never fatal. Not in it: the inner
+    optimizer's state (the training loop starts it afresh, as for DiLoCo).
+
 Faults never reach the training loop except PeerClosed:
   * a failed exchange (partner gone, partition, timeout, views that disagree
     on the pairing) skips that outer step's averaging, counted; the peer
@@ -42,10 +51,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from peerlearn.state import checkpoint
+from peerlearn.state.checkpoint import CheckpointError
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.errors import CollectiveTimeout, GossipFailed, PeerClosed, StateReplaced
 from peerlearn.swarm.gossip import next_round
@@ -53,6 +65,10 @@ from peerlearn.swarm.gossip import next_round
 CONFIG = "gossip/config"
 MERGED = "merged/"
 MERGE_COUNT = "merged/#count"  # '#' keeps it apart from any parameter name
+LOCAL_FILE = "gossip-local.ckpt"  # in the data dir: this peer's own progress
+LOCAL_MODEL = "model/"
+LOCAL_CONFIG = "#config"
+LOCAL_COUNTERS = "#counters"  # int64 [merges seen, round, inner steps, outer steps]
 MAX_LOGGED = 1000  # exchanges kept in the report's distance log
 
 log = logging.getLogger(__name__)
@@ -115,7 +131,7 @@ class GossipLoop:
     def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int, config: dict,
                  group: int = 2, seed: int = 0, merge_at: int = 0,
                  init_seed: int | None = None, timeout: float | None = 120.0,
-                 gossip_timeout: float = 30.0):
+                 gossip_timeout: float = 30.0, local_path: str | Path | None = None):
         if H < 1:
             raise ValueError("H must be >= 1")
         if group < 2:
@@ -144,12 +160,79 @@ class GossipLoop:
         self.merge_failures = 0
         self.merge_participants = 0
         self.distances: list[tuple[int, float, float]] = []  # (outer step, unix time, rms)
+        self.local_path = None if local_path is None else Path(local_path)
+        self.resumed = False  # from this peer's own checkpoint
         state = self._state()
         self.check_layout(state)
         if init_seed is not None and int(state.tensors[MERGE_COUNT]) == 0:
             independent_init(self.params, init_seed)
         else:  # the swarm's agreed params: the founder's init, or the last merge
             load_params(self.params, state.tensors, self.names, MERGED)
+        self.init_outer_state()
+        self.resume()
+
+    def init_outer_state(self) -> None:
+        """Subclasses: their own outer state, from the model's parameters as
+        they are now (called once, before `resume`)."""
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """Subclasses: the outer state a restart must not lose (fp32 CPU
+        tensors, by name); `load_outer_state` takes the same back."""
+        return {}
+
+    def load_outer_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    # ------------------------------------------------------------ own checkpoint
+
+    def save_local(self) -> None:
+        """This peer's progress to local_path, atomically (old file or new,
+        never a torn one)."""
+        if self.local_path is None:
+            return
+        own = SharedState(self.inner_steps)
+        own.register(LOCAL_CONFIG, config_tensor(self.config))
+        own.register(LOCAL_COUNTERS, torch.tensor(
+            [int(self._state().tensors[MERGE_COUNT]), self.round, self.inner_steps,
+             self.outer_steps], dtype=torch.int64))
+        for n in self.names:
+            own.register(LOCAL_MODEL + n, self.params[n].detach().to("cpu", torch.float32))
+        for n, t in self.outer_state().items():
+            own.register(n, t)
+        checkpoint.save(own, self.local_path)
+
+    def resume(self) -> bool:
+        """Takes this peer's progress back from local_path, if it holds this
+        run's and no merge came after it. On any refusal the peer keeps what
+        it has (the swarm's params) and the reason is logged."""
+        if self.local_path is None or not self.local_path.exists():
+            return False
+        try:
+            own = checkpoint.load(self.local_path).tensors
+            counters = own[LOCAL_COUNTERS]
+            if not torch.equal(own[LOCAL_CONFIG], config_tensor(self.config)):
+                raise ValueError("it is of a run with other settings")
+            if counters.dtype != torch.int64 or counters.shape != (4,):
+                raise ValueError("its counters are malformed")
+            merges, rnd, inner, outer = (int(c) for c in counters)
+            if merges < int(self._state().tensors[MERGE_COUNT]):
+                raise ValueError("the swarm merged since it was written")
+            for n in self.names:
+                if own[LOCAL_MODEL + n].shape != self.params[n].shape:
+                    raise ValueError(f"{n} has another shape")
+            mine = self.outer_state()
+            for n, t in mine.items():
+                if own[n].dtype != t.dtype or own[n].shape != t.shape:
+                    raise ValueError(f"{n} has another dtype or shape")
+        except (CheckpointError, OSError, KeyError, ValueError) as e:
+            log.warning("not resuming from %s: %s", self.local_path, e)
+            return False
+        load_params(self.params, own, self.names, LOCAL_MODEL)
+        self.load_outer_state({n: own[n] for n in mine})
+        self.round, self.inner_steps, self.outer_steps = rnd, inner, outer
+        self.resumed = True
+        log.info("resumed from %s: outer step %d, gossip round %d", self.local_path, outer, rnd)
+        return True
 
     # ------------------------------------------------------------ shared state
 
@@ -204,12 +287,15 @@ class GossipLoop:
             took = True
         if self.merge_at > 0 and self.inner_steps == self.merge_at:
             self.merge()
+        if took or self.merge_at > 0 and self.inner_steps == self.merge_at:
+            self.save_local()
         return took
 
     def finish(self) -> None:
         """End of the run: the final merge, when it is asked for (merge_at = -1)."""
         if self.merge_at == -1:
             self.merge()
+            self.save_local()
 
     def outer_step(self) -> None:
         raise NotImplementedError
@@ -303,5 +389,5 @@ class GossipLoop:
                 "distances": [list(d) for d in self.distances]}
 
 
-__all__ = ["CONFIG", "GossipLoop", "MERGED", "MERGE_COUNT", "config_tensor",
+__all__ = ["CONFIG", "GossipLoop", "LOCAL_FILE", "MERGED", "MERGE_COUNT", "config_tensor",
            "independent_init"]

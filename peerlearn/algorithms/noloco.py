@@ -28,7 +28,8 @@ is exactly zero and the rule is heavy-ball DiLoCo with lr β and momentum α
 (`outer.HeavyBall`), the same floating-point operations in the same order.
 
 State: φ_i and m_i are fp32 on the CPU and local (they differ across peers
-by design); see `decentral.py` for what is shared. Every operation is a
+by design), kept in this peer's own checkpoint; see `decentral.py` for what
+is shared. Every operation is a
 deterministic fp32 CPU op in name order: the same inputs give the same bytes.
 """
 
@@ -43,6 +44,7 @@ from peerlearn.algorithms.decentral import GossipLoop, fp32_params, load_params,
 
 PHI = "phi/"  # in the exchange: each member's slow weights
 DELTA = "delta/"  # and its pseudo-gradient
+MOMENTUM = "m/"  # in this peer's own checkpoint only
 
 
 def noloco_update(phi: MutableMapping[str, torch.Tensor], m: MutableMapping[str, torch.Tensor],
@@ -73,10 +75,20 @@ class NoLoCo(GossipLoop):
 
     def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int, config: dict,
                  outer_lr: float = 0.7, momentum: float = 0.5, gamma: float = 0.7, **kw):
-        super().__init__(peer, model, inner_optimizer, H=H, config=config, **kw)
         self.alpha, self.beta, self.gamma = float(momentum), float(outer_lr), float(gamma)
+        super().__init__(peer, model, inner_optimizer, H=H, config=config, **kw)
+
+    def init_outer_state(self) -> None:
         self.phi = fp32_params(self.params, self.names)  # φ_i: starts at the model's params
         self.m = {n: torch.zeros_like(t) for n, t in self.phi.items()}
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        return {**{PHI + n: t for n, t in self.phi.items()},
+                **{MOMENTUM + n: t for n, t in self.m.items()}}
+
+    def load_outer_state(self, tensors) -> None:
+        self.phi = {n: tensors[PHI + n].clone() for n in self.names}
+        self.m = {n: tensors[MOMENTUM + n].clone() for n in self.names}
 
     def outer_step(self) -> None:
         theta = fp32_params(self.params, self.names)

@@ -24,6 +24,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from peerlearn import telemetry
 from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
-from peerlearn.algorithms.decentral import GossipLoop, derive_seed
+from peerlearn.algorithms.decentral import LOCAL_FILE, GossipLoop, derive_seed
 from peerlearn.algorithms.diloco import OUTER, DiLoCo
 from peerlearn.algorithms.gossip import GossipAveraging
 from peerlearn.algorithms.noloco import NoLoCo
@@ -123,6 +124,12 @@ def gossip_config(algo: str, hp: Hyper) -> dict:
     return cfg
 
 
+def local_checkpoint_path(peer) -> Path | None:
+    """Where a gossip run keeps this peer's own progress: its data dir."""
+    data_dir = getattr(getattr(peer, "cfg", None), "data_dir", None)
+    return None if data_dir is None else Path(data_dir) / LOCAL_FILE
+
+
 def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int = 0):
     """The algorithm object for one peer; `rank` (its shard) seeds an
     independent initialisation."""
@@ -131,7 +138,8 @@ def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int =
         kw = dict(H=hp.H, config=gossip_config(algo, hp), group=hp.group, seed=hp.gossip_seed,
                   merge_at=hp.merge_at, timeout=hp.timeout, gossip_timeout=hp.gossip_timeout,
                   init_seed=derive_seed("init", hp.gossip_seed, rank)
-                  if hp.independent_init else None)
+                  if hp.independent_init else None,
+                  local_path=local_checkpoint_path(peer))
         if algo == "noloco":
             return NoLoCo(peer, model, optimizer, outer_lr=hp.outer_lr,
                           momentum=hp.noloco_momentum, gamma=hp.gamma, **kw)
