@@ -26,7 +26,7 @@ from peerlearn.algorithms.decentral import (
 from peerlearn.algorithms.diloco import DiLoCo
 from peerlearn.algorithms.gossip import GossipAveraging, corrected_names, variance_correct
 from peerlearn.algorithms.noloco import NoLoCo, noloco_update
-from peerlearn.algorithms.outer import HeavyBall
+from peerlearn.algorithms.outer import HeavyBall, Nesterov
 from peerlearn.algorithms.training import Hyper, gossip_config
 from peerlearn.swarm.api import flatten
 from peerlearn.swarm.errors import GossipFailed
@@ -133,6 +133,36 @@ def test_noloco_with_one_group_of_everyone_is_heavy_ball_diloco(m):
             else:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert not torch.equal(mod_n[i][0].weight, tiny(0)[0].weight)  # it trained
+
+
+def test_nesterov_noloco_with_one_group_of_everyone_is_nesterov_diloco():
+    """The Nesterov variant with everyone in one group is DiLoCo's outer step
+    (Nesterov(β, α)), in other floating-point ops (m holds −β·buf): equal
+    within float tolerance, step after step."""
+    m, H, alpha, beta = 2, 3, 0.9, 1.0
+    cfg = noloco_cfg(H=H, group=m, noloco_momentum=alpha, outer_lr=beta, noloco_nesterov=True)
+    assert cfg["nesterov"] is True and "nesterov" not in noloco_cfg(H=H)
+    sw_n, mod_n, alg_n, tick_n = replicas(
+        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=cfg, group=m, outer_lr=beta,
+                                   momentum=alpha, gamma=0.7, nesterov=True))
+    nest = Nesterov(beta, alpha)
+    sw_d, mod_d, alg_d, tick_d = replicas(
+        m, lambda base: FakeSwarm(m, DiLoCo.initial_state(base, nest)),
+        lambda p, mod, opt: DiLoCo(p, mod, opt, H=H, outer=nest))
+    Lockstep(sw_n, tick_n).run(4 * H)
+    Lockstep(sw_d, tick_d).run(4 * H)
+    for i in range(m):
+        for (name, a), b in zip(mod_n[i].named_parameters(), mod_d[i].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # and not heavy-ball: the same run with the heavy-ball rule ends elsewhere
+    hb_cfg = noloco_cfg(H=H, group=m, noloco_momentum=alpha, outer_lr=beta)
+    sw_h, mod_h, _, tick_h = replicas(
+        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, hb_cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=hb_cfg, group=m, outer_lr=beta,
+                                   momentum=alpha))
+    Lockstep(sw_h, tick_h).run(4 * H)
+    assert not torch.allclose(mod_h[0][0].weight, mod_n[0][0].weight, atol=1e-4)
 
 
 def test_noloco_update_rule_pulls_toward_the_group_mean():

@@ -23,6 +23,14 @@ heavy-ball step, DiLoCo's k = 1 "Lookahead" case), counted, and training
 goes on. The γ term is what keeps replicas from drifting apart: it pulls
 φ_i toward the group's mean at every exchange.
 
+Nesterov (`nesterov=True`, not the authors' code): the paper calls α a
+"Nesterov momentum", and DiLoCo's outer step is Nesterov. With
+u ← −β·mean_Δ − γ·(φ_i − mean_φ) the update is then m ← α·m + u;
+φ ← φ + u + α·m, which with G = everyone and equal φ is DiLoCo's Nesterov
+outer step (lr β, momentum α) written in the descent direction (tested).
+It exists because heavy-ball and Nesterov differ a lot over the few outer
+steps of a short run (docs/algorithms.md, experiments).
+
 Identity (tested): when G holds every peer and every φ_i is equal, the γ term
 is exactly zero and the rule is heavy-ball DiLoCo with lr β and momentum α
 (`outer.HeavyBall`), the same floating-point operations in the same order.
@@ -61,6 +69,18 @@ def noloco_update(phi: MutableMapping[str, torch.Tensor], m: MutableMapping[str,
         phi[n].add_(m[n])
 
 
+def noloco_nesterov_update(phi: MutableMapping[str, torch.Tensor],
+                           m: MutableMapping[str, torch.Tensor],
+                           mean_phi: Mapping[str, torch.Tensor],
+                           mean_delta: Mapping[str, torch.Tensor],
+                           *, alpha: float, beta: float, gamma: float) -> None:
+    """u ← −β·mean_Δ − γ·(φ − mean_φ);  m ← α·m + u;  φ ← φ + u + α·m."""
+    for n in sorted(phi):
+        u = mean_delta[n].mul(-beta).add_(phi[n] - mean_phi[n], alpha=-gamma)
+        m[n].mul_(alpha).add_(u)
+        phi[n].add_(u).add_(m[n], alpha=alpha)
+
+
 class NoLoCo(GossipLoop):
     """Call `step()` after every inner `optimizer.step()`; every H calls it
     averages with this round's group and takes NoLoCo's outer step.
@@ -74,8 +94,10 @@ class NoLoCo(GossipLoop):
     """
 
     def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int, config: dict,
-                 outer_lr: float = 0.7, momentum: float = 0.5, gamma: float = 0.7, **kw):
+                 outer_lr: float = 0.7, momentum: float = 0.5, gamma: float = 0.7,
+                 nesterov: bool = False, **kw):
         self.alpha, self.beta, self.gamma = float(momentum), float(outer_lr), float(gamma)
+        self.update = noloco_nesterov_update if nesterov else noloco_update
         super().__init__(peer, model, inner_optimizer, H=H, config=config, **kw)
 
     def init_outer_state(self) -> None:
@@ -102,8 +124,8 @@ class NoLoCo(GossipLoop):
             mean_phi = {n: mean[PHI + n] for n in self.names}
             mean_delta = {n: mean[DELTA + n] for n in self.names}
             self.log_distance(rms(self.phi, mean_phi, self.names))
-        noloco_update(self.phi, self.m, mean_phi, mean_delta,
-                      alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+        self.update(self.phi, self.m, mean_phi, mean_delta,
+                    alpha=self.alpha, beta=self.beta, gamma=self.gamma)
         load_params(self.params, self.phi, self.names)
 
     def after_merge(self) -> None:
@@ -112,4 +134,4 @@ class NoLoCo(GossipLoop):
         self.phi = fp32_params(self.params, self.names)
 
 
-__all__ = ["NoLoCo", "noloco_update"]
+__all__ = ["NoLoCo", "noloco_nesterov_update", "noloco_update"]

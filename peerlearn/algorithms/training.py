@@ -74,6 +74,7 @@ class Hyper:
     # Gossip runs (noloco, gossip, gossip-vc):
     group: int = 2  # peers per gossip group
     noloco_momentum: float = 0.5  # NoLoCo's α (its β is outer_lr)
+    noloco_nesterov: bool = False  # NoLoCo's momentum: heavy-ball (the authors' code) or Nesterov
     gamma: float = 0.7  # NoLoCo's pull toward the group's mean
     merge_at: int = 0  # one agreed all-reduce of the params: 0 never, -1 at the end, N after step N
     independent_init: bool = False  # each peer starts from its own initialisation
@@ -121,6 +122,8 @@ def gossip_config(algo: str, hp: Hyper) -> dict:
            "independent_init": hp.independent_init, "gossip_seed": hp.gossip_seed}
     if algo == "noloco":
         cfg.update(outer_lr=hp.outer_lr, momentum=hp.noloco_momentum, gamma=hp.gamma)
+        if hp.noloco_nesterov:  # absent when off: the configuration of earlier runs stands
+            cfg["nesterov"] = True
     return cfg
 
 
@@ -142,7 +145,8 @@ def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int =
                   local_path=local_checkpoint_path(peer))
         if algo == "noloco":
             return NoLoCo(peer, model, optimizer, outer_lr=hp.outer_lr,
-                          momentum=hp.noloco_momentum, gamma=hp.gamma, **kw)
+                          momentum=hp.noloco_momentum, gamma=hp.gamma,
+                          nesterov=hp.noloco_nesterov, **kw)
         return GossipAveraging(peer, model, optimizer, vc=algo == "gossip-vc", **kw)
     if algo == "diloco":
         return DiLoCo(peer, model, optimizer, H=hp.H, outer=outer, weighted=hp.weighted,

@@ -136,6 +136,9 @@ _GOSSIP = {
     "group": typer.Option(2, help="Gossip: peers per averaging group."),
     "noloco_momentum": typer.Option(0.5, help="NoLoCo: momentum α (its β is --outer-lr)."),
     "gamma": typer.Option(0.7, help="NoLoCo: pull γ toward the group's mean."),
+    "noloco_nesterov": typer.Option(False, "--noloco-nesterov",
+                                    help="NoLoCo: Nesterov momentum (as the paper names α) "
+                                         "instead of the authors' code's heavy-ball."),
     "merge_at": typer.Option("off", help="Gossip: one agreed all-reduce of the parameters: "
                                          "off, end, or after inner step N."),
     "independent_init": typer.Option(False, "--independent-init",
@@ -205,6 +208,7 @@ def run(
     momentum: float = typer.Option(0.9, help="Outer Nesterov momentum."),
     group: int = _GOSSIP["group"], noloco_momentum: float = _GOSSIP["noloco_momentum"],
     gamma: float = _GOSSIP["gamma"], merge_at: str = _GOSSIP["merge_at"],
+    noloco_nesterov: bool = _GOSSIP["noloco_nesterov"],
     independent_init: bool = _GOSSIP["independent_init"],
     gossip_timeout: float = _GOSSIP["gossip_timeout"],
     progress_every: int = typer.Option(25, help="A progress line every this many steps."),
@@ -251,7 +255,8 @@ def run(
             shared += ["--group", str(group), "--noloco-momentum", str(noloco_momentum),
                        "--gamma", str(gamma), "--merge-at", merge_at,
                        "--gossip-timeout", str(gossip_timeout),
-                       *(["--independent-init"] if independent_init else [])]
+                       *(["--independent-init"] if independent_init else []),
+                       *(["--noloco-nesterov"] if noloco_nesterov else [])]
         shared += [*(["--task", task] if task else []),
                    *[a for pair in task_set for a in ("--set", pair)]]
 
@@ -272,6 +277,7 @@ def run(
             task_args=_settings(task_set),
             hyper=Hyper(H=H, outer_lr=outer_lr, momentum=momentum, P=P, tau=tau, alpha=alpha,
                         group=group, noloco_momentum=noloco_momentum, gamma=gamma,
+                        noloco_nesterov=noloco_nesterov,
                         merge_at=_merge_at(merge_at), independent_init=independent_init,
                         gossip_timeout=gossip_timeout),
             steps=steps, shard=shard, seed=seed, codec=codec_id,
@@ -324,6 +330,7 @@ def demo(
     seed: int = typer.Option(0, help="Data order seed (the model's init comes from the task)."),
     group: int = _GOSSIP["group"], noloco_momentum: float = _GOSSIP["noloco_momentum"],
     gamma: float = _GOSSIP["gamma"], merge_at: str = _GOSSIP["merge_at"],
+    noloco_nesterov: bool = _GOSSIP["noloco_nesterov"],
     independent_init: bool = _GOSSIP["independent_init"],
     gossip_timeout: float = _GOSSIP["gossip_timeout"],
     codec: str = typer.Option("none", help=_CODEC_HELP),
@@ -349,7 +356,8 @@ def demo(
              "--group", str(group), "--noloco-momentum", str(noloco_momentum),
              "--gamma", str(gamma), "--merge-at", merge_at,
              "--gossip-timeout", str(gossip_timeout),
-             *(["--independent-init"] if independent_init else [])]
+             *(["--independent-init"] if independent_init else []),
+             *(["--noloco-nesterov"] if noloco_nesterov else [])]
     for pair in task_set:
         extra += ["--set", pair]
     summary = train.run_demo(algo, peers, steps, task, extra, _wan(wan), progress=progress,
