@@ -76,6 +76,9 @@ class FakePeer:
     def members(self) -> list[str]:
         return [p.id for p in self.swarm.peers]
 
+    def joiners_waiting(self) -> bool:
+        return False  # the fake swarm's view is fixed
+
     def sync_state(self, timeout: float | None = None) -> int:
         return self.state.step
 

@@ -116,6 +116,34 @@ def test_a_restarted_peer_resumes_its_own_progress_and_pairs_again(peers, tmp_pa
         b.close()
 
 
+def test_a_peer_joining_a_gossip_run_enters_the_view_and_is_paired(peers, tmp_path):
+    """No round of its own would ever take a joiner in: the members see it
+    waiting, hold one empty round between them, and pair it from then on,
+    all while they train."""
+    make, cfg = peers
+    a, b = make(2)
+    c = Peer(PeerConfig(tmp_path / "p2", SECRET, timeouts=FAST,
+                        join=a.control_address)).start(timeout=20)
+    try:
+        c.sync_state(timeout=20)
+        algos, steppers = zip(*(trainer(p, cfg, i) for i, p in enumerate((a, b, c))))
+        assert c.id not in a.members()
+        deadline = time.monotonic() + 60
+
+        def train(i, p):
+            while time.monotonic() < deadline and not (
+                    algos[2].exchanges >= 3 and all(x.admissions for x in algos)):
+                steppers[i](2)
+                time.sleep(0.02)  # some compute: the three run side by side
+
+        run_all([a, b, c], train)
+        assert all(set(p.members()) == {a.id, b.id, c.id} for p in (a, b, c))
+        assert all(x.admissions >= 1 for x in algos), [x.metrics() for x in algos]
+        assert algos[2].exchanges >= 3, algos[2].metrics()
+    finally:
+        c.close()
+
+
 def test_gossip_rounds_that_disagree_tell_each_other_and_meet_again(peers):
     make, _ = peers
     a, b = make(2)

@@ -30,6 +30,15 @@ Where state lives (the invariant the rest follows from):
     does not load is logged and set aside, never fatal. Not in it: the inner
     optimizer's state (the training loop starts it afresh, as for DiLoCo).
 
+Joiners: the view changes only at rounds, and gossip runs hold none of their
+own, so a peer joining a gossip run would never be paired. Each peer asks
+about once a second whether someone waits to enter the view
+(`Peer.joiners_waiting`: a synced live peer heartbeating from outside it, or
+itself) and if so submits an empty round without waiting for it (`admit`);
+the members notice within a heartbeat of each other, the round takes them
+and the joiner, and the new view pairs it. No training time is spent on it;
+it is the only round a gossip run holds besides the merge.
+
 Faults never reach the training loop except PeerClosed:
   * a failed exchange (partner gone, partition, timeout, views that disagree
     on the pairing) skips that outer step's averaging, counted; the peer
@@ -59,7 +68,13 @@ from torch import nn
 from peerlearn.state import checkpoint
 from peerlearn.state.checkpoint import CheckpointError
 from peerlearn.state.shared import SharedState
-from peerlearn.swarm.errors import CollectiveTimeout, GossipFailed, PeerClosed, StateReplaced
+from peerlearn.swarm.errors import (
+    CollectiveTimeout,
+    GossipFailed,
+    PeerClosed,
+    PeerError,
+    StateReplaced,
+)
 from peerlearn.swarm.gossip import next_round
 
 CONFIG = "gossip/config"
@@ -69,6 +84,7 @@ LOCAL_FILE = "gossip-local.ckpt"  # in the data dir: this peer's own progress
 LOCAL_MODEL = "model/"
 LOCAL_CONFIG = "#config"
 LOCAL_COUNTERS = "#counters"  # int64 [merges seen, round, inner steps, outer steps]
+ADMIT_EVERY = 1.0  # seconds between asking whether a joiner waits to enter the view
 MAX_LOGGED = 1000  # exchanges kept in the report's distance log
 
 log = logging.getLogger(__name__)
@@ -160,6 +176,10 @@ class GossipLoop:
         self.merge_failures = 0
         self.merge_participants = 0
         self.distances: list[tuple[int, float, float]] = []  # (outer step, unix time, rms)
+        self.admissions = 0  # rounds held to take joiners into the view
+        self.admission_failures = 0
+        self._admission = None  # the pending admission round, if any
+        self._admit_at = 0.0  # monotonic time of the next check
         self.local_path = None if local_path is None else Path(local_path)
         self.resumed = False  # from this peer's own checkpoint
         state = self._state()
@@ -279,6 +299,7 @@ class GossipLoop:
         at inner step `merge_at` the merge."""
         self.inner_steps += 1
         self.local_steps += 1
+        self.admit()
         took = False
         if self.local_steps % self.H == 0:
             self.local_steps = 0
@@ -291,8 +312,37 @@ class GossipLoop:
             self.save_local()
         return took
 
+    def admit(self) -> None:
+        """Takes joiners into the view (see the module docstring): submits an
+        empty round when one waits, and collects its outcome later; never
+        waits for it. A round that fails (the swarm moved on, a timeout) is
+        counted and asked for again at the next check."""
+        if self._admission is not None:
+            if not self._admission.done():
+                return
+            try:
+                self._admission.result(0)
+                self.admissions += 1
+            except PeerClosed:
+                raise
+            except PeerError:
+                self.admission_failures += 1
+            self._admission = None
+        now = time.monotonic()
+        if now < self._admit_at:
+            return
+        self._admit_at = now + ADMIT_EVERY
+        if self.peer.joiners_waiting():
+            self._admission = self.peer.all_reduce_async({"admit": torch.zeros(1)})
+
+    def _drop_admission(self) -> None:
+        if self._admission is not None:
+            self._admission.withdraw()
+            self._admission = None
+
     def finish(self) -> None:
         """End of the run: the final merge, when it is asked for (merge_at = -1)."""
+        self._drop_admission()
         if self.merge_at == -1:
             self.merge()
             self.save_local()
@@ -336,6 +386,7 @@ class GossipLoop:
         participant byte for byte, and the model takes it. A peer left out of
         the round (late, or its state replaced) takes the merge from the
         state it syncs to. Returns whether the model now holds a merge."""
+        self._drop_admission()  # the merge's own round takes any joiner in
         before = int(self._state().tensors[MERGE_COUNT])
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
@@ -385,6 +436,7 @@ class GossipLoop:
                 "rounds_caught_up": self.caught_up, "merges": self.merges,
                 "merge_failures": self.merge_failures,
                 "merge_participants": self.merge_participants,
+                "admissions": self.admissions, "admission_failures": self.admission_failures,
                 "shared_step": self._state().step,
                 "distances": [list(d) for d in self.distances]}
 

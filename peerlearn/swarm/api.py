@@ -195,6 +195,23 @@ class Peer:
             return sorted(p for p in self.daemon.core.members if self.daemon.core.alive(p, now))
         return self._on_loop(live)
 
+    def joiners_waiting(self) -> bool:
+        """Whether someone waits to enter the view: this peer itself (it
+        joined, holds the state, and no round has taken it in yet), or a live
+        peer that holds the state and heartbeats from outside the view. The
+        view changes only at rounds; gossip runs, which hold none of their
+        own, hold one when this is true (`GossipLoop.admit`)."""
+        def read() -> bool:
+            core = self.daemon.core
+            if not core.synced:
+                return False
+            if core.me.id not in core.members:
+                return True
+            now = time.monotonic()
+            return any(p not in core.members and b.synced and core.alive(p, now)
+                       for p, b in core.beats.items())
+        return self._on_loop(read)
+
     def wait_for_peers(self, n: int, timeout: float | None = None) -> None:
         """Blocks until a round of at least n peers (this one included) has
         applied: a run that should start together (a demo, an experiment)
