@@ -130,6 +130,9 @@ CONFIGS.update({
     "noloco-H25-nest-a0.8-b1.0-g0.5-warm": (4, ["--algo", "noloco", "--H", "25", "--outer-lr",
                                                 "1.0", "--noloco-momentum", "0.8", "--gamma",
                                                 "0.5", "--noloco-nesterov"]),
+    "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
+        "--algo", "noloco", "--H", "50", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
+        "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",
@@ -253,6 +256,50 @@ def report(args) -> None:
         names = [n for n in CONFIGS if n.endswith("-warm") == bool(suffix) and n in by]
         if names:
             regime_report(args.steps, suffix, names, by)
+    decentral_report(args.steps, by)
+
+
+# The decentralized rows beside their references (issue 9), one plot: from
+# scratch (gossip from independent inits, with and without a final merge) and
+# from the warm start (NoLoCo as the authors' code has it, with Nesterov
+# momentum, and heavy-ball DiLoCo = NoLoCo with everyone in one group).
+DECENTRAL = {
+    "": ["ddp", "diloco-H50", "noloco-H50", "gossip-indep", "gossip-vc-indep",
+         "gossip-indep-merge", "gossip-vc-indep-merge", "single"],
+    "-warm": ["ddp-warm", "diloco-H50-warm", "noloco-H50-nest-a0.8-b1.0-g0.5-warm",
+              "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm", "noloco-H50-warm",
+              "noloco-H50-a0.9-b1.0-group4-warm", "single-warm"],
+}
+
+
+def decentral_report(steps: int, by: dict[str, list[dict]]) -> None:
+    """Bars of the final validation loss (mean ± sd over seeds, the seed count
+    and MB sent per peer written on each) for the DECENTRAL rows."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (suffix, names), title in zip(axes, DECENTRAL.items(),
+                                          ("from scratch", "from the warm start")):
+        names = [n for n in names if n in by]
+        means = [statistics.mean(val_loss(r) for r in by[n]) for n in names]
+        sds = [statistics.stdev([val_loss(r) for r in by[n]]) if len(by[n]) > 1 else 0.0
+               for n in names]
+        ax.barh(range(len(names)), means, xerr=sds, color="tab:blue", alpha=0.7)
+        for i, n in enumerate(names):
+            mb = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"])
+                                 for r in by[n]) / 1e6
+            ax.text(means[i], i, f"  {means[i]:.3f} ({len(by[n])} seeds, {mb:.0f} MB)",
+                    va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), [n.removesuffix(suffix) or n for n in names],
+                      fontsize=7)
+        ax.invert_yaxis()
+        if means:
+            ax.set_xlim(min(means) * 0.95, max(means) * 1.12)
+        ax.set_xlabel("final validation loss (nats/byte)")
+        ax.set_title(f"{title}, 4 peers x {steps} steps")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(OUT / f"decentral-{steps}.png", dpi=110)
 
 
 def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[dict]]) -> None:

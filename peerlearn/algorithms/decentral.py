@@ -20,7 +20,6 @@ Where state lives (the invariant the rest follows from):
   * Local, by design different at every peer: the model's parameters, the
     algorithm's own outer state (NoLoCo's slow weights and momentum, fp32 on
     the CPU), the inner optimizer's state, the gossip round counter.
-
   * This peer's own progress (the model's parameters, the algorithm's outer
     state, the gossip round) is in its own checkpoint, `local_path` (the
     data dir's gossip-local.ckpt), written atomically after every outer step
