@@ -133,6 +133,9 @@ CONFIGS.update({
     "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
         "--algo", "noloco", "--H", "50", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
         "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
+    "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
+        "--algo", "noloco", "--H", "25", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
+        "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",
@@ -266,9 +269,10 @@ def report(args) -> None:
 DECENTRAL = {
     "": ["ddp", "diloco-H50", "noloco-H50", "gossip-indep", "gossip-vc-indep",
          "gossip-indep-merge", "gossip-vc-indep-merge", "single"],
-    "-warm": ["ddp-warm", "diloco-H50-warm", "noloco-H50-nest-a0.8-b1.0-g0.5-warm",
-              "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm", "noloco-H50-warm",
-              "noloco-H50-a0.9-b1.0-group4-warm", "single-warm"],
+    "-warm": ["ddp-warm", "diloco-H50-warm", "noloco-H25-nest-a0.8-b1.0-g0.5-warm",
+              "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm", "noloco-H50-nest-a0.8-b1.0-g0.5-warm",
+              "noloco-H25-warm", "noloco-H50-warm", "noloco-H50-a0.9-b1.0-group4-warm",
+              "single-warm"],
 }
 
 
