@@ -363,14 +363,15 @@ def test_the_join_command_of_a_gossip_run_carries_its_settings(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "noloco",
                           "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "a"),
                           "--metrics", "off", "--steps", "100000", "--group", "3",
-                          "--gamma", "0.25", "--merge-at", "end", "--independent-init", *TINY],
+                          "--gamma", "0.25", "--merge-at", "end", "--independent-init",
+                          "--noloco-nesterov", *TINY],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         line = p.stdout.readline()
         assert line, p.stderr.read()
         cmd = json.loads(line)["join_command"]
         for setting in ("--algo noloco", "--group 3", "--gamma 0.25", "--merge-at end",
-                        "--independent-init", "--set n_embd=32"):
+                        "--independent-init", "--noloco-nesterov", "--set n_embd=32"):
             assert setting in cmd, cmd
     finally:
         p.terminate()
