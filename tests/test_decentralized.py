@@ -291,6 +291,43 @@ def test_a_local_checkpoint_of_another_run_or_from_before_a_merge_is_not_resumed
     assert all(torch.equal(again.phi[n], merged[n]) for n in again.names)
 
 
+def test_admission_rounds_that_take_nobody_in_back_off():
+    """A peer that heartbeats as a synced joiner and never contributes: the
+    members' admission rounds apply without it, and each one that took
+    nobody in doubles the wait before the next (bounded), so it cannot make
+    the swarm hold a round every second for ever."""
+    cfg = noloco_cfg(H=1)
+    sw, _, algos, _ = replicas(
+        2, lambda base: GossipSwarm(2, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=1, config=cfg))
+    algo = algos[0]
+
+    class Done:
+        def done(self):
+            return True
+
+        def result(self, timeout=None):
+            return {}
+
+    submitted = []
+    algo.peer.joiners_waiting = lambda: True
+    algo.peer.all_reduce_async = lambda t, **k: submitted.append(t) or Done()
+    waits = []
+    for _ in range(10):
+        algo._admit_at = 0.0  # the next check is due
+        algo.admit()  # submits
+        algo.admit()  # collects it: the view did not grow
+        waits.append(algo._admit_every)
+    assert len(submitted) == 10 and algo.admissions == 10
+    assert waits[:4] == [2.0, 4.0, 8.0, 16.0] and waits[-1] == 64.0
+    # A round that took someone in resets the wait.
+    algo.peer.members = lambda: ["a", "b", "c", "d"]
+    algo._admit_view = 2
+    algo._admission = Done()
+    algo.admit()
+    assert algo._admit_every == 1.0
+
+
 def test_a_peer_with_other_settings_refuses_the_swarm_state():
     base = tiny()
     sw = GossipSwarm(1, GossipLoop.initial_state(base, noloco_cfg(H=5)))

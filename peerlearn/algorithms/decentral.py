@@ -84,6 +84,7 @@ LOCAL_MODEL = "model/"
 LOCAL_CONFIG = "#config"
 LOCAL_COUNTERS = "#counters"  # int64 [merges seen, round, inner steps, outer steps]
 ADMIT_EVERY = 1.0  # seconds between asking whether a joiner waits to enter the view
+ADMIT_BACKOFF_MAX = 64.0  # ... at most, after admission rounds that took nobody in
 MAX_LOGGED = 1000  # exchanges kept in the report's distance log
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ class GossipLoop:
         self.admission_failures = 0
         self._admission = None  # the pending admission round, if any
         self._admit_at = 0.0  # monotonic time of the next check
+        self._admit_every = ADMIT_EVERY
+        self._admit_view = 0  # members when the pending admission was submitted
         self.local_path = None if local_path is None else Path(local_path)
         self.resumed = False  # from this peer's own checkpoint
         state = self._state()
@@ -315,7 +318,11 @@ class GossipLoop:
         """Takes joiners into the view (see the module docstring): submits an
         empty round when one waits, and collects its outcome later; never
         waits for it. A round that fails (the swarm moved on, a timeout) is
-        counted and asked for again at the next check."""
+        counted and asked for again at the next check. A round that took
+        nobody new in (a peer that heartbeats as synced and never
+        contributes) doubles the wait before the next, up to
+        ADMIT_BACKOFF_MAX: such a peer costs the swarm a bounded share of
+        small rounds, not one a second for ever."""
         if self._admission is not None:
             if not self._admission.done():
                 return
@@ -327,11 +334,16 @@ class GossipLoop:
             except PeerError:
                 self.admission_failures += 1
             self._admission = None
+            grew = len(self.peer.members()) > self._admit_view
+            self._admit_every = ADMIT_EVERY if grew else min(2 * self._admit_every,
+                                                             ADMIT_BACKOFF_MAX)
+            self._admit_at = time.monotonic() + self._admit_every
         now = time.monotonic()
         if now < self._admit_at:
             return
-        self._admit_at = now + ADMIT_EVERY
+        self._admit_at = now + self._admit_every
         if self.peer.joiners_waiting():
+            self._admit_view = len(self.peer.members())
             self._admission = self.peer.all_reduce_async({"admit": torch.zeros(1)})
 
     def _drop_admission(self) -> None:
