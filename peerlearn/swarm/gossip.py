@@ -133,13 +133,11 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     deadline = time.monotonic() + timeout
     try:
         for peer in others:
-            while True:
-                theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-                links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
-                                timeout=max(0.1, deadline - time.monotonic()))
-                their_round = int.from_bytes(bytes(theirs.tolist()), "little")
-                if their_round == round_:
-                    break
+            theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+            links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
+                            timeout=max(0.1, deadline - time.monotonic()))
+            their_round = int.from_bytes(bytes(theirs.tolist()), "little")
+            if their_round != round_:
                 if their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
                     rounds[peer] = their_round
                 raise GossipFailed(f"{peer} is at gossip round {their_round}, "
