@@ -133,6 +133,8 @@ CONFIGS.update({
     "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
         "--algo", "noloco", "--H", "50", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
         "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
+    # DiLoCo at NoLoCo's H, so the two compare at equal outer steps as well.
+    "diloco-H25-warm": (4, ["--algo", "diloco", "--H", "25", *WARM_OUTER]),
     "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
         "--algo", "noloco", "--H", "25", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
         "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
@@ -269,7 +271,8 @@ def report(args) -> None:
 DECENTRAL = {
     "": ["ddp", "diloco-H50", "noloco-H50", "gossip-indep", "gossip-vc-indep",
          "gossip-indep-merge", "gossip-vc-indep-merge", "single"],
-    "-warm": ["ddp-warm", "diloco-H50-warm", "noloco-H25-nest-a0.8-b1.0-g0.5-warm",
+    "-warm": ["ddp-warm", "diloco-H50-warm", "diloco-H25-warm",
+              "noloco-H25-nest-a0.8-b1.0-g0.5-warm",
               "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm", "noloco-H50-nest-a0.8-b1.0-g0.5-warm",
               "noloco-H25-warm", "noloco-H50-warm", "noloco-H50-a0.9-b1.0-group4-warm",
               "single-warm"],
