@@ -104,6 +104,26 @@ def noloco_cfg(**kw) -> dict:
 # --------------------------------------------------------------------------- NoLoCo
 
 
+def noloco_and_diloco(m: int, H: int, outer, *, gamma: float):
+    """m replicas trained 4 outer steps twice from one init: NoLoCo with every
+    peer in one group, with the momentum and lr of `outer` (Nesterov or
+    HeavyBall, which picks NoLoCo's rule), and DiLoCo with `outer`. Returns
+    (NoLoCo's swarm, its models, its algorithms, DiLoCo's models)."""
+    nesterov = isinstance(outer, Nesterov)
+    cfg = noloco_cfg(H=H, group=m, noloco_momentum=outer.momentum, outer_lr=outer.lr,
+                     gamma=gamma, noloco_nesterov=nesterov)
+    sw_n, mod_n, alg_n, tick_n = replicas(
+        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=cfg, group=m, outer_lr=outer.lr,
+                                   momentum=outer.momentum, gamma=gamma, nesterov=nesterov))
+    sw_d, mod_d, _, tick_d = replicas(
+        m, lambda base: FakeSwarm(m, DiLoCo.initial_state(base, outer)),
+        lambda p, mod, opt: DiLoCo(p, mod, opt, H=H, outer=outer))
+    Lockstep(sw_n, tick_n).run(4 * H)
+    Lockstep(sw_d, tick_d).run(4 * H)
+    return sw_n, mod_n, alg_n, mod_d
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_noloco_with_one_group_of_everyone_is_heavy_ball_diloco(m):
     """Every φ is equal and every peer averages with all: the pull term is
@@ -113,17 +133,8 @@ def test_noloco_with_one_group_of_everyone_is_heavy_ball_diloco(m):
     within a rounding for m = 4 ((φ + φ + φ) may round), so m = 2 is bitwise
     and m = 4 within float tolerance."""
     H, alpha, beta, gamma = 3, 0.5, 0.7, 0.7
-    cfg = noloco_cfg(H=H, group=m, noloco_momentum=alpha, outer_lr=beta, gamma=gamma)
-    sw_n, mod_n, alg_n, tick_n = replicas(
-        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
-        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=cfg, group=m, outer_lr=beta,
-                                   momentum=alpha, gamma=gamma))
-    hb = HeavyBall(beta, alpha)
-    sw_d, mod_d, alg_d, tick_d = replicas(
-        m, lambda base: FakeSwarm(m, DiLoCo.initial_state(base, hb)),
-        lambda p, mod, opt: DiLoCo(p, mod, opt, H=H, outer=hb))
-    Lockstep(sw_n, tick_n).run(4 * H)
-    Lockstep(sw_d, tick_d).run(4 * H)
+    sw_n, mod_n, alg_n, mod_d = noloco_and_diloco(
+        m, H, HeavyBall(beta, alpha), gamma=gamma)
     assert all(len(sw_n.groups[r]) == 1 for r in range(4))  # one group of everyone
     assert all(a.exchanges == 4 and a.failures == 0 for a in alg_n)
     for i in range(m):
@@ -140,28 +151,14 @@ def test_nesterov_noloco_with_one_group_of_everyone_is_nesterov_diloco():
     (Nesterov(β, α)), in other floating-point ops (m holds −β·buf): equal
     within float tolerance, step after step."""
     m, H, alpha, beta = 2, 3, 0.9, 1.0
-    cfg = noloco_cfg(H=H, group=m, noloco_momentum=alpha, outer_lr=beta, noloco_nesterov=True)
-    assert cfg["nesterov"] is True and "nesterov" not in noloco_cfg(H=H)
-    sw_n, mod_n, alg_n, tick_n = replicas(
-        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
-        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=cfg, group=m, outer_lr=beta,
-                                   momentum=alpha, gamma=0.7, nesterov=True))
-    nest = Nesterov(beta, alpha)
-    sw_d, mod_d, alg_d, tick_d = replicas(
-        m, lambda base: FakeSwarm(m, DiLoCo.initial_state(base, nest)),
-        lambda p, mod, opt: DiLoCo(p, mod, opt, H=H, outer=nest))
-    Lockstep(sw_n, tick_n).run(4 * H)
-    Lockstep(sw_d, tick_d).run(4 * H)
+    assert noloco_cfg(noloco_nesterov=True)["nesterov"] is True
+    assert "nesterov" not in noloco_cfg()
+    _, mod_n, _, mod_d = noloco_and_diloco(m, H, Nesterov(beta, alpha), gamma=0.7)
     for i in range(m):
         for (name, a), b in zip(mod_n[i].named_parameters(), mod_d[i].parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # and not heavy-ball: the same run with the heavy-ball rule ends elsewhere
-    hb_cfg = noloco_cfg(H=H, group=m, noloco_momentum=alpha, outer_lr=beta)
-    sw_h, mod_h, _, tick_h = replicas(
-        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, hb_cfg)),
-        lambda p, mod, opt: NoLoCo(p, mod, opt, H=H, config=hb_cfg, group=m, outer_lr=beta,
-                                   momentum=alpha))
-    Lockstep(sw_h, tick_h).run(4 * H)
+    _, mod_h, _, _ = noloco_and_diloco(m, H, HeavyBall(beta, alpha), gamma=0.7)
     assert not torch.allclose(mod_h[0][0].weight, mod_n[0][0].weight, atol=1e-4)
 
 
