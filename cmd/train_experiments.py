@@ -70,6 +70,20 @@ CONFIGS["streaming-alpha0.5-lr0.7-warm"] = (4, ["--algo", "streaming", "--H", "4
 CONFIGS["streaming-alpha0.5-warm"] = CONFIGS["streaming-warm"]
 CONFIGS["streaming-warm"] = (4, [*CONFIGS["streaming-warm"][1], "--alpha", "0"])
 
+def noloco(H: int, *, lr: float | None = None, m: float | None = None,
+           g: float | None = None, nesterov: bool = False, group: int | None = None,
+           merge: bool = False) -> tuple[int, list[str]]:
+    """A 4-peer NoLoCo config; what is not given is the CLI's default (the
+    authors' code: heavy-ball 0.5, lr 0.7, gamma 0.7, pairs)."""
+    argv = ["--algo", "noloco", "--H", str(H)]
+    for flag, value in (("--outer-lr", lr), ("--noloco-momentum", m), ("--gamma", g),
+                        ("--group", group)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--noloco-nesterov"] * nesterov + ["--merge-at", "end"] * merge
+    return 4, argv
+
+
 # Decentralized training (issue 9): no global collective except the optional
 # single final merge. NoLoCo from the warm start against diloco-H50-warm, and
 # from scratch against diloco-H50; gossip from independent initialisations
@@ -77,67 +91,35 @@ CONFIGS["streaming-warm"] = (4, [*CONFIGS["streaming-warm"][1], "--alpha", "0"])
 # variance correction, with and without one merge at the end.
 CONFIGS.update({
     "noloco-H50": (4, ["--algo", "noloco", "--H", "50"]),
-    "noloco-H50-warm": (4, ["--algo", "noloco", "--H", "50"]),
-    # NoLoCo's outer step from the warm start, as DiLoCo's was probed: larger
-    # lr and momentum (DiLoCo's grid chose an aggressive outer step there), and
-    # the agreed model after one final merge.
-    "noloco-H50-lr1.0-m0.9-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.0",
-                                       "--noloco-momentum", "0.9", "--gamma", "1.0"]),
-    "noloco-H50-m0.9-warm": (4, ["--algo", "noloco", "--H", "50", "--noloco-momentum", "0.9"]),
-    "noloco-H50-merge-warm": (4, ["--algo", "noloco", "--H", "50", "--merge-at", "end"]),
-    # The outer-step grid from the warm start (seed 0). The defaults (heavy-ball
-    # 0.5, lr 0.7) extrapolate about as little as FedAvg; momentum 0.9 lets each
-    # peer's own velocity drift from its partners' (the gamma pull acts on phi,
-    # never on m). So: more outer steps (the sheet's E4: H = 25 against DiLoCo's
-    # 50), and a larger lr with gamma 1 (phi lands on the group mean) and little
-    # or no momentum.
-    "noloco-H25-warm": (4, ["--algo", "noloco", "--H", "25"]),
-    "noloco-H50-a0-b2-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "2.0",
-                                     "--noloco-momentum", "0", "--gamma", "1.0"]),
-    "noloco-H50-a0-b3-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "3.0",
-                                     "--noloco-momentum", "0", "--gamma", "1.0"]),
-    "noloco-H50-a0.5-b1.5-g1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.5",
-                                         "--noloco-momentum", "0.5", "--gamma", "1.0"]),
-    # Momentum 0.9 with the paper's gamma 0.7 failed above: gamma's pull goes
-    # through the momentum, so it acts gamma / (1 - alpha) = 7 times over and
-    # throws each peer past its partner. gamma = 1 - alpha lands phi on the
-    # group mean. group 4 = everyone: heavy-ball DiLoCo (the identity), the
-    # same outer step with all four instead of a partner.
-    "noloco-H50-a0.9-b1.0-g0.1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "1.0",
-                                           "--noloco-momentum", "0.9", "--gamma", "0.1"]),
-    "noloco-H50-a0.9-b0.7-g0.1-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr", "0.7",
-                                           "--noloco-momentum", "0.9", "--gamma", "0.1"]),
-    "noloco-H50-a0.9-b1.0-group4-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                             "1.0", "--noloco-momentum", "0.9", "--group", "4"]),
-    # Group 4 (heavy-ball DiLoCo) ended at 1.751 against Nesterov DiLoCo's 1.617
-    # on seed 0: over 8 outer steps the two momentum forms differ that much.
-    # NoLoCo with Nesterov momentum (the paper's name for alpha), in pairs:
-    "noloco-H50-nest-a0.9-b1.0-g0.5-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.9", "--gamma",
-                                                "0.5", "--noloco-nesterov"]),
-    "noloco-H50-nest-a0.8-b1.0-g0.5-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.8", "--gamma",
-                                                "0.5", "--noloco-nesterov"]),
-    "noloco-H50-nest-a0.5-b1.0-g0.7-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.5", "--gamma",
-                                                "0.7", "--noloco-nesterov"]),
-    "noloco-H50-nest-a0.8-b1.0-g0.3-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.8", "--gamma",
-                                                "0.3", "--noloco-nesterov"]),
-    "noloco-H50-nest-a0.8-b1.0-g0.7-warm": (4, ["--algo", "noloco", "--H", "50", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.8", "--gamma",
-                                                "0.7", "--noloco-nesterov"]),
-    "noloco-H25-nest-a0.8-b1.0-g0.5-warm": (4, ["--algo", "noloco", "--H", "25", "--outer-lr",
-                                                "1.0", "--noloco-momentum", "0.8", "--gamma",
-                                                "0.5", "--noloco-nesterov"]),
-    "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
-        "--algo", "noloco", "--H", "50", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
-        "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
+    "noloco-H50-warm": noloco(50),
+    # NoLoCo's outer step from the warm start, as DiLoCo's was probed (seed 0):
+    # momentum 0.9 (heavy-ball), an lr grid with no momentum, and everyone in
+    # one group (heavy-ball DiLoCo, the identity): heavy-ball fell short of
+    # Nesterov DiLoCo even with everyone, so then Nesterov NoLoCo (the paper's
+    # name for alpha) over momentum, gamma and H (the sheet's E4: NoLoCo at
+    # half DiLoCo's H). The chosen row then ran seeds 1 and 2.
+    "noloco-H50-lr1.0-m0.9-warm": noloco(50, lr=1.0, m=0.9, g=1.0),
+    "noloco-H50-m0.9-warm": noloco(50, m=0.9),
+    "noloco-H50-merge-warm": noloco(50, merge=True),
+    "noloco-H25-warm": noloco(25),
+    "noloco-H50-a0-b2-g1-warm": noloco(50, lr=2.0, m=0, g=1.0),
+    "noloco-H50-a0-b3-g1-warm": noloco(50, lr=3.0, m=0, g=1.0),
+    "noloco-H50-a0.5-b1.5-g1-warm": noloco(50, lr=1.5, m=0.5, g=1.0),
+    "noloco-H50-a0.9-b1.0-g0.1-warm": noloco(50, lr=1.0, m=0.9, g=0.1),
+    "noloco-H50-a0.9-b0.7-g0.1-warm": noloco(50, lr=0.7, m=0.9, g=0.1),
+    "noloco-H50-a0.9-b1.0-group4-warm": noloco(50, lr=1.0, m=0.9, group=4),
+    "noloco-H50-nest-a0.9-b1.0-g0.5-warm": noloco(50, lr=1.0, m=0.9, g=0.5, nesterov=True),
+    "noloco-H50-nest-a0.8-b1.0-g0.5-warm": noloco(50, lr=1.0, m=0.8, g=0.5, nesterov=True),
+    "noloco-H50-nest-a0.5-b1.0-g0.7-warm": noloco(50, lr=1.0, m=0.5, g=0.7, nesterov=True),
+    "noloco-H50-nest-a0.8-b1.0-g0.3-warm": noloco(50, lr=1.0, m=0.8, g=0.3, nesterov=True),
+    "noloco-H50-nest-a0.8-b1.0-g0.7-warm": noloco(50, lr=1.0, m=0.8, g=0.7, nesterov=True),
+    "noloco-H25-nest-a0.8-b1.0-g0.5-warm": noloco(25, lr=1.0, m=0.8, g=0.5, nesterov=True),
+    "noloco-H50-nest-a0.8-b1.0-g0.5-merge-warm": noloco(50, lr=1.0, m=0.8, g=0.5,
+                                                        nesterov=True, merge=True),
+    "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm": noloco(25, lr=1.0, m=0.8, g=0.5,
+                                                        nesterov=True, merge=True),
     # DiLoCo at NoLoCo's H, so the two compare at equal outer steps as well.
     "diloco-H25-warm": (4, ["--algo", "diloco", "--H", "25", *WARM_OUTER]),
-    "noloco-H25-nest-a0.8-b1.0-g0.5-merge-warm": (4, [
-        "--algo", "noloco", "--H", "25", "--outer-lr", "1.0", "--noloco-momentum", "0.8",
-        "--gamma", "0.5", "--noloco-nesterov", "--merge-at", "end"]),
     "gossip-indep": (4, ["--algo", "gossip", "--H", "50", "--independent-init"]),
     "gossip-vc-indep": (4, ["--algo", "gossip-vc", "--H", "50", "--independent-init"]),
     "gossip-indep-merge": (4, ["--algo", "gossip", "--H", "50", "--independent-init",
