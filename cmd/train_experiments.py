@@ -277,7 +277,7 @@ def decentral_report(steps: int, by: dict[str, list[dict]]) -> None:
         for i, n in enumerate(names):
             mb = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"])
                                  for r in by[n]) / 1e6
-            ax.text(means[i], i, f"  {means[i]:.3f} ({len(by[n])} seeds, {mb:.0f} MB)",
+            ax.text(means[i] + sds[i], i, f"  {means[i]:.3f} ({len(by[n])} seeds, {mb:.0f} MB)",
                     va="center", fontsize=7)
         ax.set_yticks(range(len(names)), [n.removesuffix(suffix) or n for n in names],
                       fontsize=7)
