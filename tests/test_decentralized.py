@@ -28,9 +28,10 @@ from peerlearn.algorithms.gossip import GossipAveraging, corrected_names, varian
 from peerlearn.algorithms.noloco import NoLoCo, noloco_update
 from peerlearn.algorithms.outer import HeavyBall, Nesterov
 from peerlearn.algorithms.training import Hyper, gossip_config
+from peerlearn.state import checkpoint
 from peerlearn.swarm.api import flatten
 from peerlearn.swarm.errors import GossipFailed
-from peerlearn.swarm.gossip import gossip_groups, group_of, next_round
+from peerlearn.swarm.gossip import MAX_CATCHUP, MAX_ROUND, gossip_groups, group_of, next_round
 from tests.fake_swarm import FakePeer, FakeSwarm, Lockstep
 
 torch.set_num_threads(1)
@@ -212,6 +213,14 @@ def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
     algo.peer.gossip = lambda *a, **k: (_ for _ in ()).throw(GossipFailed("x", {"peer1": 2}))
     algo.exchange({"x": torch.zeros(2)})
     assert algo.round == 12 and algo.caught_up == 7
+    # A header claiming the end of the round space (broken or hostile) is not
+    # followed: the next exchange would be refused, and training would end.
+    algo.peer.gossip = lambda *a, **k: (_ for _ in ()).throw(
+        GossipFailed("x", {"peer1": MAX_ROUND}))
+    algo.exchange({"x": torch.zeros(2)})
+    assert algo.round == 13 and algo.caught_up == 7
+    assert next_round(5, [5 + MAX_CATCHUP]) == 6 + MAX_CATCHUP
+    assert next_round(5, [6 + MAX_CATCHUP]) == 6
 
 
 @given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), a_heard=st.booleans(),
@@ -280,6 +289,12 @@ def test_a_local_checkpoint_of_another_run_or_from_before_a_merge_is_not_resumed
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(path.read_bytes()[:-7])
     assert not restart(cfg, bad).resumed and "not resuming" in caplog.text
+    # A well-formed file whose counters make no sense (a round past the round
+    # space would end training at the first exchange) is set aside too.
+    odd = checkpoint.load(path)
+    odd.tensors["#counters"][1] = MAX_ROUND + 1
+    checkpoint.save(odd, bad)
+    assert not restart(cfg, bad).resumed and "out of range" in caplog.text
     # The swarm merged after the file was written: the merge wins.
     sw.peers[0].state.tensors[MERGE_COUNT].fill_(1)
     again = restart(cfg)

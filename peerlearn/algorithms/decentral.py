@@ -74,7 +74,7 @@ from peerlearn.swarm.errors import (
     PeerError,
     StateReplaced,
 )
-from peerlearn.swarm.gossip import next_round
+from peerlearn.swarm.gossip import MAX_ROUND, next_round
 
 CONFIG = "gossip/config"
 MERGED = "merged/"
@@ -237,6 +237,8 @@ class GossipLoop:
             if counters.dtype != torch.int64 or counters.shape != (4,):
                 raise ValueError("its counters are malformed")
             merges, rnd, inner, outer = (int(c) for c in counters)
+            if not (0 <= rnd <= MAX_ROUND and 0 <= outer <= inner and merges >= 0):
+                raise ValueError("its counters are out of range")
             if merges < int(self._state().tensors[MERGE_COUNT]):
                 raise ValueError("the swarm merged since it was written")
             for n in self.names:
@@ -308,9 +310,10 @@ class GossipLoop:
             self.outer_step()
             self.outer_steps += 1
             took = True
-        if self.merge_at > 0 and self.inner_steps == self.merge_at:
+        merge_now = self.merge_at > 0 and self.inner_steps == self.merge_at
+        if merge_now:
             self.merge()
-        if took or self.merge_at > 0 and self.inner_steps == self.merge_at:
+        if took or merge_now:
             self.save_local()
         return took
 
@@ -375,11 +378,10 @@ class GossipLoop:
         except GossipFailed as e:
             self.failures += 1
             log.info("outer step %d goes without averaging: %s", self.outer_steps + 1, e)
-            ahead = max(e.rounds.values(), default=self.round)
-            if ahead > self.round:
-                self.caught_up += ahead - self.round
             # Where the partners go as well, whichever side heard the other.
-            self.round = next_round(self.round, e.rounds.values())
+            nxt = next_round(self.round, e.rounds.values())
+            self.caught_up += nxt - self.round - 1
+            self.round = nxt
             return None
         self.round += 1
         self.exchanges += 1

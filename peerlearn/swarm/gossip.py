@@ -50,6 +50,12 @@ from peerlearn.wire import codecs
 # tag >= 2^45), which is harmless: gossip has its own channel, so its own links.
 GOSSIP_OP = 1 << 61
 MAX_ROUND = (1 << 48) - 1
+# How far a partner's header may move our round in one jump. Honest peers
+# drift apart by the outer steps of one partition (thousands); a header from a
+# broken or hostile member claiming round 2^48 - 1 would otherwise push us to
+# the end of the round space, where the next exchange is refused: the end of
+# training. At 2^20 per jump, that takes 2^28 such exchanges.
+MAX_CATCHUP = 1 << 20
 # The round header: outside every GOSSIP_OP | round (rounds stay below 2^48).
 GOSSIP_HELLO_OP = GOSSIP_OP | (1 << 48)
 HEADER_BYTES = 8  # the sender's round, uint64 little-endian
@@ -77,8 +83,9 @@ def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
 def next_round(mine: int, heard: Iterable[int] = ()) -> int:
     """The round to try after a failed exchange at round `mine`, having
     heard the partners' rounds `heard`: the same on both sides of a round
-    mismatch, whichever of them heard the other."""
-    return max([mine, *heard]) + 1
+    mismatch, whichever of them heard the other. A round more than
+    MAX_CATCHUP ahead of ours is not followed."""
+    return max([mine, *(h for h in heard if h <= mine + MAX_CATCHUP)]) + 1
 
 
 def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
