@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from typing import Optional
 
 import typer
@@ -18,7 +19,20 @@ from peerlearn import __version__
 from peerlearn.cli import options
 from peerlearn.cli.logs import LOG_FORMAT_OPTION, LOG_LEVEL_OPTION, QUIET_OPTION, VERBOSE_OPTION
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# numpy is optional (a plain install has none), and torch says so on import in
+# a warning every peer would print; the runtime never hands torch a numpy array.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
+HELP = " ".join("""peerlearn trains one model together on machines scattered over the
+internet, each with a few GPUs (or just CPUs): every peer trains on its own data and the
+peers synchronise over slow, unreliable links; peers may come and go at any time. Try it
+on this machine with `peerlearn demo`; for a real swarm, make a secret with `peerlearn
+secret new`, start the first peer with `peerlearn run`, and run the join command it
+prints on each other machine. Every option can also be set as a PEERLEARN_<FLAG>
+environment variable or in a TOML file given with --config (flags > environment > file >
+defaults).""".split())
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints JSON with its baseline.")
 app.add_typer(bench, name="bench")
 secret_app = typer.Typer(no_args_is_help=True, help="Swarm secrets.")
@@ -172,8 +186,23 @@ def secret_new(
     write_atomic(out, [secret.encode() + b"\n"], mode=0o600)
 
 
+# Algorithms that share nothing until an outer step, every --H inner steps.
+_OUTER_STEP_ALGOS = ("diloco", "streaming", "async", "eager", "noloco", "gossip", "gossip-vc")
+
+
+def _check_steps(ctx: typer.Context, algo: str, steps: int, H: int) -> None:
+    """A run shorter than one outer step shares nothing: refused in one line."""
+    if algo in _OUTER_STEP_ALGOS and steps < H:
+        param = next(p for p in ctx.command.params if p.name == "steps")
+        raise typer.BadParameter(
+            f"{steps} ends before the first outer step (one every --H {H} inner steps), so "
+            f"this peer would share nothing with the swarm: give --steps {H} or more, or a "
+            f"smaller --H", ctx=ctx, param=param)
+
+
 @app.command("run")
 def run(
+    ctx: typer.Context,
     config: Optional[str] = options.CONFIG_OPTION,
     listen: str = typer.Option(
         "127.0.0.1:7400", help="HOST:PORT the control socket binds (0.0.0.0: every interface; "
@@ -197,7 +226,7 @@ def run(
                    "(default: the built-in byte-level language model)."),
     task_set: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE passed to the task (repeat), e.g. --set n_layer=2."),
-    steps: int = typer.Option(1000, help="Inner steps to train, then leave."),
+    steps: int = typer.Option(1000, min=1, help="Inner steps to train, then leave."),
     shard: str = typer.Option("0/1", help="RANK/WORLD: which shard of the data this peer reads."),
     seed: int = typer.Option(0, help="Data order seed (the model's comes from the task)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
@@ -220,7 +249,8 @@ def run(
     dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
     join_timeout: float = typer.Option(
         60.0, help="Give up (exit 1) when no member answers --join within this many seconds "
-                   "(0: keep trying)."),
+                   "(0: keep trying). A member refusing the handshake (another secret) ends "
+                   "the wait at once."),
     metrics: str = typer.Option(f"127.0.0.1:{DEFAULT_METRICS_PORT}",
                                 help="HOST:PORT for Prometheus metrics (port 0: any; 'off')."),
     allowlist: Optional[str] = typer.Option(
@@ -236,6 +266,7 @@ def run(
     from peerlearn.wire.codecs import codec_from_name
 
     logs.setup(log_level, log_format, verbose, quiet)
+    _check_steps(ctx, algo, steps, H)
 
     try:
         codec_id = codec_from_name(codec)
@@ -315,11 +346,12 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 
 @app.command("demo")
 def demo(
+    ctx: typer.Context,
     config: Optional[str] = options.CONFIG_OPTION,
     algo: str = typer.Option("diloco", help="diloco | streaming | async | eager | ddp | local "
                                             "(no communication) | noloco | gossip | gossip-vc."),
-    peers: int = typer.Option(4, help="Local peer processes."),
-    steps: int = typer.Option(200, help="Inner steps each peer trains."),
+    peers: int = typer.Option(4, min=1, help="Local peer processes."),
+    steps: int = typer.Option(200, min=1, help="Inner steps each peer trains."),
     task: Optional[str] = typer.Option(None, help="MODULE:FUNCTION (default: built-in)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
     P: int = typer.Option(4, "--P", help="Streaming: fragments."),
@@ -345,11 +377,11 @@ def demo(
     verbose: int = VERBOSE_OPTION,
     quiet: int = QUIET_OPTION,
 ) -> None:
-    """Train the task with N local peers; end with validation loss, tokens, bytes and
-    compute utilisation per peer (progress lines from every peer meanwhile)."""
+    """Train the task with N local peers on this machine, then print validation loss, tokens, bytes and compute utilisation per peer."""  # noqa: E501 - one line: --help keeps line breaks
     from peerlearn.cli import logs, train
 
     log_flags = logs.flags(log_level, "text", verbose, quiet)[:2]
+    _check_steps(ctx, algo, steps, H)
     extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--alpha", str(alpha),
              "--outer-lr", str(outer_lr), "--momentum", str(momentum), "--seed", str(seed),
              "--codec", codec, "--progress-every", str(progress_every),
@@ -367,13 +399,22 @@ def demo(
         return
     for key, value in summary.items():
         if key != "peers_report":
-            typer.echo(f"{key}: {json.dumps(value)}")
+            typer.echo(f"{key}: {json.dumps(_rounded(value))}")
+
+
+def _rounded(value):
+    """Floats to 4 significant digits (a summary for people; --json keeps them whole)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 @app.command("swarm")
 def swarm(
     config: Optional[str] = options.CONFIG_OPTION,
-    peers: int = typer.Option(4, help="Peers to start on loopback."),
+    peers: int = typer.Option(4, min=1, help="Peers to start on loopback."),
     duration: Optional[float] = typer.Option(
         None, help="Stop after this many seconds and print the status (default: until Ctrl-C)."),
     base_port: int = typer.Option(7400, help="Control port of the first peer; the rest follow."),
@@ -446,13 +487,47 @@ def status(
         return  # Ctrl-C is how a watch ends, wherever it lands: not an error
 
 
+def _one_line(e: Exception, ctx) -> str:
+    """A click error as one line: the command, then what is wrong, naming where
+    a bad value came from (flag, environment variable or config file)."""
+    param = getattr(e, "param", None)
+    if param is not None and ctx is not None and type(e).__name__ == "BadParameter":
+        text = f"invalid value for {options.where_from(ctx, param)}: {e.message}"
+    else:
+        text = e.format_message()
+    prog = ctx.command_path if ctx is not None else "peerlearn"
+    text = " ".join(str(text).split())
+    if text.startswith("Invalid value for "):
+        text = "i" + text[1:]
+    return f"{prog}: {text}"
+
+
 def main() -> None:
+    """The console script: a usage mistake is one plain line on stderr and
+    exit code 2 (click's convention), whatever the terminal and whether rich is
+    installed; help and everything else as typer shows it."""
     command = typer.main.get_command(app)
     options.wire_environment(command)
     args = sys.argv[1:]
     if args[:1] == ["status"]:
         args = options.optional_values(args, {"--watch": f"{WATCH_DEFAULT_S:g}"})
-    command(args=args, prog_name="peerlearn")
+    try:
+        code = command.main(args=args, prog_name="peerlearn", standalone_mode=False)
+    except options.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            # No command given: the help, as usual (rich has printed it already).
+            if e.format_message().strip():
+                e.show()
+        else:
+            typer.echo(_one_line(e, getattr(e, "ctx", None)), err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort as e:
+        interrupted = isinstance(e.__cause__, KeyboardInterrupt)
+        typer.echo("peerlearn: interrupted" if interrupted else "peerlearn: aborted", err=True)
+        sys.exit(130 if interrupted else 1)
+    if code == 130:  # Ctrl-C that no command caught (typer's Exit(130))
+        typer.echo("peerlearn: interrupted", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +22,96 @@ from collections.abc import Callable
 from pathlib import Path
 
 SECRET_ENV = "PEERLEARN_SECRET"
+LOCK_FILE = "peer.lock"
+_held_locks: list[int] = []  # descriptors whose flock lasts as long as the process
+
+
+def lock_data_dir(data_dir: str | Path) -> None:
+    """Takes `data_dir` for this process: two peers on one directory would share
+    an identity (and checkpoints), and the swarm would see one peer twice. The
+    second exits at once with one line; the lock (flock on data_dir/peer.lock,
+    holding the pid) goes with the process, a crash included."""
+    path = Path(data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except (FileExistsError, NotADirectoryError):
+        raise SystemExit(f"peerlearn: cannot use --data-dir {data_dir}: it exists and is not "
+                         "a directory") from None
+    except OSError as e:
+        raise SystemExit(f"peerlearn: cannot use --data-dir {data_dir}: "
+                         f"{e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise SystemExit(f"peerlearn: cannot lock --data-dir {data_dir}: "
+                             f"{e.strerror or e}") from None
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise SystemExit(f"peerlearn: another peer{pid} is running with --data-dir {data_dir}: "
+                         "each peer needs its own data directory (its identity and "
+                         "checkpoints live there)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks.append(fd)
+
+
+class JoinWatch:
+    """What Peer.start waits on besides the swarm (its `cancel`): a signal's
+    stop event, or the join target refusing every control handshake (a wrong
+    secret), which then `refused` says in words. Read from the caller's thread:
+    the control plane's `refused` is plain reads."""
+
+    def __init__(self, stop: threading.Event, peer, join: str | None):
+        from peerlearn.transport.control import split_target
+
+        self.stop, self.peer = stop, peer
+        self.target = split_target(join) if join else None
+        self.refused: str | None = None
+
+    def is_set(self) -> bool:
+        if self.stop.is_set():
+            return True
+        daemon = self.peer.daemon
+        if self.target is not None and daemon is not None and self.refused is None:
+            self.refused = daemon.plane.refused(self.target[1], to=self.target[0])
+        return self.refused is not None
+
+
+def start_peer(peer, stop: threading.Event, join: str | None, signals: list[int]) -> None:
+    """peer.start(), ending the process with one line where it cannot: the
+    join target refused our handshakes (exit 1), a signal came first (see
+    stopped_while_joining), the peer could not start or join in time (exit 1)."""
+    from peerlearn.swarm.errors import PeerClosed, PeerStartError
+
+    watch = JoinWatch(stop, peer, join)
+    if join:
+        limit = peer.cfg.join_timeout
+        logging.getLogger("peerlearn.run").info(
+            "joining the swarm at %s%s", join, f" (giving up after {limit:g} s)" if limit else "")
+    try:
+        peer.start(cancel=watch)
+    except (PeerClosed, PeerStartError) as e:
+        if watch.refused is not None:
+            raise SystemExit(f"peerlearn: {join} {watch.refused}") from None
+        if signals or isinstance(e, PeerClosed):
+            stopped_while_joining(join, signals)  # nothing to leave
+        raise SystemExit(f"peerlearn: {e}") from None
+
+
+def stopped_while_joining(join: str | None, signals: list[int]) -> None:
+    """A signal that arrived before any member let us in: one line, and exit
+    130 for Ctrl-C (the shell's convention); 0 for SIGTERM (a supervisor
+    stopping the peer is no failure)."""
+    sig = signals[0] if signals else signal.SIGINT
+    what = f"joining the swarm at {join}" if join else "starting"
+    if sig == signal.SIGINT:
+        print(f"peerlearn: interrupted while {what}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT)
+    print(f"peerlearn: stopped while {what}", file=sys.stderr, flush=True)
+    raise SystemExit(0)
 
 
 def read_secret(secret_file: str | None) -> bytes:
@@ -114,13 +205,30 @@ def resolve_advertise(listen: str, advertise: str | None, join: str | None) -> s
         raise SystemExit(f"peerlearn: no route to --join {join}: {e.strerror or e}") from None
 
 
+def loopback(control: str) -> bool:
+    """Whether HOST:PORT names this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    from peerlearn.swarm.config import split_host_port
+
+    host = split_host_port(control)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def join_command(peer_id: str, control: str, *, secret_swarm: bool, secret_file: str | None,
                  allowlist_file: str | None, settings: list[str]) -> str:
-    """The command another machine runs to join this peer's swarm: the same
-    credentials and the settings every peer must share. The secret itself is
-    never printed (logs are read by more people than the swarm's members)."""
+    """The command that joins this peer's swarm: the same credentials and the
+    settings every peer must share. The secret itself is never printed (logs
+    are read by more people than the swarm's members). A peer advertised on a
+    loopback address can only be joined from its own machine: then the
+    command is one that runs beside it (its own port, data and metrics)."""
     target = control if secret_swarm else f"{peer_id}@{control}"
-    argv = ["peerlearn", "run", "--join", target, "--listen", "0.0.0.0:7400", *settings]
+    here = ["--listen", "127.0.0.1:0", "--data-dir", "./peerlearn-data-2",
+            "--metrics", "127.0.0.1:0"] if loopback(control) else ["--listen", "0.0.0.0:7400"]
+    argv = ["peerlearn", "run", "--join", target, *here, *settings]
     if secret_swarm and secret_file:
         argv += ["--secret-file", secret_file]
     if allowlist_file:
@@ -131,12 +239,20 @@ def join_command(peer_id: str, control: str, *, secret_swarm: bool, secret_file:
 
 def announce(peer, hello: dict, join_cmd: str) -> None:
     """The first stdout line (JSON: addresses taken, for scripts) and, on the
-    log, how another machine joins."""
+    log, how another machine joins, or, for a peer advertised on loopback,
+    that only this machine can and how to open it to others."""
     hello = {**hello, "join_command": join_cmd}
     print(json.dumps(hello), flush=True)
+    control = peer.control_address
+    if loopback(control):
+        port = control.rpartition(":")[2]
+        how = (f"serving at {control}, which only this machine can reach (to let other "
+               f"machines join: --listen 0.0.0.0:{port} --advertise THIS_MACHINES_ADDRESS); "
+               "to join from this machine:")
+    else:
+        how = f"serving at {control}; to join from another machine:"
     logging.getLogger("peerlearn.run").info(
-        "%s serving at %s; to join from another machine: %s", peer.id[:8],
-        peer.control_address, join_cmd, extra={"fields": {"join_command": join_cmd}})
+        "%s %s %s", peer.id[:8], how, join_cmd, extra={"fields": {"join_command": join_cmd}})
 
 
 def serve_metrics(peer, metrics: str | None) -> tuple[int | None, object]:
@@ -169,7 +285,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     any moment, joining included. A join that times out, or a daemon that dies
     (after writing its checkpoint), exits 1 with one line on stderr."""
     from peerlearn.swarm.api import Peer
-    from peerlearn.swarm.errors import PeerClosed, PeerStartError, StateReplaced
+    from peerlearn.swarm.errors import PeerClosed, StateReplaced
     from peerlearn.swarm.config import PeerConfig
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
@@ -180,16 +296,17 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
                      timeouts=Timeouts.for_dead_after(dead_after),
                      advertise=resolve_advertise(listen, advertise, join))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
+    lock_data_dir(data_dir)
     stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        signals.append(signum)
+        stop.set()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     peer = Peer(cfg, work.initial_state)
-    try:
-        peer.start(cancel=stop)
-    except PeerClosed:
-        return  # a signal arrived while joining: nothing to leave
-    except PeerStartError as e:
-        raise SystemExit(f"peerlearn: {e}") from None
+    start_peer(peer, stop, join, signals)
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,
                     "data": peer.daemon.info.data, "metrics_port": metrics_port},

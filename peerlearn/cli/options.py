@@ -18,15 +18,24 @@ command (`[run]`, `[status]`) for that command only:
     algo = "diloco"
     set = ["n_layer=2"]
 
-A setting the command does not have is refused with one line.
+A setting the command does not have, or a table that names no command, is
+refused with one line naming the file, the key and the nearest valid name; a
+value an option cannot take is refused by click with the file and key named
+(`where_from`: errors say where a bad value came from).
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from typing import Optional
 
 import typer
+
+try:  # recent typer vendors click; earlier versions use click itself
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - depends on the typer installed
+    from click.exceptions import ClickException, UsageError
 
 ENV_PREFIX = "PEERLEARN_"
 CONFIG_ENV = "PEERLEARN_CONFIG"
@@ -59,31 +68,98 @@ def _settings_of(command) -> dict[str, str]:
     return out
 
 
+def _nearest(word: str, choices) -> str:
+    """ "; did you mean 'x'?" for the closest of `choices`, else ""."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _commands_with_config(ctx) -> dict:
+    """Command name -> command, for every command that reads --config (the
+    tables a config file may hold)."""
+    root = ctx.find_root().command
+    subs = getattr(root, "commands", None) or {ctx.info_name: ctx.command}
+    return {n: c for n, c in subs.items()
+            if any(getattr(p, "name", None) == "config" for p in getattr(c, "params", []))}
+
+
+class ConfigError(ValueError):
+    """A mistake in a --config file (one line: the file, the key, the fix)."""
+
+
+def read_config(ctx, path: str) -> dict:
+    """The settings `path` gives the command being run: parameter name ->
+    (key as written, value). Every table must name a command that reads
+    --config and every key a setting of its command, or ConfigError says
+    which, with the nearest valid name. (A value the option cannot take is
+    refused by click when it converts it; `where_from` names the file then.)"""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    name = ctx.info_name
+    commands = _commands_with_config(ctx)
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for table, body in tables.items():
+        if table not in commands:
+            raise ConfigError(f"{path}: [{table}] is not a command{_nearest(table, commands)} "
+                              f"(tables: {', '.join(f'[{c}]' for c in commands)})")
+        command = commands[table]
+        for key in body:
+            _check_key(command, table, path, key)
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for key in top:
+        _check_key(ctx.command, name, path, key)
+    settings = {**top, **tables.get(name, {})}
+    known = _settings_of(ctx.command)
+    return {known[k.replace("_", "-")]: (k, v) for k, v in settings.items()}
+
+
+def _check_key(command, name: str, path: str, key: str) -> None:
+    known = _settings_of(command)
+    flag = key.replace("_", "-")
+    if flag not in known:
+        raise ConfigError(f"{path}: `peerlearn {name}` has no setting {key!r}"
+                          f"{_nearest(flag, known)}")
+
+
 def load_config(ctx, param, value: Optional[str]) -> Optional[str]:
     """Eager callback of --config: the file's settings become this command's
     defaults (below flags and environment, as click consults them)."""
     if not value:
         return value
     try:
-        with open(value, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise typer.BadParameter(f"cannot read {value}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise typer.BadParameter(f"{value} is not valid TOML: {e}") from None
-    name = ctx.info_name
-    settings = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    settings.update(data.get(name, {}))
-    known = _settings_of(ctx.command)
-    defaults = dict(ctx.default_map or {})
-    for key, v in settings.items():
-        flag = key.replace("_", "-")
-        if flag not in known:
-            raise typer.BadParameter(
-                f"{value}: `peerlearn {name}` has no setting {key!r}")
-        defaults[known[flag]] = v
-    ctx.default_map = defaults
+        settings = read_config(ctx, value)
+    except ConfigError as e:
+        raise UsageError(str(e), ctx=ctx) from None
+    ctx.default_map = {**(ctx.default_map or {}), **{p: v for p, (_, v) in settings.items()}}
+    ctx.meta[_CONFIG_META] = (value, {p: k for p, (k, _) in settings.items()})
     return value
+
+
+_CONFIG_META = "peerlearn.config"
+
+
+def where_from(ctx, param) -> str:
+    """Where the value of `param` came from, for an error about it: the flag,
+    the environment variable, or the config file and its key."""
+    flag = f"--{_long_flag(param)}" if _is_option(param) and _long_flag(param) else \
+        (param.name or "").upper()
+    get_source = getattr(ctx, "get_parameter_source", None)
+    source = getattr(get_source(param.name), "name", None) if get_source else None
+    if source == "ENVIRONMENT" and param.envvar:
+        envvar = param.envvar if isinstance(param.envvar, str) else "/".join(param.envvar)
+        return f"${envvar} ({flag})"
+    if source == "DEFAULT_MAP" and _CONFIG_META in ctx.meta:
+        path, keys = ctx.meta[_CONFIG_META]
+        if param.name in keys:
+            return f"{keys[param.name]} in {path} ({flag})"
+    if source == "DEFAULT":
+        return f"the default of {flag}"
+    return flag
 
 
 CONFIG_OPTION = typer.Option(

@@ -22,9 +22,11 @@ from peerlearn.cli.daemon import (
     SECRET_ENV,
     announce,
     interrupt_on_sigterm,
+    lock_data_dir,
     resolve_advertise,
     serve_metrics,
     split_addr,
+    start_peer,
 )
 
 
@@ -36,6 +38,33 @@ def parse_shard(spec: str) -> tuple[int, int]:
     if not 0 <= rank < world:
         raise SystemExit(f"--shard {spec}: need 0 <= RANK < WORLD")
     return rank, world
+
+
+def check_schedule(task, steps: int) -> None:
+    """The task's learning-rate schedule must accept `steps` (the built-in
+    one's warmup needs 2 at least): checked before the peer starts, as a usage
+    error naming the fewest steps it takes, instead of a traceback after joining."""
+    import torch
+    import typer
+
+    if task.schedule is None:
+        return
+
+    def refuses(n: int) -> str | None:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        try:
+            task.schedule(probe, n)
+        except ValueError as e:
+            return str(e) or type(e).__name__
+        return None
+
+    why = refuses(steps)
+    if why is None:
+        return
+    fewest = next((n for n in range(steps + 1, steps + 10_000) if refuses(n) is None), None)
+    need = f"; it takes {fewest} or more" if fewest is not None else ""
+    raise typer.BadParameter(f"{steps} is too few for the learning-rate schedule of task "
+                             f"{task.name} ({why}){need}", param_hint="--steps")
 
 
 def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | None, *,
@@ -55,7 +84,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     from peerlearn.swarm.actions import Timeouts
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.config import PeerConfig
-    from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed, PeerStartError
+    from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed
     from peerlearn.tasks import TaskError, load
 
     torch.manual_seed(seed)
@@ -67,28 +96,27 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
         task = load(task_spec, **task_args)
     except TaskError as e:
         raise SystemExit(f"peerlearn: {e}") from None
+    check_schedule(task, steps)
     rank, world = parse_shard(shard)
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after),
                      advertise=resolve_advertise(listen, advertise, join))
+    lock_data_dir(data_dir)
     stop = threading.Event()
+    signals: list[int] = []
     peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
 
-    def on_signal(*_) -> None:
+    def on_signal(signum, _frame) -> None:
         # A run blocked in an outer step (say, its partners left) ends at once:
         # that step is skipped, the report still comes.
+        signals.append(signum)
         stop.set()
         peer.interrupt()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    try:
-        peer.start(cancel=stop)
-    except PeerClosed:
-        return
-    except PeerStartError as e:
-        raise SystemExit(f"peerlearn: {e}") from None
+    start_peer(peer, stop, join, signals)
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,
                     "data": peer.daemon.info.data, "metrics_port": metrics_port,
@@ -233,7 +261,7 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
             for i in range(len(procs))]
     ok = [r for r in rows if "val_loss" in r]
     summary = {
-        "algo": algo, "peers": peers, "steps": steps, "wall_s": time.monotonic() - started,
+        "algo": algo, "peers": peers, "steps": steps, "wall_s": round(time.monotonic() - started, 1),
         "path": "loopback" if wan is None else f"emulated WAN, {wan[0]:g} ms RTT, "
                                                 f"{wan[1]:g} Mbit/s per host",
         "val_loss": max((r["val_loss"] for r in ok), default=None),
