@@ -130,6 +130,25 @@ class Sim:
     def stop(self, pid: str):
         self.peers[pid].alive = False
 
+    def leave(self, pid: str, answer_wait: float | None = None):
+        """pid stops as the daemon does on Ctrl-C: Leave, wait for a member
+        that stays (Staying), record `departed` on disk, say so, then exit
+        once its messages are out."""
+        p = self.peers[pid]
+        self.run_actions(p, p.core.leave(self.now))
+
+        def finish():
+            if not p.alive:
+                return
+            sends = p.core.depart(self.now)
+            if sends:
+                p.disk_record = p.core.record()  # durable before anyone hears
+            self.run_actions(p, sends)
+            self.events.append((self.now, "left", pid, p.core.departed))
+            self.at(self.latency * 1.5 + self.jitter, self.stop, pid)
+        self.at(3 * self.latency + 2 * self.jitter if answer_wait is None else answer_wait,
+                finish)
+
     def partition(self, a, b):
         self.cut |= {frozenset((x, y)) for x in a for y in b}
 
@@ -196,6 +215,7 @@ class Sim:
             elif isinstance(a, r.SyncNeeded):
                 self.at(self.sync_time, self._sync, p, a)
             elif isinstance(a, r.ViewChanged):
+                p.disk_record = p.core.record()  # as the daemon: a smaller view is kept
                 self.events.append((self.now, "view", p.id, a.members))
 
     def _deliver(self, src: str, dst: str, data: bytes):

@@ -288,3 +288,107 @@ def test_timeouts_scaled_to_a_dead_after():
     assert t.dead_after == 10.0 and t.gather >= t.dead_after and t.heartbeat_every * 3 <= 10.0
     fast = r.Timeouts.for_dead_after(1.0)
     assert fast.heartbeat_every == 0.25 and fast.gather == 2.0
+
+
+# ------------------------------------------------------------ leaving for good
+
+
+def test_a_peer_that_leaves_shrinks_the_quorum_of_a_two_peer_swarm():
+    sim = Sim(2)
+    sim.run(3)
+    sim.leave("p01")
+    t_left = sim.now
+    before = sim.max_step(["p00"])
+    sim.run(sim.now + 3)
+    # It was answered, recorded that it left, and the survivor dropped it.
+    assert sim.peers["p01"].disk_record.departed
+    assert [p.id for p in sim.peers["p01"].disk_record.members] == ["p00"]
+    assert list(sim.peers["p00"].core.members) == ["p00"]
+    assert [p.id for p in sim.peers["p00"].disk_record.members] == ["p00"]
+    # The survivor applies rounds alone, soon after the leave.
+    applies = [t for t, kind, p, s in sim.events if kind == "apply" and p == "p00" and s > before]
+    assert applies and applies[0] - t_left < 1.0
+    assert sim.max_step(["p00"]) >= before + 5
+    assert sim.parity_violations() == []
+
+
+def test_three_peers_two_leave_one_after_the_other_and_the_survivor_goes_on():
+    sim = Sim(3)
+    sim.run(3)
+    sim.leave("p00")  # the coordinator
+    sim.run(sim.now + 1)
+    sim.leave("p02")
+    sim.run(sim.now + 1)
+    before = sim.max_step(["p01"])
+    sim.run(sim.now + 3)
+    assert sim.max_step(["p01"]) >= before + 5
+    assert list(sim.peers["p01"].core.members) == ["p01"]
+    assert sim.parity_violations() == []
+
+
+def test_killed_peers_do_not_shrink_the_quorum_and_the_survivor_names_them():
+    sim = Sim(3)
+    sim.run(3)
+    sim.kill("p00")
+    sim.kill("p02")
+    sim.run(sim.now + 1)
+    before = sim.max_step(["p01"])
+    sim.run(sim.now + 3)
+    core = sim.peers["p01"].core
+    assert sim.max_step(["p01"]) <= before + 1  # the round in flight at most
+    assert core.unreachable_voters(sim.now) == ["p00", "p02"]
+    assert core.quorum_needed == 2
+
+
+def test_a_swarm_stopping_all_at_once_keeps_its_view_and_restarts():
+    sim = Sim(2)
+    sim.run(3)
+    sim.leave("p00")
+    sim.leave("p01")  # nobody stays to answer: neither departs
+    sim.run(sim.now + 1)
+    assert not any(sim.peers[p].disk_record.departed for p in ("p00", "p01"))
+    assert all(len(sim.peers[p].disk_record.members) == 2 for p in ("p00", "p01"))
+    before = sim.max_step()
+    sim.restart("p00", via=None)
+    sim.restart("p01", via=None)
+    sim.run(sim.now + 4)
+    assert min(sim.peers[p].step for p in ("p00", "p01")) >= before + 3
+    assert sim.parity_violations() == []
+
+
+def test_departed_peers_restarted_behind_a_partition_cannot_outvote_the_survivors():
+    # 7 peers; 4 leave for good at once; the 3 survivors' quorum is 2. One
+    # survivor, p02, is cut off while they leave and hears none of it: the
+    # old 7 are still its view, at the epoch the leavers left. The 4 restart
+    # (from their records) cut off from the two other survivors but beside
+    # p02: that side holds 5 of p02's 7, yet only p02's vote counts there
+    # (the others say `departed`).
+    sim = Sim(7)
+    sim.run(3)
+    leavers = ("p03", "p04", "p05", "p06")
+    while any(p.core.active for p in sim.peers.values()):
+        sim.run(sim.now + 0.01)  # between rounds: nobody applies one while they leave
+    sim.partition({"p02"}, set(sim.peers) - {"p02"})
+    for p in leavers:
+        sim.leave(p)
+    sim.run(sim.now + 1)
+    assert all(sim.peers[p].disk_record.departed for p in leavers)
+    assert len(sim.peers["p02"].core.members) == 7
+    assert {sim.peers[p].disk_record.epoch for p in leavers} == {sim.peers["p02"].core.epoch}
+    sim.heal()
+    side = {"p03", "p04", "p05", "p06", "p02"}
+    sim.partition(side, set(sim.peers) - side)
+    for p in leavers:
+        sim.restart(p, via=None)
+    cut_at = sim.max_step()
+    sim.run(sim.now + 6)
+    assert sim.max_step(sorted(side)) <= cut_at + 1  # the round in flight at most
+    assert sim.max_step(["p00", "p01"]) >= cut_at + 5  # the majority of the voters goes on
+    assert sim.parity_violations() == []
+    sim.heal()
+    sim.run(sim.now + 8)
+    assert sim.parity_violations() == []
+    steps = [p.step for p in sim.peers.values()]
+    assert max(steps) - min(steps) <= 1, steps
+    # The departed peers came back through a round: they vote again.
+    assert not any(sim.peers[p].core.departed for p in leavers)

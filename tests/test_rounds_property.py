@@ -33,6 +33,7 @@ LIVENESS_BOUND = 8.0
 
 fault = st.one_of(
     st.tuples(st.just("kill"), st.integers(0, 6)),
+    st.tuples(st.just("leave"), st.integers(0, 6)),
     st.tuples(st.just("restart"), st.integers(0, 6), st.integers(0, 6)),
     st.tuples(st.just("partition"), st.sets(st.integers(0, 6), min_size=1, max_size=3)),
     st.tuples(st.just("heal")),
@@ -54,6 +55,8 @@ def apply_fault(sim: Sim, f) -> None:
     pick = ids[args[0] % len(ids)] if args and isinstance(args[0], int) else None
     if kind == "kill" and len(live) > 1 and pick in live:
         sim.kill(pick)
+    elif kind == "leave" and len(live) > 1 and pick in live:
+        sim.leave(pick)
     elif kind == "restart" and live:
         # The contact an operator would give: a live peer that has a view if any.
         via = next((p for p in live if p != pick and sim.peers[p].core.members),
@@ -85,7 +88,10 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
         apply_fault(sim, f)
         sim.run(sim.now + wait)
         assert sim.parity_violations() == [], (f, sim.parity_violations())
-    # The faults stop: heal, bring every dead peer back from its checkpoint.
+    # The faults stop: peers still leaving exit; heal, bring every dead or
+    # stopped peer back from its checkpoint.
+    if any(p.core.leaving and p.alive for p in sim.peers.values()):
+        sim.run(sim.now + 0.5)
     sim.heal()
     live = [p for p in sorted(sim.peers) if sim.peers[p].alive]
     if not any(sim.peers[p].core.members for p in live):
@@ -131,6 +137,14 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
 @example((5, 0.03125, 0, [(("restart", 0, 0), 1.0), (("partition", {0, 2, 6}), 1.0),
                           (("partition", {0}), 0.5), (("kill", 3), 0.25),
                           (("restart", 2, 0), 1.5)]))
+# A leaver applied a round after its Leave (two hashes for one step); a
+# member held a round whose committer left, and the coordinator, proposing
+# anew, never adopted it (no round applied again).
+@example((3, 0.03125, 147, [(("leave", 0), 0.125)]))
+@example((3, 0.03125, 25, [(("leave", 0), 1.0)]))
+# A round committed before a Leave, applied after it, brought the leaver back
+# into one member's view, which then followed it as the coordinator.
+@example((3, 0.0, 0, [(("heal",), 3.0), (("leave", 0), 0.25)]))
 @example((3, 0.0, 0, [(("kill", 2), 1.0), (("partition", {0}), 1.0),
                       (("restart", 0, 0), 1.0), (("kill", 1), 1.0)]))
 @example((5, 0.0, 0, [(("partition", {1, 3}), 1.0), (("kill", 0), 1.0), (("kill", 2), 1.0)]))

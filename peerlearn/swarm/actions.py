@@ -35,7 +35,9 @@ class Applied:
     """What a peer writes to disk at every applied round, so a restart does
     not forget it (its checkpoint may be older): the view it applied, the
     highest round id and term it knew, and the step and hash it reached. A
-    peer restarted with a record takes part in no round for an older step."""
+    peer restarted with a record takes part in no round for an older step.
+    departed: this peer left the view (Leave with departed); its members no
+    longer include it, and it votes in no quorum until it applies a round."""
 
     epoch: int
     members: tuple[m.PeerInfo, ...]
@@ -43,6 +45,7 @@ class Applied:
     term: int
     step: int
     state_hash: bytes
+    departed: bool = False
 
 
 @dataclass(frozen=True)

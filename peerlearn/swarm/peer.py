@@ -57,6 +57,9 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 STALL_LOG_EVERY_S = 30.0
+# How long a stopping peer waits for a member that stays to answer its Leave
+# (one answer lets it leave the view for good, so the quorum shrinks).
+LEAVE_ANSWER_S = 1.0
 
 
 class PeerDaemon:
@@ -154,8 +157,12 @@ class PeerDaemon:
         try:
             raw = json.loads(path.read_bytes())
             members = tuple(m.PeerInfo.from_wire(p) for p in raw["members"])
+            departed = raw.get("departed", False)
+            if not isinstance(departed, bool):
+                raise ValueError("departed must be true or false")
             return r.Applied(int(raw["epoch"]), members, int(raw["max_round_id"]),
-                             int(raw["term"]), int(raw["step"]), bytes.fromhex(raw["state_hash"]))
+                             int(raw["term"]), int(raw["step"]), bytes.fromhex(raw["state_hash"]),
+                             departed)
         except (OSError, ValueError, KeyError, TypeError, m.MessageError) as e:
             log.warning("ignoring %s: %s", RECORD_FILE, e)
             return None
@@ -167,7 +174,7 @@ class PeerDaemon:
         self._recorded_ids = (rec.max_round_id, rec.term)
         body = {"epoch": rec.epoch, "members": [p.to_wire() for p in rec.members],
                 "max_round_id": rec.max_round_id, "term": rec.term, "step": rec.step,
-                "state_hash": rec.state_hash.hex()}
+                "state_hash": rec.state_hash.hex(), "departed": rec.departed}
         try:
             write_atomic(self.cfg.data_dir / RECORD_FILE, [json.dumps(body).encode()],
                          mode=0o600)
@@ -206,7 +213,7 @@ class PeerDaemon:
                 except TimeoutError:
                     pass
         finally:
-            self._dispatch(self.core.leave(time.monotonic()))
+            await self._say_goodbye()
             self.closing = True  # from here on, timers and worker callbacks do nothing
             self._fail_submissions(PeerClosed("the peer is shutting down"))
             if self.ready_handle is not None:
@@ -227,6 +234,25 @@ class PeerDaemon:
             self.plane.close()
             await self.loop.run_in_executor(None, self.links.close)
             await self.loop.run_in_executor(None, self.transfers.close)
+
+    async def _say_goodbye(self) -> None:
+        """Leave, and leave the view for good if a member stays (it answers
+        within LEAVE_ANSWER_S): the record says so on disk before anyone
+        hears it, so this peer never votes in that view again and the others
+        may shrink their quorum. Bounded: a swarm stopping all at once waits
+        LEAVE_ANSWER_S at most, and then every peer keeps its place."""
+        now = time.monotonic()
+        self._dispatch(self.core.leave(now))
+        deadline = now + LEAVE_ANSWER_S
+        while self.core.staying_members(time.monotonic()) and not self.core.stayers and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.core.stayers:
+            sends = self.core.depart(time.monotonic())
+            self._save_record()
+            self._dispatch(sends)
+            log.info("%s left the swarm: %d members go on without it", self.id[:8],
+                     len(self.core.members))
 
     async def _join(self, stop: asyncio.Event) -> None:
         """Asks the join address until a member lets us in; raises JoinTimeout
@@ -250,16 +276,32 @@ class PeerDaemon:
 
     def _watch_stall(self, now: float) -> None:
         """A swarm that stops applying rounds says why, once per reason and
-        every STALL_LOG_EVERY_S while it lasts (the coordinator knows why)."""
+        every STALL_LOG_EVERY_S while it lasts (the coordinator knows why).
+        A lost majority is an ERROR that says what the operator can do."""
         stalled = now - self.last_applied_at > 2 * self.cfg.timeouts.dead_after
+        lost = self.core.unreachable_voters(now) if stalled else []
         reason = self.core.stall if stalled else None
+        if lost:
+            reason = self.majority_lost(lost)
         if reason is None:
             self._stall_logged = (None, 0.0)
             return
         if reason != self._stall_logged[0] or now - self._stall_logged[1] >= STALL_LOG_EVERY_S:
             self._stall_logged = (reason, now)
-            log.warning("%s no round applied for %.0f s: %s", self.id[:8],
-                        now - self.last_applied_at, reason)
+            log.log(logging.ERROR if lost else logging.WARNING, "%s no round applied for "
+                    "%.0f s: %s", self.id[:8], now - self.last_applied_at, reason)
+
+    def majority_lost(self, lost: list[str]) -> str:
+        """Why no round can apply while `lost` voters are unreachable, and what to do."""
+        voters = len(self.core.voters())
+        names = ", ".join(f"{p[:8]} ({self.core.known[p].control})" if p in self.core.known
+                          else p[:8] for p in lost)
+        return (f"majority lost: {len(lost)} of the view's {voters} voting members are "
+                f"unreachable ({names}) and a round needs {voters // 2 + 1}. Start them again "
+                f"(they resume from their data dirs). If they are gone for good, stop this peer, "
+                f"delete {self.cfg.data_dir / RECORD_FILE} and start it again: it founds a new "
+                f"swarm from its checkpoint (step {self.core.step}). Peers that stop with "
+                f"Ctrl-C leave the view and never cause this.")
 
     async def _recv_loop(self) -> None:
         while True:
@@ -344,8 +386,11 @@ class PeerDaemon:
                     self.syncing = True
                     self.sync_task = self.loop.create_task(self._sync(a))
             elif isinstance(a, r.ViewChanged) and frozenset(a.members) != self._view_logged:
-                # Every applied round starts a view: say so only when its members change.
+                # Every applied round starts a view: say so only when its members
+                # change. A member that departed shrinks it between rounds: the
+                # record must not count it after a restart.
                 self._view_logged = frozenset(a.members)
+                self._save_record()
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
 
     def submit(self, sub: Submission) -> None:
@@ -573,9 +618,11 @@ class PeerDaemon:
                 b = self.core.beats.get(pid)
                 step, h = (b.step, b.state_hash) if b else (0, r.ZERO_HASH)
             alive = self.core.alive(pid, now)
-            role = "coordinator" if pid == coord else "member" if pid in self.core.members \
-                else "joiner"
-            rows.append((pid, info.control, info.data, role if alive else "dead", step, h, alive))
+            member = pid in self.core.members
+            role = "coordinator" if pid == coord else "member" if member else "joiner"
+            if not alive:
+                role = "lost" if member else "dead"
+            rows.append((pid, info.control, info.data, role, step, h, alive))
         return tuple(rows)
 
 

@@ -13,6 +13,8 @@ Model (docs/swarm.md has the reasoning):
   * Failure detection is by silence: any message from a peer refreshes it; a
     peer silent for `dead_after` is dead (SIGKILL and SIGSTOP look the same);
     a Leave makes it dead at once.
+  * A peer that stops with Ctrl-C leaves the view for good when a member
+    that stays answers it, and the quorum shrinks (departing.py).
   * The coordinator is the live view member with the smallest id. There is
     no election: when it dies, everyone's detector agrees on the next one
     within `dead_after`, which takes over with a higher term. Killing it costs
@@ -48,6 +50,7 @@ from peerlearn.swarm.actions import (  # noqa: F401
     ViewChanged,
 )
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
+from peerlearn.swarm.departing import Departing
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
@@ -55,7 +58,7 @@ from peerlearn.wire import control as m
 # ------------------------------------------------------------------ core
 
 
-class RoundCore(Coordinating, Settling):
+class RoundCore(Coordinating, Settling, Departing):
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
@@ -63,6 +66,13 @@ class RoundCore(Coordinating, Settling):
                  resuming: bool = False, record: Applied | None = None):
         self.me = me
         self.t = timeouts
+        # I left this view for good (my record says so): my vote counts nowhere
+        # until I take part in an applied round again.
+        self.departed = record is not None and record.departed
+        self.leaving = False  # stopping: no more acks, Readies or Staying
+        self.stayers: set[str] = set()  # members that answered my Leave with Staying
+        # Members that left for good -> the last round they took part in.
+        self.departed_peers: dict[str, int] = {}
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
@@ -134,18 +144,12 @@ class RoundCore(Coordinating, Settling):
         return heard is not None and now - heard <= self.t.dead_after
 
     def coordinator(self, now: float) -> str | None:
-        live = [p for p in self.members if self.alive(p, now)]
+        """The smallest live voter: a member that left for good leads nothing."""
+        live = [p for p in self.voters() if self.alive(p, now)]
         return min(live) if live else None
 
     def is_coordinator(self, now: float) -> bool:
         return self.coordinator(now) == self.me.id
-
-    def _quorum(self, ids) -> bool:
-        return 2 * len(set(ids) & set(self.members)) > len(self.members)
-
-    @property
-    def quorum_needed(self) -> int:
-        return len(self.members) // 2 + 1
 
     def _member_beats(self, now: float) -> dict[str, m.Heartbeat]:
         """Heartbeats of live view members other than me: the only reports a
@@ -202,7 +206,9 @@ class RoundCore(Coordinating, Settling):
     def local_ready(self, now: float, step: int, state_hash: bytes) -> list:
         """The driver's update for `step` is ready and its state hashes to state_hash."""
         self.step, self.state_hash, self.synced = step, state_hash, True
-        ready = m.Ready(step, state_hash, self.me)
+        if self.leaving:
+            return []
+        ready = m.Ready(step, state_hash, self.me, self.departed)
         self.my_ready, self.ready_sent_at = ready, now
         return self._broadcast(ready, now) + self.receive(now, self.me.id, ready)
 
@@ -237,11 +243,11 @@ class RoundCore(Coordinating, Settling):
         step, h = (self.floor, self.floor_hash) if self.floor_hash is not None else \
             (self.step, self.state_hash)
         return Applied(self.epoch, tuple(self.members.values()), self.max_round_id,
-                       self.term, step, h)
+                       self.term, step, h, self.departed)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
                             result_hash: bytes = ZERO_HASH) -> list:
-        if self.active is None or self.active.round_id != round_id:
+        if self.active is None or self.active.round_id != round_id or self.leaving:
             return []
         self.my_done = m.Done(round_id, ok, result_hash)
         self.done_sent_at = now
@@ -251,14 +257,13 @@ class RoundCore(Coordinating, Settling):
         return [Send(coord, self.my_done)] if coord != self.me.id else \
             self.receive(now, self.me.id, self.my_done)
 
-    def leave(self, now: float) -> list:
-        return self._broadcast(m.Leave(), now)
-
     def receive(self, now: float, sender: str, msg) -> list:
         """One validated message from an authenticated sender."""
         if sender != self.me.id:
             self.last_heard[sender] = now
             self.left.discard(sender)
+        if self.leaving and not isinstance(msg, m.Staying):
+            return []  # the others count us dead from our Leave on: we decide nothing more
         handler = getattr(self, "_on_" + type(msg).__name__.lower(), None)
         if handler is None:  # a message for the daemon, not for the round logic
             self.rejected += 1
@@ -270,13 +275,15 @@ class RoundCore(Coordinating, Settling):
         return handler(now, sender, msg)
 
     def tick(self, now: float) -> list:
+        if self.leaving:
+            return []  # not even a heartbeat: it would make us alive again to the others
         if self.started_at is None:
             self.started_at = now
         out: list = []
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
             beat = m.Heartbeat(self.epoch, self.aborted, self.term, self.step,
-                               self.state_hash, self.synced, self.me)
+                               self.state_hash, self.synced, self.me, self.departed)
             out += self._broadcast(beat, now)
             # Peers we think dead still hear from us now and then: that is how
             # the two sides of a healed partition find each other again.
@@ -338,6 +345,9 @@ class RoundCore(Coordinating, Settling):
     def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
         self.known[sender] = msg.peer  # its own word on its addresses: a restart may move them
         self.beats[sender] = msg
+        if sender in self.departed_peers and not msg.departed and \
+                self.departed_peers[sender] < msg.epoch <= self.max_round_id:
+            del self.departed_peers[sender]  # it came back through a later round we know
         self.beat_at[sender] = now
         if msg.epoch > self.epoch and self.members and self.observed is None and \
                 now - self.view_asked_at >= self.t.heartbeat_every * 2:
@@ -406,11 +416,6 @@ class RoundCore(Coordinating, Settling):
                   and p.id in self.beats and self.beats[p.id].epoch >= msg.epoch]
         return bool(others) and 2 * (len(others) + 1) > len(msg.members)
 
-    def _on_leave(self, now, sender, msg: m.Leave) -> list:
-        self.left.add(sender)
-        self.readies.pop(sender, None)
-        return []
-
     def _on_ready(self, now, sender, msg: m.Ready) -> list:
         self.known.setdefault(sender, msg.peer)
         self.readies[sender] = msg
@@ -421,7 +426,7 @@ class RoundCore(Coordinating, Settling):
     def _on_propose(self, now, sender, msg: m.Propose) -> list:
         stale = (sender != self.me.id and msg.round_id <= self.max_round_id) or \
             self.view_behind(now) is not None  # an id in use, or our view is out of date
-        if sender != self.coordinator(now) or msg.term < self.term or stale or \
+        if self.leaving or sender != self.coordinator(now) or msg.term < self.term or stale or \
                 (msg.round_id, msg.term) <= self.acked or self.me.id not in msg.participants:
             self.rejected += 1
             return []

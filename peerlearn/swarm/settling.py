@@ -75,12 +75,15 @@ class Settling:
 
     def _forwarded(self, now: float, sender: str, msg: m.Commit) -> bool:
         """A member hands us, the coordinator, a committed round we know nothing
-        of (we restarted after committing it; our record shows it unapplied):
-        we adopt it, so it is settled rather than held open forever."""
+        of (we restarted after committing it; or its committer left, and its
+        Commit reached us after its Leave): we adopt it, so it is settled
+        rather than held open forever. A proposal of ours still waiting for
+        acks gives way: the member holding the round would never ack it."""
         if not (self.is_coordinator(now) and sender in self.members and self.observed is None
-                and self.leading is None and self.epoch < msg.round_id < ROUND_ID_LIMIT
-                and self.aborted < msg.round_id):
+                and (self.leading is None or self.leading.commit is None)
+                and self.epoch < msg.round_id < ROUND_ID_LIMIT and self.aborted < msg.round_id):
             return False
+        self.leading = None
         self.observed, self.observed_at, self.committer = msg, now, self.me.id
         self.max_round_id = max(self.max_round_id, msg.round_id)
         return True
@@ -104,7 +107,12 @@ class Settling:
             self.aborted = max(self.aborted, round_id)
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
-        self.members = {p.id: p for p in c.members}
+        # A participant that left for good after this round was committed
+        # (its Leave came first) does not come back with it.
+        self.members = {p.id: p for p in c.members
+                        if c.round_id > self.departed_peers.get(p.id, -1)}
+        if self.me.id in self.members:
+            self.departed = False  # back in a view through a round: my vote counts again
         self.waited_once -= set(self.members)  # one that leaves and comes back: waited for again
         # Every participant finished the round moments ago (the Apply says so):
         # count that as hearing from them. A peer that joined the view through

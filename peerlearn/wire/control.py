@@ -98,7 +98,9 @@ def _peers(v) -> tuple[PeerInfo, ...]:
 _DTYPE_NAMES = ("float32", "bfloat16", "float16", "int64", "int32", "uint8")
 MAX_TENSORS = 4096
 MAX_DIMS = 8
-ROLES = ("coordinator", "member", "joiner", "dead")
+# lost: a view member that is unreachable (it still counts in the quorum);
+# dead: an unreachable peer outside the view.
+ROLES = ("coordinator", "member", "joiner", "lost", "dead")
 
 
 def _tensors(v) -> tuple[tuple, ...]:
@@ -157,7 +159,7 @@ def _transfer(v) -> int:
 # field name -> validator; the wire form of ids/peers is a list.
 _CHECKS = {
     "epoch": _u64, "aborted": _u64, "round_id": _u64, "term": _u64, "step": _u64,
-    "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag,
+    "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag, "departed": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
     "key": _key32, "transfer": _transfer,
@@ -170,7 +172,9 @@ class Heartbeat:
     highest term I know, my shared state's step and hash, whether it is
     synced. `epoch` and `aborted` let a peer that missed a round's Apply or
     Abort learn how it ended; with `term` they let a coordinator that
-    restarted go on from the swarm's counters instead of its own zeros."""
+    restarted go on from the swarm's counters instead of its own zeros.
+    `departed`: I left this view for good (Leave with departed) and have not
+    taken part in a round since: my vote counts in no quorum of it."""
 
     epoch: int
     aborted: int
@@ -179,6 +183,7 @@ class Heartbeat:
     state_hash: bytes
     synced: bool
     peer: PeerInfo
+    departed: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,16 +204,34 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Leave:
-    """Graceful departure: drop me now, do not wait for my heartbeats to stop."""
+    """Graceful departure: drop me now, do not wait for my heartbeats to stop.
+
+    departed=False: I am stopping (members still staying answer Staying).
+    departed=True: a staying member answered and my record now says I left
+    this view: I never vote in it again, so the others drop me from it and
+    their quorum shrinks. A peer that stops without that answer (the whole
+    swarm stopping at once) stays in its view, and a restart resumes it.
+    round_id (with departed): the highest round I took part in; a round up
+    to it that applies later does not bring me back into the view."""
+
+    departed: bool = False
+    round_id: int = 0
+
+
+@dataclass(frozen=True)
+class Staying:
+    """The answer to Leave(departed=False) from a member that is not leaving."""
 
 
 @dataclass(frozen=True)
 class Ready:
-    """My shared state is at `step` with `state_hash` and my update for it is ready."""
+    """My shared state is at `step` with `state_hash` and my update for it is
+    ready. `departed` as in Heartbeat: take part, but count no vote of mine."""
 
     step: int
     state_hash: bytes
     peer: PeerInfo
+    departed: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,8 +338,8 @@ class StatusReply:
 
 MESSAGES = {
     cls.__name__.lower(): cls
-    for cls in (Heartbeat, Join, Welcome, Leave, Ready, Propose, Ack, Commit, Done, Apply, Abort,
-                StateRequest, StateOffer, StateRefused, DataKey, StatusRequest, StatusReply)
+    for cls in (Heartbeat, Join, Welcome, Leave, Staying, Ready, Propose, Ack, Commit, Done,
+                Apply, Abort, StateRequest, StateOffer, StateRefused, DataKey, StatusRequest, StatusReply)
 }
 _TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
 
