@@ -519,3 +519,29 @@ def test_diloco_on_a_cuda_model_copies_outer_params_to_the_device():
     Lockstep(swarm, tick).run(2 * H, after=lambda t: _assert_parity(swarm))
     for n, p in models[1].named_parameters():
         assert p.is_cuda and torch.equal(p.cpu(), swarm.peers[1].state.tensors[OUTER + n])
+
+
+@pytest.mark.parametrize("losses", [1, 2])
+def test_a_peer_that_loses_its_work_round_after_round_says_why(losses, caplog):
+    m, H = 2, 2
+    models = replicas(m, lambda s: Tiny(s))
+    outer = Nesterov(0.7, 0.9)
+    swarm = FakeSwarm(m, lambda: DiLoCo.initial_state(models[0], outer))
+    opts = [torch.optim.AdamW(x.parameters(), lr=1e-2) for x in models]
+    algos = [DiLoCo(swarm.peers[i], models[i], opts[i], H=H, outer=outer) for i in range(m)]
+    for k in range(2, 2 + losses):  # replica 1 loses rounds in a row to state transfers
+        swarm.replace_state(1, k)
+
+    def tick(i, t):
+        train_tick(models, opts)(i, t)
+        opts[i].step()
+        algos[i].step()
+
+    with caplog.at_level("WARNING", logger="peerlearn.algorithms.diloco"):
+        Lockstep(swarm, tick).run(6 * H, after=lambda t: _assert_parity(swarm))
+    assert algos[1].replaced == losses
+    lines = [r.getMessage() for r in caplog.records if "local work lost" in r.getMessage()]
+    # One loss is ordinary (a restart, a repair); two in a row are explained, once.
+    assert len(lines) == (losses >= 2)
+    if lines:
+        assert lines[0].startswith("2 outer steps of local work lost in a row")

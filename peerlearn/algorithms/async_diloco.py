@@ -121,8 +121,7 @@ class AsyncDiLoCo(OuterLoop):
                 self.outer_steps += 1
                 self._base_step += 1
         if self._state_moved():  # replaced between our own calls
-            self.replaced += 1
-            self.reload()
+            self.replaced_by_swarm()
             return None
         return landed
 

@@ -46,6 +46,8 @@ exactly and never shares a scale with the pseudo-gradients.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
 
 import torch
@@ -57,6 +59,8 @@ from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed, PeerError, Sta
 
 OUTER = "outer/"  # outer parameter of each model parameter: OUTER + name
 OUTER_OPT = "outer_opt/"  # the outer optimizer's state
+LOST_WORK_LOG_EVERY_S = 60.0
+log = logging.getLogger(__name__)
 WEIGHT = "#weight"  # sorts before any parameter name ('#' < '.', digits, letters, '_')
 
 
@@ -159,6 +163,8 @@ class OuterLoop:
         self.skipped = 0  # outer steps skipped on CollectiveTimeout
         self.replaced = 0  # StateReplaced events (model reloaded from the swarm)
         self._base_step = -1  # the shared step the local model was last reset at
+        self._reloaded_at = time.monotonic()
+        self._lost = (0, -1, -1e18)  # (outer steps lost in a row, outer_steps then, logged at)
         self.last_mean: Mapping[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- state access
@@ -180,6 +186,29 @@ class OuterLoop:
         load_outer(self.params, state.tensors, self.names)
         self.local_steps = 0
         self._base_step = state.step
+        self._reloaded_at = time.monotonic()
+
+    def replaced_by_swarm(self) -> None:
+        """Our local progress was made against a shared state the swarm has
+        left (we fell behind, or differed): it is dropped and the model takes
+        the swarm's state. A peer that loses its work round after round is
+        too slow for the swarm's rounds: it says so (at most once a minute),
+        since otherwise it syncs, trains and sends nothing, silently."""
+        self.replaced += 1
+        moved = self._state().step - self._base_step
+        took = time.monotonic() - self._reloaded_at
+        streak, at_outer, logged = self._lost
+        streak = streak + 1 if at_outer == self.outer_steps else 1
+        if streak >= 2 and time.monotonic() - logged >= LOST_WORK_LOG_EVERY_S:
+            logged = time.monotonic()
+            log.warning("%d outer steps of local work lost in a row: the swarm applied %d "
+                        "rounds while this peer ran its %d inner steps (%.0f s), so its "
+                        "update was against a state that is gone. This peer is slower than "
+                        "the swarm's rounds and cannot contribute until it runs them faster "
+                        "(a faster device, a smaller batch) or the swarm's H grows.",
+                        streak, moved, self.local_steps, took)
+        self._lost = (streak, self.outer_steps, logged)
+        self.reload()
 
     def metrics(self) -> dict[str, int]:
         return {"inner_steps": self.inner_steps, "outer_steps": self.outer_steps,
@@ -198,8 +227,7 @@ class OuterLoop:
             self.last_mean = pending.result(self.timeout)
             return True
         except StateReplaced:
-            self.replaced += 1
-            self.reload()
+            self.replaced_by_swarm()
             return False
         except CollectiveTimeout:
             pending.withdraw()
@@ -263,8 +291,7 @@ class DiLoCo(OuterLoop):
         if self.local_steps % self.H:
             return False
         if self._state_moved():  # the swarm replaced our state since we last synced
-            self.replaced += 1
-            self.reload()
+            self.replaced_by_swarm()
             return False
         delta = pseudo_gradient(self._state().tensors, self.params, self.names)
         if self.weighted:

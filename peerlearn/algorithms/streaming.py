@@ -200,8 +200,7 @@ class StreamingDiLoCo(OuterLoop):
 
     def _send(self) -> None:
         if self._state_moved():
-            self.replaced += 1
-            self.reload()
+            self.replaced_by_swarm()
             return
         state = self._state()
         p = int(state.tensors[SYNCS]) % self.P
