@@ -59,8 +59,10 @@ def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 class Swarm(list):
     """The metrics text each peer served once the swarm was ready (the list),
-    and the peers' metrics ports."""
+    the peers' metrics ports, and what the founder served at start-up, before
+    any other peer existed (so before any byte moved or any checkpoint)."""
     ports: list[int]
+    at_start: str
 
 
 # A tiny model (test_training's), one outer step every 2 inner steps: many
@@ -72,10 +74,19 @@ TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set"
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     """Two `peerlearn run --algo diloco` peers that have applied rounds over a
-    data link and report training progress."""
+    data link, report training progress and have each written a checkpoint.
+
+    A peer checkpoints every 10 applied rounds (PeerConfig.checkpoint_every;
+    `peerlearn run` has no flag for it) and serves no checkpoint age before its
+    first: there is none to report. So the swarm is ready once both serve one
+    (~1 s after the rest is ready here), not at step 3 as it once was: the
+    tests that want the age then passed only where the founder, training
+    alone while the joiner started, was past step 10 at the first scrape (a
+    slow machine; the joiner had none yet even there)."""
     tmp = tmp_path_factory.mktemp("swarm")
     env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
     procs, ports = [], []
+    at_start = ""
     try:
         join: list[str] = []
         for i in range(2):
@@ -87,6 +98,8 @@ def swarm(tmp_path_factory):
                 env=env, stdout=subprocess.PIPE, stderr=open(tmp / f"p{i}.log", "w"), text=True))
             hello = json.loads(procs[-1].stdout.readline())
             ports.append(hello["metrics_port"])
+            if i == 0:  # alone: nothing has moved yet
+                at_start = _scrape(ports[0])
             join = ["--join", hello["control"]]
 
         def ready(text: str) -> bool:
@@ -95,19 +108,22 @@ def swarm(tmp_path_factory):
             sent = [v for n, lab, v in s if n == "peerlearn_wire_bytes_total"
                     and lab.get("direction") == "sent" and lab.get("traffic") == "round"]
             loss = [v for n, _, v in s if n == "peerlearn_train_loss"]
-            return bool(step and step[0] >= 3 and sent and sent[0] > 0 and loss)
+            checkpoint = [v for n, _, v in s if n == "peerlearn_checkpoint_age_seconds"]
+            return bool(step and step[0] >= 3 and sent and sent[0] > 0 and loss and checkpoint)
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
             texts = [_scrape(p) for p in ports]
             if all(ready(t) for t in texts):
                 break
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 logs = "\n".join((tmp / f"p{i}.log").read_text()[-2000:] for i in range(2))
-                pytest.fail(f"the 2-peer swarm applied no rounds in 90 s:\n{logs}")
+                pytest.fail("the 2-peer swarm did not apply rounds, train and checkpoint "
+                            f"in 120 s:\n{logs}")
             time.sleep(0.5)
         out = Swarm(texts)
         out.ports = ports
+        out.at_start = at_start
         yield out
     finally:
         for p in procs:
@@ -153,6 +169,35 @@ def test_metrics_endpoint_serves_peer_and_process_metrics(swarm):
         assert {"process_resident_memory_bytes", "process_cpu_seconds_total",
                 "process_open_fds", "process_max_fds",
                 "process_start_time_seconds"} <= names.keys()
+
+
+def test_counters_are_served_from_start_up_with_every_label_set(swarm):
+    """A counter that appears only with its first event has no rate() over its
+    first scrapes, and the dashboard shows "no data" where 0 is the truth.
+    Every counter (and histogram count) the ready swarm serves, with every
+    label set it has there, was served by the founder at start-up, before any
+    other peer existed; the bytes on the wire were 0 then. The training loop's
+    figures (peerlearn_train_*) are not served before its first report, by
+    design: a peer that only serves the swarm shows no training at all."""
+    start = _samples(swarm.at_start)
+    served = {(n, tuple(sorted(lab.items()))) for n, lab, _ in start}
+    later = {(n, tuple(sorted(lab.items()))) for t in swarm for n, lab, _ in _samples(t)
+             if n.startswith("peerlearn_") and not n.startswith("peerlearn_train_")
+             and n.endswith(("_total", "_count"))}
+    assert later and later <= served, sorted(later - served)
+    from peerlearn.cli.metrics import DIRECTIONS, TRAFFIC
+
+    wire = {(lab["direction"], lab["traffic"]): v for n, lab, v in start
+            if n == "peerlearn_wire_bytes_total"}
+    assert wire == {(d, t): 0 for d in DIRECTIONS for t in TRAFFIC}
+    assert {v for n, _, v in start if n == "peerlearn_wire_bytes_by_codec_total"} == {0}
+    # The traffic classes are the ones the data links count under.
+    from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, CHANNEL_ROUND, CHANNEL_STATE, traffic_of
+
+    assert {traffic_of(c) for c in (CHANNEL_ROUND, CHANNEL_STATE, CHANNEL_GOSSIP)} | {"other"} \
+        == set(TRAFFIC)
+    # No checkpoint yet, so no age: none is made up (0 would say "just written").
+    assert "peerlearn_checkpoint_age_seconds" not in {n for n, _, _ in start}
 
 
 def test_promtool_check_metrics_is_clean(swarm):
@@ -213,9 +258,49 @@ def test_the_swarm_wide_sum_check_catches_the_old_panel():
         'sum by (reason) (rate(peerlearn_refused_total{reason!="nonfinite_round"}[5m]))')
 
 
-def dashboard_exprs() -> list[tuple[str, str]]:
+def dashboard_exprs(job: str | None = None) -> list[tuple[str, str]]:
+    """(panel title, expression) of every query; with `job`, the dashboard's
+    $job variable replaced by it, as Grafana sends it to Prometheus."""
     dash = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    return [(p["title"], t["expr"] if job is None else t["expr"].replace("$job", job))
+            for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def unfiltered_selectors(expr: str) -> list[str]:
+    """The series an expression selects without job="$job" in its selector."""
+    out = []
+    for m in METRIC.finditer(expr):
+        sel = re.match(r"\{([^}]*)\}", expr[m.end():])
+        if not sel or 'job="$job"' not in re.split(r"\s*,\s*", sel.group(1).strip()):
+            out.append(m.group(1))
+    return out
+
+
+def test_the_job_filter_check_catches_an_unfiltered_selector():
+    assert unfiltered_selectors('max(peerlearn_step{job="$job"}) - peerlearn_step') == \
+        ["peerlearn_step"]
+    assert unfiltered_selectors('count(up{job="peerlearn"} == 1)') == ["up"]
+    assert unfiltered_selectors('peerlearn_refused_total{reason="a", job!="$job"}') == \
+        ["peerlearn_refused_total"]
+    assert not unfiltered_selectors(
+        'sum(rate(peerlearn_refused_total{reason!="x", job="$job"}[5m])) by (reason)')
+
+
+def test_every_dashboard_query_selects_the_swarm_by_its_job():
+    """Two swarms in one Prometheus (one scrape job each) must not mix: every
+    series selector of every query carries job="$job", the dashboard's
+    single-valued Swarm variable listing the jobs that serve peerlearn."""
+    dash = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in dash["templating"]["list"] if v["name"] == "job"]
+    assert var["type"] == "query" and var["datasource"]["uid"] == "${datasource}"
+    assert var["definition"] == "label_values(peerlearn_build_info, job)"
+    assert var["query"]["query"] == var["definition"]
+    assert not var["multi"] and not var["includeAll"]  # one swarm: its max/min are its own
+    assert var["current"]["value"] == "peerlearn"  # the job deploy/prometheus.yml scrapes
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 49
+    bad = [(title, e) for title, e in exprs if unfiltered_selectors(e)]
+    assert not bad, bad
 
 
 def rule_exprs() -> list[tuple[str, str]]:
@@ -314,6 +399,31 @@ def test_deployment_files_use_only_flags_peerlearn_run_has():
             script = " ".join(c.get("args", []))
             used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", script))
     assert used and used <= flags, used - flags
+
+
+# Inner steps that outlast any deployment (30 years at 1000 a second):
+# `peerlearn run` has no unbounded --steps.
+UNTIL_STOPPED = 10**12
+
+
+def test_compose_and_k8s_peers_train_until_stopped():
+    """A peer that ends its --steps (1000 by default) exits: compose leaves it
+    down (PeerlearnPeerDown fires), Kubernetes restarts it into
+    CrashLoopBackOff. The deployed peers run until stopped, with a constant
+    learning rate: the built-in task's cosine schedule spans --steps, and
+    over 10^12 steps its warmup alone holds the rate near 0 (2e-12 measured)."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    commands = [" ".join(s["command"]) for s in compose["services"].values()
+                if s.get("command", [None])[0] == "run"]
+    assert len(commands) == 3
+    for doc in _k8s_docs():
+        for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            commands.append(" ".join(c["args"]).replace("\\\n", " "))
+    assert len(commands) == 4
+    for cmd in commands:
+        steps = re.findall(r"--steps[ =](\d+)", cmd)
+        assert steps and int(steps[-1]) >= UNTIL_STOPPED, cmd
+        assert re.search(r"--set[ =]schedule=constant\b", cmd), cmd
 
 
 # ---------------------------------------------------------------- Docker
@@ -598,13 +708,19 @@ def test_a_real_prometheus_shows_every_panel_and_the_right_figures(swarm, tmp_pa
             assert len(rows) == 1, (expr, rows)
             return float(rows[0]["value"][1])
 
-        # Every expression of every panel returns data.
-        empty = [(title, e) for title, e in dashboard_exprs()
+        # Every expression of every panel returns data, for this swarm's job
+        # (as Grafana sends them with the Swarm variable on "peerlearn").
+        empty = [(title, e) for title, e in dashboard_exprs("peerlearn")
                  if not _api(base, "query", query=e)["result"]]
         assert not empty, empty
+        # ... and none for another swarm's.
+        other = [(title, e) for title, e in dashboard_exprs("peerlearn-b")
+                 if _api(base, "query", query=e)["result"]]
+        assert not other, other
 
-        exprs = {p["title"]: [t["expr"] for t in p["targets"]]
-                 for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets")}
+        exprs: dict[str, list[str]] = {}
+        for title, e in dashboard_exprs("peerlearn"):
+            exprs.setdefault(title, []).append(e)
         rounds = value(exprs["Rounds applied and aborted (per minute)"][0])
         assert rounds == pytest.approx(per_min, rel=0.15), (rounds, per_min)
         old = value("sum(rate(peerlearn_rounds_applied_total[1m])) * 60")

@@ -36,10 +36,18 @@ from prometheus_client.core import (
 )
 
 from peerlearn import buildinfo, telemetry
+from peerlearn.buildinfo import codec_name
 
 # The metrics port every deployment file uses; `peerlearn run`'s default.
 DEFAULT_PORT = 9400
 SNAPSHOT_TIMEOUT_S = 2.0
+# The label values of peerlearn_wire_bytes_total, each served from start-up
+# (at 0 until bytes move): a counter that appears only with its first byte
+# has no rate over its first scrapes, and a dashboard shows "no data" where 0
+# is the truth. Traffic classes: peerlearn.swarm.datalinks.traffic_of, and
+# "other" for a link no owner classed (transport.link.Link.traffic).
+DIRECTIONS = ("sent", "received")
+TRAFFIC = ("round", "state", "gossip", "other")
 
 
 def snapshot(d) -> dict:
@@ -142,6 +150,9 @@ class PeerCollector:
 
     def collect(self):
         yield InfoMetricFamily("peerlearn_build", "What this peer runs.", value=self.build)
+        # Neither needs the daemon's loop: served even while it does not answer.
+        yield from self._wire()
+        yield from self._disk()
         s = self._snapshot()
         if s is None:
             return
@@ -175,8 +186,6 @@ class PeerCollector:
                          "operation")
         yield _histogram("peerlearn_checkpoint_seconds", "Time to write a checkpoint.",
                          s["checkpoint_seconds"], None)
-        yield from self._disk()
-        yield from self._wire()
 
     def _disk(self):
         from peerlearn.swarm.peer import CHECKPOINT_FILE
@@ -184,6 +193,9 @@ class PeerCollector:
         try:  # the file's age: also right for one written before this process started
             mtime = os.stat(self.d.cfg.data_dir / CHECKPOINT_FILE).st_mtime
         except OSError:
+            # No checkpoint yet (a new peer's first checkpoint_every rounds):
+            # no age to report, and no made-up one (0 would read as "just
+            # written", the process's age as a checkpoint it never wrote).
             return
         yield GaugeMetricFamily("peerlearn_checkpoint_age_seconds",
                                 "Seconds since the checkpoint on disk was written.",
@@ -195,7 +207,9 @@ class PeerCollector:
         wire = CounterMetricFamily("peerlearn_wire_bytes",
                                    "Bytes moved over data links (frames and payload).",
                                    labels=["direction", "traffic"])
-        for (direction, traffic), n in sorted(WIRE.snapshot().items()):
+        moved = {(d, t): 0 for d in DIRECTIONS for t in TRAFFIC}
+        moved.update(WIRE.snapshot())
+        for (direction, traffic), n in sorted(moved.items()):
             wire.add_metric([direction, traffic], n)
         yield wire
         by_codec = CounterMetricFamily(
@@ -203,9 +217,15 @@ class PeerCollector:
             "Bytes moved over data links, by direction, traffic and the codec they were "
             "packed with (the sender's; a receiver reads it from the frames).",
             labels=["direction", "traffic", "codec"])
-        for (direction, traffic, codec), n in sorted(
-                WIRE.by_codec().items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
-            by_codec.add_metric([direction, traffic, buildinfo.codec_name(codec)], n)
+        # From start-up: raw bytes and this peer's codec, in every direction and
+        # traffic class; other codecs (a peer's that packs otherwise) as they come.
+        moved = {(d, t, codec_name(c)): 0 for d in DIRECTIONS for t in TRAFFIC
+                 for c in {None, self.d.cfg.codec}}
+        for (direction, traffic, codec), n in WIRE.by_codec().items():
+            key = (direction, traffic, codec_name(codec))
+            moved[key] = moved.get(key, 0) + n
+        for labels, n in sorted(moved.items()):
+            by_codec.add_metric(list(labels), n)
         yield by_codec
 
 
@@ -236,4 +256,4 @@ class _Telemetry:
         yield from telemetry.REGISTRY.collect()
 
 
-__all__ = ["DEFAULT_PORT", "serve", "snapshot"]
+__all__ = ["DEFAULT_PORT", "DIRECTIONS", "TRAFFIC", "serve", "snapshot"]
