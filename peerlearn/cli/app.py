@@ -344,7 +344,8 @@ def _settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-@app.command("demo")
+@app.command("demo", help="Train the task with N local peers on this machine, then print "
+                          "validation loss, tokens, bytes and compute utilisation per peer.")
 def demo(
     ctx: typer.Context,
     config: Optional[str] = options.CONFIG_OPTION,
@@ -377,7 +378,8 @@ def demo(
     verbose: int = VERBOSE_OPTION,
     quiet: int = QUIET_OPTION,
 ) -> None:
-    """Train the task with N local peers on this machine, then print validation loss, tokens, bytes and compute utilisation per peer."""  # noqa: E501 - one line: --help keeps line breaks
+    """`peerlearn demo` (its help is the decorator's: one string, since typer
+    keeps a docstring's line breaks)."""
     from peerlearn.cli import logs, train
 
     log_flags = logs.flags(log_level, "text", verbose, quiet)[:2]

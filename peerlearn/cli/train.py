@@ -261,7 +261,8 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
             for i in range(len(procs))]
     ok = [r for r in rows if "val_loss" in r]
     summary = {
-        "algo": algo, "peers": peers, "steps": steps, "wall_s": round(time.monotonic() - started, 1),
+        "algo": algo, "peers": peers, "steps": steps,
+        "wall_s": round(time.monotonic() - started, 1),
         "path": "loopback" if wan is None else f"emulated WAN, {wan[0]:g} ms RTT, "
                                                 f"{wan[1]:g} Mbit/s per host",
         "val_loss": max((r["val_loss"] for r in ok), default=None),
