@@ -262,11 +262,11 @@ def run(
     log_format: str = LOG_FORMAT_OPTION,
 ) -> None:
     """Start a peer that trains a task with an algorithm, as one member of a swarm."""
+    _check_steps(ctx, algo, steps, H)  # before anything loads torch
     from peerlearn.cli import daemon, logs
     from peerlearn.wire.codecs import codec_from_name
 
     logs.setup(log_level, log_format, verbose, quiet)
-    _check_steps(ctx, algo, steps, H)
 
     try:
         codec_id = codec_from_name(codec)
