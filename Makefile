@@ -5,12 +5,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup clean
 
-# Reinstall when the build inputs change: the native module is compiled here.
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
+# Every version pip resolves is pinned by constraints.txt. Given as
+# PIP_CONSTRAINT rather than -c: the variable also reaches the isolated
+# environment pip builds the native module in (scikit-build-core, nanobind).
+PIP := PIP_CONSTRAINT='$(CURDIR)/constraints.txt' $(VENV)/bin/pip
+
+# Reinstall when the build inputs or the pins change: the native module is compiled here.
+$(STAMP): pyproject.toml constraints.txt CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	# torch pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
