@@ -109,6 +109,12 @@ def test_a_restarted_peer_resumes_its_own_progress_and_pairs_again(peers, tmp_pa
         algo_b2, steps_b2 = trainer(b, cfg, 1, own[1])
         assert algo_b2.resumed and algo_b2.outer_steps == 3
         assert all(torch.equal(algo_b2.phi[n], phi_b[n]) for n in phi_b)
+        # It left with Ctrl-C (close), so the view shrank to a alone: it comes
+        # back through an admission round (training drives it) before it pairs.
+        deadline = time.monotonic() + 30
+        while b.id not in a.members() and time.monotonic() < deadline:
+            run_all([a, b], lambda i, p: (steps_a, steps_b2)[i](2))
+        assert b.id in a.members(), "not admitted again"
         run_all([a, b], lambda i, p: (steps_a, steps_b2)[i](8))
         assert algo_b2.exchanges >= 1 and algo_a.exchanges >= 4, (algo_a.metrics(),
                                                                    algo_b2.metrics())

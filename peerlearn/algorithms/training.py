@@ -21,6 +21,7 @@ from them and every apply runs with them.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from peerlearn import telemetry
+from peerlearn.algorithms import progress as own_progress
 from peerlearn.algorithms.async_diloco import AsyncDiLoCo, EagerDiLoCo
 from peerlearn.algorithms.ddp import DDP
 from peerlearn.algorithms.decentral import LOCAL_FILE, GossipLoop, derive_seed
@@ -45,6 +47,11 @@ from peerlearn.transport.link import WIRE
 ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local", "noloco", "gossip",
               "gossip-vc")
 GOSSIP_ALGORITHMS = ("noloco", "gossip", "gossip-vc")  # no global collective
+# Algorithms whose peers keep their own progress across a restart (progress.py):
+# the model comes back from the swarm's state (or the gossip checkpoint), so
+# the inner optimizer, schedule and data position are what a restart would lose.
+log = logging.getLogger(__name__)
+RESUMABLE = ("diloco", "streaming", "async", "eager", *GOSSIP_ALGORITHMS)
 
 
 class Local:
@@ -184,11 +191,15 @@ def wire_bytes() -> dict[str, int]:
     return out
 
 
+def _outer_steps(algorithm) -> int | None:
+    return getattr(algorithm, "outer_steps", getattr(algorithm, "steps", None))
+
+
 def _report(algorithm, algo: str, task, optimizer, hp: Hyper, step: int) -> None:
     """This step's figures for the metrics endpoint (peerlearn.telemetry)."""
     # The counters themselves, not metrics(): that builds the whole report (a
     # gossip run's log of up to 1000 exchanges), and this runs every step.
-    outer = getattr(algorithm, "outer_steps", getattr(algorithm, "steps", None))
+    outer = _outer_steps(algorithm)
     lrs = {"inner": optimizer.param_groups[0]["lr"]}
     if algo not in ("ddp", "local"):
         lrs["outer"] = hp.outer_lr
@@ -196,11 +207,29 @@ def _report(algorithm, algo: str, task, optimizer, hp: Hyper, step: int) -> None
                               tokens=task.tokens_per_batch, learning_rates=lrs)
 
 
-def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world: int = 1,
-          seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
+def data_stream(peer, rank: int | None, world: int, seed: int) -> tuple[int, int, int, str]:
+    """(rank, world, seed, name) of the data this peer reads. rank None: no
+    shard was given, so the whole corpus in an order of this peer's own,
+    seeded by its identity (kept in its data dir, so a restart reads the same
+    stream): peers that join a swarm of any size read independent streams
+    without being numbered. RANK/WORLD still gives disjoint shards."""
+    if rank is None:
+        return 0, 1, derive_seed("data", seed, peer.id), f"own:{peer.id}"
+    return rank, world, seed, f"shard:{rank}/{world}"
+
+
+def progress_path(peer) -> Path | None:
+    data_dir = getattr(getattr(peer, "cfg", None), "data_dir", None)
+    return None if data_dir is None else Path(data_dir) / own_progress.PROGRESS_FILE
+
+
+def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
+          world: int = 1, seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
           progress: Callable[[dict], None] | None = None,
           stop: Callable[[], bool] | None = None, wait_peers: int = 0) -> dict:
-    """Runs `steps` inner steps on this peer's shard; returns the report.
+    """Runs `steps` inner steps on this peer's data (data_stream); returns the
+    report. A peer restarted in the same data dir for the same run resumes
+    its inner optimizer, schedule and data position (progress.py).
 
     The peer must be started (and is left running: the caller closes it).
     `progress(row)` is called every `progress_every` steps with the loss and
@@ -212,19 +241,37 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
     model = task.model
     optimizer = task.inner_optimizer(model.parameters())
     scheduler = task.schedule(optimizer, steps) if task.schedule is not None else None
-    algorithm = make(algo, peer, model, optimizer, hp, rank=rank)
-    batches = task.batches(rank, world, seed)
+    rank, world, data_seed, stream = data_stream(peer, rank, world, seed)
+    algorithm = make(algo, peer, model, optimizer, hp, rank=rank if stream.startswith("shard")
+                     else derive_seed("rank", peer.id) % (1 << 31))
+    batches = task.batches(rank, world, data_seed)
+    path = progress_path(peer) if algo in RESUMABLE else None
+    run_id = {"algo": algo, "hyper": asdict(hp), "task": task.name,
+              "fingerprint": task.fingerprint, "seed": seed, "steps": steps, "stream": stream}
+    resumed = own_progress.load(path, run_id, optimizer=optimizer, scheduler=scheduler) \
+        if path is not None else None
+    first, tokens = (resumed[0] + 1, resumed[1]) if resumed is not None else (1, 0)
+    for _ in range(first - 1):
+        next(batches)  # the data position: the same stream, where it stopped
+
+    def keep_progress(step: int) -> None:
+        if path is not None:
+            try:
+                own_progress.save(path, run_id, step=step, tokens=tokens, optimizer=optimizer,
+                                  scheduler=scheduler)
+            except (OSError, ValueError) as e:
+                log.warning("could not keep training progress in %s: %s", path, e)
+    outer_seen = _outer_steps(algorithm)
     wire0 = wire_bytes()
     started = time.monotonic()
     compute = 0.0
-    tokens = 0
     loss_sum, loss_n = 0.0, 0
-    done = 0
+    done = first - 1
     curve: list[tuple[int, float]] = []  # (step, mean training loss since the last row)
     # The agreed state's hash at every shared step this peer saw: peers of one
     # run must list the same hash for every step they share (bit parity).
     hashes: dict[int, str] = {}
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         if stop is not None and stop():
             break
         t0 = time.monotonic()
@@ -253,6 +300,9 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         loss_sum += float(loss.detach())
         loss_n += 1
         done = step
+        if _outer_steps(algorithm) != outer_seen:  # an outer step: a restart resumes here
+            outer_seen = _outer_steps(algorithm)
+            keep_progress(step)
         _report(algorithm, algo, task, optimizer, hp, step)
         if peer.step not in hashes:  # a loop round trip only when the shared step moved
             shared = peer.state_fingerprint()
@@ -272,6 +322,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int = 0, world:
         shared = peer.state_fingerprint()
         if shared is not None:
             hashes.setdefault(shared[0], shared[1])
+    keep_progress(done)
     wall = time.monotonic() - started
     wire = wire_bytes()
     # DiLoCo family: the agreed outer params. Gossip runs: this peer's own

@@ -227,7 +227,10 @@ def run(
     task_set: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE passed to the task (repeat), e.g. --set n_layer=2."),
     steps: int = typer.Option(1000, min=1, help="Inner steps to train, then leave."),
-    shard: str = typer.Option("0/1", help="RANK/WORLD: which shard of the data this peer reads."),
+    shard: str = typer.Option(
+        "auto", help="auto: the whole corpus in an order of this peer's own (seeded by its "
+        "identity, so a restart goes on where it stopped; peers need no numbering). RANK/WORLD: "
+        "shard RANK of WORLD disjoint shards."),
     seed: int = typer.Option(0, help="Data order seed (the model's comes from the task)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
     P: int = typer.Option(4, "--P", help="Streaming: fragments."),

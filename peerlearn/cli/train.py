@@ -30,7 +30,10 @@ from peerlearn.cli.daemon import (
 )
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
+def parse_shard(spec: str) -> tuple[int | None, int]:
+    """RANK/WORLD, or "auto": (None, 1), a stream of this peer's own."""
+    if spec == "auto":
+        return None, 1
     try:
         rank, world = (int(x) for x in spec.split("/"))
     except ValueError:
