@@ -374,3 +374,18 @@ def test_apply_runs_off_the_loop_so_heartbeats_go_on(swarm):
         contribution(i, 0), apply=lambda st, mean, p=p: slow_apply(st, mean, p), timeout=30))
     assert all(v > 0.5 for v in seen.values()), seen
     assert len({p.state.state_hash() for p in peers}) == 1
+
+
+def test_a_joiner_with_another_secret_fails_fast_and_says_why(tmp_path):
+    """The member answers, but every control handshake fails: start() says
+    the secret may be wrong within seconds, not after the join timeout."""
+    first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST), initial).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PeerStartError, match="secret"):
+            Peer(PeerConfig(tmp_path / "p1", b"another-secret-0123456789xyz", timeouts=FAST,
+                            join=first.control_address, join_timeout=60)).start(timeout=60)
+        assert time.monotonic() - t0 < 20
+        assert first.daemon.plane.refused_connections >= 1
+    finally:
+        first.close()

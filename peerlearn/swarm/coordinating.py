@@ -176,7 +176,8 @@ class Coordinating:
         waiting += catching
         first = self.first_ready_at if self.first_ready_at is not None else now
         if waiting and now - first < self.t.gather:
-            self.stall = "gathering: waiting for " + ", ".join(sorted(waiting))
+            self.stall = "gathering: waiting for " + ", ".join(
+                "this peer's own contribution" if p == self.me.id else p for p in sorted(waiting))
             return []
         if catching:
             self.waited_once = (self.waited_once | set(catching)) & set(self.beats)

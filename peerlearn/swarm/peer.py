@@ -39,7 +39,13 @@ from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import PeerLinks
-from peerlearn.swarm.errors import JoinTimeout, PeerClosed, StateReplaced, Withdrawn
+from peerlearn.swarm.errors import (
+    JoinTimeout,
+    PeerClosed,
+    PeerStartError,
+    StateReplaced,
+    Withdrawn,
+)
 from peerlearn.swarm.stats import PeerStats, TokenBucket
 from peerlearn.swarm.statesync import MAX_DONORS, StateTransfers, SyncFailed
 from peerlearn.transport.control import ControlPlane, split_target
@@ -57,6 +63,12 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 STALL_LOG_EVERY_S = 30.0
+# A stall is logged once no round applied for STALL_ROUNDS typical round gaps
+# (the median of the last few): DiLoCo's rounds come every H inner steps, and
+# a gap of a few seconds is the swarm computing, not stalling. Before any gap
+# is known, STALL_FIRST_S.
+STALL_ROUNDS = 3.0
+STALL_FIRST_S = 60.0
 # How long a stopping peer waits for a member that stays to answer its Leave
 # (one answer lets it leave the view for good, so the quorum shrinks).
 LEAVE_ANSWER_S = 1.0
@@ -105,6 +117,7 @@ class PeerDaemon:
         self.syncing = False
         self.sync_task: asyncio.Task | None = None  # the one fetch running; shutdown awaits it
         self.last_applied_at = time.monotonic()  # or synced: the swarm moved us forward
+        self.round_gaps: deque[float] = deque(maxlen=8)  # seconds between recent applies
         self._stall_logged: tuple[str | None, float] = (None, 0.0)
         self.loop_errors = 0
         self.nonfinite_rounds = 0
@@ -267,6 +280,9 @@ class PeerDaemon:
                 raise JoinTimeout(f"no swarm member answered at {self.cfg.join} within "
                                   f"{self.cfg.join_timeout:g} s")
             self.plane.send(join_addr, m.Join(self.info), to=join_id)
+            refused = self.plane.refused(join_addr, to=join_id)
+            if refused:  # it answered, but the handshake fails: no point waiting the timeout
+                raise PeerStartError(f"{self.cfg.join} {refused}")
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
                 return  # told to stop before anyone let us in
@@ -278,9 +294,10 @@ class PeerDaemon:
         """A swarm that stops applying rounds says why, once per reason and
         every STALL_LOG_EVERY_S while it lasts (the coordinator knows why).
         A lost majority is an ERROR that says what the operator can do."""
-        stalled = now - self.last_applied_at > 2 * self.cfg.timeouts.dead_after
-        lost = self.core.unreachable_voters(now) if stalled else []
-        reason = self.core.stall if stalled else None
+        idle = now - self.last_applied_at
+        lost = self.core.unreachable_voters(now) if idle > 2 * self.cfg.timeouts.dead_after \
+            else []
+        reason = self.core.stall if idle > self.stall_after() else None
         if lost:
             reason = self.majority_lost(lost)
         if reason is None:
@@ -290,6 +307,12 @@ class PeerDaemon:
             self._stall_logged = (reason, now)
             log.log(logging.ERROR if lost else logging.WARNING, "%s no round applied for "
                     "%.0f s: %s", self.id[:8], now - self.last_applied_at, reason)
+
+    def stall_after(self) -> float:
+        """Seconds without an applied round that count as a stall here."""
+        gaps = sorted(self.round_gaps)
+        typical = gaps[len(gaps) // 2] if gaps else STALL_FIRST_S / STALL_ROUNDS
+        return max(2 * self.cfg.timeouts.dead_after, STALL_ROUNDS * typical)
 
     def majority_lost(self, lost: list[str]) -> str:
         """Why no round can apply while `lost` voters are unreachable, and what to do."""
@@ -547,6 +570,7 @@ class PeerDaemon:
         self.core.result_applied(state.step, digest)
         self._save_record()
         self.rounds_applied += 1
+        self.round_gaps.append(time.monotonic() - self.last_applied_at)
         self.last_applied_at = time.monotonic()
         log.debug("%s step %d applied (round %d) state %s", self.id[:8], self.state.step,
                  a.round_id, digest.hex())
