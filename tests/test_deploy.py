@@ -148,7 +148,7 @@ def test_metrics_endpoint_serves_peer_and_process_metrics(swarm):
     names = exported(swarm)
     assert {"peerlearn_build_info", "peerlearn_step", "peerlearn_rounds_applied_total",
             "peerlearn_seconds_since_applied", "peerlearn_quorum_needed",
-            "peerlearn_quorum_held", "peerlearn_wire_bytes_total",
+            "peerlearn_quorum_held", "peerlearn_voters_unreachable", "peerlearn_wire_bytes_total",
             "peerlearn_wire_bytes_by_codec_total", "peerlearn_collective_seconds_bucket",
             "peerlearn_round_retries_total", "peerlearn_checkpoint_age_seconds",
             "peerlearn_checkpoint_seconds_count", "peerlearn_train_loss",
@@ -219,6 +219,7 @@ SWARM_WIDE = {
     "peerlearn_collective_seconds_sum", "peerlearn_collective_seconds_count",
     "peerlearn_step", "peerlearn_members", "peerlearn_live_peers",
     "peerlearn_quorum_needed", "peerlearn_quorum_held", "peerlearn_seconds_since_applied",
+    "peerlearn_voters_unreachable",
     "peerlearn_gossip_exchanges_total", "peerlearn_gossip_failures_total",
     "peerlearn_collective_seconds_bucket", "peerlearn_round_retries_total",
     "peerlearn_train_outer_step", "peerlearn_train_learning_rate",

@@ -14,6 +14,8 @@ import time
 
 from test_swarm import Swarm, parity
 
+from peerlearn.cli.app import quorum_line
+
 
 
 def step_of(sw: Swarm, name: str) -> int:
@@ -58,6 +60,7 @@ def test_leaving_peers_shrink_the_quorum_and_killed_ones_are_named(tmp_path):
         assert roles[ids["a"]] == "coordinator"
         assert all(roles.get(ids[n], "dead") == "dead" for n in "bc")
         assert "majority lost" not in (tmp_path / "a.log").read_text()
+        assert quorum_line(sw.status("a")) is None
 
         # Two joiners, then both killed: they may come back, so they keep
         # their places, and 1 of 3 is no majority. The survivor says why.
@@ -73,8 +76,12 @@ def test_leaving_peers_shrink_the_quorum_and_killed_ones_are_named(tmp_path):
                     if "majority lost" in ln)
         assert "ERROR" in line and "2 of the view's 3 voting members are unreachable" in line
         assert sw.addr["d"] in line and sw.addr["e"] in line and "applied.json" in line
-        roles = {r["id"]: r["role"] for r in sw.status("a")}
+        rows = sw.status("a")
+        roles = {r["id"]: r["role"] for r in rows}
         assert roles[ids["d"]] == roles[ids["e"]] == "lost"
+        verdict = quorum_line(rows)  # what `peerlearn status` prints below the rows
+        assert verdict.startswith("NO MAJORITY: 2 of the view's 3 members are unreachable")
+        assert sw.addr["d"] in verdict and sw.addr["e"] in verdict
         s = step_of(sw, "a")
         time.sleep(2)
         assert step_of(sw, "a") <= s + 1  # the round in flight at most

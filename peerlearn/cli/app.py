@@ -472,6 +472,9 @@ def status(
         for r in rows:
             typer.echo(f"{r['id'][:12]}  {r['control']:<21} {r['role']:<11} "
                        f"step {r['step']:<6} {r['state_hash']}")
+        verdict = quorum_line(rows)
+        if verdict:
+            typer.echo(verdict)
         if first or sys.stdout.isatty():
             # What equal hashes prove differs by algorithm; say it where they are shown.
             typer.echo("state hash: the agreed state (parity: equal at equal steps). DiLoCo "
@@ -505,6 +508,20 @@ def _one_line(e: Exception, ctx) -> str:
     if text.startswith("Invalid value for "):
         text = "i" + text[1:]
     return f"{prog}: {text}"
+
+
+def quorum_line(rows: list[dict]) -> str | None:
+    """What `status` says when the view has lost its majority: lost members
+    (unreachable, still in the view) too many for a quorum. The rows are one
+    peer's view: members that left with Ctrl-C are not in it."""
+    in_view = [r for r in rows if r["role"] in ("coordinator", "member", "lost")]
+    lost = [r for r in in_view if r["role"] == "lost"]
+    if not lost or 2 * (len(in_view) - len(lost)) > len(in_view):
+        return None
+    names = ", ".join(f"{r['id'][:8]} ({r['control']})" for r in lost)
+    return (f"NO MAJORITY: {len(lost)} of the view's {len(in_view)} members are unreachable "
+            f"({names}); no round can apply until enough come back. Start them again, or see "
+            f"the ERROR line in a survivor's log for how to go on without them.")
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ def snapshot(d) -> dict:
         "seconds_since_applied": now - d.last_applied_at,
         "quorum_needed": d.core.quorum_needed,
         "quorum_held": d.core.quorum_held,
+        "voters_unreachable": len(d.core.unreachable_voters(now)),
         "refused": {
             "status_rate": d.status_refused,
             "state_request": d.transfers.refused,
@@ -163,8 +164,11 @@ class PeerCollector:
                 ("is_coordinator", "1 if this peer coordinates rounds."),
                 ("seconds_since_applied",
                  "Seconds since this peer last applied a round or synced."),
-                ("quorum_needed", "Members a round needs: a strict majority of the view."),
-                ("quorum_held", "Live members ready on the newest state (coordinator's view).")):
+                ("quorum_needed", "Members a round needs: a strict majority of the view's "
+                                  "voting members (those that did not leave it)."),
+                ("quorum_held", "Live members ready on the newest state (coordinator's view)."),
+                ("voters_unreachable", "Voting members unreachable, when too many for a "
+                                       "quorum (else 0): no round applies until they return.")):
             yield GaugeMetricFamily(f"peerlearn_{name}", doc, value=s[name])
         for name, doc, label, values in (
                 ("refused", "Input refused or bounded, by reason (a fixed set).", "reason",
