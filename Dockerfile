@@ -15,10 +15,12 @@ FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends g++ cmake ninja-build \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml CMakeLists.txt README.md ./
+COPY pyproject.toml CMakeLists.txt README.md constraints.txt ./
 COPY native native
 COPY peerlearn peerlearn
-RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+# constraints.txt pins what a fresh install resolves (the build backend too:
+# PIP_CONSTRAINT reaches pip's isolated build environment, -c does not).
+RUN PIP_CONSTRAINT=/src/constraints.txt pip wheel --no-cache-dir --no-deps -w /wheels .
 
 FROM ${PYTHON_IMAGE}
 # Which torch build is installed is chosen here, explicitly. A plain
@@ -38,7 +40,8 @@ RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${T
 print('torch', torch.__version__, 'cuda', cuda); \
 sys.exit((cuda is None) != (sys.argv[1] == 'cpu'))" "${TORCH_VARIANT}"
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY --from=build /src/constraints.txt /wheels/
+RUN pip install --no-cache-dir -c /wheels/constraints.txt /wheels/*.whl && rm -rf /wheels
 
 # Not root: a peer needs no privilege (its ports are above 1024). /data holds
 # its identity, checkpoints and applied record; a named volume mounted there
