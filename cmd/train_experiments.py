@@ -260,40 +260,156 @@ DECENTRAL = {
               "single-warm"],
 }
 
+# The plots (issue 15: ~30 lines under one legend could not be read). One
+# panel per family, a handful of rows each, DDP and one peer drawn in every
+# panel as the references, legends outside the axes. A config has one colour
+# in every plot and both regimes (keyed by its name without "-warm"); a run
+# with a final merge has its run's colour (hatched bars, hollow markers).
+# Rows in no panel (most of the seed-0 NoLoCo grid) are in the tables only.
+COLOURS = {
+    "ddp": "black", "single": "tab:gray",
+    "diloco-H50": "tab:blue", "streaming": "tab:orange", "noloco-H50": "tab:green",
+    "noloco-H25-nest-a0.8-b1.0-g0.5": "tab:purple",
+    "diloco-H10": "tab:red", "diloco-H25": "tab:cyan", "diloco-H48": "tab:brown",
+    "diloco-H200": "tab:olive",
+    "diloco-H50-lr0.3": "tab:pink", "fedavg-H50": "goldenrod",
+    "diloco-H50-lr0.7-m0.9": "teal", "diloco-H50-lr0.5-m0.9": "slateblue",
+    "diloco-H50-lr0.7-m0.8": "crimson", "diloco-H50-lr1.0-m0.8": "sienna",
+    "streaming-alpha0.5": "darkmagenta", "streaming-alpha0.5-fp32": "navy",
+    "streaming-alpha0.5-lr0.7": "yellowgreen",
+    "async": "deeppink", "eager": "olivedrab",
+    "gossip-indep": "salmon", "gossip-vc-indep": "indigo",
+    "noloco-H50-nest-a0.8-b1.0-g0.5": "hotpink", "noloco-H25": "peru",
+    "noloco-H50-a0.9-b1.0-group4": "darkkhaki",
+}
+REFERENCES = ("ddp", "single")
+# (title, rows without "-warm"; rows absent from a regime are skipped). A row
+# "X-merge" is drawn in the loss-vs-bytes panels only: until its one merge at
+# the end it is the run X (the same training curve, within timing noise).
+PANELS: dict[str, list[tuple[str, list[str]]]] = {
+    "": [
+        ("headline rows", ["diloco-H50", "streaming", "noloco-H50"]),
+        ("DiLoCo: sync interval H", ["diloco-H10", "diloco-H48", "diloco-H50", "diloco-H200"]),
+        ("DiLoCo H = 50: outer lr and momentum", ["diloco-H50", "diloco-H50-lr0.3", "fedavg-H50"]),
+        ("Streaming DiLoCo (H = 48) against DiLoCo", ["diloco-H48", "streaming"]),
+        ("async / eager (H = 50; own y scale)", ["diloco-H50", "eager", "async"]),
+        ("decentralized (no global collective)",
+         ["diloco-H50", "noloco-H50", "gossip-indep", "gossip-indep-merge",
+          "gossip-vc-indep", "gossip-vc-indep-merge"]),
+    ],
+    "-warm": [
+        ("headline rows", ["diloco-H50", "streaming", "noloco-H25-nest-a0.8-b1.0-g0.5"]),
+        ("DiLoCo: sync interval H",
+         ["diloco-H10", "diloco-H25", "diloco-H48", "diloco-H50", "diloco-H200"]),
+        ("DiLoCo H = 50: outer lr and momentum",
+         ["diloco-H50", "diloco-H50-lr1.0-m0.8", "diloco-H50-lr0.7-m0.9",
+          "diloco-H50-lr0.7-m0.8", "diloco-H50-lr0.5-m0.9", "fedavg-H50"]),
+        ("Streaming DiLoCo (H = 48) against DiLoCo",
+         ["diloco-H48", "streaming", "streaming-alpha0.5", "streaming-alpha0.5-fp32",
+          "streaming-alpha0.5-lr0.7"]),
+        ("async / eager (H = 50; own y scale)", ["diloco-H50", "eager", "async"]),
+        ("decentralized (no global collective)",
+         ["diloco-H25", "noloco-H25-nest-a0.8-b1.0-g0.5",
+          "noloco-H25-nest-a0.8-b1.0-g0.5-merge", "noloco-H50-nest-a0.8-b1.0-g0.5",
+          "noloco-H25", "noloco-H50"]),
+    ],
+}
+# Docs show these PNGs at most ~900 px wide: figures are 11 in at 100 dpi
+# (1100 px) with 10-11 pt text, so text stays >= 10 px when scaled down.
+WIDTH, DPI = 11.0, 100
+
+
+def base(name: str) -> str:
+    return name.removesuffix("-warm")
+
+
+def colour(name: str) -> str:
+    return COLOURS.get(base(name).removesuffix("-merge"), "0.6")
+
+
+def is_merge(name: str) -> bool:
+    return base(name).endswith("-merge")
+
+
+def label(name: str, width: int = 24) -> str:
+    """The config's name without "-warm", broken at a hyphen to fit a legend."""
+    out, line = [], ""
+    for part in base(name).split("-"):
+        if line and len(line) + 1 + len(part) > width:
+            out.append(line + "-")
+            line = part
+        else:
+            line = f"{line}-{part}" if line else part
+    return "\n".join([*out, line])
+
+
+def final(rows: list[dict]) -> tuple[float, float, float]:
+    """Mean and sd over seeds of the final validation loss, mean MB sent per peer."""
+    losses = [val_loss(r) for r in rows]
+    mb = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"]) for r in rows) / 1e6
+    return (statistics.mean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0, mb)
+
+
+def panels(suffix: str, by: dict[str, list[dict]]) -> list[tuple[str, list[str]]]:
+    out = []
+    for title, rows in PANELS[suffix]:
+        names = [n + suffix for n in rows if n + suffix in by]
+        if names:
+            out.append((title, names))
+    return out
+
+
+def panel_grid(n: int, title: str):
+    import matplotlib.pyplot as plt
+
+    rows = (n + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(WIDTH, 0.6 + 3.15 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=13)
+    return fig, list(axes.flat[:n])
+
+
+def ref_legend(fig, handles: list) -> None:
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10.5,
+               frameon=False, columnspacing=1.5)
+
 
 def decentral_report(steps: int, by: dict[str, list[dict]]) -> None:
     """Bars of the final validation loss (mean ± sd over seeds, the seed count
     and MB sent per peer written on each) for the DECENTRAL rows."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, (suffix, names), title in zip(axes, DECENTRAL.items(),
-                                          ("from scratch", "from the warm start")):
+    fig, axes = plt.subplots(2, 1, figsize=(WIDTH, 8.6), layout="constrained",
+                             height_ratios=[len(v) for v in DECENTRAL.values()])
+    for ax, names, title in zip(axes, DECENTRAL.values(),
+                                ("from scratch", "from the warm start")):
         names = [n for n in names if n in by]
-        means = [statistics.mean(val_loss(r) for r in by[n]) for n in names]
-        sds = [statistics.stdev([val_loss(r) for r in by[n]]) if len(by[n]) > 1 else 0.0
-               for n in names]
-        ax.barh(range(len(names)), means, xerr=sds, color="tab:blue", alpha=0.7)
+        stats = [final(by[n]) for n in names]
+        means = [m for m, _, _ in stats]
+        sds = [sd for _, sd, _ in stats]
+        ax.barh(range(len(names)), means, xerr=[sd or float("nan") for sd in sds],
+                color=[colour(n) for n in names], alpha=0.8,
+                hatch=["//" if is_merge(n) else "" for n in names], edgecolor="white",
+                error_kw={"ecolor": "black", "lw": 1.2, "capsize": 3})
         for i, n in enumerate(names):
-            mb = statistics.mean(max(b or 0 for b in r["bytes_sent_per_peer"])
-                                 for r in by[n]) / 1e6
-            ax.text(means[i] + sds[i], i, f"  {means[i]:.3f} ({len(by[n])} seeds, {mb:.0f} MB)",
-                    va="center", fontsize=7)
-        ax.set_yticks(range(len(names)), [n.removesuffix(suffix) or n for n in names],
-                      fontsize=7)
+            mean, sd, mb = stats[i]
+            ax.text(mean + sd, i, f"  {mean:.3f} ({len(by[n])} seed{'s' * (len(by[n]) > 1)}, "
+                    f"{mb:.0f} MB)", va="center", fontsize=10)
+        ax.set_yticks(range(len(names)), [base(n) for n in names], fontsize=10.5)
         ax.invert_yaxis()
         if means:
             ax.set_xlim(min(means) * 0.95, max(means) * 1.12)
-        ax.set_xlabel("final validation loss (nats/byte)")
-        ax.set_title(f"{title}, 4 peers x {steps} steps")
+        ax.set_xlabel("final validation loss (nats/byte)", fontsize=10.5)
+        ax.set_title(f"{title}, 4 peers x {steps} steps", fontsize=12)
+        ax.tick_params(axis="x", labelsize=10)
         ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(OUT / f"decentral-{steps}.png", dpi=110)
+    fig.savefig(OUT / f"decentral-{steps}.png", dpi=DPI)
+    plt.close(fig)
 
 
 def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[dict]]) -> None:
-    import matplotlib.pyplot as plt
-
     ref = by.get("ddp" + suffix)
     ref_loss = statistics.mean(val_loss(r) for r in ref) if ref else None
     lines = ["| config | seeds | val loss (mean ± sd) | vs DDP | MB sent / peer | "
@@ -318,37 +434,122 @@ def regime_report(steps: int, suffix: str, names: list[str], by: dict[str, list[
     (OUT / f"table-{steps}{suffix}.md").write_text(table + "\n")
     print(table)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        rs = [r for r in by[name] if r["seed"] == 0 and r["curve"]]
-        if rs:
-            xs, losses = zip(*rs[0]["curve"])
-            ax.plot(xs, losses, label=name, lw=1.2)
-    ax.set_xlabel("inner step (equal tokens per peer)")
-    ax.set_ylabel("training loss, peer 0 (nats/byte, 10-step mean)")
-    ax.set_ylim(top=3.5)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(OUT / f"curves-{steps}{suffix}.png", dpi=110)
+    curves_plot(steps, suffix, by)
+    bytes_plot(steps, suffix, by)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    single = "single" + suffix
-    for name in names:
-        if name == single:
-            continue
-        xs = [max(b or 0 for b in r["bytes_sent_per_peer"]) / 1e6 for r in by[name]]
-        ax.scatter(xs, [val_loss(r) for r in by[name]], label=name, s=18)
-    if single in by:
-        ax.axhline(statistics.mean(val_loss(r) for r in by[single]), color="grey",
-                   ls="--", lw=1, label="single peer")
-    ax.set_xscale("log")
-    ax.set_xlabel("MB sent per peer (on the wire)")
-    ax.set_ylabel("final validation loss (nats/byte)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(OUT / f"loss-vs-bytes-{steps}{suffix}.png", dpi=110)
+
+def curves_plot(steps: int, suffix: str, by: dict[str, list[dict]]) -> None:
+    """Training loss of peer 0, seed 0: one panel per family, DDP and one peer
+    in every panel."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    def curve(name: str) -> tuple[list[int], list[float]] | None:
+        rs = [r for r in by.get(name, []) if r["seed"] == 0 and r["curve"]]
+        return tuple(map(list, zip(*rs[0]["curve"]))) if rs else None
+
+    groups = [(t, [n for n in names if not is_merge(n)]) for t, names in panels(suffix, by)]
+    refs = [n + suffix for n in REFERENCES if curve(n + suffix)]
+    # One y range for every panel (the first 50 steps' descent and the async
+    # rows' spikes are cut off), so panels compare; async/eager get their own.
+    late = [v for n in {*refs, *(n for _, ns in groups for n in ns)} - {
+        f"async{suffix}", f"eager{suffix}"} if curve(n) for x, v in zip(*curve(n)) if x >= 50]
+    lo, hi = min(late), max(late)
+    pad = (hi - lo) * 0.05
+    regime = "from scratch" if not suffix else "from the warm start"
+    fig, axes = panel_grid(len(groups), f"Training loss, {regime} (4 peers x {steps} steps, "
+                                        f"peer 0, seed 0)")
+    for ax, (title, names) in zip(axes, groups):
+        for ref, style in zip(REFERENCES, ("-", "--")):
+            if curve(ref + suffix):
+                ax.plot(*curve(ref + suffix), color=colour(ref), ls=style, lw=1.3, alpha=0.85)
+        for n in names:
+            if curve(n):
+                ax.plot(*curve(n), color=colour(n), lw=1.8, label=label(n))
+        bottom, top = lo - pad, hi + pad
+        if {f"async{suffix}", f"eager{suffix}"} & set(names):
+            top = max(v for n in names if curve(n) for x, v in zip(*curve(n)) if x >= 50)
+            bottom, top = lo - (top - lo) * 0.04, top + (top - lo) * 0.04
+        ax.set_ylim(bottom, top)
+        ax.set_xlim(0, steps)
+        ax.set_title(title, fontsize=11.5)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=10, frameon=False,
+                  handlelength=1.5)
+    for ax in axes[-2:]:
+        ax.set_xlabel("inner step (equal tokens per peer)", fontsize=10.5)
+    for ax in axes[::2]:
+        ax.set_ylabel("loss (nats/byte)", fontsize=10.5)
+    ref_legend(fig, [Line2D([], [], color=colour("ddp"), lw=1.3, label="ddp"),
+                     Line2D([], [], color=colour("single"), lw=1.3, ls="--",
+                            label="single (one peer)"),
+                     Line2D([], [], lw=0, label="in every panel; 10-step means")])
+    fig.savefig(OUT / f"curves-{steps}{suffix}.png", dpi=DPI)
+    plt.close(fig)
+
+
+def bytes_plot(steps: int, suffix: str, by: dict[str, list[dict]]) -> None:
+    """Final validation loss (mean ± sd over seeds) against MB sent per peer:
+    one panel per family, every other row a grey dot, DDP in every panel and
+    one peer as a dashed line."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    groups = panels(suffix, by)
+    ddp, single = "ddp" + suffix, "single" + suffix
+    stats = {n: final(rs) for n, rs in by.items() if n.endswith("-warm") == bool(suffix)}
+    others = [n for n in stats if n != single]
+    xs = [stats[n][2] for n in others]
+    # One y range (async/eager, far above, get their own panel's range).
+    shown = {ddp, single, *(n for _, ns in groups for n in ns)} - {
+        f"async{suffix}", f"eager{suffix}"}
+    ys = [stats[n][0] + s * stats[n][1] for n in shown if n in stats for s in (-1, 1)]
+    lo, hi = min(ys), max(ys)
+    pad = (hi - lo) * 0.08
+    regime = "from scratch" if not suffix else "from the warm start"
+    fig, axes = panel_grid(len(groups), f"Final validation loss against bytes, {regime} "
+                                        f"(4 peers x {steps} steps, mean ± sd over seeds)")
+    for ax, (title, names) in zip(axes, groups):
+        ax.scatter(xs, [stats[n][0] for n in others], s=14, color="0.8", zorder=1)
+        if single in stats:
+            ax.axhline(stats[single][0], color=colour("single"), ls="--", lw=1.2)
+        members = ([ddp] if ddp in stats else []) + names
+        for n in members:
+            mean, sd, mb = stats[n]
+            c = colour(n)
+            # Rows sending the same bytes (the H = 50 outer-optimizer grid)
+            # side by side rather than on top of each other.
+            same = [m for m in members if abs(stats[m][2] / mb - 1) < 0.05]
+            mb *= 1.15 ** (same.index(n) - (len(same) - 1) / 2)
+            ax.errorbar(mb, mean, yerr=sd or None, fmt="o", ms=7, color=c, capsize=3, zorder=3,
+                        mfc="white" if is_merge(n) else c, mew=1.8,
+                        label=None if n == ddp else label(n) + f" ({len(by[n])})")
+        bottom, top = lo - pad, hi + pad
+        if {f"async{suffix}", f"eager{suffix}"} & set(names):
+            top = max(stats[n][0] for n in names)
+            bottom, top = lo - (top - lo) * 0.06, top + (top - lo) * 0.06
+        ax.set_ylim(bottom, top)
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+        ax.set_title(title, fontsize=11.5)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.12, which="minor")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=10, frameon=False,
+                  handletextpad=0.3)
+    for ax in axes[-2:]:
+        ax.set_xlabel("MB sent per peer (on the wire)", fontsize=10.5)
+    for ax in axes[::2]:
+        ax.set_ylabel("val loss (nats/byte)", fontsize=10.5)
+    ref_legend(fig, [Line2D([], [], color=colour("ddp"), marker="o", lw=0, label="ddp"),
+                     Line2D([], [], color=colour("single"), ls="--", label="single (one peer)"),
+                     Line2D([], [], color="0.8", marker="o", lw=0, label="other rows"),
+                     Line2D([], [], color="0.3", marker="o", lw=0, mfc="white",
+                            label="final merge"),
+                     Line2D([], [], lw=0, label="(n): seeds; equal bytes spread sideways")])
+    fig.savefig(OUT / f"loss-vs-bytes-{steps}{suffix}.png", dpi=DPI)
+    plt.close(fig)
 
 
 def main() -> None:
