@@ -389,3 +389,32 @@ def test_a_joiner_with_another_secret_fails_fast_and_says_why(tmp_path):
         assert first.daemon.plane.refused_connections >= 1
     finally:
         first.close()
+
+
+def test_a_member_announcing_a_poisoned_state_is_distrusted_and_rounds_go_on(swarm):
+    """Issue 16, case 2: a member holding the secret announces a far step
+    with the hash of an all-NaN state and serves it. The others fetch it,
+    refuse it (not finite), count it, distrust the announcer, and go on
+    applying rounds among themselves; no state turns NaN."""
+    peers = swarm(3)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    honest, liar = peers[:2], peers[2]
+
+    def poison():
+        d = liar.daemon
+        for t in d.state.tensors.values():
+            t.fill_(float("nan"))
+        d.state.step += 1000
+        h = d.state.state_hash()
+        d.core.step, d.core.state_hash = d.state.step, h
+    liar._on_loop(poison)
+    start = max(p.step for p in honest)
+    results = run_all(honest, lambda i, p: [p.all_reduce(contribution(i, k), apply=add_mean,
+                                                         timeout=30) for k in range(1, 4)])
+    assert all(p.step >= start + 3 for p in honest)
+    assert len({p.state.state_hash() for p in honest}) == 1
+    for p in honest:
+        assert all(bool(torch.isfinite(t.float()).all()) for t in p.state.tensors.values())
+        assert p.daemon.bad_states >= 1
+        assert not p.daemon.core.trusted(liar.id, time.monotonic())
+    assert torch.isfinite(results[0][2]["w"]).all()

@@ -110,9 +110,39 @@ def test_a_solicited_welcome_must_keep_a_majority_of_the_view():
     # A Welcome from c, whom we did not ask, is dropped too.
     core.receive(1.2, "c", m.Welcome(9, 3, (b, c)))
     assert core.epoch == 5
-    # The answer we asked for, keeping a majority of our view, is taken.
+    # The answer we asked for, keeping a majority of our view, waits until
+    # another member seconds its epoch (b alone could push our round ids)...
     core.receive(1.3, "b", m.Welcome(9, 3, (b, c)))
+    assert core.epoch == 5
+    core.receive(1.35, "c", m.Heartbeat(9, 0, 0, 3, b"\1" * 8, True, c))
+    core.receive(1.4, "b", m.Heartbeat(9, 0, 0, 3, b"\1" * 8, True, b))  # we ask again
+    core.receive(1.45, "b", m.Welcome(9, 3, (b, c)))
     assert set(core.members) == {"b", "c"} and core.epoch == 9
+
+
+def test_a_welcome_naming_peers_nobody_runs_or_a_lone_epoch_is_refused():
+    """Issue 16, case 1: an attacker holding the secret (never a member)
+    heartbeats a huge epoch, is asked for the view, and answers with every
+    real member plus invented ids. Refused, counted; rounds go on."""
+    sim = Sim(4)
+    sim.run(3)
+    liar = m.PeerInfo("zz", "zz:1", "zz:2")
+    real = tuple(sim.peers[p].core.me for p in sorted(sim.peers))
+    fake = tuple(m.PeerInfo(f"f{i:02}", f"f{i}:1", f"f{i}:2") for i in range(8))
+    rejected = sum(p.core.rejected for p in sim.peers.values())
+    before = sim.max_step()
+    for k in range(20):
+        for p in sim.peers:
+            sim.forge("zz", p, m.Heartbeat(1 << 40, 0, 0, 0, r.ZERO_HASH, False, liar))
+            sim.forge("zz", p, m.Welcome(1 << 40, 0, real + fake + (liar,)))
+            sim.forge("zz", p, m.Welcome(1 << 40, 0, real))  # real members only: a lone epoch
+        sim.run(sim.now + 0.1)
+    sim.run(sim.now + 2)
+    for p in sim.peers.values():
+        assert set(p.core.members) == set(sim.peers) and p.core.epoch < 1 << 40
+    assert sum(p.core.rejected for p in sim.peers.values()) > rejected
+    assert sim.max_step() >= before + 5
+    assert sim.parity_violations() == []
 
 
 def test_forged_heartbeats_settle_no_round_and_stall_nothing():

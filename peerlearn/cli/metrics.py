@@ -67,6 +67,7 @@ def snapshot(d) -> dict:
             "status_rate": d.status_refused,
             "state_request": d.transfers.refused,
             "nonfinite_round": d.nonfinite_rounds,
+            "bad_state": d.bad_states,
             "data_admission": listener.refused,
             "data_handshake_deadline": listener.deadlines,
             "data_accept_error": listener.accept_errors,

@@ -136,7 +136,8 @@ class Coordinating:
         if behind is not None:
             self.stall = f"our view is out of date ({behind} applied later rounds): asking for it"
             return []
-        live = {i: r for i, r in self.readies.items() if self.alive(i, now)}
+        live = {i: r for i, r in self.readies.items() if self.alive(i, now) and
+                self.trusted(i, now)}
         newest = self.newest_step(now)
         groups: dict[tuple[int, bytes], list[str]] = {}
         for i, r in live.items():

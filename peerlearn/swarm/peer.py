@@ -47,7 +47,7 @@ from peerlearn.swarm.errors import (
     Withdrawn,
 )
 from peerlearn.swarm.stats import PeerStats, TokenBucket
-from peerlearn.swarm.statesync import MAX_DONORS, StateTransfers, SyncFailed
+from peerlearn.swarm.statesync import MAX_DONORS, BadState, StateTransfers, SyncFailed
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.stream import StreamError
@@ -121,6 +121,7 @@ class PeerDaemon:
         self._stall_logged: tuple[str | None, float] = (None, 0.0)
         self.loop_errors = 0
         self.nonfinite_rounds = 0
+        self.bad_states = 0  # fetched states refused (hash mismatch or not finite)
         self.status_replies = TokenBucket(STATUS_REPLIES_PER_S, STATUS_REPLY_BURST)
         self.status_refused = 0
         self.busy = False  # a collective is running for us
@@ -610,6 +611,15 @@ class PeerDaemon:
         started = time.monotonic()
         try:
             state = await self.transfers.fetch(need)
+        except BadState as e:
+            self.sync_failures += 1
+            self.bad_states += 1
+            liars = self.core.refuse_state(time.monotonic(), need.step, need.state_hash)
+            log.warning("%s refused the state of step %d: %s; distrusting the peers that "
+                        "announced it: %s", self.id[:8], need.step, e,
+                        ", ".join(p[:8] for p in liars) or "none")
+            self.core.sync_failed()
+            return
         except SyncFailed as e:
             self.sync_failures += 1
             log.info("%s state sync failed: %s", self.id[:8], e)

@@ -51,6 +51,7 @@ from peerlearn.swarm.actions import (  # noqa: F401
 )
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
 from peerlearn.swarm.departing import Departing
+from peerlearn.swarm.distrust import Distrusting
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
@@ -58,7 +59,7 @@ from peerlearn.wire import control as m
 # ------------------------------------------------------------------ core
 
 
-class RoundCore(Coordinating, Settling, Departing):
+class RoundCore(Coordinating, Settling, Departing, Distrusting):
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
@@ -73,6 +74,8 @@ class RoundCore(Coordinating, Settling, Departing):
         self.stayers: set[str] = set()  # members that answered my Leave with Staying
         # Members that left for good -> the last round they took part in.
         self.departed_peers: dict[str, int] = {}
+        # Peers whose announced state was refused -> (distrusted until, repeats).
+        self.distrusted: dict[str, tuple[float, int]] = {}
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
@@ -154,7 +157,7 @@ class RoundCore(Coordinating, Settling, Departing):
     def _member_beats(self, now: float) -> dict[str, m.Heartbeat]:
         """Heartbeats of live view members other than me: the only reports a
         decision rests on. A non-member's word settles nothing."""
-        return {i: b for i, b in self.beats.items()
+        return {i: b for i, b in self.beats.items() if self.trusted(i, now)
                 if i in self.members and i != self.me.id and self.alive(i, now)}
 
     def newest_step(self, now: float) -> int:
@@ -165,7 +168,7 @@ class RoundCore(Coordinating, Settling, Departing):
         was passed, and running it again would give it a second hash.
         """
         steps = [b.step for b in self._member_beats(now).values() if b.synced]
-        steps += [r.step for i, r in self.readies.items()
+        steps += [r.step for i, r in self.readies.items() if self.trusted(i, now)
                   if i in self.members and i != self.me.id and self.alive(i, now)]
         if self.synced:
             steps.append(self.step)
@@ -372,11 +375,20 @@ class RoundCore(Coordinating, Settling, Departing):
             # majority of its own members vouch for (their heartbeats to us
             # show that epoch): a view that shrank over several rounds need not
             # hold a majority of our old one. An unsolicited Welcome, or a
-            # member naming itself the whole swarm, is dropped.
+            # member naming itself the whole swarm, is dropped. So is one
+            # naming peers we never heard (ids nobody runs would make the
+            # quorum unreachable), or an epoch no other member reports (a
+            # liar would push our round ids towards the end of their space).
             asked = sender == self.view_asked_of and \
                 now - self.view_asked_at <= self.t.dead_after
-            if not asked or not (self._quorum(p.id for p in msg.members) or
-                                 self._vouched(msg, sender, now)):
+            unheard = [p.id for p in msg.members if p.id not in self.members
+                       and p.id not in (sender, self.me.id) and not self.alive(p.id, now)]
+            seconded = any(b.epoch >= msg.epoch for i, b in self._member_beats(now).items()
+                           if i != sender) or any(
+                b.epoch >= msg.epoch for i, b in self.beats.items()
+                if i != sender and i in {p.id for p in msg.members} and self.alive(i, now))
+            if not asked or unheard or not seconded or msg.epoch >= ROUND_ID_LIMIT or not (
+                    self._quorum(p.id for p in msg.members) or self._vouched(msg, sender, now)):
                 self.rejected += 1
                 return []
             if msg.epoch > self.epoch and self.observed is None:

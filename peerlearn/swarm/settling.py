@@ -176,7 +176,7 @@ class Settling:
         swarm resumes from the newest step its peers hold, not the founder's."""
         newer: dict[tuple[int, bytes], list[str]] = {}
         for i, b in self.beats.items():
-            if self.alive(i, now) and b.synced and b.step > self.step:
+            if self.alive(i, now) and self.trusted(i, now) and b.synced and b.step > self.step:
                 newer.setdefault((b.step, b.state_hash), []).append(i)
         if not newer:
             return []
@@ -196,6 +196,7 @@ class Settling:
             return []
         want = (self.floor, self.floor_hash)
         donors = sorted(i for i, b in self.beats.items() if i != self.me.id and
+                        self.trusted(i, now) and
                         self.alive(i, now) and b.synced and (b.step, b.state_hash) == want)
         if not donors or self.sync_requested == want:
             return []

@@ -52,6 +52,11 @@ class SyncFailed(PeerlearnError):
     """A fetch could not complete; the core asks again later."""
 
 
+class BadState(SyncFailed):
+    """The state arrived whole and is refused: it does not match the hash it
+    was announced with, or it is not finite. Whoever announced it lied."""
+
+
 class StateTransfers:
     def __init__(self, daemon):
         """daemon: the PeerDaemon whose state, core, plane and links this uses (on its loop)."""
@@ -184,7 +189,11 @@ class StateTransfers:
             except Exception as e:  # noqa: BLE001 - a stream or timeout error of any kind
                 raise SyncFailed(f"transfer failed: {e}") from e
             if state.state_hash() != first.state_hash:
-                raise SyncFailed("fetched state does not match its hash")
+                raise BadState("fetched state does not match its hash")
+            bad = next((n for n, t in state.tensors.items() if t.is_floating_point()
+                        and not bool(torch.isfinite(t).all())), None)
+            if bad is not None:
+                raise BadState(f"fetched state is not finite ({bad} holds NaN or inf)")
             return state
         except SyncFailed:
             for x in donors:
