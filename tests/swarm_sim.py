@@ -240,10 +240,14 @@ class Sim:
             self._ready(p)  # decided (aborted) while we were at it, as the daemon retries
             return
         ok = all(self.connected(p.id, q) for q in a.participants if q != p.id)
+        # A poisoner's NaN reaches every participant's mean: each one's check fails.
+        poisoned = ok and any(getattr(self.peers[q], "poison", False) for q in a.participants)
+        ok = ok and not poisoned
         states = tuple(self.peers[q].state for q in a.participants)
         result = h(a.round_id, a.participants, states) if ok else r.ZERO_HASH
         p.pending = (a.round_id, result) if ok else None
-        self.run_actions(p, p.core.collective_finished(self.now, a.round_id, ok, result))
+        self.run_actions(p, p.core.collective_finished(self.now, a.round_id, ok, result,
+                                                       poisoned=poisoned))
 
     def _sync(self, p: SimPeer, a: r.SyncNeeded):
         if not p.alive:

@@ -392,3 +392,38 @@ def test_departed_peers_restarted_behind_a_partition_cannot_outvote_the_survivor
     assert max(steps) - min(steps) <= 1, steps
     # The departed peers came back through a round: they vote again.
     assert not any(sim.peers[p].core.departed for p in leavers)
+
+
+# ------------------------------------------------------------ poisoned rounds
+
+
+def test_a_member_poisoning_every_round_is_found_and_left_out():
+    """Issue 16, case 5: one member's contribution makes every mean fail the
+    check. The coordinator traces it by leaving half of the suspects out of
+    each round (group testing under the quorum rule), excludes it, and the
+    others apply rounds without it."""
+    sim = Sim(7)
+    sim.run(3)
+    sim.peers["p05"].poison = True
+    before = sim.max_step(["p00"])
+    sim.run(sim.now + 8)
+    core = sim.peers["p00"].core  # the coordinator
+    assert core.excluded_now("p05", sim.now) and core.exclusions == 1
+    assert not any(core.excluded_now(p, sim.now) for p in sim.peers if p != "p05")
+    honest = [p for p in sim.peers if p != "p05"]
+    assert sim.max_step(honest) >= before + 10
+    assert sim.parity_violations() == []
+    # It stops poisoning: after its cooldown it takes part again.
+    sim.peers["p05"].poison = False
+    sim.run(sim.now + 65)
+    assert not core.excluded_now("p05", sim.now)
+    assert sim.peers["p05"].step >= sim.max_step() - 1
+
+
+def test_a_clean_round_with_every_suspect_clears_them():
+    sim = Sim(3)
+    sim.run(3)
+    core = sim.peers["p00"].core
+    core.suspects = {"p01", "p02"}
+    core._learn_from_round(sim.now, ("p00", "p01", "p02"), applied=True, poisoned=False)
+    assert core.suspects == set() and core.exclusions == 0

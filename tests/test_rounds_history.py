@@ -104,7 +104,7 @@ def test_a_solicited_welcome_must_keep_a_majority_of_the_view():
     # b reports a newer view: we ask b for it...
     out = core.receive(1.0, "b", m.Heartbeat(9, 0, 0, 3, b"\1" * 8, True, b))
     assert [a.msg for a in out if isinstance(a, r.Send)] == [m.Join(me)]
-    # ...but a view of b alone is not one a majority of ours agreed to.
+    # ...but nobody else reports epoch 9 yet: b's word alone is not taken.
     core.receive(1.1, "b", m.Welcome(9, 3, (b,)))
     assert set(core.members) == {"a", "b", "c"} and core.epoch == 5
     # A Welcome from c, whom we did not ask, is dropped too.

@@ -145,6 +145,16 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
 # A round committed before a Leave, applied after it, brought the leaver back
 # into one member's view, which then followed it as the coordinator.
 @example((3, 0.0, 0, [(("heal",), 3.0), (("leave", 0), 0.25)]))
+# An adopter applied a round among the living, presuming a partitioned
+# participant's Done ok; that participant's side aborted it (two hashes).
+@example((4, 0.0, 47764, [(("restart", 6, 0), 1.0), (("leave", 0), 0.4),
+                          (("partition", {1, 4}), 0.67), (("forge_beat", 0, U64), 1.48)]))
+# A member left stale by a partition could never take the view that shrank
+# through a departure to one member (no majority of its own, none to vouch).
+@example((3, 0.0, 0, [(("restart", 0, 0), 1.0), (("partition", {0, 1}), 1.125),
+                      (("leave", 0), 3.0)]))
+@example((3, 0.0, 0, [(("restart", 0, 0), 1.0), (("partition", {0, 2}), 1.125),
+                      (("leave", 0), 3.0)]))
 @example((3, 0.0, 0, [(("kill", 2), 1.0), (("partition", {0}), 1.0),
                       (("restart", 0, 0), 1.0), (("kill", 1), 1.0)]))
 @example((5, 0.0, 0, [(("partition", {1, 3}), 1.0), (("kill", 0), 1.0), (("kill", 2), 1.0)]))

@@ -58,7 +58,7 @@ class Coordinating:
             return []
         r.done[sender] = msg
         if not msg.ok:
-            return self._finish(now, apply=False)
+            return self._finish(now, apply=False, poisoned=msg.poisoned)
         oks = [d for d in r.done.values() if d.ok]
         if len(oks) == len(r.commit.participants):
             agree = len({d.result_hash for d in oks}) == 1
@@ -98,15 +98,19 @@ class Coordinating:
         return self._maybe_propose(now)
 
     def _complete_among_the_living(self, r: _Round, now: float) -> bool:
-        """Every live participant reported ok with one result hash (a dead one's
-        Done may be missing: it finished, or the others' ring would have failed),
-        and the live members are a majority of the view: only the side that
-        can run rounds may decide for the dead."""
+        """Every participant but the dead committer reported ok with one result
+        hash (the committer applied only if all of them had: its own Done is
+        implied), and the live members are a majority of the view: only the
+        side that can run rounds may decide for the dead. A participant whose
+        Done is missing is not presumed ok, dead or not: its ring may have
+        failed at the last chunk while ours finished, and a side that can see
+        it would abort (two hashes for one step; found by the property run
+        once a Leave could shrink the quorum)."""
         if not self._quorum(p for p in self.members if self.alive(p, now)):
             return False  # cut off with a minority: "dead" may only mean unreachable
-        live = [p for p in r.commit.participants if self.alive(p, now)]
-        dones = [r.done.get(p) for p in live]
-        return bool(live) and all(d is not None and d.ok for d in dones) and \
+        others = [p for p in r.commit.participants if p != self.committer]
+        dones = [r.done.get(p) for p in others]
+        return bool(others) and all(d is not None and d.ok for d in dones) and \
             len({d.result_hash for d in dones}) == 1
 
     def _dropped(self, c: m.Commit) -> bool:
@@ -137,7 +141,7 @@ class Coordinating:
             self.stall = f"our view is out of date ({behind} applied later rounds): asking for it"
             return []
         live = {i: r for i, r in self.readies.items() if self.alive(i, now) and
-                self.trusted(i, now)}
+                self.trusted(i, now) and not self.excluded_now(i, now)}
         newest = self.newest_step(now)
         groups: dict[tuple[int, bytes], list[str]] = {}
         for i, r in live.items():
@@ -156,13 +160,19 @@ class Coordinating:
                                "peer holds it yet)")
             return []
         (step, h), ids = max(eligible, key=lambda kv: (len(kv[1]), kv[0][1]))
+        # A poisoned round is being traced: leave half of the suspects out.
+        probe = self._probe(ids) if self.suspects else set()
+        ids = [i for i in ids if i not in probe]
+        left_out = probe | {p for p in self.excluded if self.excluded_now(p, now)}
         # Wait (at most `gather`) for live members not yet ready with this
         # state (one being repaired re-sends Ready once synced), and for synced
         # joiners at this very step, so a peer that just caught up enters this round.
-        waiting = [p for p in self.members if self.alive(p, now) and p not in ids]
+        waiting = [p for p in self.members if self.alive(p, now) and p not in ids
+                   and p not in left_out]
         waiting += [p for p, b in self.beats.items()
                     if p not in self.members and self.alive(p, now) and b.synced
-                    and b.step == step and (p not in live or live[p].step != step)]
+                    and b.step == step and (p not in live or live[p].step != step)
+                    and p not in left_out]
         # A joiner still catching up (fetching, or synced to an older step) is
         # waited for once: where rounds are shorter than a state transfer
         # plus the joiner's first contribution, a swarm that never waited
@@ -173,7 +183,8 @@ class Coordinating:
         if now - self.catchup_wait_at >= CATCHUP_EVERY * self.t.gather:
             catching = [p for p, b in self.beats.items()
                         if p not in self.members and p not in self.waited_once and
-                        self.alive(p, now) and (not b.synced or b.step < step)]
+                        p not in left_out and self.alive(p, now) and
+                        (not b.synced or b.step < step)]
         waiting += catching
         first = self.first_ready_at if self.first_ready_at is not None else now
         if waiting and now - first < self.t.gather:
@@ -184,6 +195,7 @@ class Coordinating:
             self.waited_once = (self.waited_once | set(catching)) & set(self.beats)
             self.catchup_wait_at = now
         participants = tuple(sorted(ids))
+        self.probing = probe
         # Round ids and terms go on from the highest any member or participant knows: a
         # coordinator that restarted (counters back at 0) would otherwise
         # propose rounds everyone has seen settled.
@@ -202,8 +214,10 @@ class Coordinating:
             out += self._on_propose(now, self.me.id, prop)
         return out
 
-    def _finish(self, now: float, apply: bool) -> list:
+    def _finish(self, now: float, apply: bool, poisoned: bool = False) -> list:
         r = self.leading
         self.leading = None
+        if not r.adopted:
+            self._learn_from_round(now, r.commit.participants, apply, poisoned)
         msg = m.Apply(r.commit.round_id) if apply else m.Abort(r.commit.round_id)
         return self._broadcast(msg, now) + self._settle(now, self.me.id, r.commit.round_id, apply)

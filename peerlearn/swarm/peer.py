@@ -72,6 +72,11 @@ STALL_FIRST_S = 60.0
 # How long a stopping peer waits for a member that stays to answer its Leave
 # (one answer lets it leave the view for good, so the quorum shrinks).
 LEAVE_ANSWER_S = 1.0
+# A round's mean may be at most this many times larger (max |x|) than this
+# peer's own contribution. Honest means are at most the largest contribution:
+# weighted ones (tokens) differ by the peers' token counts, so the margin is
+# wide; it is there for 1e30, not for subtle shifts (docs/swarm.md).
+MEAN_GROWTH_LIMIT = 1e4
 
 
 class PeerDaemon:
@@ -523,14 +528,18 @@ class PeerDaemon:
             self.round_subs.pop(a.round_id, None)
             self._retry("superseded")  # decided (aborted) while we were still at it
             return
-        if not bool(torch.isfinite(result).all()):
-            # A member contributed NaN or inf: every participant sees the same
-            # mean, so every one fails the round and no state is poisoned.
+        why = poisoned_mean(result, self.round_subs.get(a.round_id))
+        if why is not None:
+            # A member contributed NaN, inf or a huge update: the round fails
+            # (all or nothing: nobody applies it) and the coordinator traces
+            # the sender (suspicion.py). The finite check is the same at every
+            # participant; the size check compares with each one's own part.
             self.nonfinite_rounds += 1
             self.round_subs.pop(a.round_id, None)
-            log.warning("%s round %d: the mean is not finite; failing the round", self.id[:8],
-                        a.round_id)
-            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
+            log.warning("%s round %d: the mean %s; failing the round", self.id[:8],
+                        a.round_id, why)
+            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False,
+                                                         poisoned=True))
             self._retry("nonfinite")
             return
         self.pending[a.round_id] = result
@@ -658,6 +667,23 @@ class PeerDaemon:
                 role = "lost" if member else "dead"
             rows.append((pid, info.control, info.data, role, step, h, alive))
         return tuple(rows)
+
+
+def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
+    """Why a round's mean must not be applied, or None: not finite, or larger
+    than MEAN_GROWTH_LIMIT times this peer's own contribution (an honest mean
+    is at most the largest contribution; one member's 1e30 would otherwise be
+    applied, and every later round refused as non-finite: training over)."""
+    if not bool(torch.isfinite(mean).all()):
+        return "is not finite"
+    own = None if sub is None or sub.tensor is None else sub.tensor
+    if own is not None and own.numel() == mean.numel():
+        own_max = float(own.abs().max()) if own.numel() else 0.0
+        mean_max = float(mean.abs().max()) if mean.numel() else 0.0
+        if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
+            return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
+                    f"(limit {MEAN_GROWTH_LIMIT:g})")
+    return None
 
 
 def _apply_on(state: SharedState, sub: Submission | None, result: torch.Tensor,

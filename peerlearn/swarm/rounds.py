@@ -52,6 +52,7 @@ from peerlearn.swarm.actions import (  # noqa: F401
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
 from peerlearn.swarm.departing import Departing
 from peerlearn.swarm.distrust import Distrusting
+from peerlearn.swarm.suspicion import Suspecting
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
@@ -59,7 +60,7 @@ from peerlearn.wire import control as m
 # ------------------------------------------------------------------ core
 
 
-class RoundCore(Coordinating, Settling, Departing, Distrusting):
+class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
@@ -76,6 +77,11 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting):
         self.departed_peers: dict[str, int] = {}
         # Peers whose announced state was refused -> (distrusted until, repeats).
         self.distrusted: dict[str, tuple[float, int]] = {}
+        # The coordinator's search for a member poisoning rounds (suspicion.py).
+        self.suspects: set[str] = set()
+        self.probing: set[str] = set()  # suspects left out of the round in flight
+        self.excluded: dict[str, tuple[float, int]] = {}  # -> (until, repeats)
+        self.exclusions = 0
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
@@ -249,10 +255,11 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting):
                        self.term, step, h, self.departed)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
-                            result_hash: bytes = ZERO_HASH) -> list:
+                            result_hash: bytes = ZERO_HASH, poisoned: bool = False) -> list:
+        """poisoned: not ok because the mean failed this peer's check."""
         if self.active is None or self.active.round_id != round_id or self.leaving:
             return []
-        self.my_done = m.Done(round_id, ok, result_hash)
+        self.my_done = m.Done(round_id, ok, result_hash, poisoned and not ok)
         self.done_sent_at = now
         coord = self.coordinator(now)
         if coord is None:
@@ -384,11 +391,22 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting):
             unheard = [p.id for p in msg.members if p.id not in self.members
                        and p.id not in (sender, self.me.id) and not self.alive(p.id, now)]
             seconded = any(b.epoch >= msg.epoch for i, b in self._member_beats(now).items()
-                           if i != sender) or any(
-                b.epoch >= msg.epoch for i, b in self.beats.items()
-                if i != sender and i in {p.id for p in msg.members} and self.alive(i, now))
-            if not asked or unheard or not seconded or msg.epoch >= ROUND_ID_LIMIT or not (
-                    self._quorum(p.id for p in msg.members) or self._vouched(msg, sender, now)):
+                           if i != sender)
+            # A newer view never holds us (its round ran without us: we would
+            # have applied it), and it makes us a joiner, who enters through a
+            # round. When a majority of our view's members (departed ones too)
+            # report later rounds, our view is stale beyond doubt (one liar is
+            # not a majority), and we take such a view even if it holds no
+            # majority of ours and none to vouch: one that shrank through
+            # departures to a single member cannot offer either.
+            without_us = self.me.id not in {p.id for p in msg.members}
+            moved_on = [i for i in self.members if i != self.me.id and i in self.beats
+                        and self.alive(i, now) and self.epoch < self.beats[i].epoch]
+            stale = 2 * len(moved_on) > len(self.members)
+            backed = seconded and (self._quorum(p.id for p in msg.members) or
+                                   self._vouched(msg, sender, now))
+            if not asked or unheard or msg.epoch >= ROUND_ID_LIMIT or not (
+                    backed or (without_us and stale)):
                 self.rejected += 1
                 return []
             if msg.epoch > self.epoch and self.observed is None:

@@ -160,6 +160,7 @@ def _transfer(v) -> int:
 _CHECKS = {
     "epoch": _u64, "aborted": _u64, "round_id": _u64, "term": _u64, "step": _u64,
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag, "departed": _flag,
+    "poisoned": _flag,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
     "key": _key32, "transfer": _transfer,
@@ -264,11 +265,14 @@ class Commit:
 
 @dataclass(frozen=True)
 class Done:
-    """My collective for round_id ended: ok with the result's hash, or failed."""
+    """My collective for round_id ended: ok with the result's hash, or failed.
+    poisoned: it failed because the mean failed my check (not finite, or far
+    larger than my own contribution): a participant sent it."""
 
     round_id: int
     ok: bool
     result_hash: bytes
+    poisoned: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,69 @@
+"""Finding the member that poisons rounds, and leaving it out (sans-IO, part
+of RoundCore; the coordinator's side).
+
+A round's mean is checked by every participant (finite, and not far larger
+than its own contribution: peer.py); a failed check fails the round for
+everyone (all or nothing), so a poisoned mean is never applied. But a ring
+all-reduce sums: nobody sees whose contribution it was, and a member that
+sends NaN or 1e30 every time would fail every round it takes part in.
+
+The coordinator finds it by group testing under the quorum rule. After a
+poisoned round, that round's participants (itself included) are the suspects. Each
+following proposal leaves out half of the suspects (as many as the quorum
+allows): if the round applies, the culprit was among those left out; if it
+is poisoned again, among those kept in. A suspect set of one is excluded for
+a cooldown that doubles with repeats (EXCLUDE_FIRST_S up to EXCLUDE_MAX_S):
+its Readies are ignored, and the swarm applies rounds without it meanwhile.
+A clean round with every suspect in it clears them. So one persistent
+poisoner costs about log2(n) failed rounds, then nothing until its cooldown
+ends. Assumes the poisoner poisons every round it is in: one that poisons
+now and then can get an honest suspect excluded for a cooldown (a bounded
+denial of service, docs/swarm.md). A new coordinator starts the search anew.
+"""
+
+from __future__ import annotations
+
+EXCLUDE_FIRST_S = 60.0
+EXCLUDE_MAX_S = 3600.0
+MAX_EXCLUDED = 1024
+
+
+class Suspecting:
+    """Suspects of poisoned rounds and excluded peers; see rounds.py for the state."""
+
+    def excluded_now(self, peer: str, now: float) -> bool:
+        until = self.excluded.get(peer)
+        return until is not None and now < until[0]
+
+    def _probe(self, ids: list[str]) -> set[str]:
+        """Suspects to leave out of the next proposal among `ids`: half of
+        those present, fewer if the rest would not be a quorum."""
+        present = sorted(set(ids) & self.suspects)
+        for k in range(max(1, len(present) // 2), 0, -1):
+            probe = set(present[:k])
+            if self._quorum(set(ids) - probe):
+                return probe
+        return set()
+
+    def _learn_from_round(self, now: float, participants, applied: bool,
+                          poisoned: bool) -> None:
+        """After a round this peer led: narrow the suspects (see the module)."""
+        probe, self.probing = self.probing, set()
+        if poisoned:
+            # Me too: my own contribution may be the bad one (a diverging
+            # replica); a coordinator left out of a round still leads it.
+            inside = set(participants)
+            self.suspects = (self.suspects - probe) & inside if self.suspects else inside
+        elif applied:
+            self.suspects = probe if probe else self.suspects - set(participants)
+        if len(self.suspects) == 1:
+            (culprit,) = self.suspects
+            _, repeats = self.excluded.get(culprit, (0.0, 0))
+            cooldown = min(EXCLUDE_FIRST_S * 2 ** repeats, EXCLUDE_MAX_S)
+            self.excluded[culprit] = (now + cooldown, repeats + 1)
+            self.exclusions += 1
+            self.suspects = set()
+            if len(self.excluded) > MAX_EXCLUDED:
+                for i in sorted(self.excluded, key=lambda p: self.excluded[p][0])[
+                        :len(self.excluded) - MAX_EXCLUDED]:
+                    del self.excluded[i]
