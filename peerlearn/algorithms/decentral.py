@@ -231,6 +231,9 @@ class GossipLoop:
             return False
         try:
             own = checkpoint.load(self.local_path).tensors
+            for n, t in own.items():  # a NaN model or momentum would poison every merge
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{n} holds non-finite values (NaN or inf)")
             counters = own[LOCAL_COUNTERS]
             if not torch.equal(own[LOCAL_CONFIG], config_tensor(self.config)):
                 raise ValueError("it is of a run with other settings")

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,16 @@ def lock_data_dir(data_dir: str | Path) -> None:
     holding the pid) goes with the process, a crash included."""
     path = Path(data_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        existed = path.is_dir()
+        # It holds the identity key and the model: others have no business in it.
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if existed:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o022:
+                logging.getLogger("peerlearn.run").warning(
+                    "the data dir %s is writable by other users (mode %04o): they could "
+                    "replace its identity or checkpoints; chmod 700 %s", path, mode,
+                    shlex.quote(str(path)))
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except (FileExistsError, NotADirectoryError):
         raise SystemExit(f"peerlearn: cannot use --data-dir {data_dir}: it exists and is not "
@@ -122,6 +132,7 @@ def read_secret(secret_file: str | None) -> bytes:
 
     if secret_file:
         try:
+            check_secret_file_mode(secret_file)
             secret = Path(secret_file).read_bytes().strip()
         except OSError as e:
             raise SystemExit(f"cannot read the secret file {secret_file}: {e.strerror}") from None
@@ -134,6 +145,24 @@ def read_secret(secret_file: str | None) -> bytes:
         return check_secret(secret)
     except WeakSecretError as e:
         raise SystemExit(f"refusing a weak secret: {e}") from None
+
+
+def check_secret_file_mode(secret_file: str) -> None:
+    """Refuses, in one line, a secret file other users can read or write, as
+    ssh refuses such a private key: whoever reads it is a member. A file owned
+    by root may also be group-readable when we are not root (a Kubernetes
+    Secret volume with fsGroup is root:fsGroup 0440; PostgreSQL's rule for its
+    key files). Anything but a regular file (a pipe from <(...)) is not judged."""
+    st = os.stat(secret_file)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    allowed = 0o040 if st.st_uid == 0 and os.getuid() != 0 else 0
+    if mode & 0o077 & ~allowed:
+        who = "other users" if mode & 0o007 else "its group"
+        raise SystemExit(f"peerlearn: the secret file {secret_file} can be read or written by "
+                         f"{who} (mode {mode:04o}), and whoever reads it is a member of the "
+                         f"swarm: chmod 600 {shlex.quote(secret_file)}")
 
 
 def read_credentials(secret_file: str | None,
@@ -402,6 +431,15 @@ def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
         raise SystemExit(f"no status answer from {target} within {timeout} s") from None
 
 
+def write_secret_file(path: Path, secret: str) -> Path:
+    """A new file holding secret, mode 0600 from its creation (never readable
+    by others, not even for a moment); an existing file is never overwritten."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM ends a launcher as Ctrl-C does: its `finally` stops the
     children and removes its temporary directory."""
@@ -419,25 +457,33 @@ def run_swarm(n: int, duration: float | None, base_port: int, numel: int, comput
 
     mode = output.choose(progress)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # A throwaway local swarm's own secret is shown (status needs it); one
-    # from the environment is not.
-    own = f"{SECRET_ENV}={env.setdefault(SECRET_ENV, secrets.token_urlsafe(32))}" \
-        if not os.environ.get(SECRET_ENV) else f"{SECRET_ENV} as here"
     interrupt_on_sigterm()
-    work = tempfile.mkdtemp(prefix="peerlearn-swarm-")
+    work = tempfile.mkdtemp(prefix="peerlearn-swarm-")  # 0700
+    # The secret is never printed (terminals and logs are read by more people
+    # than the swarm's members): a throwaway swarm's own goes to a 0600 file
+    # in its directory, removed with it; one from the environment stays there.
+    secret_args: list[str] = []
+    if os.environ.get(SECRET_ENV):
+        secret, own = os.environ[SECRET_ENV], f"${SECRET_ENV} as here"
+    else:
+        secret = secrets.token_urlsafe(32)
+        path = write_secret_file(Path(work) / "secret", secret)
+        own, secret_args = f"--secret-file {path}", ["--secret-file", str(path)]
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     founder = f"127.0.0.1:{base_port}"
     board = output.Board(mode, [f"peer{i}" for i in range(n)])
     try:
         board.line("swarm", f"{n} peers on 127.0.0.1:{base_port}..{base_port + n - 1}, data in "
-                            f"{work} (removed at the end); `peerlearn status {founder}` with {own}")
+                            f"{work} (removed at the end); `peerlearn status {founder}` with "
+                            f"{own}")
         for i in range(n):
             # Metrics off: n peers on one host cannot share the default port.
             argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
                     "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
                     "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec,
-                    "--metrics", "off", *(log_flags or []), "--log-format", "json"]
+                    "--metrics", "off", *secret_args, *(log_flags or []), "--log-format",
+                    "json"]
             if i:
                 argv += ["--join", founder]
             p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
@@ -454,7 +500,7 @@ def run_swarm(n: int, duration: float | None, base_port: int, numel: int, comput
                 break
             time.sleep(0.2)
         if duration is not None:
-            rows = query_status(founder, env[SECRET_ENV].encode())
+            rows = query_status(founder, secret.encode())
             board.close()
             for row in rows:
                 print(json.dumps(row), flush=True)

@@ -15,7 +15,9 @@ def write_atomic(path: str | os.PathLike, chunks, mode: int = 0o644) -> None:
     crash. On any failure the temporary file is removed and path is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A directory made here holds what only this user should read (keys,
+    # checkpoints): 0700, as `peerlearn run` makes its data dir.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -26,6 +26,7 @@ from peerlearn.errors import PeerlearnError
 
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,11 +215,43 @@ def _read_tensors(f, entries: list[_Entry], state: SharedState) -> list[TensorEn
     return manifest
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path, mode: int) -> CheckpointError | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+    return CheckpointError(f"{path}: is {kind}, not a checkpoint file (refusing to read it)")
+
+
+def _open_regular(path: str | Path):
+    """path opened for reading, if it is a regular file (a symlink to one
+    included); else CheckpointError. A FIFO is never opened in blocking mode
+    (that waits for a writer for ever), and what is opened is checked again
+    (the path may have been swapped between the two looks)."""
+    bad = _not_regular(path, os.stat(path).st_mode)
+    if bad is not None:
+        raise bad
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        bad = _not_regular(path, os.fstat(fd).st_mode)
+        if bad is not None:
+            raise bad
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load(path: str | Path) -> SharedState:
-    """The state saved at path. Raises CheckpointError for any file save() did
-    not write (bad magic, header, sizes, padding or hash); OSError if the
-    file cannot be read at all."""
-    with open(path, "rb", buffering=0) as f:
+    """The state saved at path. Raises CheckpointError for anything that is
+    not a regular file (a directory, a FIFO, a device: without opening a FIFO
+    in blocking mode) and for any file save() did not write (bad magic,
+    header, sizes, padding or hash); OSError if the file cannot be read at all."""
+    with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(12)
         if len(head) < 12 or head[:8] != MAGIC:
