@@ -13,21 +13,34 @@ counters ending in `_total`, no per-peer labels, bounded label values. The
 endpoint also serves prometheus_client's process metrics (`process_*`: CPU,
 resident memory, open and max fds, start time; Linux) and `python_info`.
 docs/operations.md lists every metric.
+
+The endpoint is plain, unauthenticated HTTP, and deployments in containers
+bind it on every interface (a scraper in another container must reach it): it
+serves at most MAX_CONNECTIONS connections at once (one thread each; the rest
+are closed at once), each read waits at most READ_TIMEOUT_S and a whole
+request at most REQUEST_DEADLINE_S, so idle or dribbling connections cannot
+pile up threads and descriptors in the peer (prometheus_client's own server
+has neither bound). Both are counted in
+`peerlearn_refused_total{reason="metrics_connection"}`.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -41,6 +54,9 @@ from peerlearn.buildinfo import codec_name
 # The metrics port every deployment file uses; `peerlearn run`'s default.
 DEFAULT_PORT = 9400
 SNAPSHOT_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 16
+READ_TIMEOUT_S = 5.0
+REQUEST_DEADLINE_S = 10.0
 # The label values of peerlearn_wire_bytes_total, each served from start-up
 # (at 0 until bytes move): a counter that appears only with its first byte
 # has no rate over its first scrapes, and a dashboard shows "no data" where 0
@@ -63,15 +79,22 @@ def snapshot(d) -> dict:
         "quorum_needed": d.core.quorum_needed,
         "quorum_held": d.core.quorum_held,
         "voters_unreachable": len(d.core.unreachable_voters(now)),
+        "control_sockets": d.plane.dealers,
+        "data_links_incoming": d.links.incoming_links,
         "refused": {
             "status_rate": d.status_refused,
             "state_request": d.transfers.refused,
             "nonfinite_round": d.nonfinite_rounds,
             "bad_state": d.bad_states,
+            "poisoner_excluded": d.core.exclusions,
             "data_admission": listener.refused,
             "data_handshake_deadline": listener.deadlines,
             "data_accept_error": listener.accept_errors,
             "data_link_limit": d.links.refused_links,
+            "data_link_evicted": d.links.evicted_links,
+            "data_link_reclaimed": d.links.reclaimed_links,
+            "control_socket_evicted": d.plane.evicted_dealers,
+            "control_socket_refused": d.plane.refused_dealers,
             "loop_error": d.loop_errors,
         },
         # Rejected control messages, by where they were dropped: undecodable
@@ -132,6 +155,7 @@ class PeerCollector:
         self.d = daemon
         self.last: dict | None = None
         self.build = buildinfo.info(daemon.cfg.codec)
+        self.server: _BoundedServer | None = None  # the endpoint serving this, once started
 
     def _snapshot(self) -> dict | None:
         fut: Future = Future()
@@ -158,6 +182,8 @@ class PeerCollector:
         s = self._snapshot()
         if s is None:
             return
+        s = {**s, "refused": {**s["refused"], "metrics_connection":
+                              self.server.refused if self.server is not None else 0}}
         for name, doc in (
                 ("step", "Shared-state step this peer holds."),
                 ("members", "Members of the last applied view."),
@@ -169,7 +195,11 @@ class PeerCollector:
                                   "voting members (those that did not leave it)."),
                 ("quorum_held", "Live members ready on the newest state (coordinator's view)."),
                 ("voters_unreachable", "Voting members unreachable, when too many for a "
-                                       "quorum (else 0): no round applies until they return.")):
+                                       "quorum (else 0): no round applies until they return."),
+                ("control_sockets", "Outgoing control sockets open (view members' and an LRU "
+                                    "of others)."),
+                ("data_links_incoming", "Incoming data links filed (bounded per identity and "
+                                        "by the identity's standing).")):
             yield GaugeMetricFamily(f"peerlearn_{name}", doc, value=s[name])
         for name, doc, label, values in (
                 ("refused", "Input refused or bounded, by reason (a fixed set).", "reason",
@@ -234,17 +264,108 @@ class PeerCollector:
         yield by_codec
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """One request per connection, every read bounded by READ_TIMEOUT_S
+    (socketserver applies `timeout` to the socket); nothing logged."""
+
+    timeout = READ_TIMEOUT_S
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once, each cut
+    off at REQUEST_DEADLINE_S (one watchdog thread for all); refusals and
+    cut-offs counted in `refused`."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._started: dict[socket.socket, float] = {}  # requests being served
+        self._closed = threading.Event()
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+        threading.Thread(target=self._watchdog, name="metrics-deadlines", daemon=True).start()
+
+    def _refuse(self) -> None:
+        with self._lock:
+            self.refused += 1
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse()
+            self.shutdown_request(request)
+            return
+        with self._lock:
+            self._started[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._done(request)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request) -> None:
+        with self._lock:
+            if self._started.pop(request, None) is None:
+                return
+        self._slots.release()
+
+    def _watchdog(self) -> None:
+        while not self._closed.wait(0.2):
+            now = time.monotonic()
+            with self._lock:
+                late = [r for r, t in self._started.items() if now - t > REQUEST_DEADLINE_S]
+                for r in late:
+                    self._started[r] = float("inf")  # cut once
+            for r in late:
+                self._refuse()
+                try:
+                    r.shutdown(socket.SHUT_RDWR)  # its thread's read or write fails at once
+                except OSError:
+                    pass
+
+    def handle_error(self, request, client_address):
+        """A read timed out, or the client went away: counted, not printed."""
+        self._refuse()
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
+
+
 def serve(daemon, host: str = "127.0.0.1", port: int = DEFAULT_PORT):
     """Starts the metrics endpoint on its own thread; returns (port, stop).
     stop() shuts the server down and joins its thread."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(PeerCollector(daemon))
+    collector = PeerCollector(daemon)
+    registry.register(collector)
     registry.register(_Telemetry())
     # A registry of our own does not get the default collectors: add the
     # process ones (memory, CPU, fds, start time) an operator alerts on.
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    server = make_server(host.strip("[]"), port, make_wsgi_app(registry), Server,
+                         handler_class=_QuietHandler)
+    collector.server = server
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()

@@ -21,9 +21,29 @@ on any other). It does not stop an on-path attacker who also holds the data
 secret from relaying a link X opened, then injecting frames into it: the
 bulk frames carry no MAC (see wire.handshake's threat model).
 
-Greetings are read on short-lived threads, at most MAX_GREETINGS at once,
-each bounded by a 5 s timeout; incoming links are bounded per peer
-(MAX_CHANNELS_PER_PEER) and in total (MAX_INCOMING). Every refusal is counted.
+Bounds (a member can mint identities: the data handshake proves the key, not
+a membership, so thousands of links each greeted by a fresh identity used to
+be kept, until a real member's link was refused and rounds stopped):
+
+  * Greetings are read on short-lived threads, at most MAX_GREETINGS at
+    once (MAX_GREETINGS_PER_SOURCE per address and per address prefix),
+    each bounded by GREETING_TIMEOUT_S. When all are taken, a link from a
+    prefix holding fewer takes the oldest greeting of the busiest prefix
+    (transport.admission.FairAdmission): links that never greet cannot keep
+    a member's out.
+  * Incoming links are filed by the standing of the identity that greeted
+    them (`standing`, set by the daemon: 2 a member of the view, 1 a peer the
+    round logic knows, 0 anyone else): per identity at most
+    MAX_CHANNELS_PER_PEER (members) or MAX_CHANNELS_PER_STRANGER; known
+    non-members' links at most MAX_INCOMING_KNOWN, unknown identities' at
+    most MAX_INCOMING_UNKNOWN, all at most MAX_INCOMING. A link over its
+    tier's cap, or over the total, takes the place of the least recently
+    used idle link of its own tier or a lower one (members' links are never
+    displaced by a lower tier's); with none to take, it is refused.
+  * Links of non-members idle for IDLE_LINK_S, and links whose far end
+    closed, are closed (`reclaimed_links`) every SWEEP_EVERY_S.
+
+Every refusal and eviction is counted (refused_links, evicted_links).
 
 Broken links are replaced, never repaired: `outgoing` reconnects when the
 cached link is unhealthy, and a new link from a peer replaces (and closes) the
@@ -35,10 +55,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from peerlearn.state.identity import Identity, peer_id_of
+from peerlearn.transport.admission import FairAdmission
 from peerlearn.transport.stream import (
     Link,
     LinkListener,
@@ -56,8 +78,16 @@ _SIGNED_PART = 96
 _GREETING_LABEL = b"peerlearn-greeting\0"
 MAX_CHANNEL = 1 << 16
 MAX_GREETINGS = 64
-MAX_CHANNELS_PER_PEER = 16
-MAX_INCOMING = 4096
+MAX_GREETINGS_PER_SOURCE = 32  # per address, and per address prefix
+GREETING_TIMEOUT_S = 5.0
+MAX_CHANNELS_PER_PEER = 16  # a view member (it uses 3: round, state, gossip)
+MAX_CHANNELS_PER_STRANGER = 4  # anyone else
+MAX_INCOMING = 1024
+MAX_INCOMING_KNOWN = 256  # from peers the round logic knows, outside the view
+MAX_INCOMING_UNKNOWN = 32  # from identities it does not know
+IDLE_LINK_S = 60.0
+SWEEP_EVERY_S = 5.0
+MEMBER, KNOWN, UNKNOWN = 2, 1, 0  # standings
 
 CHANNEL_ROUND = 0  # the all-reduce of a round
 CHANNEL_STATE = 1 << 12  # state transfer to a syncing peer
@@ -136,11 +166,20 @@ class PeerLinks:
         self.port = self.listener.address[1]
         self._out: dict[tuple[str, int], Link] = {}
         self._in: dict[tuple[str, int], Link] = {}
+        self._used: dict[tuple[str, int], float] = {}  # incoming: filed or handed out last
         self._cv = threading.Condition()
         self._closed = False
+        # Who a greeting's identity is (MEMBER, KNOWN, UNKNOWN); called on
+        # greeting threads. Without a daemon every identity is a member.
+        self.standing: Callable[[str], int] = lambda peer: MEMBER
         self.bad_greetings = 0  # malformed, unsigned or mis-signed, or timed out
-        self.refused_links = 0  # over MAX_GREETINGS, MAX_CHANNELS_PER_PEER or MAX_INCOMING
-        self._greeting = 0  # greetings being read now
+        self.refused_links = 0  # over a greeting, per-identity or table bound
+        self.evicted_links = 0  # links and greetings cut off for a newcomer
+        self.reclaimed_links = 0  # idle links of non-members, links closed at the far end
+        self._greetings = FairAdmission(MAX_GREETINGS_PER_SOURCE, MAX_GREETINGS,
+                                        MAX_GREETINGS_PER_SOURCE)
+        self._cut: set[int] = set()  # id() of links whose greeting was cut off
+        self._swept_at = time.monotonic()
         self._thread = threading.Thread(target=self._accept_loop, name="peer-links", daemon=True)
         self._thread.start()
 
@@ -151,6 +190,9 @@ class PeerLinks:
 
     def _accept_loop(self) -> None:
         while not self._closed:
+            if time.monotonic() - self._swept_at >= SWEEP_EVERY_S:
+                self._swept_at = time.monotonic()
+                self._sweep(self._swept_at)
             try:
                 link = self.listener.accept_link(timeout=0.2)
             except TimeoutError:
@@ -159,47 +201,139 @@ class PeerLinks:
                 return
             # Each greeting on its own short-lived thread (bounded by its
             # timeout), so a silent or slow link cannot hold up the others.
+            token, why, victims = self._greetings.acquire(
+                link.remote_host() or "?", lambda link=link: self._cut_greeting(link))
             with self._cv:
-                full = self._greeting >= MAX_GREETINGS
-                self.refused_links += full
-                self._greeting += not full
-            if full:
+                self.refused_links += why is not None
+                self.evicted_links += len(victims)
+            for cut in victims:
+                cut()
+            if why is not None:
                 link.close()
                 continue
             try:
-                threading.Thread(target=self._greet, args=(link,), daemon=True).start()
+                threading.Thread(target=self._greet, args=(link, token), daemon=True).start()
             except RuntimeError:  # no thread to be had: refuse this one, go on
+                self._greetings.release(token)
                 with self._cv:
-                    self._greeting -= 1
                     self.refused_links += 1
                 link.close()
 
-    def _greet(self, link: Link) -> None:
+    def _cut_greeting(self, link: Link) -> None:
+        with self._cv:
+            self._cut.add(id(link))
+        link.abort()  # the greeting's read fails at once; its thread closes the link
+
+    def _greet(self, link: Link, token: int) -> None:
         try:
-            peer, channel = read_greeting(link, timeout=5, verify=self.identity is not None)
+            peer, channel = read_greeting(link, timeout=GREETING_TIMEOUT_S,
+                                          verify=self.identity is not None)
         except (StreamError, ValueError):
+            self._greetings.release(token)
             with self._cv:
-                self.bad_greetings += 1
-                self._greeting -= 1
+                if id(link) in self._cut:
+                    self._cut.discard(id(link))  # counted as evicted already
+                else:
+                    self.bad_greetings += 1
             link.close()
             return
+        self._greetings.release(token)
+        try:
+            standing = self.standing(peer)
+        except Exception:  # noqa: BLE001 - a view being rebuilt: the lowest standing
+            standing = UNKNOWN
+        drop: list[Link] = []
         with self._cv:
-            self._greeting -= 1
+            self._cut.discard(id(link))
             key = (peer, channel)
             if self._closed:
-                old = link  # too late: close it rather than file it
-            elif key not in self._in and (
-                    len(self._in) >= MAX_INCOMING
-                    or sum(p == peer for p, _ in self._in) >= MAX_CHANNELS_PER_PEER):
-                self.refused_links += 1
-                old = link
+                drop.append(link)  # too late: close it rather than file it
+            elif key in self._in:  # the same identity's new link replaces its old one
+                drop.append(self._in.pop(key))
+                self._file(key, link)
             else:
-                old = self._in.pop(key, None)
-                link.traffic = traffic_of(key[1])
-                self._in[key] = link
-                self._cv.notify_all()
-        if old is not None:
+                room, evicted = self._room_for(peer, standing)
+                if room:
+                    drop += evicted
+                    self.evicted_links += len(evicted)
+                    self._file(key, link)
+                else:
+                    self.refused_links += 1
+                    drop.append(link)
+        for old in drop:
             old.close()  # an op still using it fails now; its descriptors close after
+
+    def _file(self, key: tuple[str, int], link: Link) -> None:
+        """Under _cv."""
+        link.traffic = traffic_of(key[1])
+        self._in[key] = link
+        self._used[key] = time.monotonic()
+        self._cv.notify_all()
+
+    def _room_for(self, peer: str, standing: int) -> tuple[bool, list[Link]]:
+        """Under _cv: whether a new link from peer may be filed, and the links
+        to close to make room (taken out of the table here)."""
+        per_peer = MAX_CHANNELS_PER_PEER if standing == MEMBER else MAX_CHANNELS_PER_STRANGER
+        if sum(p == peer for p, _ in self._in) >= per_peer:
+            return False, []
+        ranks: dict[str, int] = {}
+        for p, _ in self._in:
+            if p not in ranks:
+                try:
+                    ranks[p] = self.standing(p)
+                except Exception:  # noqa: BLE001 - as in _greet
+                    ranks[p] = UNKNOWN
+        tier_cap = {MEMBER: MAX_INCOMING, KNOWN: MAX_INCOMING_KNOWN,
+                    UNKNOWN: MAX_INCOMING_UNKNOWN}[standing]
+        if standing != MEMBER and \
+                sum(ranks[p] == standing for p, _ in self._in) >= tier_cap:
+            victim = self._idle_victim(ranks, {standing})
+        elif len(self._in) >= MAX_INCOMING:
+            victim = self._idle_victim(ranks, set(range(UNKNOWN, standing + 1)))
+        else:
+            return True, []
+        if victim is None:
+            return False, []
+        link = self._in.pop(victim)
+        self._used.pop(victim, None)
+        return True, [link]
+
+    def _idle_victim(self, ranks: dict[str, int], tiers: set[int]):
+        """The least recently used link not in use, of the lowest of tiers."""
+        best = None
+        for key, link in self._in.items():
+            rank = ranks[key[0]]
+            if rank not in tiers or link.in_use:
+                continue
+            order = (rank, self._used.get(key, 0.0))
+            if best is None or order < best[0]:
+                best = (order, key)
+        return None if best is None else best[1]
+
+    def _sweep(self, now: float) -> None:
+        """Closes links whose far end closed, and non-members' idle ones."""
+        drop = []
+        with self._cv:
+            for key, link in list(self._in.items()):
+                if link.in_use:
+                    continue
+                idle = now - self._used.get(key, now) >= IDLE_LINK_S
+                if idle:
+                    try:
+                        idle = self.standing(key[0]) != MEMBER
+                    except Exception:  # noqa: BLE001 - as in _greet
+                        pass
+                if idle or not link.healthy():
+                    drop.append(self._in.pop(key))
+                    self._used.pop(key, None)
+            self.reclaimed_links += len(drop)
+        for link in drop:
+            link.close()
+
+    @property
+    def incoming_links(self) -> int:
+        with self._cv:
+            return len(self._in)
 
     def outgoing(self, peer: str, address: str, timeout: float = 10.0,
                  channel: int = CHANNEL_ROUND) -> Link:
@@ -231,6 +365,7 @@ class PeerLinks:
             while True:
                 link = self._in.get((peer, channel))
                 if link is not None and link.healthy():
+                    self._used[peer, channel] = time.monotonic()
                     return link
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
@@ -278,5 +413,6 @@ class PeerLinks:
             links = list(self._out.values()) + list(self._in.values())
             self._out.clear()
             self._in.clear()
+            self._used.clear()
         for link in links:
             link.close()

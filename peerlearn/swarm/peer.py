@@ -111,6 +111,12 @@ class PeerDaemon:
         self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming,
                                 record=self._load_record())
         self._recorded_ids = (self.core.max_round_id, self.core.term)
+        # Under pressure the socket and link tables keep the view's members
+        # (transport.control.ControlPlane.keep, datalinks.PeerLinks.standing).
+        self.plane.keep = lambda: [p.control for i, p in self.core.known.items()
+                                   if i in self.core.members]
+        self.links.standing = lambda pid: 2 if pid in self.core.members else \
+            int(pid in self.core.known)
         if self.state is not None:
             self.core.state_synced(self.state.step, self.state.state_hash())
         self.pending: dict[int, torch.Tensor] = {}

@@ -20,6 +20,19 @@ the other side, each outgoing connection is watched until its first handshake
 succeeds, so a joiner whose handshakes are refused learns it in about a second
 (`refused`) instead of waiting out its join timeout.
 
+Outgoing sockets are bounded: a member holding the secret names any control
+address it likes (in a Join, a heartbeat, a StatusRequest's reply_to), and
+each new address used to cost a DEALER (a zmq socket, a descriptor or two)
+that was never closed; about a thousand exhausted zmq's socket limit and the
+daemon died. Sockets to addresses `keep()` names (the daemon pins its view's
+members) are never closed here; the others form an LRU of at most
+MAX_DEALERS, the least recently used closed to make room
+(`evicted_dealers`), and any of them unused for DEALER_IDLE_S is closed too
+(a peer the round logic forgot, a status querier). New unpinned sockets are
+opened at most DEALER_OPENS_PER_S a second (burst MAX_DEALERS); a send that
+would open one beyond that is dropped and counted (`refused_dealers`): what a
+flood of new addresses costs is bounded in sockets and in CPU alike.
+
 Bad input is counted in `rejected_messages` and dropped: oversized frames
 (zmq's MAXMSGSIZE closes such connections), wrong frame counts, unbound keys,
 undecodable or invalid messages. Sending never blocks: a peer that cannot
@@ -34,7 +47,8 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 
 import zmq
 import zmq.asyncio
@@ -44,6 +58,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.transport import keys
+from peerlearn.transport.admission import raise_fd_limit
 from peerlearn.wire import control as m
 
 log = logging.getLogger(__name__)
@@ -62,7 +77,16 @@ REFUSED_LOG_EVERY_S = 60.0
 # every attempt, about one per reconnect interval (0.1 s, doubling to 2 s).
 REFUSED_AFTER = 3
 _ACCEPTED_MAX = 4096  # connections whose source address is remembered
-_WATCHES_MAX = 256  # outgoing connections watched at once (each holds a monitor)
+_WATCHES_MAX = 64  # outgoing connections watched at once (each holds a monitor: 2 sockets)
+# Outgoing sockets to addresses keep() does not pin (see the module docstring).
+MAX_DEALERS = 256
+DEALER_IDLE_S = 60.0
+DEALER_OPENS_PER_S = 50.0
+_SWEEP_EVERY_S = 1.0
+# zmq's own cap on sockets per context (1023 by default, which the old unbounded
+# table ran into): room for the pinned view (at most m.MAX_MEMBERS), the LRU,
+# the monitors of watched connections (2 sockets each) and the plane's own.
+_MAX_SOCKETS = m.MAX_MEMBERS + MAX_DEALERS + 2 * _WATCHES_MAX + 64
 
 
 def _peer_host(fd: int) -> str | None:
@@ -137,7 +161,9 @@ class ControlPlane:
             raise ValueError("a swarm needs a secret or an allowlist")
         self._admission = _Admission(allowed)
         self._bound: dict[bytes, bytes] = {}  # Ed25519 key -> its CURVE key (cache)
+        raise_fd_limit()  # each socket is a descriptor or two
         self.ctx = zmq.asyncio.Context()
+        self.ctx.max_sockets = _MAX_SOCKETS
         self._auth = ThreadAuthenticator(self.ctx)
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=self._admission)
@@ -158,7 +184,16 @@ class ControlPlane:
         self._accepted: dict[int, str | None] = {}  # fd -> source address (best effort)
         self._refused_from: Counter[str] = Counter()  # since the last log line
         self._refused_logged_at: float | None = None
-        self._dealers: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
+        # Oldest use first: key -> [socket, last use (monotonic)].
+        self._dealers: OrderedDict[tuple[str, bytes], list] = OrderedDict()
+        # Addresses whose sockets are never evicted (the daemon: its view's members).
+        self.keep: Callable[[], Iterable[str]] = lambda: ()
+        self._opens = float(MAX_DEALERS)  # token bucket for new unpinned sockets
+        self._opens_at = time.monotonic()
+        self._swept_at = time.monotonic()
+        self.evicted_dealers = 0  # closed to make room (LRU)
+        self.refused_dealers = 0  # sends dropped: new sockets opened too fast, or none to be had
+        self.idle_closed_dealers = 0  # closed after DEALER_IDLE_S unused
         # Outgoing connections not yet through a handshake: their monitors, and
         # [failures in a row, whether the last one was the server refusing our key].
         self._watches: dict[tuple[str, bytes], tuple[zmq.asyncio.Socket, asyncio.Task]] = {}
@@ -173,29 +208,97 @@ class ControlPlane:
     def refused_connections(self) -> int:
         return self.failed_handshakes + self._admission.denied
 
-    def _dealer(self, address: str, server_pub: bytes) -> zmq.asyncio.Socket:
-        d = self._dealers.get((address, server_pub))
-        if d is None:
+    def _dealer(self, address: str, server_pub: bytes) -> zmq.asyncio.Socket | None:
+        """The socket for (address, server key), opened if needed; None when
+        a new unpinned socket may not be opened now (counted, the send dropped)."""
+        key = (address, server_pub)
+        now = time.monotonic()
+        entry = self._dealers.get(key)
+        if entry is not None:
+            entry[1] = now
+            self._dealers.move_to_end(key)
+            self._sweep(now)
+            return entry[0]
+        self._sweep(now)
+        pinned = self._pinned()
+        if address not in pinned:
+            self._opens = min(float(MAX_DEALERS),
+                              self._opens + (now - self._opens_at) * DEALER_OPENS_PER_S)
+            self._opens_at = now
+            if self._opens < 1.0:
+                self.refused_dealers += 1
+                return None
+            self._opens -= 1.0
+            unpinned = [k for k in self._dealers if k[0] not in pinned]  # oldest use first
+            for victim in unpinned[:max(0, len(unpinned) - MAX_DEALERS + 1)]:
+                self._close_dealer(victim)
+                self.evicted_dealers += 1
+        try:
             d = self.ctx.socket(zmq.DEALER)
-            d.curve_serverkey = server_pub
-            d.curve_publickey = self._curve_pub
-            d.curve_secretkey = self._curve_sec
-            d.sndhwm = self._hwm
-            d.linger = 0
-            # A cut link must be noticed and redialled within seconds, however
-            # long the cut: without zmq heartbeats a dead TCP connection sits in
-            # exponential retransmission backoff and a healed partition stays
-            # deaf for about as long as it lasted.
-            d.heartbeat_ivl = HEARTBEAT_IVL_MS
-            d.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
-            d.heartbeat_ttl = HEARTBEAT_TIMEOUT_MS
-            d.reconnect_ivl = 100
-            d.reconnect_ivl_max = RECONNECT_MAX_MS
-            d.connect_timeout = HEARTBEAT_TIMEOUT_MS
-            self._watch(address, server_pub, d)
+        except zmq.ZMQError as e:  # EMFILE, or zmq's socket limit: drop, never die
+            self.refused_dealers += 1
+            log.debug("no socket for %s: %s", address, e)
+            return None
+        d.curve_serverkey = server_pub
+        d.curve_publickey = self._curve_pub
+        d.curve_secretkey = self._curve_sec
+        d.sndhwm = self._hwm
+        d.linger = 0
+        # A cut link must be noticed and redialled within seconds, however
+        # long the cut: without zmq heartbeats a dead TCP connection sits in
+        # exponential retransmission backoff and a healed partition stays
+        # deaf for about as long as it lasted.
+        d.heartbeat_ivl = HEARTBEAT_IVL_MS
+        d.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+        d.heartbeat_ttl = HEARTBEAT_TIMEOUT_MS
+        d.reconnect_ivl = 100
+        d.reconnect_ivl_max = RECONNECT_MAX_MS
+        d.connect_timeout = HEARTBEAT_TIMEOUT_MS
+        self._watch(address, server_pub, d)
+        try:
             d.connect(f"tcp://{address}")
-            self._dealers[address, server_pub] = d
+        except zmq.ZMQError as e:  # an address zmq cannot parse or resolve
+            self._unwatch(key, d)
+            self._outcomes.pop(key, None)
+            d.close(linger=0)
+            self.refused_dealers += 1
+            log.debug("cannot connect to %s: %s", address, e)
+            return None
+        self._dealers[key] = [d, now]
         return d
+
+    def _pinned(self) -> set[str]:
+        try:
+            return set(self.keep())
+        except Exception:  # noqa: BLE001 - a view being rebuilt: pin nothing this once
+            log.debug("keep() failed", exc_info=True)
+            return set()
+
+    def _sweep(self, now: float) -> None:
+        """Closes unpinned sockets unused for DEALER_IDLE_S (at most once a second)."""
+        if now - self._swept_at < _SWEEP_EVERY_S:
+            return
+        self._swept_at = now
+        idle = []
+        for key, (_, used) in self._dealers.items():  # oldest use first
+            if now - used < DEALER_IDLE_S:
+                break
+            idle.append(key)
+        if not idle:
+            return
+        pinned = self._pinned()
+        for key in idle:
+            if key[0] not in pinned:
+                self._close_dealer(key)
+                self.idle_closed_dealers += 1
+
+    def _close_dealer(self, key) -> None:
+        entry = self._dealers.pop(key, None)
+        if entry is None:
+            return
+        self._unwatch(key, entry[0])
+        self._outcomes.pop(key, None)
+        entry[0].close(linger=0)
 
     def _watch(self, address: str, server_pub: bytes, d: zmq.asyncio.Socket) -> None:
         """Follows d's handshakes until one succeeds (then the monitor goes)."""
@@ -279,9 +382,12 @@ class ControlPlane:
             if server_pub is None:
                 self.dropped_sends += 1
                 return
+        d = self._dealer(address, server_pub)
+        if d is None:
+            self.dropped_sends += 1
+            return
         try:
-            sent = self._dealer(address, server_pub).send(self._pub + m.encode(msg),
-                                                          flags=zmq.NOBLOCK, copy=True)
+            sent = d.send(self._pub + m.encode(msg), flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.dropped_sends += 1
             return
@@ -301,10 +407,7 @@ class ControlPlane:
 
     def disconnect(self, address: str) -> None:
         for key in [k for k in self._dealers if k[0] == address]:
-            d = self._dealers.pop(key)
-            self._unwatch(key, d)
-            self._outcomes.pop(key, None)
-            d.close(linger=0)
+            self._close_dealer(key)
 
     def _sender_of(self, frame: zmq.Frame) -> str:
         data = frame.bytes
@@ -389,8 +492,9 @@ class ControlPlane:
             return
         self.closed = True
         for key in list(self._watches):
-            self._unwatch(key, self._dealers.get(key))
-        for d in self._dealers.values():
+            entry = self._dealers.get(key)
+            self._unwatch(key, entry[0] if entry else None)
+        for d, _ in self._dealers.values():
             d.close(linger=0)
         self._dealers.clear()
         self._router.disable_monitor()

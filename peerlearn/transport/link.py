@@ -139,6 +139,20 @@ class Link:
     def n_conns(self) -> int:
         return len(self._socks)
 
+    @property
+    def in_use(self) -> bool:
+        """Whether an op borrows the link's sockets now (this link or a lane of it)."""
+        with self._lock:
+            return self._root._users > 0
+
+    def remote_host(self) -> str | None:
+        """The far end's address (of the first connection), or None once closed."""
+        try:
+            host = self._socks[0].getpeername()[0]
+        except (OSError, IndexError):
+            return None
+        return host if isinstance(host, str) else None
+
     def _claim(self, direction: str) -> None:
         with self._lock:
             if self.closed or self._root.closed:

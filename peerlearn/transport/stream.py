@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from peerlearn.transport.admission import Admission, raise_fd_limit
+from peerlearn.transport.admission import FairAdmission, raise_fd_limit
 from peerlearn.transport.link import (  # noqa: F401 - re-exported: callers import them from here
     DEFAULT_CHUNK_ELEMS,
     Link,
@@ -37,6 +37,7 @@ from peerlearn.wire import handshake as hs
 # Chosen from `peerlearn bench stream` (docs/benchmarks.md): on the emulated
 # 100 ms / 1 Gbit/s path with default buffers, 8 connections fill the link.
 DEFAULT_CONNS = 8
+LISTEN_BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 
 
 
@@ -163,7 +164,16 @@ class _PendingLink:
     first_seen: float
     socks: dict[int, socket.socket] = field(default_factory=dict)
     transcripts: dict[int, bytes] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)  # one pending slot held per socket
+    tokens: list[int] = field(default_factory=list)  # one pending slot held per socket
+
+
+def _cut(sock: socket.socket) -> None:
+    """Ends a handshake another thread runs on sock: its next read fails at
+    once (shutdown, never close: the descriptor stays that thread's to close)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class LinkListener:
@@ -172,11 +182,18 @@ class LinkListener:
 
     A background thread accepts; each handshake runs on its own short-lived
     thread under one deadline (handshake_timeout) for the whole exchange.
-    What a sender can make the listener hold is bounded, per source address
-    and in total: handshakes in progress (max_per_source, max_pending), and
-    sockets of authenticated links still waiting for their other connections
-    (max_pending_socks_per_source, max_pending_socks). A connection past a
-    bound is closed at once and counted in `refused` (and in `rejected`).
+    What a sender can make the listener hold is bounded, per source address,
+    per address prefix (an IPv4 /24, an IPv6 /64) and in total: handshakes in
+    progress (max_per_source, max_per_prefix, max_pending), and sockets of
+    authenticated links still waiting for their other connections
+    (max_pending_socks_per_source, max_pending_socks_per_prefix,
+    max_pending_socks). A connection past a source or prefix bound is closed
+    at once and counted in `refused` (and in `rejected`). When a total is
+    full, a connection from a prefix holding fewer slots than the busiest one
+    takes the oldest slot of that prefix (admission.FairAdmission): the
+    holder is cut off and counted in `evicted` (and in `refused`), so
+    strangers parked on every slot from a few prefixes cannot keep a member
+    out.
     accept() failing (EMFILE, ENFILE, ...) is counted in `accept_errors` and
     retried after a short back-off: the loop ends only at close().
     close() stops the thread and closes every socket not yet handed out.
@@ -192,25 +209,32 @@ class LinkListener:
         handshake_timeout: float = 10.0,
         max_pending: int = 1024,
         max_per_source: int = 64,
+        max_per_prefix: int = 256,
         max_pending_socks: int = 4096,
         max_pending_socks_per_source: int = 1024,
+        max_pending_socks_per_prefix: int = 2048,
     ):
         hs._check_secret(secret)
         raise_fd_limit()
         self._secret = bytes(secret)
         self._options = options
         self._timeout = handshake_timeout
-        self._handshakes = Admission(max_per_source, max_pending)
-        self._pending_socks = Admission(max_pending_socks_per_source, max_pending_socks)
+        self._handshakes = FairAdmission(max_per_source, max_pending, max_per_prefix)
+        self._pending_socks = FairAdmission(max_pending_socks_per_source, max_pending_socks,
+                                            max_pending_socks_per_prefix)
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         options.apply(self._sock)  # accepted sockets inherit the buffer sizes
         self._sock.bind((host, port))
-        self._sock.listen(256)
+        # A deep accept queue: a flood that overflows it has the kernel drop
+        # everyone's SYNs and ACKs alike (a member's connection then waits out
+        # TCP's retransmission back-off), before any admission bound applies.
+        self._sock.listen(LISTEN_BACKLOG)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
         self.rejected = 0
-        self.refused = 0  # subset of rejected: over an admission bound
+        self.refused = 0  # subset of rejected: over an admission bound (evictions included)
+        self.evicted = 0  # handshakes and incomplete links cut off for a newcomer
         self.deadlines = 0  # subset of rejected: handshake deadline passed
         self.accept_errors = 0
         self.rejected_reasons: list[str] = []
@@ -261,17 +285,29 @@ class LinkListener:
                 continue
             backoff = 0.0
             source = addr[0]
-            why = self._handshakes.acquire(source)
+            token, why, victims = self._handshakes.acquire(source, lambda s=sock: _cut(s))
             if why is not None:
                 self._reject(sock, why, refused=True)
                 continue
+            self._evict(victims, "handshake taken by a newcomer")
             try:
-                threading.Thread(target=self._handshake, args=(sock, source), daemon=True).start()
+                threading.Thread(target=self._handshake, args=(sock, source, token),
+                                 daemon=True).start()
             except RuntimeError:  # can't start new thread: refuse, keep accepting
-                self._handshakes.release(source)
+                self._handshakes.release(token)
                 self._reject(sock, "no thread for the handshake", refused=True)
 
-    def _handshake(self, sock: socket.socket, source: str) -> None:
+    def _evict(self, victims, why: str) -> None:
+        """Runs FairAdmission's evictions (outside every lock) and counts them."""
+        for cut in victims:
+            cut()
+        if victims:
+            with self._cv:
+                self.evicted += len(victims)
+                self.refused += len(victims)
+                self.rejected_reasons = (self.rejected_reasons + [why])[-32:]
+
+    def _handshake(self, sock: socket.socket, source: str, token: int) -> None:
         deadline = time.monotonic() + self._timeout
         try:
             server = hs.ServerHandshake(self._secret)
@@ -279,22 +315,30 @@ class LinkListener:
             challenge = server.on_hello(hello)
             _send_all(sock, challenge, deadline)
             info, accept = server.on_proof(_recv_exact(sock, hs.PROOF_BYTES, deadline))
-            self._admit(sock, source, info, accept, _transcript(hello, challenge))
+            victims: list = []
+            try:
+                self._admit(sock, source, info, accept, _transcript(hello, challenge), victims)
+            finally:
+                self._evict(victims, "incomplete link cut off for a newcomer")
         except (hs.HandshakeError, OSError) as e:
             self._reject(sock, f"{type(e).__name__}: {e}",
                          deadline=isinstance(e, _Deadline), refused=isinstance(e, _Refused))
         finally:
-            self._handshakes.release(source)
+            self._handshakes.release(token)
 
     def _admit(self, sock: socket.socket, source: str, info: hs.LinkHello, accept: bytes,
-               transcript: bytes) -> None:
+               transcript: bytes, victims: list) -> None:
+        """Files an authenticated socket under its link; the evictions this
+        needs go to `victims`, for the caller to run once _cv is released."""
         with self._cv:
             if self._closed:
                 raise hs.HandshakeError("listener closed")
             p = self._pending.get(info.link_id)
             if p is not None and (p.n_conns != info.n_conns or info.conn_index in p.socks):
                 raise hs.HandshakeError("connection disagrees with its link's other connections")
-            why = self._pending_socks.acquire(source)
+            token, why, cut = self._pending_socks.acquire(
+                source, lambda link_id=info.link_id: self._drop_pending(link_id))
+            victims += cut
             if why is not None:
                 raise _Refused(f"{why} (sockets of incomplete links)")
             if p is None:
@@ -304,14 +348,14 @@ class LinkListener:
             try:
                 sock.sendall(accept)
             except OSError:
-                self._pending_socks.release(source)
+                self._pending_socks.release(token)
                 if not p.socks:
                     del self._pending[info.link_id]
                 raise
             sock.settimeout(None)
             p.socks[info.conn_index] = sock
             p.transcripts[info.conn_index] = transcript
-            p.sources.append(source)
+            p.tokens.append(token)
             if len(p.socks) == p.n_conns:
                 del self._pending[info.link_id]
                 self._release_pending(p)
@@ -321,9 +365,19 @@ class LinkListener:
                 self._cv.notify_all()
 
     def _release_pending(self, p: _PendingLink) -> None:
-        for source in p.sources:
-            self._pending_socks.release(source)
-        p.sources.clear()
+        for token in p.tokens:
+            self._pending_socks.release(token)
+        p.tokens.clear()
+
+    def _drop_pending(self, link_id: bytes) -> None:
+        """An incomplete link loses its sockets (one of its slots went to a newcomer)."""
+        with self._cv:
+            p = self._pending.pop(link_id, None)
+            if p is not None:
+                self._release_pending(p)
+        if p is not None:
+            for s in p.socks.values():
+                s.close()
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
