@@ -86,7 +86,6 @@ def snapshot(d) -> dict:
             "state_request": d.transfers.refused,
             "nonfinite_round": d.nonfinite_rounds,
             "bad_state": d.bad_states,
-            "poisoner_excluded": d.core.exclusions,
             "data_admission": listener.refused,
             "data_handshake_deadline": listener.deadlines,
             "data_accept_error": listener.accept_errors,
