@@ -131,7 +131,7 @@ def test_a_welcome_naming_peers_nobody_runs_or_a_lone_epoch_is_refused():
     fake = tuple(m.PeerInfo(f"f{i:02}", f"f{i}:1", f"f{i}:2") for i in range(8))
     rejected = sum(p.core.rejected for p in sim.peers.values())
     before = sim.max_step()
-    for k in range(20):
+    for _ in range(20):
         for p in sim.peers:
             sim.forge("zz", p, m.Heartbeat(1 << 40, 0, 0, 0, r.ZERO_HASH, False, liar))
             sim.forge("zz", p, m.Welcome(1 << 40, 0, real + fake + (liar,)))

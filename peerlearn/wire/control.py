@@ -343,7 +343,8 @@ class StatusReply:
 MESSAGES = {
     cls.__name__.lower(): cls
     for cls in (Heartbeat, Join, Welcome, Leave, Staying, Ready, Propose, Ack, Commit, Done,
-                Apply, Abort, StateRequest, StateOffer, StateRefused, DataKey, StatusRequest, StatusReply)
+                Apply, Abort, StateRequest, StateOffer, StateRefused, DataKey, StatusRequest,
+                StatusReply)
 }
 _TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
 
