@@ -33,9 +33,9 @@ from typing import Optional
 import typer
 
 try:  # recent typer vendors click; earlier versions use click itself
-    from typer._click.exceptions import UsageError
+    from typer._click.exceptions import ClickException, UsageError  # noqa: F401 - app.main uses it
 except ImportError:  # pragma: no cover - depends on the typer installed
-    from click.exceptions import UsageError
+    from click.exceptions import ClickException, UsageError  # noqa: F401 - app.main uses it
 
 ENV_PREFIX = "PEERLEARN_"
 CONFIG_ENV = "PEERLEARN_CONFIG"
