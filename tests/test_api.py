@@ -476,3 +476,26 @@ def test_a_member_sending_huge_updates_is_left_out_and_nothing_huge_applies(swar
     if coordinator is not None:
         assert coordinator.daemon.core.exclusions >= 1
     assert torch.isfinite(results[0][1]["w"]).all()
+
+
+def test_a_gossip_partner_sending_nan_or_huge_values_is_refused(swarm):
+    """Issue 16, case 6: averaging with one member's NaN made its partners'
+    models NaN for good in three exchanges. The partner's values are checked
+    first: the exchange fails for the honest side, which keeps its own, counted."""
+    peers = swarm(2)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    assert all(len(p.live_members()) == 2 for p in peers)
+    for bad_value in (float("nan"), 1e30):
+        x = {0: torch.ones(N), 1: torch.ones(N)}
+        x[1][5] = bad_value
+
+        def one(i, p):
+            try:
+                return p.gossip(x[i], round_=3, seed=1, timeout=10)
+            except GossipFailed as e:
+                return e
+        out = run_all(peers, one)
+        assert isinstance(out[0], GossipFailed) and out[0].poisoned_by == peers[1].id
+        # The sender may have averaged ours in before we aborted: its own business.
+    assert peers[0].daemon.stats.gossip_poisoned == 2
+    assert peers[1].daemon.stats.gossip_poisoned == 0

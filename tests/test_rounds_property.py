@@ -155,6 +155,9 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
                       (("leave", 0), 3.0)]))
 @example((3, 0.0, 0, [(("restart", 0, 0), 1.0), (("partition", {0, 2}), 1.125),
                       (("leave", 0), 3.0)]))
+# Members that missed an Apply never took the coordinator's newer view
+# while a Welcome needed another member to second its epoch.
+@example((5, 0.015625, 0, [(("forge_beat", 0, 0), 1.0)]))
 @example((3, 0.0, 0, [(("kill", 2), 1.0), (("partition", {0}), 1.0),
                       (("restart", 0, 0), 1.0), (("kill", 1), 1.0)]))
 @example((5, 0.0, 0, [(("partition", {1, 3}), 1.0), (("kill", 0), 1.0), (("kill", 2), 1.0)]))

@@ -86,6 +86,8 @@ def snapshot(d) -> dict:
             "state_request": d.transfers.refused,
             "nonfinite_round": d.nonfinite_rounds,
             "bad_state": d.bad_states,
+            "poisoner_excluded": d.core.exclusions,
+            "gossip_poisoned": d.stats.gossip_poisoned,
             "data_admission": listener.refused,
             "data_handshake_deadline": listener.deadlines,
             "data_accept_error": listener.accept_errors,

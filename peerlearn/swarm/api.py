@@ -309,9 +309,10 @@ class Peer:
         try:
             out = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
                              codec=codec, block_size=block_size, timeout=timeout)
-        except GossipFailed:
+        except GossipFailed as e:
             # Counted on the loop, which owns the daemon's counters.
-            self._on_loop(self.daemon.stats.gossip_done, False, time.monotonic() - started)
+            self._on_loop(self.daemon.stats.gossip_done, False, time.monotonic() - started,
+                          e.poisoned_by is not None)
             raise
         finally:
             self._gossip_lock.release()

@@ -53,6 +53,8 @@ class GossipFailed(PeerError):
     partners that answered at another gossip round (peer id -> their round):
     the caller's next round is `gossip.next_round` of its own and these."""
 
-    def __init__(self, message: str, rounds: dict[str, int] | None = None):
+    def __init__(self, message: str, rounds: dict[str, int] | None = None,
+                 poisoned_by: str | None = None):
         super().__init__(message)
         self.rounds = dict(rounds or {})
+        self.poisoned_by = poisoned_by  # a partner whose values we refused

@@ -54,8 +54,13 @@ MAX_ROUND = (1 << 48) - 1
 # drift apart by the outer steps of one partition (thousands); a header from a
 # broken or hostile member claiming round 2^48 - 1 would otherwise push us to
 # the end of the round space, where the next exchange is refused: the end of
-# training. At 2^20 per jump, that takes 2^28 such exchanges.
+# training. At 2^20 per jump, that takes 2^28 such exchanges (a smaller cap
+# would leave two sides of a long partition unable to meet again).
 MAX_CATCHUP = 1 << 20
+# A partner's values are refused when not finite or larger (max |x|) than
+# this many times ours: averaging with one member's NaN or 1e30 made its
+# partners' models NaN for good in three exchanges.
+GROWTH_LIMIT = 1e4
 # The round header: outside every GOSSIP_OP | round (rounds stay below 2^48).
 GOSSIP_HELLO_OP = GOSSIP_OP | (1 << 48)
 HEADER_BYTES = 8  # the sender's round, uint64 little-endian
@@ -86,6 +91,17 @@ def next_round(mine: int, heard: Iterable[int] = ()) -> int:
     mismatch, whichever of them heard the other. A round more than
     MAX_CATCHUP ahead of ours is not followed."""
     return max([mine, *(h for h in heard if h <= mine + MAX_CATCHUP)]) + 1
+
+
+def refused_value(theirs: torch.Tensor, mine: torch.Tensor) -> str | None:
+    """Why a partner's values must not be averaged in, or None."""
+    if not bool(torch.isfinite(theirs).all()):
+        return "are not finite"
+    mine_max = float(mine.abs().max()) if mine.numel() else 0.0
+    theirs_max = float(theirs.abs().max()) if theirs.numel() else 0.0
+    if mine_max > 0 and theirs_max > GROWTH_LIMIT * mine_max:
+        return f"are {theirs_max / mine_max:.3g} times larger than ours"
+    return None
 
 
 def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -123,6 +139,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
 
     header = torch.tensor(list(round_.to_bytes(HEADER_BYTES, "little")), dtype=torch.uint8)
     rounds: dict[str, int] = {}  # partners at another round than ours
+    poisoned_by = None
 
     def send(peer: str) -> None:
         try:
@@ -152,6 +169,10 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
             values[peer] = torch.empty_like(tensor)
             links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
                             timeout=max(0.1, deadline - time.monotonic()))
+            why = refused_value(values[peer], mine)
+            if why is not None:
+                poisoned_by = peer
+                raise GossipFailed(f"{peer}'s values {why}: refused", poisoned_by=peer)
     except (StreamError, TimeoutError, OSError, GossipFailed) as e:
         errors.append(e)
     if errors:
@@ -161,7 +182,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
         t.join()
     if errors:
         raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}",
-                           rounds=rounds) from errors[0]
+                           rounds=rounds, poisoned_by=poisoned_by) from errors[0]
     out = torch.zeros_like(tensor)
     for p in group:  # sorted: the same additions in the same order everywhere
         out.add_(values[p])

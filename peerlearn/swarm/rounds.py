@@ -56,6 +56,8 @@ from peerlearn.swarm.suspicion import Suspecting
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
+MAX_EPOCH_JUMP = 1 << 20  # rounds a Welcome may move our view on by at once
+
 
 # ------------------------------------------------------------------ core
 
@@ -384,14 +386,13 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
             # hold a majority of our old one. An unsolicited Welcome, or a
             # member naming itself the whole swarm, is dropped. So is one
             # naming peers we never heard (ids nobody runs would make the
-            # quorum unreachable), or an epoch no other member reports (a
-            # liar would push our round ids towards the end of their space).
+            # quorum unreachable), or an epoch more than MAX_EPOCH_JUMP past
+            # ours (a liar would push our round ids to the end of their space:
+            # 2^42 such pushes before it, a million rounds missed is legit).
             asked = sender == self.view_asked_of and \
                 now - self.view_asked_at <= self.t.dead_after
             unheard = [p.id for p in msg.members if p.id not in self.members
                        and p.id not in (sender, self.me.id) and not self.alive(p.id, now)]
-            seconded = any(b.epoch >= msg.epoch for i, b in self._member_beats(now).items()
-                           if i != sender)
             # A newer view never holds us (its round ran without us: we would
             # have applied it), and it makes us a joiner, who enters through a
             # round. When a majority of our view's members (departed ones too)
@@ -403,9 +404,8 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
             moved_on = [i for i in self.members if i != self.me.id and i in self.beats
                         and self.alive(i, now) and self.epoch < self.beats[i].epoch]
             stale = 2 * len(moved_on) > len(self.members)
-            backed = seconded and (self._quorum(p.id for p in msg.members) or
-                                   self._vouched(msg, sender, now))
-            if not asked or unheard or msg.epoch >= ROUND_ID_LIMIT or not (
+            backed = self._quorum(p.id for p in msg.members) or self._vouched(msg, sender, now)
+            if not asked or unheard or msg.epoch - self.epoch > MAX_EPOCH_JUMP or not (
                     backed or (without_us and stale)):
                 self.rejected += 1
                 return []

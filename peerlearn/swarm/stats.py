@@ -46,6 +46,7 @@ class PeerStats:
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
         self.gossips = 0
         self.gossip_failures = 0
+        self.gossip_poisoned = 0  # exchanges refused for a partner's values
         self.checkpoints = 0
         self.checkpoint_failures = 0
         self.checkpoint_seconds = Durations(("checkpoint",), DURATION_BUCKETS)
@@ -54,12 +55,14 @@ class PeerStats:
     def retried(self, reason: str) -> None:
         self.retries[reason] += 1
 
-    def gossip_done(self, ok: bool, seconds: float) -> None:
+    def gossip_done(self, ok: bool, seconds: float, poisoned: bool = False) -> None:
+        """poisoned: failed because a partner's values were refused."""
         self.durations.observe("gossip", seconds)
         if ok:
             self.gossips += 1
         else:
             self.gossip_failures += 1
+            self.gossip_poisoned += poisoned
 
     def checkpoint_done(self, ok: bool, seconds: float) -> None:
         if ok:
