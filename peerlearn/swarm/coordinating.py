@@ -163,7 +163,7 @@ class Coordinating:
         # A poisoned round is being traced: leave half of the suspects out.
         probe = self._probe(ids) if self.suspects else set()
         ids = [i for i in ids if i not in probe]
-        left_out = probe | {p for p in self.excluded if self.excluded_now(p, now)}
+        left_out = probe | self.excluded.active_ids(now)
         # Wait (at most `gather`) for live members not yet ready with this
         # state (one being repaired re-sends Ready once synced), and for synced
         # joiners at this very step, so a peer that just caught up enters this round.

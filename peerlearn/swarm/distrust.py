@@ -20,15 +20,13 @@ from __future__ import annotations
 
 DISTRUST_FIRST_S = 30.0
 DISTRUST_MAX_S = 3600.0
-MAX_DISTRUSTED = 1024  # ids a member can mint are many: the table is bounded
 
 
 class Distrusting:
     """Distrust of peers whose announced state was refused; see rounds.py."""
 
     def trusted(self, peer: str, now: float) -> bool:
-        until = self.distrusted.get(peer)
-        return until is None or now >= until[0]
+        return not self.distrusted.active(peer, now)
 
     def refuse_state(self, now: float, step: int, state_hash: bytes) -> list[str]:
         """The state (step, state_hash) was fetched and refused (not finite, or
@@ -39,12 +37,6 @@ class Distrusting:
                         if i != self.me.id and i not in liars
                         and (r.step, r.state_hash) == (step, state_hash))
         for i in liars:
-            _, repeats = self.distrusted.get(i, (0.0, 0))
-            cooldown = min(DISTRUST_FIRST_S * 2 ** repeats, DISTRUST_MAX_S)
-            self.distrusted[i] = (now + cooldown, repeats + 1)
+            self.distrusted.add(i, now)
             self.readies.pop(i, None)
-        if len(self.distrusted) > MAX_DISTRUSTED:  # drop the ones whose cooldown ends first
-            for i in sorted(self.distrusted, key=lambda p: self.distrusted[p][0])[
-                    :len(self.distrusted) - MAX_DISTRUSTED]:
-                del self.distrusted[i]
         return liars

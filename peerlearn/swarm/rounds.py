@@ -51,8 +51,9 @@ from peerlearn.swarm.actions import (  # noqa: F401
 )
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
 from peerlearn.swarm.departing import Departing
-from peerlearn.swarm.distrust import Distrusting
-from peerlearn.swarm.suspicion import Suspecting
+from peerlearn.swarm.cooldown import Cooldowns
+from peerlearn.swarm.distrust import DISTRUST_FIRST_S, DISTRUST_MAX_S, Distrusting
+from peerlearn.swarm.suspicion import EXCLUDE_FIRST_S, EXCLUDE_MAX_S, Suspecting
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
@@ -77,12 +78,12 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
         self.stayers: set[str] = set()  # members that answered my Leave with Staying
         # Members that left for good -> the last round they took part in.
         self.departed_peers: dict[str, int] = {}
-        # Peers whose announced state was refused -> (distrusted until, repeats).
-        self.distrusted: dict[str, tuple[float, int]] = {}
+        # Peers whose announced state was refused (distrust.py).
+        self.distrusted = Cooldowns(DISTRUST_FIRST_S, DISTRUST_MAX_S)
         # The coordinator's search for a member poisoning rounds (suspicion.py).
         self.suspects: set[str] = set()
         self.probing: set[str] = set()  # suspects left out of the round in flight
-        self.excluded: dict[str, tuple[float, int]] = {}  # -> (until, repeats)
+        self.excluded = Cooldowns(EXCLUDE_FIRST_S, EXCLUDE_MAX_S)
         self.exclusions = 0
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here

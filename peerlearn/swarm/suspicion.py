@@ -25,15 +25,13 @@ from __future__ import annotations
 
 EXCLUDE_FIRST_S = 60.0
 EXCLUDE_MAX_S = 3600.0
-MAX_EXCLUDED = 1024
 
 
 class Suspecting:
     """Suspects of poisoned rounds and excluded peers; see rounds.py for the state."""
 
     def excluded_now(self, peer: str, now: float) -> bool:
-        until = self.excluded.get(peer)
-        return until is not None and now < until[0]
+        return self.excluded.active(peer, now)
 
     def _probe(self, ids: list[str]) -> set[str]:
         """Suspects to leave out of the next proposal among `ids`: half of
@@ -58,12 +56,6 @@ class Suspecting:
             self.suspects = probe if probe else self.suspects - set(participants)
         if len(self.suspects) == 1:
             (culprit,) = self.suspects
-            _, repeats = self.excluded.get(culprit, (0.0, 0))
-            cooldown = min(EXCLUDE_FIRST_S * 2 ** repeats, EXCLUDE_MAX_S)
-            self.excluded[culprit] = (now + cooldown, repeats + 1)
+            self.excluded.add(culprit, now)
             self.exclusions += 1
             self.suspects = set()
-            if len(self.excluded) > MAX_EXCLUDED:
-                for i in sorted(self.excluded, key=lambda p: self.excluded[p][0])[
-                        :len(self.excluded) - MAX_EXCLUDED]:
-                    del self.excluded[i]
