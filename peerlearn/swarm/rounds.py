@@ -54,16 +54,15 @@ from peerlearn.swarm.departing import Departing
 from peerlearn.swarm.cooldown import Cooldowns
 from peerlearn.swarm.distrust import DISTRUST_FIRST_S, DISTRUST_MAX_S, Distrusting
 from peerlearn.swarm.suspicion import EXCLUDE_FIRST_S, EXCLUDE_MAX_S, Suspecting
+from peerlearn.swarm.welcoming import MAX_EPOCH_JUMP, Welcoming  # noqa: F401
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
-
-MAX_EPOCH_JUMP = 1 << 20  # rounds a Welcome may move our view on by at once
 
 
 # ------------------------------------------------------------------ core
 
 
-class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
+class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welcoming):
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
@@ -209,11 +208,6 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
         """The driver asks `target` (a peer id, or the host:port it advertises)
         for the view: only a Welcome from that peer is taken."""
         self.join_target = target
-
-    def _from_join_target(self, sender: str, msg: m.Welcome) -> bool:
-        t = self.join_target
-        return t is None or sender == t or any(
-            p.id == sender and p.control == t for p in msg.members)
 
     def local_ready(self, now: float, step: int, state_hash: bytes) -> list:
         """The driver's update for `step` is ready and its state hashes to state_hash."""
@@ -377,75 +371,6 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting):
         if not self.members:
             return []  # joining ourselves: no view to give; the joiner asks again
         return [Send(sender, m.Welcome(self.epoch, self.step, tuple(self.members.values())))]
-
-    def _on_welcome(self, now, sender, msg: m.Welcome) -> list:
-        if self.members:
-            # Only the answer to our own Join replaces our view, only a newer
-            # view, and only one that keeps a majority of ours or that a
-            # majority of its own members vouch for (their heartbeats to us
-            # show that epoch): a view that shrank over several rounds need not
-            # hold a majority of our old one. An unsolicited Welcome, or a
-            # member naming itself the whole swarm, is dropped. So is one
-            # naming peers we never heard (ids nobody runs would make the
-            # quorum unreachable), or an epoch more than MAX_EPOCH_JUMP past
-            # ours (a liar would push our round ids to the end of their space:
-            # 2^42 such pushes before it, a million rounds missed is legit).
-            asked = sender == self.view_asked_of and \
-                now - self.view_asked_at <= self.t.dead_after
-            unheard = [p.id for p in msg.members if p.id not in self.members
-                       and p.id not in (sender, self.me.id) and not self.alive(p.id, now)]
-            # A newer view never holds us (its round ran without us: we would
-            # have applied it), and it makes us a joiner, who enters through a
-            # round. When a majority of our view's members (departed ones too)
-            # report later rounds, our view is stale beyond doubt (one liar is
-            # not a majority), and we take such a view even if it holds no
-            # majority of ours and none to vouch: one that shrank through
-            # departures to a single member cannot offer either.
-            without_us = self.me.id not in {p.id for p in msg.members}
-            moved_on = [i for i in self.members if i != self.me.id and i in self.beats
-                        and self.alive(i, now) and self.epoch < self.beats[i].epoch]
-            stale = 2 * len(moved_on) > len(self.members)
-            backed = self._quorum(p.id for p in msg.members) or self._vouched(msg, sender, now)
-            if not asked or unheard or msg.epoch - self.epoch > MAX_EPOCH_JUMP or not (
-                    backed or (without_us and stale)):
-                self.rejected += 1
-                return []
-            if msg.epoch > self.epoch and self.observed is None:
-                self.view_asked_of = None
-                for p in msg.members:
-                    self.known.setdefault(p.id, p)
-                self.members = {p.id: p for p in msg.members}
-                self.epoch = msg.epoch
-                self.leading = None
-                return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
-            return []
-        if msg.epoch >= ROUND_ID_LIMIT or not self._from_join_target(sender, msg):
-            self.rejected += 1  # joining: only the member we asked answers, with a real view
-            return []
-        view, epoch = msg.members, msg.epoch
-        if msg.epoch < self.epoch and self.recorded_view:
-            # Our record shows a later view than the contact's (it was cut off
-            # while we applied rounds): taking its view would forget ours, and
-            # with it the coordinator our view's members follow.
-            view, epoch = self.recorded_view, self.epoch
-        for p in msg.members + view:
-            self.known.setdefault(p.id, p)
-            self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
-        self.members = {p.id: p for p in view}
-        self.join_target = None
-        self.epoch = epoch
-        # Every member must know us to send us heartbeats: the parity check
-        # that tells us what to sync needs a majority of them.
-        return [Send(i, m.Join(self.me)) for i in sorted({p.id for p in msg.members + view})
-                if i not in (sender, self.me.id)]
-
-    def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
-        """A majority of the new view, counting the sender and at least one
-        other member, reports (in its own authenticated heartbeats) an epoch
-        at least the Welcome's."""
-        others = [p.id for p in msg.members if p.id != sender and self.alive(p.id, now)
-                  and p.id in self.beats and self.beats[p.id].epoch >= msg.epoch]
-        return bool(others) and 2 * (len(others) + 1) > len(msg.members)
 
     def _on_ready(self, now, sender, msg: m.Ready) -> list:
         self.known.setdefault(sender, msg.peer)
