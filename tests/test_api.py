@@ -489,7 +489,7 @@ def test_a_gossip_partner_sending_nan_or_huge_values_is_refused(swarm):
         x = {0: torch.ones(N), 1: torch.ones(N)}
         x[1][5] = bad_value
 
-        def one(i, p):
+        def one(i, p, x=x):
             try:
                 return p.gossip(x[i], round_=3, seed=1, timeout=10)
             except GossipFailed as e:

@@ -397,7 +397,8 @@ def test_idle_sockets_from_many_addresses_leave_handshake_slots_for_members(tmp_
                 s.settimeout(10)  # blocking: none waits out a SYN retry in a full backlog
                 s.connect((host, int(port)))
                 idle.append(s)
-        refused = lambda: a.metrics()['peerlearn_refused_total{reason="data_admission"}'] - base
+        def refused():
+            return a.metrics()['peerlearn_refused_total{reason="data_admission"}'] - base
         assert wait_for(lambda: refused() >= 17 * 64 - 256, 30), refused()
         assert fds(a.proc.pid) - fds_before <= 256 + 32
         b = Peer(tmp_path, "b", "--join", a.control)
