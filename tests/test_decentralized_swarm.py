@@ -180,7 +180,8 @@ def test_gossip_rounds_that_disagree_tell_each_other_and_meet_again(peers):
 def demo(algo: str, peers: int, *extra: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", algo, "--peers", str(peers),
-         "--steps", "16", "--H", "4", "--gossip-timeout", "10", "--json", *extra, *TINY],
+         "--steps", "16", "--H", "4", "--gossip-timeout", "10", "--json", "--warmup", "0",
+         "--no-reference", *extra, *TINY],
         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)

@@ -19,16 +19,18 @@ import pytest
 
 TINY = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",
         "--set", "block_size=32", "--set", "batch_size=8", "--set", "corpus_bytes=400000"]
+# The swarm's own behaviour, without the demo's warm-up and single-peer
+# reference (tested on their own below).
+BARE = ["--warmup", "0", "--no-reference"]
 
 
-@pytest.mark.parametrize("algo,peers", [("diloco", 3), ("streaming", 2), ("async", 2),
-                                        ("eager", 2), ("ddp", 2)])
+@pytest.mark.parametrize("algo,peers", [("diloco", 3), ("streaming", 2), ("ddp", 2)])
 def test_demo_trains_every_algorithm_to_one_agreed_model(algo, peers):
     """Three peers: a joiner hears only the view's members, so a start
     barrier counting heartbeats never saw the other joiners (4-peer demos hung)."""
     out = subprocess.run(
         [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", algo, "--peers", str(peers),
-         "--steps", "16", "--H", "4", "--P", "2", "--tau", "1", "--json", *TINY],
+         "--steps", "16", "--H", "4", "--P", "2", "--tau", "1", "--json", *BARE, *TINY],
         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
@@ -63,7 +65,8 @@ def test_a_running_demo_says_how_to_watch_it_and_status_and_metrics_show_the_tra
     address; from another terminal both show the peers training."""
     p = subprocess.Popen(
         [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", "diloco", "--peers", "2",
-         "--steps", "100000", "--H", "4", "--progress", "plain", "--progress-every", "5", *TINY],
+         "--steps", "100000", "--H", "4", "--progress", "plain", "--progress-every", "5",
+         *BARE, *TINY],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     drain = None
     try:
@@ -102,3 +105,48 @@ def test_a_running_demo_says_how_to_watch_it_and_status_and_metrics_show_the_tra
         if drain is not None:
             drain.join()
     assert not os.path.exists(secret_file)  # the demo's directory went with it
+
+
+def test_the_demo_warms_up_once_and_compares_with_one_peer_alone(tmp_path):
+    """Defaults: a short warm-up (cached), every peer and a lone reference peer
+    start from it, and the summary prints the reference's loss and the ratio.
+    Streaming with its default H (a multiple of --P) starts."""
+    env = dict(os.environ, PEERLEARN_CACHE_DIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", "streaming", "--peers", "2",
+         "--steps", "48", "--warmup", "10", "--progress", "plain", *TINY],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("[demo] warm-up:") and "10 steps" in first, out.stderr[:1000]
+    assert "H 48" in out.stderr and "one peer alone (--algo local)" in out.stderr
+    single = float(re.search(r"^single_peer_val_loss: (\S+)$", out.stdout, re.M).group(1))
+    swarm = float(re.search(r"^val_loss: (\S+)$", out.stdout, re.M).group(1))
+    assert 0 < single < math.log(256) and 0 < swarm < math.log(256), out.stdout
+    line = re.search(r"^streaming, 2 peers: validation loss (\S+), (\S+) % (below|above) one peer "
+                     r"alone \((\S+)\)", out.stdout, re.M)
+    assert line, out.stdout
+    rel = float(line.group(2)) * (-1 if line.group(3) == "below" else 1)
+    assert abs(rel - (swarm / single - 1) * 100) < 0.2, out.stdout
+    cached = list((tmp_path / "warm").glob("*.pt"))
+    assert len(cached) == 1
+    # The next demo of the same task and seed starts from the cached model.
+    out = subprocess.run(
+        [sys.executable, "-m", "peerlearn.cli.app", "demo", "--algo", "diloco", "--peers", "1",
+         "--steps", "8", "--H", "4", "--warmup", "10", "--json", *TINY],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["warm_start"]["cached"] and summary["warm_start"]["file"] == str(cached[0])
+    assert math.isfinite(summary["single_peer_val_loss"]) and summary["vs_single_peer"] is not None
+    assert summary["single_peer_report"]["inner_steps"] == 8
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_async_and_eager_are_withdrawn_with_the_reason(command):
+    for algo in ("async", "eager"):
+        out = subprocess.run([sys.executable, "-m", "peerlearn.cli.app", command, "--algo", algo],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert f"{algo} is withdrawn" in out.stderr and "one peer alone" in out.stderr
+        assert "docs/algorithms.md" in out.stderr

@@ -172,9 +172,12 @@ def watch_hint(work: Path, secret: str, control: str, metrics_port: int | None) 
 
 def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
              wan: tuple[float, float] | None = None, *, progress: str = "auto",
-             log_flags: list[str] | None = None) -> dict:
+             log_flags: list[str] | None = None, reference: list[str] | None = None) -> dict:
     """Starts `peers` local `peerlearn run` processes (the first founds, the
     rest join it), each on its own shard, and collects their final reports.
+    With `reference` (the run flags it adds), one more process beside them
+    trains alone (`--algo local`, the whole corpus, on loopback) for the same
+    steps: the single-peer loss the summary compares with.
     With `wan` = (rtt_ms, mbit) each peer runs on its own emulated host
     (peerlearn.netsim: network namespaces, a forwarder adding the delay and
     rate limit), so all their traffic crosses that path. Their log lines and
@@ -194,7 +197,8 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
     threads: list[threading.Thread] = []
     reports: dict[int, dict] = {}
     started = time.monotonic()
-    board = output.Board(mode, [f"p{i}" for i in range(peers)])
+    names = [f"p{i}" for i in range(peers)] + (["ref"] if reference is not None else [])
+    board = output.Board(mode, names)
     with contextlib.ExitStack() as stack:
         stack.callback(board.close)
         if wan is not None:
@@ -209,27 +213,37 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
             launch = lambda _i, argv, **kw: subprocess.Popen(argv, **kw)  # noqa: E731
         try:
             founder = None
-            for i in range(peers):
-                host, port, data_port = addrs[i]
-                argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
-                        "--listen", f"{host}:{port}", "--data-port", str(data_port),
-                        "--data-dir", str(work / f"p{i}"),
-                        "--steps", str(steps), "--shard", f"{i}/{peers}", "--metrics", metrics_at,
-                        "--wait-peers", str(peers), *(log_flags or []), "--log-format", "json",
-                        *(["--task", task_spec] if task_spec else []), *extra]
-                if founder:
-                    argv += ["--join", founder]
-                p = launch(i, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+            for i, name in enumerate(names):
+                common = ["--data-dir", str(work / name), "--steps", str(steps),
+                          *(log_flags or []), "--log-format", "json",
+                          *(["--task", task_spec] if task_spec else [])]
+                if name == "ref":  # a swarm of one, never in the emulator
+                    argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "local",
+                            "--listen", f"127.0.0.1:{_free_port()}", "--shard", "0/1",
+                            "--metrics", "off", *common, *reference]
+                    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                else:
+                    host, port, data_port = addrs[i]
+                    argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
+                            "--listen", f"{host}:{port}", "--data-port", str(data_port),
+                            "--shard", f"{i}/{peers}", "--metrics", metrics_at,
+                            "--wait-peers", str(peers), *common, *extra]
+                    if founder:
+                        argv += ["--join", founder]
+                    p = launch(i, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
                 procs.append(p)
-                t = threading.Thread(target=output.pump, args=(p.stderr, f"p{i}", board),
+                # A swarm of one runs no rounds: its stall warnings say nothing.
+                quiet = (lambda line: "no round applied" in line) if name == "ref" else None
+                t = threading.Thread(target=output.pump, args=(p.stderr, name, board, quiet),
                                      name=f"demo-log-{i}")
                 t.start()
                 threads.append(t)
                 hello = p.stdout.readline()
                 if not hello:
-                    raise SystemExit(f"peerlearn demo: peer {i} did not start")
-                if founder is None:
+                    raise SystemExit(f"peerlearn demo: {name} did not start")
+                if founder is None and name != "ref":
                     founder = json.loads(hello)["control"]
                     board.line("demo", watch_hint(work, env[SECRET_ENV], founder,
                                                   json.loads(hello).get("metrics_port")))
@@ -261,7 +275,7 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                 t.join()
             shutil.rmtree(work, ignore_errors=True)
     rows = [reports.get(i, {"error": f"peer {i} exited {procs[i].returncode}"})
-            for i in range(len(procs))]
+            for i in range(min(peers, len(procs)))]
     ok = [r for r in rows if "val_loss" in r]
     summary = {
         "algo": algo, "peers": peers, "steps": steps,
@@ -276,4 +290,11 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
         "compute_utilisation_per_peer": [r.get("compute_utilisation") for r in rows],
         "peers_report": rows,
     }
+    if reference is not None:
+        ref = reports.get(peers, {})
+        single = ref.get("val_loss")
+        summary["single_peer_val_loss"] = single
+        summary["vs_single_peer"] = (summary["val_loss"] / single - 1
+                                     if single and summary["val_loss"] is not None else None)
+        summary["single_peer_report"] = ref or {"error": "the reference did not finish"}
     return summary
