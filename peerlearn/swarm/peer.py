@@ -309,16 +309,26 @@ class PeerDaemon:
         idle = now - self.last_applied_at
         lost = self.core.unreachable_voters(now) if idle > 2 * self.cfg.timeouts.dead_after \
             else []
-        reason = self.core.stall if idle > self.stall_after() else None
+        # Nobody wants a round (no contribution here, no Ready heard): the
+        # swarm is idle (a lone `--algo local` peer, peers computing), not stalled.
+        wanted = bool(self.submissions) or bool(self.core.readies)
+        reason = self.core.stall if wanted and idle > self.stall_after() else None
+        level = logging.WARNING
         if lost:
-            reason = self.majority_lost(lost)
+            reason, level = self.majority_lost(lost), logging.ERROR
+            if all(p in self.core.left for p in lost):
+                # They said goodbye (the swarm stopping all at once: nobody
+                # stayed to let them leave the view): an ending, not a failure.
+                reason, level = (f"the swarm stopped: {len(lost)} of the view's voting members "
+                                 "said goodbye; rounds resume when enough of them are back"),\
+                    logging.INFO
         if reason is None:
             self._stall_logged = (None, 0.0)
             return
         if reason != self._stall_logged[0] or now - self._stall_logged[1] >= STALL_LOG_EVERY_S:
             self._stall_logged = (reason, now)
-            log.log(logging.ERROR if lost else logging.WARNING, "%s no round applied for "
-                    "%.0f s: %s", self.id[:8], now - self.last_applied_at, reason)
+            log.log(level, "%s no round applied for %.0f s: %s", self.id[:8],
+                    now - self.last_applied_at, reason)
 
     def stall_after(self) -> float:
         """Seconds without an applied round that count as a stall here."""
