@@ -63,10 +63,11 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 STALL_LOG_EVERY_S = 30.0
-# A stall is logged once no round applied for STALL_ROUNDS typical round gaps
-# (the median of the last few): DiLoCo's rounds come every H inner steps, and
-# a gap of a few seconds is the swarm computing, not stalling. Before any gap
-# is known, STALL_FIRST_S.
+# A stall is logged once no round applied for STALL_ROUNDS times the longest
+# of the last few round gaps, and never before STALL_FIRST_S: DiLoCo's rounds
+# come every H inner steps (tens of seconds on a busy machine, after a burst
+# of quick start-up rounds), and such a gap is the swarm computing, not
+# stalling. A lost majority is said after 2 x dead_after regardless.
 STALL_ROUNDS = 3.0
 STALL_FIRST_S = 60.0
 # How long a stopping peer waits for a member that stays to answer its Leave
@@ -332,9 +333,7 @@ class PeerDaemon:
 
     def stall_after(self) -> float:
         """Seconds without an applied round that count as a stall here."""
-        gaps = sorted(self.round_gaps)
-        typical = gaps[len(gaps) // 2] if gaps else STALL_FIRST_S / STALL_ROUNDS
-        return max(2 * self.cfg.timeouts.dead_after, STALL_ROUNDS * typical)
+        return max(STALL_FIRST_S, STALL_ROUNDS * max(self.round_gaps, default=0.0))
 
     def majority_lost(self, lost: list[str]) -> str:
         """Why no round can apply while `lost` voters are unreachable, and what to do."""
