@@ -71,7 +71,12 @@ def test_noloco_trains_through_a_partition_and_the_sides_come_together(tmp_path)
         assert wan.stats()["dropped_partition"] > 0
         wan.heal()
         t_heal = time.time()
+        # 10 s, and twenty outer steps each after the heal (H 10), however slow
+        # a busy machine makes them: 10 s alone were too few beside a demo.
+        at_heal_steps = [last_step(log) for log in logs]
         time.sleep(10)
+        wait(lambda: all(last_step(log) >= s + 200 for log, s in zip(logs, at_heal_steps)),
+             120, "twenty outer steps after the heal")
         for p in procs:
             p.send_signal(signal.SIGTERM)
         reports = []
