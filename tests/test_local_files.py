@@ -85,7 +85,7 @@ def test_peerlearn_swarm_never_prints_its_secret(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen(
-        [sys.executable, "-m", "peerlearn.cli.app", "swarm", "--peers", "1", "--duration", "4",
+        [sys.executable, "-m", "peerlearn.cli.app", "swarm", "--peers", "1", "--duration", "15",
          "--base-port", str(port), "--compute-s", "0.1", "--numel", "1000", "--progress",
          "plain"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={k: v for k, v in os.environ.items() if k != "PEERLEARN_SECRET"})

@@ -155,8 +155,9 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         return heard is not None and now - heard <= self.t.dead_after
 
     def coordinator(self, now: float) -> str | None:
-        """The smallest live voter: a member that left for good leads nothing."""
-        live = [p for p in self.voters() if self.alive(p, now)]
+        """The smallest live voter we trust: a member that left for good, or
+        one whose announced state proved false (distrust.py), leads nothing."""
+        live = [p for p in self.voters() if self.alive(p, now) and self.trusted(p, now)]
         return min(live) if live else None
 
     def is_coordinator(self, now: float) -> bool:
