@@ -97,8 +97,9 @@ def refused_value(theirs: torch.Tensor, mine: torch.Tensor) -> str | None:
     """Why a partner's values must not be averaged in, or None."""
     if not bool(torch.isfinite(theirs).all()):
         return "are not finite"
-    mine_max = float(mine.abs().max()) if mine.numel() else 0.0
-    theirs_max = float(theirs.abs().max()) if theirs.numel() else 0.0
+    inf = float("inf")  # max |x| as a reduction, without a copy of the tensor
+    mine_max = float(torch.linalg.vector_norm(mine, ord=inf)) if mine.numel() else 0.0
+    theirs_max = float(torch.linalg.vector_norm(theirs, ord=inf)) if theirs.numel() else 0.0
     if mine_max > 0 and theirs_max > GROWTH_LIMIT * mine_max:
         return f"are {theirs_max / mine_max:.3g} times larger than ours"
     return None

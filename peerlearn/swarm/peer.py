@@ -699,8 +699,10 @@ def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
         return "is not finite"
     own = None if sub is None or sub.tensor is None else sub.tensor
     if own is not None and own.numel() == mean.numel():
-        own_max = float(own.abs().max()) if own.numel() else 0.0
-        mean_max = float(mean.abs().max()) if mean.numel() else 0.0
+        # max |x| as a reduction: abs() would copy the whole model on the loop
+        own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0
+        mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) \
+            if mean.numel() else 0.0
         if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
             return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
                     f"(limit {MEAN_GROWTH_LIMIT:g})")
