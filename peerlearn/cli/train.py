@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from peerlearn.cli.daemon import (
@@ -172,7 +173,8 @@ def watch_hint(work: Path, secret: str, control: str, metrics_port: int | None) 
 
 def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: list[str],
              wan: tuple[float, float] | None = None, *, progress: str = "auto",
-             log_flags: list[str] | None = None, reference: list[str] | None = None) -> dict:
+             log_flags: list[str] | None = None, reference: list[str] | None = None,
+             program: Callable[[int], list[str]] | None = None) -> dict:
     """Starts `peers` local `peerlearn run` processes (the first founds, the
     rest join it), each on its own shard, and collects their final reports.
     With `reference` (the run flags it adds), one more process beside them
@@ -182,7 +184,9 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
     (peerlearn.netsim: network namespaces, a forwarder adding the delay and
     rate limit), so all their traffic crosses that path. Their log lines and
     progress are shown by peerlearn.cli.output (prefixed lines, or a live
-    table); their data directory is removed at the end, Ctrl-C included."""
+    table); their data directory is removed at the end, Ctrl-C included.
+    program(i): the command that runs peer i's `run` (default: this Python's
+    `-m peerlearn.cli.app`); cmd/byzantine_experiment.py swaps in an attacker."""
     from peerlearn.cli import output
 
     mode = output.choose(progress)
@@ -225,7 +229,8 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
                                          stderr=subprocess.PIPE, text=True)
                 else:
                     host, port, data_port = addrs[i]
-                    argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", algo,
+                    prog = program(i) if program else [sys.executable, "-m", "peerlearn.cli.app"]
+                    argv = [*prog, "run", "--algo", algo,
                             "--listen", f"{host}:{port}", "--data-port", str(data_port),
                             "--shard", f"{i}/{peers}", "--metrics", metrics_at,
                             "--wait-peers", str(peers), *common, *extra]
