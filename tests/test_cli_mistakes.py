@@ -331,3 +331,20 @@ def test_the_demo_summary_rounds_for_people():
 
     assert _rounded(256.74023283299994) == 256.7
     assert _rounded([2.2494978964328767, None, 7]) == [2.249, None, 7]
+
+
+def test_aggregate_rules_spelled_out_in_the_cli_are_the_swarms():
+    from peerlearn.cli.app import AGGREGATE_RULES
+    from peerlearn.swarm.aggregate import RULES
+
+    assert AGGREGATE_RULES == RULES
+
+
+def test_an_unknown_aggregate_rule_is_one_line():
+    from typer.testing import CliRunner
+
+    from peerlearn.cli.app import app
+
+    out = CliRunner().invoke(app, ["run", "--aggregate", "krum", "--data-dir", "/tmp/x"])
+    assert out.exit_code == 2
+    assert "--aggregate" in out.output and "centered-clip" in out.output

@@ -144,6 +144,13 @@ PROGRESS_OPTION = typer.Option(
          "(pip install 'peerlearn[progress]'), else one prefixed line per event.")
 
 # Spelled out so `peerlearn --help` does not load torch; a test keeps it equal to CODEC_NAMES.
+# swarm.aggregate.RULES, spelled out: that module loads torch, this one must not
+# before a mistake is reported (tests/test_cli_mistakes.py checks they agree).
+AGGREGATE_RULES = ("mean", "centered-clip", "trimmed-mean", "median")
+_AGGREGATE_HELP = ("How a round combines the peers' contributions: mean (the ring all-reduce), "
+                   "or a rule a few dishonest peers cannot steer: centered-clip, trimmed-mean, "
+                   "median (every contribution is all-gathered: N/2 times the bytes; "
+                   "docs/swarm.md). The same at every peer.")
 _CODEC_HELP = "All-reduce codec: none, int8, int4, fp16, bf16, fp8, e3m0, int8-minmax, int4-minmax."
 # The gossip runs' options (noloco, gossip, gossip-vc), shared by `run` and `demo`.
 _GOSSIP = {
@@ -264,6 +271,7 @@ def run(
     numel: int = typer.Option(1 << 18, help="Synthetic workload: parameters."),
     compute_s: float = typer.Option(0.5, help="Synthetic workload: seconds of 'training' a round."),
     codec: str = typer.Option("none", help=_CODEC_HELP),
+    aggregate: str = typer.Option("mean", help=_AGGREGATE_HELP),
     dead_after: float = typer.Option(3.0, help="Seconds of silence before a peer is evicted."),
     join_timeout: float = typer.Option(
         60.0, help="Give up (exit 1) when no member answers --join within this many seconds "
@@ -290,10 +298,14 @@ def run(
         codec_id = codec_from_name(codec)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--codec") from None
+    if aggregate not in AGGREGATE_RULES:
+        raise typer.BadParameter(f"{aggregate!r} is not one of {', '.join(AGGREGATE_RULES)}",
+                                 param_hint="--aggregate")
     secret, keys = daemon.read_credentials(secret_file, allowlist)
     # What a joiner must pass as well: the settings every peer of a run shares
     # (a gossip run's peers refuse a swarm whose settings differ from theirs).
-    shared = ["--algo", algo, "--codec", codec]
+    shared = ["--algo", algo, "--codec", codec,
+              *(["--aggregate", aggregate] if aggregate != "mean" else [])]
     if algo == "synthetic":
         shared += ["--numel", str(numel)]
     else:
@@ -329,15 +341,16 @@ def run(
                         noloco_nesterov=noloco_nesterov,
                         merge_at=_merge_at(merge_at), independent_init=independent_init,
                         gossip_timeout=gossip_timeout),
-            steps=steps, shard=shard, seed=seed, codec=codec_id,
+            steps=steps, shard=shard, seed=seed, codec=codec_id, aggregate=aggregate,
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
             wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
-                    compute_s=compute_s, codec=codec_id, data_port=data_port,
-                    dead_after=dead_after, metrics=None if metrics == "off" else metrics,
+                    compute_s=compute_s, codec=codec_id, aggregate=aggregate,
+                    data_port=data_port, dead_after=dead_after,
+                    metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None, advertise=advertise,
                     join_cmd=join_cmd)
 
@@ -418,6 +431,7 @@ def demo(
     independent_init: bool = _GOSSIP["independent_init"],
     gossip_timeout: float = _GOSSIP["gossip_timeout"],
     codec: str = typer.Option("none", help=_CODEC_HELP),
+    aggregate: str = typer.Option("mean", help=_AGGREGATE_HELP),
     task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
     wan: Optional[str] = typer.Option(
         None, help="RTT_MS,MBIT: each peer on its own emulated host over that path "
@@ -476,8 +490,9 @@ def demo(
            "start: the reference the summary compares with" if reference else ""))
     extra = ["--H", str(H), "--P", str(P), "--tau", str(tau), "--alpha", str(alpha),
              "--outer-lr", str(outer_lr), "--momentum", str(momentum), "--seed", str(seed),
-             "--codec", codec, "--progress-every", str(progress_every),
-             "--group", str(group), "--noloco-momentum", str(noloco_momentum),
+             "--codec", codec, "--aggregate", aggregate,
+             "--progress-every", str(progress_every), "--group", str(group),
+             "--noloco-momentum", str(noloco_momentum),
              "--gamma", str(gamma), "--merge-at", merge_at,
              "--gossip-timeout", str(gossip_timeout),
              *(["--independent-init"] if independent_init else []),

@@ -305,7 +305,8 @@ def serve_metrics(peer, metrics: str | None) -> tuple[int | None, object]:
 
 def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None, *, numel: int,
              compute_s: float, codec: int | None, data_port: int, dead_after: float,
-             metrics: str | None = "127.0.0.1:0", allowlist: list[bytes] | None = None,
+             aggregate: str = "mean", metrics: str | None = "127.0.0.1:0",
+             allowlist: list[bytes] | None = None,
              join_timeout: float | None = 60.0, advertise: str | None = None,
              join_cmd: Callable[[str, str], str] = lambda i, c: "") -> None:
     """One peer running the built-in synthetic task through the Python API,
@@ -322,7 +323,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
-                     timeouts=Timeouts.for_dead_after(dead_after),
+                     timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
                      advertise=resolve_advertise(listen, advertise, join))
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     lock_data_dir(data_dir)

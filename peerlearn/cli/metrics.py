@@ -85,6 +85,7 @@ def snapshot(d) -> dict:
             "status_rate": d.status_refused,
             "state_request": d.transfers.refused,
             "nonfinite_round": d.nonfinite_rounds,
+            "nonfinite_contribution": d.refused_contributions,
             "bad_state": d.bad_states,
             "poisoner_excluded": d.core.exclusions,
             "gossip_poisoned": d.stats.gossip_poisoned,

@@ -74,6 +74,7 @@ def check_schedule(task, steps: int) -> None:
 def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | None, *,
                  algo: str, task_spec: str | None, task_args: dict, hyper, steps: int,
                  shard: str, seed: int, codec: int | None, data_port: int, dead_after: float,
+                 aggregate: str = "mean",
                  metrics: str | None, allowlist: list[bytes] | None,
                  join_timeout: float | None, progress_every: int, wait_peers: int = 0,
                  advertise: str | None = None,
@@ -105,7 +106,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     host, port = split_addr(listen)
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
-                     timeouts=Timeouts.for_dead_after(dead_after),
+                     timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
                      advertise=resolve_advertise(listen, advertise, join))
     lock_data_dir(data_dir)
     stop = threading.Event()

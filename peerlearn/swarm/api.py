@@ -307,8 +307,9 @@ class Peer:
             raise PeerError("one gossip at a time per peer")
         started = time.monotonic()
         try:
-            out = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
-                             codec=codec, block_size=block_size, timeout=timeout)
+            out, refused = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
+                                      codec=codec, block_size=block_size, timeout=timeout,
+                                      rule=self.daemon.cfg.aggregate)
         except GossipFailed as e:
             # Counted on the loop, which owns the daemon's counters.
             self._on_loop(self.daemon.stats.gossip_done, False, time.monotonic() - started,
@@ -316,7 +317,8 @@ class Peer:
             raise
         finally:
             self._gossip_lock.release()
-        self._on_loop(self.daemon.stats.gossip_done, True, time.monotonic() - started)
+        self._on_loop(self.daemon.stats.gossip_done, True, time.monotonic() - started,
+                      bool(refused))
         return unflatten(out)
 
     # ------------------------------------------------------------ plumbing

@@ -11,6 +11,7 @@ import torch
 
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.actions import Timeouts
+from peerlearn.swarm.aggregate import check_rule
 from peerlearn.transport.swarm_secret import check_secret
 
 
@@ -29,6 +30,10 @@ class PeerConfig:
     # The ring all-reduce runs this many lanes, one per connection by default
     # (see swarm.allreduce). Like codec, it must be the same at every peer.
     ring_lanes: int = 4
+    # How a round combines the contributions: "mean" (the ring all-reduce)
+    # or a robust rule of swarm.aggregate ("centered-clip", ...), which
+    # all-gathers them. Like codec, it must be the same at every peer.
+    aggregate: str = "mean"
     checkpoint_every: int = 10
     step_timeout: float = 30.0  # one all-reduce step may take this long
     allowlist: list[bytes] | None = None  # Ed25519 public keys admitted (raw 32 bytes)
@@ -48,6 +53,7 @@ class PeerConfig:
         if unspecified(host):
             raise ValueError(f"{host} names no machine to the other peers: advertise an "
                              "address they reach (advertise=HOST[:PORT])")
+        check_rule(self.aggregate)
         if not 1 <= self.ring_lanes <= self.n_conns:
             raise ValueError("ring_lanes must be between 1 and n_conns (one connection a lane)")
 

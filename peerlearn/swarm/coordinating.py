@@ -62,7 +62,11 @@ class Coordinating:
         oks = [d for d in r.done.values() if d.ok]
         if len(oks) == len(r.commit.participants):
             agree = len({d.result_hash for d in oks}) == 1
-            return self._finish(now, apply=agree)
+            # Honest participants compute one result (the ring copies each
+            # segment from its owner; a robust rule runs on the same rows):
+            # two hashes mean a member lied in its Done or fed the ring
+            # different bytes. Traced like a poisoned round (suspicion.py).
+            return self._finish(now, apply=agree, poisoned=not agree)
         return []
 
     def _lead(self, now: float) -> list:

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from peerlearn.swarm.aggregate import aggregate
 from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, PeerLinks
 from peerlearn.swarm.errors import GossipFailed
 from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, StreamError
@@ -114,8 +115,16 @@ def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
 
 def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[str, str],
              tensor: torch.Tensor, round_: int, *, codec: int | None = None,
-             block_size: int = 64, timeout: float = 30.0) -> torch.Tensor:
-    """Averages tensor (flat fp32, only read) over group; returns a new tensor.
+             block_size: int = 64, timeout: float = 30.0,
+             rule: str = "mean") -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Averages tensor (flat fp32, only read) over group; returns a new tensor
+    and the partners whose values were left out (see `rule`).
+
+    rule: "mean", or a robust rule of swarm.aggregate applied to the group's
+    values in sorted-id order (the same rows at every member, so the same
+    bits). With a robust rule and three or more members, a partner's NaN is
+    left out and its 1e30 clipped, instead of failing the exchange; a pair
+    cannot outvote anyone, so pairs keep the refusals below.
 
     Sends to every other member and receives from each at the same time (the
     sends on helper threads): first the round header, then the tensor. Raises
@@ -127,7 +136,8 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
         raise ValueError("gossip round out of range")
     others = [p for p in group if p != me]
     if not others:
-        return tensor.clone()
+        return tensor.clone(), ()
+    robust = rule != "mean" and len(group) >= 3
     if codec is not None and DEFAULT_CHUNK_ELEMS % block_size:
         raise ValueError("block_size must divide the stream chunk size")
     op = GOSSIP_OP | round_
@@ -170,7 +180,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
             values[peer] = torch.empty_like(tensor)
             links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
                             timeout=max(0.1, deadline - time.monotonic()))
-            why = refused_value(values[peer], mine)
+            why = None if robust else refused_value(values[peer], mine)
             if why is not None:
                 poisoned_by = peer
                 raise GossipFailed(f"{peer}'s values {why}: refused", poisoned_by=peer)
@@ -184,7 +194,10 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     if errors:
         raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}",
                            rounds=rounds, poisoned_by=poisoned_by) from errors[0]
+    if rule != "mean":
+        got = aggregate(torch.stack([values[p] for p in group]), rule)
+        return got.value, tuple(group[i] for i in got.refused)
     out = torch.zeros_like(tensor)
     for p in group:  # sorted: the same additions in the same order everywhere
         out.add_(values[p])
-    return out.div_(len(group))
+    return out.div_(len(group)), ()

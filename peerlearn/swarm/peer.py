@@ -36,7 +36,8 @@ from peerlearn.state.atomic import write_atomic
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm import rounds as r
-from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
+from peerlearn.swarm.allreduce import AllReduceAborted
+from peerlearn.swarm.collective import poisoned_mean, run_collective
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.datalinks import PeerLinks
 from peerlearn.swarm.errors import (
@@ -73,11 +74,6 @@ STALL_FIRST_S = 60.0
 # How long a stopping peer waits for a member that stays to answer its Leave
 # (one answer lets it leave the view for good, so the quorum shrinks).
 LEAVE_ANSWER_S = 1.0
-# A round's mean may be at most this many times larger (max |x|) than this
-# peer's own contribution. Honest means are at most the largest contribution:
-# weighted ones (tokens) differ by the peers' token counts, so the margin is
-# wide; it is there for 1e30, not for subtle shifts (docs/swarm.md).
-MEAN_GROWTH_LIMIT = 1e4
 
 
 class PeerDaemon:
@@ -133,6 +129,7 @@ class PeerDaemon:
         self._stall_logged: tuple[str | None, float] = (None, 0.0)
         self.loop_errors = 0
         self.nonfinite_rounds = 0
+        self.refused_contributions = 0  # rows a robust rule left out as not finite
         self.bad_states = 0  # fetched states refused (hash mismatch or not finite)
         self.status_replies = TokenBucket(STATUS_REPLIES_PER_S, STATUS_REPLY_BURST)
         self.status_refused = 0
@@ -403,8 +400,9 @@ class PeerDaemon:
                 sub = self.submission
                 if sub is not None:  # the round's apply and result belong to it, whatever
                     self.round_subs[a.round_id] = sub  # leads by the time it applies
-                fut = self.loop.run_in_executor(None, self._collective, a,
-                                                None if sub is None else sub.tensor)
+                fut = self.loop.run_in_executor(
+                    None, run_collective, self.links, self.cfg, self.id, a,
+                    None if sub is None else sub.tensor, self.inflight_links)
                 fut.add_done_callback(lambda f, t=started: self.stats.durations.observe(
                     "all_reduce", time.monotonic() - t))
                 fut.add_done_callback(lambda f, a=a: self._collective_done(a, f))
@@ -509,30 +507,11 @@ class PeerDaemon:
         self._dispatch(self.core.local_ready(time.monotonic(), self.state.step,
                                              self.state.state_hash()))
 
-    def _collective(self, a: r.StartCollective, update: torch.Tensor | None) -> torch.Tensor:
-        """Worker thread: my contribution, all-reduced among a.participants (ring order)."""
-        if update is None:  # withdrawn after our Ready went out: fail the round
-            raise AllReduceAborted("no contribution: the caller withdrew it",
-                                   rank=a.participants.index(self.id), phase="contribute",
-                                   step=0, direction=None, cause=None)
-        n, rank = len(a.participants), a.participants.index(self.id)
-        if n == 1:
-            return update
-        succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
-        addr = {p.id: p.data for p in a.members}
-        send = self.links.outgoing(succ, addr[succ], timeout=self.cfg.step_timeout)
-        recv = self.links.incoming(pred, timeout=self.cfg.step_timeout)
-        self.inflight_links[a.round_id] = [send, recv]
-        codec = None if self.cfg.codec is None else CodecSpec(self.cfg.codec, self.cfg.block_size)
-        return ring_allreduce(update, rank=rank, world=n, send_link=send, recv_link=recv,
-                              op_tag=a.round_id, average=True, codec=codec,
-                              timeout=self.cfg.step_timeout, lanes=self.cfg.ring_lanes)
-
     def _collective_done(self, a: r.StartCollective, fut) -> None:
         self.busy = False
         self.inflight_links.pop(a.round_id, None)
         try:
-            result = fut.result()
+            outcome = fut.result()
         except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
             self.round_subs.pop(a.round_id, None)
             log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
@@ -543,6 +522,14 @@ class PeerDaemon:
             self.round_subs.pop(a.round_id, None)
             self._retry("superseded")  # decided (aborted) while we were still at it
             return
+        result = outcome.value
+        for culprit in outcome.refused:
+            # The robust rule left its NaN row out; the coordinator (if it is
+            # us) shuts the sender out as it does a traced poisoner.
+            self.refused_contributions += 1
+            log.warning("%s round %d: %s contributed non-finite values; left out",
+                        self.id[:8], a.round_id, culprit[:8])
+            self.core.contribution_refused(culprit, time.monotonic())
         why = poisoned_mean(result, self.round_subs.get(a.round_id))
         if why is not None:
             # A member contributed NaN, inf or a huge update: the round fails
@@ -688,25 +675,6 @@ class PeerDaemon:
                 role = "lost" if member else "dead"
             rows.append((pid, info.control, info.data, role, step, h, alive))
         return tuple(rows)
-
-
-def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
-    """Why a round's mean must not be applied, or None: not finite, or larger
-    than MEAN_GROWTH_LIMIT times this peer's own contribution (an honest mean
-    is at most the largest contribution; one member's 1e30 would otherwise be
-    applied, and every later round refused as non-finite: training over)."""
-    if not bool(torch.isfinite(mean).all()):
-        return "is not finite"
-    own = None if sub is None or sub.tensor is None else sub.tensor
-    if own is not None and own.numel() == mean.numel():
-        # max |x| as a reduction: abs() would copy the whole model on the loop
-        own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0
-        mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) \
-            if mean.numel() else 0.0
-        if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
-            return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
-                    f"(limit {MEAN_GROWTH_LIMIT:g})")
-    return None
 
 
 def _apply_on(state: SharedState, sub: Submission | None, result: torch.Tensor,

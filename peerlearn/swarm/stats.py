@@ -56,13 +56,14 @@ class PeerStats:
         self.retries[reason] += 1
 
     def gossip_done(self, ok: bool, seconds: float, poisoned: bool = False) -> None:
-        """poisoned: failed because a partner's values were refused."""
+        """poisoned: a partner's values were refused (the exchange failed), or
+        left out by a robust rule (it went on without them)."""
         self.durations.observe("gossip", seconds)
         if ok:
             self.gossips += 1
         else:
             self.gossip_failures += 1
-            self.gossip_poisoned += poisoned
+        self.gossip_poisoned += poisoned
 
     def checkpoint_done(self, ok: bool, seconds: float) -> None:
         if ok:

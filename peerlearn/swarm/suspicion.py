@@ -30,6 +30,14 @@ EXCLUDE_MAX_S = 3600.0
 class Suspecting:
     """Suspects of poisoned rounds and excluded peers; see rounds.py for the state."""
 
+    def contribution_refused(self, peer: str, now: float) -> None:
+        """A robust rule saw `peer`'s own contribution not finite (every
+        participant sees every row, so no search is needed): shut it out as a
+        traced poisoner. Only a coordinator's exclusions change rounds."""
+        if peer != self.me.id:
+            self.excluded.add(peer, now)
+            self.exclusions += 1
+
     def excluded_now(self, peer: str, now: float) -> bool:
         return self.excluded.active(peer, now)
 

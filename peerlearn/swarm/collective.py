@@ -1,0 +1,92 @@
+"""One round's collective on a worker thread, and the checks on its result.
+
+With `aggregate="mean"` (the default) the round is the ring all-reduce:
+nobody sees another member's contribution, and the bytes are 2(N-1)/N of
+one contribution. With a robust rule (aggregate.py) the round all-gathers
+every contribution (allgather.py, N/2 times the bytes) and every participant
+applies the rule to the same rows: a member that sends 1e30, a sign flip or
+noise moves the result by a bounded amount, and a NaN row is left out and
+its sender named, so the coordinator can shut it out (suspicion.py).
+
+Thread: `run_collective` runs on a worker with buffers it was handed (the
+submission's tensor is only read); the loop gets back a `RoundResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peerlearn.swarm import aggregate as agg
+from peerlearn.swarm.actions import StartCollective
+from peerlearn.swarm.allgather import ring_allgather
+from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
+from peerlearn.swarm.config import PeerConfig, Submission
+from peerlearn.swarm.datalinks import PeerLinks
+
+# A round's mean may be at most this many times larger (max |x|) than this
+# peer's own contribution. Honest means are at most the largest contribution:
+# weighted ones (tokens) differ by the peers' token counts, so the margin is
+# wide; it is there for 1e30, not for subtle shifts (docs/swarm.md).
+MEAN_GROWTH_LIMIT = 1e4
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """value: the round's aggregate (the caller owns it); refused: the
+    participants whose contributions the robust rule left out as not finite
+    (always empty for the mean, whose ring sees no single contribution)."""
+
+    value: torch.Tensor
+    refused: tuple[str, ...] = ()
+
+
+def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
+                   update: torch.Tensor | None, inflight: dict[int, list]) -> RoundResult:
+    """My contribution, aggregated among a.participants (ring order).
+
+    inflight[a.round_id] gets the links in use, so the loop can abort them.
+    Raises AllReduceAborted (or the link's StreamError/TimeoutError/OSError).
+    """
+    if update is None:  # withdrawn after our Ready went out: fail the round
+        raise AllReduceAborted("no contribution: the caller withdrew it",
+                               rank=a.participants.index(me), phase="contribute",
+                               step=0, direction=None, cause=None)
+    n, rank = len(a.participants), a.participants.index(me)
+    if n == 1:
+        return RoundResult(update)
+    succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
+    addr = {p.id: p.data for p in a.members}
+    send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)
+    recv = links.incoming(pred, timeout=cfg.step_timeout)
+    inflight[a.round_id] = [send, recv]
+    codec = None if cfg.codec is None else CodecSpec(cfg.codec, cfg.block_size)
+    if cfg.aggregate == "mean":
+        return RoundResult(ring_allreduce(
+            update, rank=rank, world=n, send_link=send, recv_link=recv, op_tag=a.round_id,
+            average=True, codec=codec, timeout=cfg.step_timeout, lanes=cfg.ring_lanes))
+    rows = ring_allgather(update, rank=rank, world=n, send_link=send, recv_link=recv,
+                          op_tag=a.round_id, codec=codec, timeout=cfg.step_timeout)
+    out = agg.aggregate(rows, cfg.aggregate)
+    return RoundResult(out.value, tuple(a.participants[i] for i in out.refused))
+
+
+def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
+    """Why a round's result must not be applied, or None: not finite, or
+    larger than MEAN_GROWTH_LIMIT times this peer's own contribution (an
+    honest mean is at most the largest contribution; one member's 1e30 would
+    otherwise be applied, and every later round refused as non-finite:
+    training over)."""
+    if not bool(torch.isfinite(mean).all()):
+        return "is not finite"
+    own = None if sub is None or sub.tensor is None else sub.tensor
+    if own is not None and own.numel() == mean.numel():
+        # max |x| as a reduction: abs() would copy the whole model on the loop
+        own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0
+        mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) \
+            if mean.numel() else 0.0
+        if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
+            return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
+                    f"(limit {MEAN_GROWTH_LIMIT:g})")
+    return None

@@ -1,0 +1,111 @@
+"""Rounds with a robust aggregation rule (`PeerConfig.aggregate`): real peers
+on loopback, one of them dishonest. The honest peers apply every round, hold
+byte-identical states, and the dishonest contribution moves the result by at
+most about the honest spread; a NaN contribution is left out and its sender
+shut out."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from peerlearn.swarm.aggregate import aggregate
+from peerlearn.swarm.api import Peer
+from peerlearn.swarm.errors import CollectiveTimeout, StateReplaced
+from peerlearn.swarm.peer import PeerConfig
+from tests.test_api import FAST, SECRET, add_mean, initial, run_all, same_state, \
+    wait_joiners_reported
+
+N = 5000
+
+
+@pytest.fixture
+def robust_swarm(tmp_path):
+    peers: list[Peer] = []
+
+    def make(n: int, rule: str) -> list[Peer]:
+        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST, aggregate=rule),
+                     initial).start()
+        peers.append(first)
+        for i in range(1, n):
+            peers.append(Peer(PeerConfig(tmp_path / f"p{i}", SECRET, timeouts=FAST,
+                                         aggregate=rule, join=first.control_address)
+                              ).start(timeout=20))
+        for p in peers:
+            p.sync_state(timeout=20)
+        wait_joiners_reported(first, peers[1:])
+        return peers
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+def honest(i: int) -> dict:
+    gen = torch.Generator().manual_seed(77)
+    base = torch.randn(N, generator=gen)
+    gen.manual_seed(i)
+    return {"w": base + 0.1 * torch.randn(N, generator=gen),
+            "m": torch.zeros(3, 7, dtype=torch.bfloat16)}
+
+
+def until_applied(p: Peer, contrib: dict, timeout: float = 40) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return p.all_reduce(contrib, apply=add_mean, timeout=deadline - time.monotonic())
+        except StateReplaced:
+            continue
+
+
+@pytest.mark.parametrize("attack", ["scale", "sign-flip"])
+def test_centered_clip_bounds_a_huge_or_flipped_contribution(robust_swarm, attack):
+    peers = robust_swarm(4, "centered-clip")
+    rows = torch.stack([honest(i)["w"] for i in range(3)])
+    spread = float((rows - rows.mean(0)).norm(dim=1).max())
+
+    def bad(c: dict) -> dict:
+        return {"w": c["w"] * (1e30 if attack == "scale" else -10.0), "m": c["m"]}
+
+    results = run_all(peers, lambda i, p: until_applied(p, bad(honest(i)) if i == 3
+                                                        else honest(i)))
+    got = [results[i]["w"] for i in range(4)]
+    assert all(torch.equal(got[0], g) for g in got[1:])  # every peer, the attacker too
+    assert float((got[0] - rows.mean(0)).norm()) < spread
+    same_state(peers)
+    assert all(bool(torch.isfinite(p.state.tensors["w"]).all()) for p in peers)
+
+
+def test_a_nan_contribution_is_left_out_and_its_sender_shut_out(robust_swarm):
+    peers = robust_swarm(4, "centered-clip")
+    nan = {"w": torch.full((N,), math.nan), "m": torch.zeros(3, 7, dtype=torch.bfloat16)}
+
+    def one(i, p):
+        if i != 3:
+            return until_applied(p, honest(i))
+        return p.all_reduce(nan, apply=add_mean, timeout=20)
+
+    results = run_all(peers, one)
+    # exactly the rule over the honest rows, in ring (participant id) order
+    ring = sorted(range(3), key=lambda i: peers[i].id)
+    want = aggregate(torch.stack([honest(i)["w"] for i in ring]), "centered-clip").value
+    assert torch.equal(results[0]["w"], want)
+    assert all(p.daemon.refused_contributions == 1 for p in peers[:3])
+    coordinator = min(peers, key=lambda p: p.id)
+    assert coordinator.daemon.core.exclusions >= 1 or coordinator is peers[3]
+    same_state(peers)
+    if coordinator is not peers[3]:
+        # Shut out for a cooldown: the honest three apply rounds without it.
+        def again(i, p):
+            if i != 3:
+                return until_applied(p, honest(i))
+            with pytest.raises((CollectiveTimeout, StateReplaced)):
+                p.all_reduce(honest(3), apply=add_mean, timeout=4)
+            return None
+
+        after = run_all(peers, again)
+        assert torch.equal(after[0]["w"], after[1]["w"])
+        assert torch.equal(after[0]["w"], want)
