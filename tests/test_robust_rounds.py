@@ -109,3 +109,27 @@ def test_a_nan_contribution_is_left_out_and_its_sender_shut_out(robust_swarm):
         after = run_all(peers, again)
         assert torch.equal(after[0]["w"], after[1]["w"])
         assert torch.equal(after[0]["w"], want)
+
+
+def test_robust_gossip_in_a_group_of_three_clips_a_huge_partner(robust_swarm):
+    """Gossip with a robust rule: the group's values in sorted-id order go
+    through the rule at every member (the same bits everywhere); a partner's
+    1e30 is clipped and its NaN left out and counted, where the mean would
+    fail the exchange."""
+    peers = robust_swarm(3, "centered-clip")
+    run_all(peers, lambda i, p: until_applied(p, honest(i)))  # all three in the view
+    assert all(len(p.live_members()) == 3 for p in peers)
+    rows = torch.stack([honest(i)["w"] for i in range(3)])
+    spread = float((rows - rows.mean(0)).norm(dim=1).max())
+    for k, scale in enumerate((1e30, math.nan)):
+        def one(i, p, k=k, scale=scale):
+            w = honest(i)["w"] * (scale if i == 2 else 1.0)
+            return p.gossip({"w": w}, round_=k, group_size=3, timeout=20)["w"]
+
+        got = run_all(peers, one)
+        assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+        assert float((got[0] - rows[:2].mean(0)).norm()) < spread
+    deadline = time.monotonic() + 5
+    while not all(p.daemon.stats.gossip_poisoned == 1 for p in peers):
+        assert time.monotonic() < deadline, [p.daemon.stats.gossip_poisoned for p in peers]
+        time.sleep(0.05)
