@@ -16,6 +16,9 @@ answer (the whole swarm stopping at once) keeps its place, so a restart of
 the swarm resumes as before; a killed peer keeps its place too (it may come
 back), and a swarm that lost a majority of its voters waits and says so.
 
+`departed_peers` (who left for good -> the last round id it knew) is
+bounded: see `_bound_departed`.
+
 RoundCore (rounds.py) mixes this in; the state is RoundCore's.
 """
 
@@ -23,6 +26,10 @@ from __future__ import annotations
 
 from peerlearn.swarm.actions import Send, ViewChanged
 from peerlearn.wire import control as m
+
+# Departures remembered at most: as many as a view can hold, so honest
+# departures between two applied rounds (each a member leaving) never reach it.
+MAX_DEPARTED = m.MAX_MEMBERS
 
 
 class Departing:
@@ -87,8 +94,10 @@ class Departing:
             # It recorded that it left: it never votes in this view again, so
             # the view (and with it the quorum) shrinks now. The driver writes
             # the smaller view to our record: a restart must not count it.
+            self.departed_peers.pop(sender, None)  # to the end: the newest departure
             self.departed_peers[sender] = msg.round_id
             del self.members[sender]
+            self._bound_departed()
             return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
         if not msg.departed and sender in self.members and not self.leaving and \
                 self.me.id in self.voters():
@@ -99,3 +108,42 @@ class Departing:
         if self.leaving and sender in self.voters():
             self.stayers.add(sender)
         return []
+
+    def _bound_departed(self) -> None:
+        """Keep departed_peers small. It grows here only, by one per member
+        that leaves for good, so it is bounded here.
+
+        What an entry does: a departed peer p is out of `members` from its
+        Leave on, and the entry only matters if p re-enters `members` without
+        coming back: through a round committed before its Leave and applied
+        after (_settle drops p from a round whose id is at most the entry), or
+        a Welcome's view naming it (voters() leaves it out). Both need a round
+        id at most the entry applied or taken here, while round ids applied
+        here only grow and a Welcome must be newer than our epoch: so once
+        the entry is below our epoch and p is out of the view, a view naming
+        p comes from a round p really took part in after leaving (it came
+        back, as a restarted peer does), and the entry is inert: dropped.
+
+        Past MAX_DEPARTED the oldest departures go, those outside the view
+        first. Dropping any entry is safe for the quorum rule: at worst p
+        counts as a voter again, and a departed peer never votes (its own
+        heartbeats and Readies say departed until it applies a round), so a
+        quorum is still a strict majority of a superset of the peers that
+        vote, and two such majorities still share a voting peer (departing
+        can only shrink the voters, which is what needs care). What it costs
+        is liveness: a dead p counted again makes the quorum larger, and a
+        small swarm may wait for it. That takes a round committed before p
+        left applied here after MAX_DEPARTED later departures and before any
+        later round: more members leaving than a view holds, in one round's
+        time. A member that lies in its Leave (a round id past every round)
+        keeps its own entry forever, one per identity that entered the view
+        through a round, until later departures push it out.
+        """
+        for p in [p for p, r in self.departed_peers.items()
+                  if r < self.epoch and p not in self.members]:
+            del self.departed_peers[p]
+        excess = len(self.departed_peers) - MAX_DEPARTED
+        if excess > 0:
+            # sorted() is stable: oldest first (insertion order) within each group.
+            for p in sorted(self.departed_peers, key=lambda q: q in self.members)[:excess]:
+                del self.departed_peers[p]

@@ -50,11 +50,11 @@ from peerlearn.swarm.actions import (  # noqa: F401
     ViewChanged,
 )
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
-from peerlearn.swarm.departing import Departing
+from peerlearn.swarm.departing import MAX_DEPARTED, Departing  # noqa: F401
 from peerlearn.swarm.cooldown import Cooldowns
 from peerlearn.swarm.distrust import DISTRUST_FIRST_S, DISTRUST_MAX_S, Distrusting
 from peerlearn.swarm.suspicion import EXCLUDE_FIRST_S, EXCLUDE_MAX_S, Suspecting
-from peerlearn.swarm.welcoming import MAX_EPOCH_JUMP, Welcoming  # noqa: F401
+from peerlearn.swarm.welcoming import MAX_EPOCH_JUMP, MAX_KNOWN, Welcoming  # noqa: F401
 from peerlearn.swarm.settling import Settling
 from peerlearn.wire import control as m
 
@@ -97,6 +97,11 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         # round for an older step, whatever checkpoint it restarted from.
         self.floor = 0
         self.floor_hash: bytes | None = None  # the state hash at that step
+        # Per-peer tables: their keys are in `seen` (id -> when last heard or
+        # named), which holds at most MAX_KNOWN ids outside the view (welcoming.py).
+        self.seen: dict[str, float] = {}
+        self.swept_at = -1e18
+        self.refused_unknown = 0  # messages and names of new ids refused: the table was full
         self.last_heard: dict[str, float] = {}
         self.left: set[str] = set()
         self.beats: dict[str, m.Heartbeat] = {}
@@ -268,6 +273,9 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
     def receive(self, now: float, sender: str, msg) -> list:
         """One validated message from an authenticated sender."""
         if sender != self.me.id:
+            if not self._admit(sender, now):
+                return []  # a new id while the table is full: counted, not read
+            self.seen[sender] = now
             self.last_heard[sender] = now
             self.left.discard(sender)
         if self.leaving and not isinstance(msg, m.Staying):
@@ -340,14 +348,6 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
             out.append(Send(coord, self.my_done))
         return out
 
-    def _forget_long_gone(self, now: float) -> None:
-        gone = [p for p, t in self.last_heard.items()
-                if p not in self.members and now - t > 10 * self.t.dead_after]
-        for p in gone:
-            for d in (self.last_heard, self.known, self.beats, self.beat_at, self.readies):
-                d.pop(p, None)
-            self.left.discard(p)
-
     # ---------------------------------------------------------- handlers
 
     def _on_heartbeat(self, now, sender, msg: m.Heartbeat) -> list:
@@ -419,7 +419,8 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         self.max_round_id = max(self.max_round_id, msg.round_id)
         self.term = max(self.term, msg.term)
         for p in msg.members:
-            self.known.setdefault(p.id, p)
+            if self._admit(p.id, now):  # else known again from its view, if it applies
+                self.known.setdefault(p.id, p)
         self.committer = sender
         self.observed_at = now
         if self.me.id not in msg.participants:

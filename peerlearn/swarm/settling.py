@@ -107,10 +107,14 @@ class Settling:
             self.aborted = max(self.aborted, round_id)
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
-        # A participant that left for good after this round was committed
-        # (its Leave came first) does not come back with it.
-        self.members = {p.id: p for p in c.members
-                        if c.round_id > self.departed_peers.get(p.id, -1)}
+        # The view is the round's participants: a Commit naming others (a
+        # coordinator holding the secret lying) would put ids nobody runs in
+        # every view, and the quorum out of reach for good. A participant that
+        # left for good after this round was committed (its Leave came first)
+        # does not come back with it.
+        took_part = set(c.participants)
+        self.members = {p.id: p for p in c.members if p.id in took_part
+                        and c.round_id > self.departed_peers.get(p.id, -1)}
         if self.me.id in self.members:
             self.departed = False  # back in a view through a round: my vote counts again
         self.waited_once -= set(self.members)  # one that leaves and comes back: waited for again
@@ -119,8 +123,13 @@ class Settling:
         # this round may not have heartbeated us yet, and the next round must
         # wait for it rather than go ahead without a member it never heard.
         for p in c.participants:
-            if p != self.me.id:
+            if p != self.me.id and self._admit(p, now):
                 self.last_heard[p] = max(now, self.last_heard.get(p, now))
+                self.seen[p] = max(now, self.seen.get(p, now))
+        for p in self.members.values():
+            # A member's address: the Commit's names were refused if the table was full.
+            self._admit(p.id, now)
+            self.known.setdefault(p.id, p)
         out: list = [ViewChanged(self.epoch, c.participants)]
         if mine:
             # step and state_hash move together, in result_applied: the driver

@@ -1,10 +1,27 @@
-"""Taking a view from a Welcome (sans-IO, part of RoundCore).
+"""Taking a view from a Welcome, and which peers we keep track of (sans-IO,
+part of RoundCore).
 
 A joiner takes the view of the member it asked. A member whose view is out
 of date (a member's heartbeat shows later rounds) asks that member and takes
 its answer only under the rules below: an attacker holding the secret must
 not be able to widen our view with ids nobody runs, move our round ids to the
 end of their space, or name itself the whole swarm.
+
+Every id a message names costs entries in the per-peer tables (known,
+last_heard, beats, beat_at, readies, left) and a heartbeat from us each
+period, and a member holding the secret mints ids at will (a Join or a
+heartbeat each). So an id is admitted once, into `seen` (the registry the
+tables' keys come from: id -> when last heard or named), and once `seen`
+holds MAX_KNOWN ids besides the view's a new one outside the view is refused
+and counted (`refused_unknown`), its message dropped unread. Ids outside
+the view go after 10 x dead_after of silence, or after dead_after (dead to
+the detector) while the table is full, so a burst of ids that then fall
+silent shuts newcomers out for dead_after, not ten times that; ids kept
+alive hold their places, and newcomers wait (refusing them, rather than
+evicting live ones, keeps a joiner in the middle of its sync from being
+pushed out by a flood). View members are never dropped nor refused: the
+quorum and the coordinator are theirs, and a view holds at most
+m.MAX_MEMBERS of them.
 
 RoundCore (rounds.py) mixes this in; the state is RoundCore's.
 """
@@ -16,6 +33,10 @@ from peerlearn.swarm.coordinating import ROUND_ID_LIMIT
 from peerlearn.wire import control as m
 
 MAX_EPOCH_JUMP = 1 << 20  # rounds a Welcome may move our view on by at once
+# Ids outside the view the tables hold at most: joiners, peers that left it,
+# peers we heard of. Four times a large view (256); the wire's largest view
+# (m.MAX_MEMBERS) fits beside it, members being on top of this.
+MAX_KNOWN = 1024
 
 
 class Welcoming:
@@ -60,9 +81,10 @@ class Welcoming:
                 return []
             if msg.epoch > self.epoch and self.observed is None:
                 self.view_asked_of = None
-                for p in msg.members:
-                    self.known.setdefault(p.id, p)
                 self.members = {p.id: p for p in msg.members}
+                for p in msg.members:
+                    self._admit(p.id, now)  # a member: always
+                    self.known.setdefault(p.id, p)
                 self.epoch = msg.epoch
                 self.leading = None
                 return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
@@ -76,10 +98,11 @@ class Welcoming:
             # while we applied rounds): taking its view would forget ours, and
             # with it the coordinator our view's members follow.
             view, epoch = self.recorded_view, self.epoch
-        for p in msg.members + view:
-            self.known.setdefault(p.id, p)
-            self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
         self.members = {p.id: p for p in view}
+        for p in msg.members + view:
+            if self._admit(p.id, now):
+                self.known.setdefault(p.id, p)
+                self.last_heard.setdefault(p.id, now)  # presumed alive until proven silent
         self.join_target = None
         self.epoch = epoch
         # Every member must know us to send us heartbeats: the parity check
@@ -94,3 +117,57 @@ class Welcoming:
         others = [p.id for p in msg.members if p.id != sender and self.alive(p.id, now)
                   and p.id in self.beats and self.beats[p.id].epoch >= msg.epoch]
         return bool(others) and 2 * (len(others) + 1) > len(msg.members)
+
+    # ---------------------------------------------------------- the tables' bound
+
+    def _admit(self, peer: str, now: float) -> bool:
+        """May `peer` have entries in the per-peer tables? Yes if it has some
+        already, if it is a view member, or if we asked it for a view; else
+        only while `seen` holds fewer than MAX_KNOWN ids besides the view's
+        (checked in O(1) as a total of MAX_KNOWN + the view's size: a member
+        we never heard is not in `seen`, so its place may go to an outsider)."""
+        if peer in self.seen or peer == self.me.id:
+            return True
+        if peer not in self.members and peer not in (self.join_target, self.view_asked_of) \
+                and self._table_full():
+            self.refused_unknown += 1
+            return False
+        self.seen[peer] = now
+        return True
+
+    def _table_full(self) -> bool:
+        """MAX_KNOWN ids besides the view's (me aside: never in `seen`)."""
+        return len(self.seen) >= MAX_KNOWN + len(self.members) - (self.me.id in self.members)
+
+    def _pinned(self) -> set[str]:
+        """Ids kept however silent: the view, and whoever a round or a join
+        in progress here still names (a Commit is built from `known`)."""
+        keep = set(self.members) | {self.committer, self.acked_to, self.join_target,
+                                    self.view_asked_of}
+        if self.leading is not None:
+            keep.update(self.leading.propose.participants)
+        if self.observed is not None:
+            keep.update(self.observed.participants)
+        return keep
+
+    def _forget_long_gone(self, now: float) -> None:
+        """Drop every entry of ids outside the view silent for 10 x dead_after,
+        or dead_after when the table is full. Runs once a heartbeat period:
+        the sweep is linear in the table."""
+        if now - self.swept_at < self.t.heartbeat_every:
+            return
+        self.swept_at = now
+        # Members we never heard (a view taken from a Welcome or our record)
+        # start ageing once they are out of the view.
+        for p in self.known:
+            if p not in self.seen and p not in self.members and p != self.me.id:
+                self.seen[p] = now
+        horizon = self.t.dead_after if self._table_full() else 10 * self.t.dead_after
+        keep = self._pinned()
+        gone = [p for p, t in self.seen.items() if p not in keep and now - t > horizon]
+        for p in gone:
+            for d in (self.seen, self.last_heard, self.known, self.beats, self.beat_at,
+                      self.readies):
+                d.pop(p, None)
+            self.left.discard(p)
+            self.waited_once.discard(p)
