@@ -88,6 +88,7 @@ def snapshot(d) -> dict:
             "nonfinite_contribution": d.refused_contributions,
             "bad_state": d.bad_states,
             "poisoner_excluded": d.core.exclusions,
+            "unknown_peer": d.core.refused_unknown,
             "gossip_poisoned": d.stats.gossip_poisoned,
             "data_admission": listener.refused,
             "data_handshake_deadline": listener.deadlines,
