@@ -122,6 +122,8 @@ def snapshot(d) -> dict:
         },
         "durations": d.stats.durations.copy(),
         "checkpoint_seconds": d.stats.checkpoint_seconds.copy(),
+        "loop_lag": d.stats.loop_lag.copy(),
+        "loop_lag_max_seconds": d.stats.loop_lag_max,
     }
 
 
@@ -224,6 +226,12 @@ class PeerCollector:
                          "operation")
         yield _histogram("peerlearn_checkpoint_seconds", "Time to write a checkpoint.",
                          s["checkpoint_seconds"], None)
+        yield _histogram("peerlearn_loop_lag_seconds",
+                         "How late the daemon's 50 ms tick woke: time the event loop spent "
+                         "on other work (heartbeats wait as long).", s["loop_lag"], None)
+        yield GaugeMetricFamily("peerlearn_loop_lag_max_seconds",
+                                "The longest loop lag since the peer started.",
+                                value=s["loop_lag_max_seconds"])
 
     def _disk(self):
         from peerlearn.swarm.peer import CHECKPOINT_FILE

@@ -64,6 +64,7 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 STALL_LOG_EVERY_S = 30.0
+TICK_S = 0.05  # the core's clock tick
 # A stall is logged once no round applied for STALL_ROUNDS times the longest
 # of the last few round gaps, and never before STALL_FIRST_S: DiLoCo's rounds
 # come every H inner steps (tens of seconds on a busy machine, after a burst
@@ -231,10 +232,12 @@ class PeerDaemon:
                     if self.loop_errors <= 10 or self.loop_errors % 1000 == 0:
                         log.exception("%s tick failed (%d so far)", self.id[:8],
                                       self.loop_errors)
+                slept = time.monotonic()
                 try:
-                    await asyncio.wait_for(stop.wait(), 0.05)
+                    await asyncio.wait_for(stop.wait(), TICK_S)
                 except TimeoutError:
-                    pass
+                    # The loop-lag probe: how much later than asked we woke.
+                    self.stats.tick_late(max(0.0, time.monotonic() - slept - TICK_S))
         finally:
             await self._say_goodbye()
             self.closing = True  # from here on, timers and worker callbacks do nothing

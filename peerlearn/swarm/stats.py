@@ -12,6 +12,9 @@ import time
 # model over a slow link: the last finite bucket is an hour.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0, 600.0, 1800.0, 3600.0)
+# How late the daemon's 50 ms tick wakes: work on the loop (a hash, a copy of
+# the state) shows up here; heartbeats wait as long.
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Timed operations: the label values of peerlearn_collective_seconds (a fixed set).
 OPERATIONS = ("all_reduce", "gossip", "state_sync")
 # Why a contribution went into another round (peerlearn_round_retries_total).
@@ -51,6 +54,12 @@ class PeerStats:
         self.checkpoint_failures = 0
         self.checkpoint_seconds = Durations(("checkpoint",), DURATION_BUCKETS)
         self.checkpoint_at: float | None = None  # wall clock (time.time) of the last one
+        self.loop_lag = Durations(("loop_lag",), LAG_BUCKETS)
+        self.loop_lag_max = 0.0  # the longest since start, seconds
+
+    def tick_late(self, seconds: float) -> None:
+        self.loop_lag.observe("loop_lag", seconds)
+        self.loop_lag_max = max(self.loop_lag_max, seconds)
 
     def retried(self, reason: str) -> None:
         self.retries[reason] += 1
