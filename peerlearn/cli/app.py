@@ -134,6 +134,32 @@ def bench_allreduce(
                         gloo=gloo), as_json)
 
 
+@bench.command("statesize")
+def bench_statesize(
+    sizes: str = typer.Option(
+        "64M,512M,2G", help="State sizes in bytes of fp32 (K, M, G: binary), comma-separated."),
+    duration: float = typer.Option(120.0, help="Seconds of steady rounds measured per size."),
+    compute_s: float = typer.Option(
+        0.5, help="Synthetic compute per round (left out of the round time)."),
+    join: bool = typer.Option(True, "--join/--no-join",
+                              help="Then time a 4th peer joining the running swarm."),
+    mem_floor: float = typer.Option(
+        2.0, help="GiB of MemAvailable below which every peer is killed at once."),
+    logs: Optional[str] = typer.Option(None, help="Copy every peer's log into this directory."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
+) -> None:
+    """3 synthetic peers per state size: round time beside the ring bound, loop stalls,
+    peak RSS, checkpoint and join times."""
+    from peerlearn.bench import statesize
+
+    try:
+        size_list = statesize.parse_sizes(sizes)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--sizes") from None
+    _emit(statesize.run(size_list, duration=duration, compute_s=compute_s, join=join,
+                        mem_floor_gib=mem_floor, logs_dir=logs), as_json)
+
+
 # The deployment files' metrics port (peerlearn.cli.metrics.DEFAULT_PORT, kept
 # equal by a test; spelled out so `--help` does not import prometheus_client).
 DEFAULT_METRICS_PORT = 9400
