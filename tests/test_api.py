@@ -436,6 +436,7 @@ def test_a_member_announcing_a_poisoned_state_is_distrusted_and_rounds_go_on(swa
         d.state.step += 1000
         h = d.state.state_hash()
         d.core.step, d.core.state_hash = d.state.step, h
+        d.keeper.step, d.keeper.digest = d.state.step, h  # the state's owner believes it too
     liar._on_loop(poison)
     start = max(p.step for p in honest)
     results = run_all(honest, lambda i, p: [applied_eventually(p, contribution(i, k), 60)

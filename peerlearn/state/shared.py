@@ -5,6 +5,13 @@ by name; the step is part of the state. The state hash covers the step and,
 in name order, each tensor's name, dtype, shape and bytes, so two peers with
 equal hashes hold identical state (up to a 64-bit collision, which bit-parity
 checks accept). Tensors are CPU and contiguous; the state owns them.
+
+Hashing costs a pass over every byte (about 1 s for 8 GB), so each tensor's
+hash is kept with its version counter (torch bumps it on every in-place
+write through torch) and recomputed only when that moved: a state hashed
+again without a change costs nothing, and a drift written through torch is
+still seen. Writes that bypass torch (raw pointers, the buffer protocol)
+must call `invalidate()`; the daemon does after every apply.
 """
 
 from __future__ import annotations
@@ -35,6 +42,20 @@ class SharedState:
     def __init__(self, step: int = 0):
         self.step = step
         self.tensors: dict[str, torch.Tensor] = {}
+        self._hashes: dict[str, tuple[tuple[int, int, int], int]] = {}  # name -> (key, xxh64)
+
+    def invalidate(self) -> None:
+        """Forget the kept tensor hashes: the next hash reads every byte."""
+        self._hashes.clear()
+
+    def _tensor_hash(self, name: str, t: torch.Tensor) -> int:
+        key = (t._version, t.data_ptr(), t.numel())
+        kept = self._hashes.get(name)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        h = hash_tensor(t)
+        self._hashes[name] = (key, h)
+        return h
 
     def register(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Takes a tensor into the state (no copy if already CPU and contiguous)."""
@@ -48,7 +69,7 @@ class SharedState:
 
     def manifest(self) -> list[TensorEntry]:
         return [TensorEntry(n, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size(),
-                            hash_tensor(t)) for n, t in sorted(self.tensors.items())]
+                            self._tensor_hash(n, t)) for n, t in sorted(self.tensors.items())]
 
     def state_hash(self, manifest: list[TensorEntry] | None = None) -> bytes:
         """8 bytes identifying (step, every tensor's name, dtype, shape and bytes)."""

@@ -14,8 +14,9 @@ loop in a background thread; every method here is a thread-safe call into it
 and every failure is a peerlearn.swarm.errors exception.
 
 Ownership: tensors passed in are only read, and only until the call returns.
-`apply` callbacks run on the daemon's thread, between rounds, with the shared
-state that the daemon owns: they may mutate it (that is their job) but must be
+`apply` callbacks run on the daemon's state thread (swarm/keeper.py, the one
+thread that reads and writes the shared state's bytes), between rounds, with
+the shared state that the daemon owns: they may mutate it (that is their job) but must be
 deterministic, since every peer runs them on identical inputs and the swarm
 then compares hashes. `Peer.state` is the live object: read it only between
 your own calls, never concurrently with one.

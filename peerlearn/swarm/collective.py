@@ -9,7 +9,9 @@ noise moves the result by a bounded amount, and a NaN row is left out and
 its sender named, so the coordinator can shut it out (suspicion.py).
 
 Thread: `run_collective` runs on a worker with buffers it was handed (the
-submission's tensor is only read); the loop gets back a `RoundResult`.
+submission's tensor is only read); the loop gets back a `RoundResult` with
+the result already checked and hashed: nothing proportional to the model is
+left for the loop.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from peerlearn.swarm import aggregate as agg
 from peerlearn.swarm.actions import StartCollective
 from peerlearn.swarm.allgather import ring_allgather
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
-from peerlearn.swarm.config import PeerConfig, Submission
+from peerlearn.swarm.config import PeerConfig
 from peerlearn.swarm.datalinks import PeerLinks
+from peerlearn.wire.codecs import hash_tensor
 
 # A round's mean may be at most this many times larger (max |x|) than this
 # peer's own contribution. Honest means are at most the largest contribution:
@@ -36,10 +39,14 @@ MEAN_GROWTH_LIMIT = 1e4
 class RoundResult:
     """value: the round's aggregate (the caller owns it); refused: the
     participants whose contributions the robust rule left out as not finite
-    (always empty for the mean, whose ring sees no single contribution)."""
+    (always empty for the mean, whose ring sees no single contribution);
+    poisoned: why value must not be applied (`poisoned_mean`), or None;
+    digest: value's XXH64 for the Done (all three computed on the worker)."""
 
     value: torch.Tensor
     refused: tuple[str, ...] = ()
+    poisoned: str | None = None
+    digest: bytes = b""
 
 
 def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
@@ -53,9 +60,17 @@ def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollectiv
         raise AllReduceAborted("no contribution: the caller withdrew it",
                                rank=a.participants.index(me), phase="contribute",
                                step=0, direction=None, cause=None)
+    out = _aggregate(links, cfg, me, a, update, inflight)
+    why = poisoned_mean(out.value, update)
+    digest = b"" if why else hash_tensor(out.value).to_bytes(8, "little")  # native, no copy
+    return RoundResult(out.value, out.refused, why, digest)
+
+
+def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
+               update: torch.Tensor, inflight: dict[int, list]) -> RoundResult:
     n, rank = len(a.participants), a.participants.index(me)
     if n == 1:
-        return RoundResult(update)
+        return RoundResult(update.clone())  # the caller's buffer stays the caller's
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     addr = {p.id: p.data for p in a.members}
     send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)
@@ -72,7 +87,7 @@ def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollectiv
     return RoundResult(out.value, tuple(a.participants[i] for i in out.refused))
 
 
-def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
+def poisoned_mean(mean: torch.Tensor, own: torch.Tensor | None) -> str | None:
     """Why a round's result must not be applied, or None: not finite, or
     larger than MEAN_GROWTH_LIMIT times this peer's own contribution (an
     honest mean is at most the largest contribution; one member's 1e30 would
@@ -80,7 +95,6 @@ def poisoned_mean(mean: torch.Tensor, sub: Submission | None) -> str | None:
     training over)."""
     if not bool(torch.isfinite(mean).all()):
         return "is not finite"
-    own = None if sub is None or sub.tensor is None else sub.tensor
     if own is not None and own.numel() == mean.numel():
         # max |x| as a reduction: abs() would copy the whole model on the loop
         own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0

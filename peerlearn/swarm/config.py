@@ -97,9 +97,10 @@ class Submission:
     """One contribution waiting for a round.
 
     tensor: flat contiguous fp32, owned by the daemon until the future is
-    settled (it is only read). apply(state, mean) runs on the loop thread
-    when a round applies; it must be deterministic (every peer runs it on
-    identical inputs) and must not block for long (heartbeats wait on it).
+    settled (it is only read). apply(state, mean) runs on the daemon's state
+    thread (swarm/keeper.py) when a round applies; it must be deterministic
+    (every peer runs it on identical inputs). Heartbeats go on while it runs;
+    the next round's apply, a checkpoint and a donor's copy wait for it.
     The future gets the mean, or StateReplaced / PeerClosed.
     """
 

@@ -10,9 +10,11 @@ never be taken for this one's (they fail the receive instead).
 
 Threads: `StateTransfers` is owned by the daemon's loop. Pushes run on their
 own small pool (never the executor that runs rounds: a flood of requests
-cannot hold the swarm's rounds up), each reading only a snapshot; pulls run on
-the loop's default executor into fresh tensors, installed only after the whole
-state matches its hash.
+cannot hold the swarm's rounds up), each reading only the keeper's snapshot
+(one copy per state, made on the state thread, dropped after its last push);
+pulls run on the loop's default executor into fresh tensors, hashed and
+checked finite on the state thread, installed only after the whole state
+matches its hash. The loop reads no tensor bytes here.
 
 What a requester can make a donor spend is bounded: it is served only while
 its heartbeats show it behind us, one push at a time per requester,
@@ -62,8 +64,7 @@ class StateTransfers:
         """daemon: the PeerDaemon whose state, core, plane and links this uses (on its loop)."""
         self.d = daemon
         self.pool = ThreadPoolExecutor(MAX_PUSHES, thread_name_prefix="state-push")
-        self.pushes: dict[str, asyncio.Future] = {}  # requester -> its push
-        self._snap: tuple[int, bytes, tuple, dict[str, torch.Tensor]] | None = None
+        self.pushes: dict[str, asyncio.Task] = {}  # requester -> its push
         self._offers: dict[str, asyncio.Future] = {}
         self._transfer = secrets.randbelow(1 << 32)  # a restart does not reuse numbers
         self.refused = 0  # requests refused (not behind, already served, too many)
@@ -71,8 +72,8 @@ class StateTransfers:
     # ------------------------------------------------------------ donor
 
     def _refusal(self, requester: str, req: m.StateRequest) -> str | None:
-        d, st = self.d, self.d.state
-        if st is None or not d.core.synced or st.step < req.step or d.applying:
+        d, keeper = self.d, self.d.keeper
+        if keeper.state is None or not d.core.synced or keeper.step < req.step:
             return "no such state here"
         if not 0 <= req.part < req.parts:
             return "bad part"
@@ -98,43 +99,39 @@ class StateTransfers:
             log.debug("%s refused a state request from %s: %s", d.id[:8], requester[:8], why)
             d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash), to=peer.id)
             return
-        # A donor that has moved past the requested step offers what it holds
-        # now: a joiner chasing a swarm whose rounds are shorter than a state
-        # transfer would otherwise always arrive one step late.
-        step, digest, manifest, tensors = self._snapshot()
-        d.plane.send(peer.control, m.StateOffer(step, digest, req.part, req.parts, req.transfer,
-                                                manifest), to=peer.id)
-        share = [(i, tensors[e[0]]) for i, e in enumerate(manifest) if i % req.parts == req.part]
+        self.pushes[requester] = d.spawn(self._push(requester, peer, req))
 
-        def push() -> None:
-            link = d.links.outgoing(requester, peer.data, timeout=d.cfg.step_timeout,
-                                    channel=CHANNEL_STATE)
-            for i, t in share:
-                if t.numel():
-                    link.send(t.view(-1).view(torch.uint8), transfer_op(req.transfer, i),
-                              timeout=d.cfg.step_timeout)
+    async def _push(self, requester: str, peer: m.PeerInfo, req: m.StateRequest) -> None:
+        """One requester's share of the state, from the keeper's snapshot (a
+        copy made on the state thread, shared by every push of that state:
+        the next rounds may apply while pushes are on the wire). A donor that
+        has moved past the requested step offers what it holds now: a joiner
+        chasing a swarm whose rounds are shorter than a state transfer would
+        otherwise always arrive one step late."""
+        d = self.d
+        try:
+            step, digest, manifest, tensors = await d.keeper.snapshot()
+            try:
+                d.plane.send(peer.control, m.StateOffer(step, digest, req.part, req.parts,
+                                                        req.transfer, manifest), to=peer.id)
+                share = [(i, tensors[e[0]]) for i, e in enumerate(manifest)
+                         if i % req.parts == req.part]
 
-        fut = d.loop.run_in_executor(self.pool, push)
-        self.pushes[requester] = fut
-        fut.add_done_callback(lambda f: self._pushed(requester, f))
+                def push() -> None:
+                    link = d.links.outgoing(requester, peer.data, timeout=d.cfg.step_timeout,
+                                            channel=CHANNEL_STATE)
+                    for i, t in share:
+                        if t.numel():
+                            link.send(t.view(-1).view(torch.uint8), transfer_op(req.transfer, i),
+                                      timeout=d.cfg.step_timeout)
 
-    def _pushed(self, requester: str, fut: asyncio.Future) -> None:
-        self.pushes.pop(requester, None)
-        if not fut.cancelled() and fut.exception() is not None:
-            log.info("%s state push to %s failed: %s", self.d.id[:8], requester[:8],
-                     fut.exception())
-
-    def _snapshot(self):
-        """One copy of the state per (step, hash), shared by every push of it:
-        the loop may apply the next round while pushes are on the wire."""
-        st = self.d.state
-        manifest = st.manifest()
-        digest = st.state_hash(manifest)
-        if self._snap is None or self._snap[:2] != (st.step, digest):
-            wire = tuple((e.name, e.dtype, e.shape, e.hash) for e in manifest)
-            self._snap = (st.step, digest, wire,
-                          {k: t.clone() for k, t in st.tensors.items()})
-        return self._snap
+                await d.loop.run_in_executor(self.pool, push)
+            finally:
+                d.keeper.release_snapshot()
+        except (OSError, TimeoutError, PeerlearnError) as e:
+            log.info("%s state push to %s failed: %s", d.id[:8], requester[:8], e)
+        finally:
+            self.pushes.pop(requester, None)
 
     # ------------------------------------------------------------ requester
 
@@ -188,10 +185,9 @@ class StateTransfers:
                                        for i, x in enumerate(donors)])
             except Exception as e:  # noqa: BLE001 - a stream or timeout error of any kind
                 raise SyncFailed(f"transfer failed: {e}") from e
-            if state.state_hash() != first.state_hash:
+            digest, bad = await d.keeper.verify(state)  # read on the state thread
+            if digest != first.state_hash:
                 raise BadState("fetched state does not match its hash")
-            bad = next((n for n, t in state.tensors.items() if t.is_floating_point()
-                        and not bool(torch.isfinite(t).all())), None)
             if bad is not None:
                 raise BadState(f"fetched state is not finite ({bad} holds NaN or inf)")
             return state
