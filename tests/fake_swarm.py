@@ -82,16 +82,17 @@ class FakePeer:
     def sync_state(self, timeout: float | None = None) -> int:
         return self.state.step
 
-    def all_reduce_async(self, tensors, *, apply=None) -> FakePending:
-        flat, unflatten = flatten(tensors)
+    def all_reduce_async(self, tensors, *, apply=None, donate: bool = False) -> FakePending:
+        flat, unflatten = flatten(tensors, donate)
         k = self.submitted
         self.submitted += 1
         fut: Future = Future()
         self.swarm.submit(self, k, flat.clone(), unflatten, apply, fut)
         return FakePending(self, k, fut, unflatten)
 
-    def all_reduce(self, tensors, *, apply=None, timeout: float | None = None):
-        return self.all_reduce_async(tensors, apply=apply).result(timeout)
+    def all_reduce(self, tensors, *, apply=None, timeout: float | None = None,
+                   donate: bool = False):
+        return self.all_reduce_async(tensors, apply=apply, donate=donate).result(timeout)
 
 
 class FakeSwarm:

@@ -284,6 +284,20 @@ def test_flatten_round_trips_names_shapes_dtypes():
     assert un(single).shape == (2, 2)
 
 
+def test_a_donated_buffer_is_taken_without_a_copy():
+    buf = torch.arange(10.0)
+    tiled = {"a": buf[:4].view(2, 2), "b": buf[4:]}  # back to back, in name order
+    flat, unflatten = flatten(tiled, donate=True)
+    assert flat.data_ptr() == buf.data_ptr() and torch.equal(flat, buf)
+    assert torch.equal(unflatten(flat)["a"], tiled["a"])
+    # Not donated, out of name order, or not one buffer: copied.
+    assert flatten(tiled)[0].data_ptr() != buf.data_ptr()
+    swapped = {"b": buf[:4], "a": buf[4:]}
+    assert flatten(swapped, donate=True)[0].data_ptr() != buf.data_ptr()
+    apart = {"a": torch.ones(3), "b": torch.ones(3)}
+    assert torch.equal(flatten(apart, donate=True)[0], torch.ones(6))
+
+
 def test_allowlist_swarm_without_a_secret(tmp_path):
     """Admission by public key: the data plane's key travels to admitted peers
     over the encrypted control plane; a stranger is refused and counted."""

@@ -81,8 +81,18 @@ def outer_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def pseudo_gradient(outer: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter],
                     names) -> dict[str, torch.Tensor]:
-    """Δ = θ_outer − θ_local (old minus new, DiLoCo's sign), fp32 on CPU."""
-    return {n: outer[OUTER + n] - params[n].detach().to("cpu", torch.float32) for n in names}
+    """Δ = θ_outer − θ_local (old minus new, DiLoCo's sign), fp32 on CPU,
+    written into one flat buffer the returned tensors are views of, in sorted
+    name order: a round takes that buffer as it is (`donate`, api.flatten)."""
+    order = sorted(names)
+    flat = torch.empty(sum(params[n].numel() for n in order), dtype=torch.float32)
+    out, at = {}, 0
+    for n in order:
+        view = flat[at:at + params[n].numel()].view(params[n].shape)
+        torch.sub(outer[OUTER + n], params[n].detach().to("cpu", torch.float32), out=view)
+        out[n] = view
+        at += params[n].numel()
+    return out
 
 
 @torch.no_grad()
@@ -296,7 +306,7 @@ class DiLoCo(OuterLoop):
         delta = pseudo_gradient(self._state().tensors, self.params, self.names)
         if self.weighted:
             delta = weigh(delta, self._tokens, block_size(self.peer))
-        pending = self.peer.all_reduce_async(delta, apply=self.make_apply())
+        pending = self.peer.all_reduce_async(delta, apply=self.make_apply(), donate=True)
         if not self._wait(pending):
             # Timeout: keep training from our own params; local_steps goes on
             # counting, so the next attempt comes H steps later and its Δ

@@ -205,7 +205,8 @@ class StreamingDiLoCo(OuterLoop):
         state = self._state()
         p = int(state.tensors[SYNCS]) % self.P
         delta = pseudo_gradient(state.tensors, self.params, self.fragments[p])
-        self._inflight = (p, self.peer.all_reduce_async(delta, apply=self.make_apply(p)))
+        self._inflight = (p, self.peer.all_reduce_async(delta, apply=self.make_apply(p),
+                                                        donate=True))
 
     def _receive(self) -> bool:
         p, pending = self._inflight

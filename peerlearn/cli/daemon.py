@@ -350,7 +350,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
                 step = peer.sync_state()
                 if not fresh and stop.wait(work.compute_s):
                     return
-                peer.all_reduce(work.local_update(peer.id, step), apply=work.apply)
+                peer.all_reduce(work.local_update(peer.id, step), apply=work.apply, donate=True)
                 log.info("contributed to step %d", step + 1, extra={"fields": {"step": step + 1}})
                 fresh = False
             except StateReplaced:

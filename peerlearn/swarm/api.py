@@ -49,13 +49,22 @@ from peerlearn.swarm.peer import PeerDaemon
 Tensors = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-def flatten(tensors: Tensors) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tensors]]:
+def flatten(tensors: Tensors, donate: bool = False
+            ) -> tuple[torch.Tensor, Callable[[torch.Tensor], Tensors]]:
     """One flat fp32 copy of tensors, and how to cut a flat result back into
-    the same names, shapes and dtypes."""
+    the same names, shapes and dtypes.
+
+    donate: the caller gives the tensors up (never writes them again). Then
+    fp32 CPU tensors that already lie back to back in one buffer, in sorted
+    name order, are taken as that buffer, without a copy (at GB sizes the
+    copy is one state's worth of memory per round).
+    """
     single = isinstance(tensors, torch.Tensor)
     items = [("", tensors)] if single else sorted(tensors.items())
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for _, t in items]) \
-        if items else torch.empty(0)
+    flat = _tiled(items) if donate else None
+    if flat is None:
+        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
+                          for _, t in items]) if items else torch.empty(0)
 
     def unflatten(res: torch.Tensor) -> Tensors:
         out, at = {}, 0
@@ -65,6 +74,22 @@ def flatten(tensors: Tensors) -> tuple[torch.Tensor, Callable[[torch.Tensor], Te
         return out[""] if single else out
 
     return flat.contiguous(), unflatten
+
+
+def _tiled(items: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The one flat fp32 CPU buffer items' tensors tile in order, or None."""
+    if not items:
+        return None
+    first = items[0][1]
+    at = first.data_ptr()
+    for _, t in items:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or \
+                t.data_ptr() != at or \
+                t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        at += t.numel() * 4
+    total = (at - first.data_ptr()) // 4
+    return first.detach().as_strided((total,), (1,), first.storage_offset())
 
 
 class Peer:
@@ -251,7 +276,7 @@ class Peer:
 
     def all_reduce(self, tensors: Tensors, *,
                    apply: Callable[[SharedState, Tensors], None] | None = None,
-                   timeout: float | None = None) -> Tensors:
+                   timeout: float | None = None, donate: bool = False) -> Tensors:
         """The mean of tensors over the peers of one agreed round.
 
         Every participant gets byte-identical results. apply(state, mean), if
@@ -263,7 +288,7 @@ class Peer:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.sync_state(timeout)
-        pending = self.all_reduce_async(tensors, apply=apply)
+        pending = self.all_reduce_async(tensors, apply=apply, donate=donate)
         try:
             return pending.result(None if deadline is None
                                   else max(0.0, deadline - time.monotonic()))
@@ -272,18 +297,20 @@ class Peer:
             raise
 
     def all_reduce_async(self, tensors: Tensors, *,
-                         apply: Callable[[SharedState, Tensors], None] | None = None
-                         ) -> PendingAllReduce:
+                         apply: Callable[[SharedState, Tensors], None] | None = None,
+                         donate: bool = False) -> PendingAllReduce:
         """Submits tensors for an all_reduce and returns at once.
 
         Several can be pending: each goes into its own round (its own op tag),
         in submission order, while the caller computes (Streaming DiLoCo
         overlaps a fragment's reduction with the next inner steps this way).
-        The tensors are copied before this returns. Call sync_state first: a
+        The tensors are copied before this returns, unless `donate` (the
+        caller never writes them again) and they tile one fp32 buffer (see
+        `flatten`): then the rounds read them in place. Call sync_state first: a
         contribution made against a state the swarm then replaces fails with
         StateReplaced, and so does every one queued behind it.
         """
-        flat, unflatten = flatten(tensors)
+        flat, unflatten = flatten(tensors, donate)
         wrapped = None if apply is None else (lambda st, res: apply(st, unflatten(res)))
         sub = Submission(flat, wrapped, Future())
         self._on_loop(self._daemon().submit, sub)

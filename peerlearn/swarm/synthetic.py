@@ -33,7 +33,7 @@ class SyntheticWorkload:
         seed = int.from_bytes(hashlib.blake2b(f"{peer_id}/{step}".encode(),
                                               digest_size=8).digest(), "little") >> 1
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(self.numel, generator=g) * self.scale
+        return torch.randn(self.numel, generator=g).mul_(self.scale)  # no second buffer
 
     def apply(self, state: SharedState, mean_update: torch.Tensor) -> None:
         state.tensors["params"].add_(mean_update.view(-1))
