@@ -336,6 +336,10 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
         "bytes_sent": wire["sent"] - wire0["sent"],
         "bytes_received": wire["received"] - wire0["received"],
         "swarm_step": peer.step,
+        # Time not spent computing, per outer step: the rounds' cost as the
+        # caller feels it (waiting for a round, applying, syncing).
+        "outer_overhead_s": (wall - compute) / max(1, _outer_steps(algorithm) or 0),
+        "loop_lag_max_s": getattr(peer, "loop_lag_max", lambda: None)(),
         "algorithm": algorithm.metrics() if hasattr(algorithm, "metrics") else {},
         "curve": curve,
         "state_hashes": {str(k): v for k, v in sorted(hashes.items())},

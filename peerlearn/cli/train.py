@@ -294,6 +294,8 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
         "bytes_sent_per_peer": [r.get("bytes_sent") for r in rows],
         "bytes_received_per_peer": [r.get("bytes_received") for r in rows],
         "compute_utilisation_per_peer": [r.get("compute_utilisation") for r in rows],
+        "outer_overhead_s_per_peer": [r.get("outer_overhead_s") for r in rows],
+        "loop_lag_max_s_per_peer": [r.get("loop_lag_max_s") for r in rows],
         "peers_report": rows,
     }
     if reference is not None:

@@ -210,6 +210,11 @@ class Peer:
             return (core.step, core.state_hash.hex()) if core.synced else None
         return self._on_loop(read)
 
+    def loop_lag_max(self) -> float:
+        """The longest the daemon's event loop was held up since start, in
+        seconds (how late its 50 ms tick woke; heartbeats wait as long)."""
+        return self._on_loop(lambda: self.daemon.stats.loop_lag_max)
+
     def members(self) -> list[str]:
         """Ids of the last applied view (who took part in the last round)."""
         return self._on_loop(lambda: sorted(self.daemon.core.members))
