@@ -66,7 +66,11 @@ nb::dict header_dict(const plcodec::Header& h) {
 void bind_codec(nb::module_& m) {
   // Registered base first: nanobind tries the most recently registered
   // translator first, so the subclasses must come after their base.
-  static nb::exception<plcodec::CodecError> codec_error(m, "CodecError", PyExc_ValueError);
+  // Roots: peerlearn.errors.PeerlearnError (one exception tree for the
+  // whole library) and the builtin the error behaves like.
+  static nb::object codec_bases = nb::steal(PyTuple_Pack(
+      2, nb::module_::import_("peerlearn.errors").attr("PeerlearnError").ptr(), PyExc_ValueError));
+  static nb::exception<plcodec::CodecError> codec_error(m, "CodecError", codec_bases);
   static nb::exception<plcodec::NonFiniteError> nonfinite_error(m, "NonFiniteError", codec_error);
   static nb::exception<plcodec::DecodeError> decode_error(m, "DecodeError", codec_error);
 

@@ -79,9 +79,14 @@ void bind_op_methods(nb::class_<T>& c) {
 }  // namespace
 
 void bind_stream(nb::module_& m) {
+  // Roots: peerlearn.errors.PeerlearnError (one exception tree for the
+  // whole library) and ConnectionError (what callers of sockets catch).
+  nb::object root = nb::module_::import_("peerlearn.errors").attr("PeerlearnError");
+  PyObject* stream_bases = PyTuple_Pack(2, root.ptr(), PyExc_ConnectionError);
   g_stream_error = PyErr_NewExceptionWithDoc(
       "peerlearn._native.StreamError", "A striped transfer failed; the link is unusable.",
-      PyExc_ConnectionError, nullptr);
+      stream_bases, nullptr);
+  Py_DECREF(stream_bases);
   PyObject* timeout_bases = PyTuple_Pack(2, g_stream_error, PyExc_TimeoutError);
   g_timeout_error = PyErr_NewException("peerlearn._native.StreamTimeout", timeout_bases, nullptr);
   Py_DECREF(timeout_bases);

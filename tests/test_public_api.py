@@ -23,8 +23,18 @@ def test_the_library_raises_no_bare_runtime_errors_at_its_surface():
     from peerlearn.swarm.statesync import SyncFailed
     from peerlearn.wire.handshake import HandshakeError
 
+    from peerlearn import _native
+
     for cls in (AllReduceAborted, SyncFailed, HandshakeError):
         assert issubclass(cls, peerlearn.PeerlearnError), cls
+    # The native extension's roots join the tree, beside the builtin each
+    # behaves like (a transfer's failure is still a ConnectionError).
+    for cls, builtin in ((_native.StreamError, ConnectionError),
+                         (_native.StreamTimeout, TimeoutError),
+                         (_native.StreamInputError, ValueError),
+                         (_native.CodecError, ValueError),
+                         (_native.DecodeError, ValueError)):
+        assert issubclass(cls, peerlearn.PeerlearnError) and issubclass(cls, builtin), cls
 
 
 def test_import_is_cheap_until_a_name_is_used():
