@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,7 +51,10 @@ CONFIGS: dict[str, tuple[int, dict[int, list[str]]]] = {
     "clean7": (7, {}),
 }
 DEFAULT = ["clean", "sign-flip", "scale", "nan", "noise", "alie"]
-POISONED = "failing the round"  # peerlearn.swarm.peer's warning for a refused mean
+# peerlearn.swarm's warnings: a mean refused (the round fails), a robust
+# round's non-finite row left out (the round applies without it).
+POISONED = re.compile(r"round (\d+): the mean .*; failing the round")
+LEFT_OUT = re.compile(r"round (\d+): .* contributed non-finite values; left out")
 
 
 def base_flags(H: int | None) -> tuple[str, list[str]]:
@@ -77,7 +82,7 @@ class LoggedBoard:
     counting the ones this experiment reads (refused rounds, errors)."""
 
     def __init__(self, path: Path):
-        self.path, self.poisoned, self.errors = path, {}, {}
+        self.path, self.poisoned, self.left_out, self.errors = path, set(), set(), {}
 
     def install(self):
         from peerlearn.cli import output
@@ -89,14 +94,28 @@ class LoggedBoard:
                 super().__init__("plain", names, log.fileno())
 
             def line(self, name, text):
-                if POISONED in text:
-                    outer.poisoned[name] = outer.poisoned.get(name, 0) + 1
+                refused = POISONED.search(text)
+                if refused:  # not every participant sees (and logs) a refused mean
+                    outer.poisoned.add(int(refused.group(1)))
+                left = LEFT_OUT.search(text)
+                if left:
+                    outer.left_out.add(int(left.group(1)))
                 if text.startswith(("ERROR", "CRITICAL", "Traceback")):
                     outer.errors.setdefault(name, []).append(text[:300])
                 super().line(name, text)
 
         original, output.Board = output.Board, Board
         return lambda: (setattr(output, "Board", original), log.close())
+
+
+def version() -> dict:
+    """The commit, and the peerlearn/ files changed from it: the tree may
+    change between runs of a sweep (someone else working in it)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True,
+                              text=True).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": git("status", "--porcelain", "--", "peerlearn").splitlines()}
 
 
 def run_one(name: str, aggregate: str, args) -> dict:
@@ -116,6 +135,7 @@ def run_one(name: str, aggregate: str, args) -> dict:
                     "--attack-seed", str(args.seed + i)]
         return [sys.executable, "-m", "peerlearn.cli.app"]
 
+    at_start = version()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log = args.log_dir / f"{name}-{aggregate}-seed{args.seed}-{args.steps}.log"
     board = LoggedBoard(log)
@@ -156,7 +176,9 @@ def run_one(name: str, aggregate: str, args) -> dict:
         "state_replaced_per_peer": [a.get("state_replaced") for a in algo_metrics],
         "hash_mismatches_honest": te.hash_mismatches([reports[i] for i in honest]),
         "hash_mismatches_all": te.hash_mismatches(reports),
-        "poisoned_rounds_seen": board.poisoned, "error_lines": board.errors,
+        "refused_rounds": sorted(board.poisoned), "rows_left_out": sorted(board.left_out),
+        "error_lines": board.errors, "peerlearn": at_start,
+        "peerlearn_at_end": version(),
         "peer_errors": {i: r["error"] for i, r in enumerate(reports) if r.get("error")},
         "curve": reports[0].get("curve", []), "log": str(log),
     }
@@ -179,7 +201,7 @@ def run(args) -> None:
         loss = f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "none"
         print(f"{name} / {args.aggregate}: val {loss} sent/peer "
               f"{row['honest_bytes_sent'] / 1e6:.1f} MB outer steps "
-              f"{row['outer_steps_per_peer']} refused {row['poisoned_rounds_seen']} "
+              f"{row['outer_steps_per_peer']} refused rounds {row['refused_rounds']} "
               f"{row['wall_s']:.0f} s{' TIMED OUT' if row['timed_out'] else ''}", flush=True)
 
 
@@ -210,7 +232,7 @@ def report(args) -> None:
              f"{first.get('dead_after', '?')} s, seed "
              f"{', '.join(sorted({str(r['seed']) for r in rows}))}", "",
              "| config | peers (attackers) | aggregate | val loss | vs clean-mean | "
-             "MB sent / peer (max honest) | outer steps: honest | attacker | refused rounds (p0) | "
+             "MB sent / peer (max honest) | outer steps: honest | attacker | refused rounds | "
              "parity | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -223,7 +245,7 @@ def report(args) -> None:
             f"| {r['config']} | {r['peers']} ({len(r['attackers'])}) | {r['aggregate']} | "
             f"{f'{loss:.4f}' if loss is not None else 'none'} | {rel} | "
             f"{r['honest_bytes_sent'] / 1e6:.1f} | {rounds(r)} | {attacker_rounds(r)} | "
-            f"{r['poisoned_rounds_seen'].get('p0', 0)} | {parity} | {r['wall_s']:.0f}{note} |")
+            f"{len(r['refused_rounds'])} | {parity} | {r['wall_s']:.0f}{note} |")
     print("\n".join(lines))
 
 

@@ -109,17 +109,18 @@ def install(attacker: Attacker) -> None:
             return tensors, apply
         return attacker.contribute(tensors), attacker.watch(apply)
 
-    def all_reduce(self, tensors, *, apply=None, timeout=None):
+    # Other keywords (donate, ...) pass through: the API grows them.
+    def all_reduce(self, tensors, *, apply=None, timeout=None, **kw):
         tensors, apply = attacked(tensors, apply)
         inside.depth = getattr(inside, "depth", 0) + 1
         try:
-            return sync(self, tensors, apply=apply, timeout=timeout)
+            return sync(self, tensors, apply=apply, timeout=timeout, **kw)
         finally:
             inside.depth -= 1
 
-    def all_reduce_async(self, tensors, *, apply=None):
+    def all_reduce_async(self, tensors, *, apply=None, **kw):
         tensors, apply = attacked(tensors, apply)
-        return async_(self, tensors, apply=apply)
+        return async_(self, tensors, apply=apply, **kw)
 
     Peer.all_reduce = all_reduce
     Peer.all_reduce_async = all_reduce_async
