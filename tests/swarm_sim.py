@@ -15,6 +15,8 @@ import itertools
 import random
 
 from peerlearn.swarm import rounds as r
+from peerlearn.swarm.contributions import Contributions
+from peerlearn.swarm.errors import StateReplaced
 from peerlearn.wire import control as m
 
 
@@ -38,6 +40,9 @@ class SimPeer:
         # does; a process that restarts and writes nothing keeps the old one.
         self.disk_record = record
         self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
+        # The caller's contributions, decided by the daemon's own rules: a
+        # peer that wants a round submits one token (its "pseudo-gradient").
+        self.contribs: Contributions[str] = Contributions()
         if founder:
             self.applied_steps[0] = self.state
 
@@ -65,6 +70,8 @@ class Sim:
         self.rejected_wire = 0
         self.events: list = []
         self.joining: dict[str, str] = {}  # pid -> its contact, until it has a view
+        self.settled: dict[str, object] = {}  # contribution token -> how it ended
+        self.settle_errors: list = []  # a token ended twice, or applied with another result
         self.add("p00", founder=True)
         for i in range(1, n):
             self.join(f"p{i:02d}", via="p00")
@@ -190,6 +197,7 @@ class Sim:
                 delay = self.latency + (self.rng.uniform(0, self.jitter) if self.jitter else 0)
                 self.at(delay, self._deliver, p.id, a.to, m.encode(a.msg))
             elif isinstance(a, r.StartCollective):
+                p.contribs.round_started(a.round_id)
                 self.at(self.collective_time, self._collective_end, p, a)
             elif isinstance(a, r.ApplyResult):
                 if p.pending is None or p.pending[0] != a.round_id:
@@ -197,10 +205,12 @@ class Sim:
                     # daemon does; the parity check fetches what the swarm applied.
                     p.pending = None
                     p.core.state_synced(p.step, p.state)
+                    self._settle(p.contribs.round_failed(a.round_id), None)
                     self.at(self.compute / 4, self._ready, p)
                     continue
                 rid, result = p.pending
                 assert rid == a.round_id
+                self._settle(p.contribs.round_applied(a.round_id, result), result)
                 p.step = a.step + 1
                 p.state = h(p.state, result)
                 p.pending = None
@@ -211,6 +221,7 @@ class Sim:
                 self.at(self.compute, self._ready, p)
             elif isinstance(a, r.DiscardResult):
                 p.pending = None
+                self._settle(p.contribs.round_failed(a.round_id), None)
                 self.at(self.compute / 4, self._ready, p)
             elif isinstance(a, r.SyncNeeded):
                 self.at(self.sync_time, self._sync, p, a)
@@ -231,12 +242,25 @@ class Sim:
 
     def _ready(self, p: SimPeer):
         if p.alive and p.state is not None and p.pending is None:
-            self.run_actions(p, p.core.local_ready(self.now, p.step, p.state))
+            if p.contribs.leader is None:  # computed a new contribution
+                p.contribs.submit(f"{p.id}#{next(self.seq)}")  # unique across restarts
+            if p.contribs.offer() is not None:
+                self.run_actions(p, p.core.local_ready(self.now, p.step, p.state))
+
+    def _settle(self, decisions, result) -> None:
+        """Each contribution ends once; an applied one with its round's result."""
+        for d in decisions:
+            if d.sub in self.settled:
+                self.settle_errors.append(("twice", d.sub))
+            self.settled[d.sub] = d.error or d.result
+            if d.error is None and d.result != result:
+                self.settle_errors.append(("result", d.sub))
 
     def _collective_end(self, p: SimPeer, a: r.StartCollective):
         if not p.alive:
             return
         if p.core.active is None or p.core.active.round_id != a.round_id:
+            self._settle(p.contribs.round_failed(a.round_id), None)
             self._ready(p)  # decided (aborted) while we were at it, as the daemon retries
             return
         ok = all(self.connected(p.id, q) for q in a.participants if q != p.id)
@@ -246,6 +270,8 @@ class Sim:
         states = tuple(self.peers[q].state for q in a.participants)
         result = h(a.round_id, a.participants, states) if ok else r.ZERO_HASH
         p.pending = (a.round_id, result) if ok else None
+        if not ok:  # the daemon's round task ends here: its contribution goes again
+            self._settle(p.contribs.round_failed(a.round_id), None)
         self.run_actions(p, p.core.collective_finished(self.now, a.round_id, ok, result,
                                                        poisoned=poisoned))
 
@@ -260,6 +286,7 @@ class Sim:
                 p.applied_steps[p.step] = p.state
                 p.core.state_synced(p.step, p.state)
                 p.disk_record = p.core.record()
+                self._settle(p.contribs.state_replaced(StateReplaced(p.step)), None)
                 self.events.append((self.now, "sync", p.id, p.step))
                 # A peer that just synced enters the next round at once with a
                 # zero update (as prime does), rather than chase the swarm.

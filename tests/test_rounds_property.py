@@ -88,6 +88,7 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
         apply_fault(sim, f)
         sim.run(sim.now + wait)
         assert sim.parity_violations() == [], (f, sim.parity_violations())
+        assert sim.settle_errors == [], (f, sim.settle_errors[:5])
     # The faults stop: peers still leaving exit; heal, bring every dead or
     # stopped peer back from its checkpoint.
     if any(p.core.leaving and p.alive for p in sim.peers.values()):
@@ -110,6 +111,7 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
     t_end = sim.now
     sim.run(t_end + LIVENESS_BOUND)
     assert sim.parity_violations() == []
+    assert sim.settle_errors == [], sim.settle_errors[:5]
     if max(p.core.floor for p in sim.peers.values()) > max(p.step for p in sim.peers.values()):
         # Every peer that reached the newest applied step restarted from an
         # older checkpoint: nobody can serve it, and running that step again

@@ -29,7 +29,7 @@ from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted
 from peerlearn.swarm.collective import run_collective
 from peerlearn.swarm.config import Submission
-from peerlearn.swarm.errors import Withdrawn
+from peerlearn.swarm.contributions import Settle
 from peerlearn.swarm.records import CHECKPOINT_FILE
 from peerlearn.transport.stream import StreamError
 
@@ -40,6 +40,8 @@ class Contributing:
     """Mixed into PeerDaemon (which holds the attributes used here)."""
 
     # ------------------------------------------------------------ queue
+    # Which contribution goes into which round, and how each ends, is decided
+    # by the sans-IO Contributions (contributions.py); here it is carried out.
 
     def submit(self, sub: Submission) -> None:
         """On the loop: take part in rounds with sub until one applies it.
@@ -50,52 +52,43 @@ class Contributing:
         if self.closing:
             settle(sub.future, exc=self.closed_error())
             return
-        self.submissions.append(sub)
-        if len(self.submissions) == 1:
+        if self.contribs.submit(sub):
             self._schedule_ready(0.0)
 
     def withdraw(self, sub: Submission) -> None:
         """On the loop: the caller gave up on sub. A round already running with
         it still completes (and applies it) for everyone's sake."""
-        if sub not in self.submissions:
-            return
-        if sub is not self.submission:  # queued: no round has seen it
-            self.submissions.remove(sub)
-            settle(sub.future, exc=Withdrawn("withdrawn before its round"))
-            return
-        sub.withdrawn = True
-        self.core.not_ready()  # no new round may count on it
-        self._drop_withdrawn_head()
+        running = self.round_task is not None or self.core.active is not None
+        if sub is self.submission and running:
+            sub.withdrawn = True
+            self.core.not_ready()  # no new round may count on it
+        self._carry_out(self.contribs.withdraw(sub, running))
+
+    @property
+    def submissions(self):
+        """Contributions in submission order; the first is the one rounds run with."""
+        return self.contribs.queue
 
     @property
     def submission(self) -> Submission | None:
         """The contribution rounds run with now (the first submitted)."""
-        return self.submissions[0] if self.submissions else None
+        return self.contribs.leader
 
-    def _next_submission(self) -> None:
-        """The head is done (applied, failed or withdrawn): the next one leads."""
-        self.submissions.popleft()
-        if self.submissions:
-            self._schedule_ready(0.0)
-
-    def _drop_withdrawn_head(self) -> None:
-        """A withdrawn head that no round is using fails with Withdrawn; the next leads."""
-        sub = self.submission
-        if sub is not None and sub.withdrawn and self.round_task is None and \
-                self.core.active is None:
-            settle(sub.future, exc=Withdrawn("withdrawn before its round"))
-            self._next_submission()
+    def _carry_out(self, decisions: list[Settle]) -> None:
+        for d in decisions:
+            settle(d.sub.future, result=d.result, exc=d.error)
+        if decisions and self.contribs.leader is not None:
+            self._schedule_ready(0.0)  # the next one leads
 
     def _fail_submissions(self, exc: BaseException) -> None:
         """Every contribution, the leading one and those queued, fails with exc."""
-        while self.submissions:
-            settle(self.submissions.popleft().future, exc=exc)
+        self._carry_out(self.contribs.fail_all(exc))
 
     def _retry(self, reason: str) -> None:
         """A round ended without applying (reason: stats.RETRY_REASONS): go again
-        with the same contribution, unless the caller withdrew it (dropped here)."""
+        (with the same contribution, unless the caller withdrew it: the round's
+        end tells Contributions)."""
         self.stats.retried(reason)
-        self._drop_withdrawn_head()
         self._schedule_ready(0.0)
 
     # ------------------------------------------------------------ Ready
@@ -113,9 +106,8 @@ class Contributing:
             self.ready_task = self.spawn(self._ready())
 
     def _may_be_ready(self) -> bool:
-        sub = self.submission
         return self.state is not None and self.sync_task is None and self.round_task is None \
-            and self.core.active is None and sub is not None and not sub.withdrawn
+            and self.core.active is None and self.contribs.offer() is not None
 
     async def _ready(self) -> None:
         """Ready with the state's hash, read again on the state thread (a drift
@@ -130,9 +122,9 @@ class Contributing:
     # ------------------------------------------------------------ a round
 
     def _start_round(self, a: r.StartCollective) -> None:
-        sub = self.submission
-        if sub is not None:  # the round's apply and result belong to it, whatever
-            self.round_subs[a.round_id] = sub  # leads by the time it applies
+        # The round's apply and result belong to the contribution it starts
+        # with, whatever leads by the time it applies.
+        sub = self.contribs.round_started(a.round_id)
         self.round_task = self.spawn(self._round(a, sub))
 
     async def _round(self, a: r.StartCollective, sub: Submission | None) -> None:
@@ -140,9 +132,9 @@ class Contributing:
             await self._run_round(a, sub)
         finally:
             self.round_task = None
-            self.round_subs.pop(a.round_id, None)
             self.decisions.pop(a.round_id, None)
-            self._drop_withdrawn_head()
+            if a.round_id in self.contribs.carried:  # ended without applying
+                self._carry_out(self.contribs.round_failed(a.round_id))
             self._schedule_ready(0.0)
 
     async def _run_round(self, a: r.StartCollective, sub: Submission | None) -> None:
@@ -204,8 +196,6 @@ class Contributing:
         """The caller's apply (an outer optimizer step: heavy) and the new
         state's hash run on the state thread; heartbeats go on meanwhile, and
         no Ready, sync or serve reads the state before they are done."""
-        if sub is not None and sub is self.submission:
-            self._next_submission()
         digest, error = await self.keeper.apply(sub, result, a.step + 1)
         if self.closing:
             return
@@ -223,8 +213,7 @@ class Contributing:
         if self.cfg.checkpoint_every and (a.step + 1) % self.cfg.checkpoint_every == 0 \
                 and self.checkpoint_task is None:
             self.checkpoint_task = self.spawn(self._checkpoint())
-        if sub is not None:
-            settle(sub.future, result=result, exc=error)
+        self._carry_out(self.contribs.round_applied(a.round_id, result, error))
 
     async def _checkpoint(self) -> None:
         """Written from the live state on the state thread (no copy): an apply

@@ -34,6 +34,7 @@ from peerlearn.state.shared import SharedState
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.config import PeerConfig, Submission
 from peerlearn.swarm.contributing import Contributing
+from peerlearn.swarm.contributions import Contributions
 from peerlearn.swarm.datalinks import PeerLinks
 from peerlearn.swarm.errors import (
     JoinTimeout,
@@ -111,9 +112,8 @@ class PeerDaemon(Contributing, StallWatch):
         if state is not None:  # before the loop runs: hashed here, once
             self.keeper.digest = state.state_hash()
             self.core.state_synced(state.step, self.keeper.digest)
-        self.round_subs: dict[int, Submission] = {}  # round -> the contribution it carries
-        # Contributions in submission order; the first is the one rounds run with.
-        self.submissions: deque[Submission] = deque()
+        # The caller's contributions, in submission order (contributions.py).
+        self.contribs: Contributions[Submission] = Contributions()
         self.transfers = StateTransfers(self)
         self.inflight_links: dict[int, list] = {}  # round -> links its worker uses
         # The daemon's own tasks, each at most one at a time; all run in the
