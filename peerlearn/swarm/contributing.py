@@ -59,9 +59,9 @@ class Contributing:
         """On the loop: the caller gave up on sub. A round already running with
         it still completes (and applies it) for everyone's sake."""
         running = self.round_task is not None or self.core.active is not None
-        if sub is self.submission and running:
+        if sub is self.submission:
             sub.withdrawn = True
-            self.core.not_ready()  # no new round may count on it
+            self.core.not_ready()  # our Ready may be out: no new round may count on it
         self._carry_out(self.contribs.withdraw(sub, running))
 
     @property
