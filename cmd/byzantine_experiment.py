@@ -222,8 +222,9 @@ def report(args) -> None:
     rows = read_rows() if RESULTS.exists() else []
     steps = args.steps or max((r["steps"] for r in rows), default=0)
     rows = [r for r in rows if r["steps"] == steps]
-    ref = next((r["val_loss"] for r in rows
-                if r["config"] == "clean" and r["aggregate"] == "mean"), None)
+    # The clean mean run of the same swarm size (7 peers see more data than 5).
+    ref = {r["peers"]: r["val_loss"] for r in rows
+           if not r["attackers"] and r["aggregate"] == "mean"}
     order = {n: k for k, n in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (order.get(r["config"], 99), r["aggregate"] != "mean",
                              r["aggregate"]))
@@ -231,13 +232,14 @@ def report(args) -> None:
     lines = [f"{steps} inner steps per peer, H {first.get('H', '?')}, dead-after "
              f"{first.get('dead_after', '?')} s, seed "
              f"{', '.join(sorted({str(r['seed']) for r in rows}))}", "",
-             "| config | peers (attackers) | aggregate | val loss | vs clean-mean | "
-             "MB sent / peer (max honest) | outer steps: honest | attacker | refused rounds | "
-             "parity | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | peers (attackers) | aggregate | val loss | vs clean mean, same peers | "
+             "MB sent / peer (max honest) | outer steps: honest | attacker | refused rounds "
+             "| NaN rows left out | parity | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = r["val_loss"]
-        rel = f"{(loss / ref - 1) * 100:+.1f} %" if loss is not None and ref else "-"
+        base = ref.get(r["peers"])
+        rel = f"{(loss / base - 1) * 100:+.1f} %" if loss is not None and base else "-"
         parity = "ok" if r["hash_mismatches_honest"] == 0 else \
             f"MISMATCH ({r['hash_mismatches_honest']})"
         note = " (timed out)" if r.get("timed_out") else ""
@@ -245,7 +247,8 @@ def report(args) -> None:
             f"| {r['config']} | {r['peers']} ({len(r['attackers'])}) | {r['aggregate']} | "
             f"{f'{loss:.4f}' if loss is not None else 'none'} | {rel} | "
             f"{r['honest_bytes_sent'] / 1e6:.1f} | {rounds(r)} | {attacker_rounds(r)} | "
-            f"{len(r['refused_rounds'])} | {parity} | {r['wall_s']:.0f}{note} |")
+            f"{len(r['refused_rounds'])} | {len(r.get('rows_left_out', []))} | {parity} | "
+            f"{r['wall_s']:.0f}{note} |")
     print("\n".join(lines))
 
 
