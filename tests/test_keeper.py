@@ -103,10 +103,20 @@ def test_a_donor_copy_is_shared_then_dropped():
         assert one[0] == 3 and one[1] == st.state_hash()
         st.tensors["a"].add_(1.0)  # the live state moves on; the copy does not
         assert torch.equal(one[3]["a"], torch.arange(1000, dtype=torch.float32))
-        keeper.release_snapshot()
-        assert keeper._snap is not None
-        keeper.release_snapshot()
+        await keeper.rehash()  # the state moved on (step 3, another hash)
+        st.step = 4
+        await keeper.rehash()
+        keeper.step = 4
+        # One copy at most: a push that a step-3 copy serves shares it; one
+        # that needs step 4 waits until the copy is free.
+        assert await keeper.snapshot(min_step=3) is one
+        assert await keeper.snapshot(min_step=4) is None
+        for _ in range(3):
+            keeper.release_snapshot()
         assert keeper._snap is None  # the copy lives only while someone sends it
+        fresh = await keeper.snapshot(min_step=4)
+        assert fresh[0] == 4 and fresh is not one
+        keeper.release_snapshot()
         keeper.close()
 
     asyncio.run(main())

@@ -70,7 +70,9 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
                update: torch.Tensor, inflight: dict[int, list]) -> RoundResult:
     n, rank = len(a.participants), a.participants.index(me)
     if n == 1:
-        return RoundResult(update.clone())  # the caller's buffer stays the caller's
+        # The submission's buffer is the daemon's (a copy, or donated): the
+        # mean of one is that buffer, without another copy of the model.
+        return RoundResult(update)
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     addr = {p.id: p.data for p in a.members}
     send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)

@@ -17,8 +17,9 @@ rounds, and nothing ordered them):
     only through apply callbacks, which run here.
 
 Copies: a checkpoint is written from the live tensors (none); a donor's
-snapshot is one copy, made here once per (step, hash) and dropped when its
-last push ends; an apply allocates what the caller's callback allocates.
+snapshot is one copy at most, made here, shared by every push while any
+runs (a request it is too old for waits), dropped when its last push ends;
+an apply allocates what the caller's callback allocates.
 """
 
 from __future__ import annotations
@@ -88,13 +89,27 @@ class StateKeeper:
         """Writes the live state (no copy); applies wait meanwhile. Seconds."""
         return await self._run(_write, self.state, path)
 
-    async def snapshot(self) -> tuple[int, bytes, tuple, dict[str, torch.Tensor]]:
-        """(step, hash, wire manifest, tensors) for donors: one copy per state,
-        shared by every push of it while the next rounds apply. The caller
-        calls `release_snapshot` when its push ends."""
+    async def snapshot(self, min_step: int = 0
+                       ) -> tuple[int, bytes, tuple, dict[str, torch.Tensor]] | None:
+        """(step, hash, wire manifest, tensors) for donors, or None: busy.
+
+        At most one copy exists: every push shares it while the next rounds
+        apply. A push that starts while one is sent gets that copy if it is
+        at min_step or later (an older state the swarm applied: the requester
+        catches up from there), else None (the donor refuses; the requester
+        asks again later). The caller calls `release_snapshot` when its push
+        ends; the copy is dropped with the last one."""
+        snap = self._snap
+        current = snap is not None and snap[:2] == (self.step, self.digest)
+        if not current and self.snapshot_users > 0 and (snap is None or snap[0] < min_step):
+            return None
         self.snapshot_users += 1
-        if self._snap is None or self._snap[:2] != (self.step, self.digest):
-            self._snap = await self._run(_copy, self.state)
+        if snap is None or (not current and self.snapshot_users == 1):
+            try:
+                self._snap = await self._run(_copy, self.state)
+            except BaseException:
+                self.snapshot_users -= 1
+                raise
         return self._snap
 
     def release_snapshot(self) -> None:

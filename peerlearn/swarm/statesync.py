@@ -110,7 +110,12 @@ class StateTransfers:
         otherwise always arrive one step late."""
         d = self.d
         try:
-            step, digest, manifest, tensors = await d.keeper.snapshot()
+            snap = await d.keeper.snapshot(req.step)
+            if snap is None:  # our one copy is older than it asks: not now
+                self.refused += 1
+                d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash), to=peer.id)
+                return
+            step, digest, manifest, tensors = snap
             try:
                 d.plane.send(peer.control, m.StateOffer(step, digest, req.part, req.parts,
                                                         req.transfer, manifest), to=peer.id)
