@@ -57,12 +57,15 @@ def wait_joiners_reported(first: Peer, joiners: list[Peer]) -> None:
 def swarm(tmp_path):
     peers: list[Peer] = []
 
-    def make(n: int) -> list[Peer]:
-        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST), initial).start()
+    def make(n: int, **settings) -> list[Peer]:
+        """n peers (the first founds); settings: more PeerConfig fields."""
+        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST, **settings),
+                     initial).start()
         peers.append(first)
         for i in range(1, n):
             peers.append(Peer(PeerConfig(tmp_path / f"p{i}", SECRET, timeouts=FAST,
-                                         join=first.control_address)).start(timeout=20))
+                                         join=first.control_address, **settings)
+                              ).start(timeout=20))
         for p in peers:
             p.sync_state(timeout=20)
         wait_joiners_reported(first, peers[1:])

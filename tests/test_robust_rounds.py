@@ -15,33 +15,15 @@ import torch
 from peerlearn.swarm.aggregate import aggregate
 from peerlearn.swarm.api import Peer
 from peerlearn.swarm.errors import CollectiveTimeout, StateReplaced
-from peerlearn.swarm.peer import PeerConfig
-from tests.test_api import FAST, SECRET, add_mean, initial, run_all, same_state, \
-    wait_joiners_reported
+from tests.test_api import add_mean, run_all, same_state
+from tests.test_api import swarm as api_swarm  # noqa: F401 - a fixture, by this name
 
 N = 5000
 
 
 @pytest.fixture
-def robust_swarm(tmp_path):
-    peers: list[Peer] = []
-
-    def make(n: int, rule: str) -> list[Peer]:
-        first = Peer(PeerConfig(tmp_path / "p0", SECRET, timeouts=FAST, aggregate=rule),
-                     initial).start()
-        peers.append(first)
-        for i in range(1, n):
-            peers.append(Peer(PeerConfig(tmp_path / f"p{i}", SECRET, timeouts=FAST,
-                                         aggregate=rule, join=first.control_address)
-                              ).start(timeout=20))
-        for p in peers:
-            p.sync_state(timeout=20)
-        wait_joiners_reported(first, peers[1:])
-        return peers
-
-    yield make
-    for p in peers:
-        p.close()
+def robust_swarm(api_swarm):  # noqa: F811 - the imported fixture, requested
+    return lambda n, rule: api_swarm(n, aggregate=rule)
 
 
 def honest(i: int) -> dict:
