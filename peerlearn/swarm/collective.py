@@ -16,6 +16,7 @@ left for the loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +96,13 @@ def poisoned_mean(mean: torch.Tensor, own: torch.Tensor | None) -> str | None:
     honest mean is at most the largest contribution; one member's 1e30 would
     otherwise be applied, and every later round refused as non-finite:
     training over)."""
-    if not bool(torch.isfinite(mean).all()):
+    # One pass for both checks: max |x| is NaN if any x is NaN and inf if any
+    # is infinite (a reduction: abs() would copy the whole result).
+    mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) if mean.numel() else 0.0
+    if not math.isfinite(mean_max):
         return "is not finite"
     if own is not None and own.numel() == mean.numel():
-        # max |x| as a reduction: abs() would copy the whole model on the loop
         own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0
-        mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) \
-            if mean.numel() else 0.0
         if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
             return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
                     f"(limit {MEAN_GROWTH_LIMIT:g})")
