@@ -42,6 +42,8 @@ def test_bench_statesize_reports_every_figure(tmp_path):
                                    "parity_mismatches", "members_min", "view_changes",
                                    "evictions"}
     assert all(v >= 0 for v in res["healthy"].values())
+    assert set(res["whole_run"]) == {"rounds_aborted", "evictions"}
+    assert all(v >= 0 for v in res["whole_run"].values())
     assert res["checkpoint_every_rounds"] == 10
     assert set(res["peers"]) == {"peer0", "peer1", "peer2", "joiner"}
     for name, peer in res["peers"].items():

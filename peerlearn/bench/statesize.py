@@ -64,7 +64,7 @@ FIELDS = dict(
     sync_count="peerlearn_collective_seconds_count{operation=state_sync}",
     ar_sum="peerlearn_collective_seconds_sum{operation=all_reduce}",
     ar_count="peerlearn_collective_seconds_count{operation=all_reduce}")
-VIEW = re.compile(r"view (\d+): (\d+) members")
+VIEW, ABORTED = re.compile(r"view (\d+): (\d+) members"), re.compile(r"round (\d+) aborted")
 
 
 class Stopped(Exception):
@@ -172,7 +172,7 @@ def _log(peer: _Peer, until: float) -> dict:
     """From a peer's JSON log up to wall time `until` (the shutdown's lines
     apart): its views (time, members), when it began joining, synced and first
     contributed, its warnings and errors."""
-    out: dict = {"views": [], "synced": [], "problems": [], "other_lines": 0}
+    out: dict = {"views": [], "synced": [], "aborted": set(), "problems": [], "other_lines": 0}
     for line in peer.log.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -186,6 +186,8 @@ def _log(peer: _Peer, until: float) -> dict:
         msg = rec.get("message", "")
         if m := VIEW.search(msg):
             out["views"].append((at, int(m[1]), int(m[2])))  # time, epoch, members
+        if m := ABORTED.search(msg):
+            out["aborted"].add(int(m[1]))
         if " synced to step " in msg:
             out["synced"].append(at)
         for key, prefix in (("joining", "joining the swarm"), ("contributed", "contributed to")):
@@ -355,15 +357,22 @@ class _Size:
         """Per peer, from every sample and log: stalls, peak RSS, checkpoints, views."""
         res, base = self.res, self.res.get("base_rss_bytes", 0)
         w0, w1 = (self.window[0]["wall"], self.window[1]["wall"]) if self.window else (0, 0)
-        t0 = self.window[0]["t"] if self.window else 0.0
-        # Views by epoch: every member logs each one. A view with fewer
-        # members than the one before it lost one (nobody leaves before close).
-        res["peers"], views, shrunk, problems = {}, set(), set(), []
+        t0 = self.window[0]["t"] if self.window else self.peers[0].launched  # of lag_rises
+        # A view that lost a member (nobody leaves before close): a peer's view
+        # line with fewer members than its one before (once per epoch: every
+        # member logs it), or its members gauge dropping (a peer does not log
+        # every view): the larger count of the two, in the window and overall.
+        res["peers"], views, problems, aborted = {}, set(), [], set()
+        shrunk, drops = set(), [0, 0]
         for p in self.peers:
             rows, log, steady = self.rows(name=p.name), _log(p, until), self.rows("steady", p.name)
-            shrunk |= {e for (_, _, n0), (_, e, n1) in zip(log["views"], log["views"][1:])
-                       if n1 < n0}
+            shrunk |= {(e, w0 < at <= w1) for (_, _, n0), (at, e, n1)
+                       in zip(log["views"], log["views"][1:]) if n1 < n0}
+            fell = [s["wall"] for (_, r0), (s, r1) in zip(rows, rows[1:])
+                    if r1["members"] < r0["members"]]
+            drops = [max(drops[0], sum(w0 < t <= w1 for t in fell)), max(drops[1], len(fell))]
             views |= {e for at, e, _ in log["views"] if w0 < at <= w1}
+            aborted |= log["aborted"]
             problems += [f"{p.name} {m}" for m in log["problems"]]
             row = res["peers"][p.name] = {
                 "exit_code": p.proc.returncode, "log_problems": len(log["problems"]),
@@ -396,7 +405,12 @@ class _Size:
                     "checkpoint_mean_s"):  # the worst of the three
             res[key] = max((v[key] for v in three if v.get(key) is not None), default=None)
         if "healthy" in res:
-            res["healthy"].update(view_changes=len(views), evictions=len(shrunk))
+            res["healthy"].update(view_changes=len(views), evictions=max(
+                drops[0], len({e for e, inside in shrunk if inside})))
+        # Start-up and join included (a size that never settled has no
+        # window): rounds aborted (distinct ids in the logs), views that lost a member.
+        res["whole_run"] = {"rounds_aborted": len(aborted),
+                            "evictions": max(drops[1], len({e for e, _ in shrunk}))}
         res["checkpoint_every_rounds"] = CHECKPOINT_EVERY
         res["log_problems"] = problems[:10]
 
