@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from peerlearn.swarm.aggregate import aggregate
-from peerlearn.swarm.api import Peer
 from peerlearn.swarm.errors import CollectiveTimeout, StateReplaced
-from tests.test_api import add_mean, run_all, same_state
+from tests.test_api import add_mean, applied_eventually, run_all, same_state
 from tests.test_api import swarm as api_swarm  # noqa: F401 - a fixture, by this name
 
 N = 5000
@@ -34,15 +33,6 @@ def honest(i: int) -> dict:
             "m": torch.zeros(3, 7, dtype=torch.bfloat16)}
 
 
-def until_applied(p: Peer, contrib: dict, timeout: float = 40) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return p.all_reduce(contrib, apply=add_mean, timeout=deadline - time.monotonic())
-        except StateReplaced:
-            continue
-
-
 @pytest.mark.parametrize("attack", ["scale", "sign-flip"])
 def test_centered_clip_bounds_a_huge_or_flipped_contribution(robust_swarm, attack):
     peers = robust_swarm(4, "centered-clip")
@@ -52,7 +42,7 @@ def test_centered_clip_bounds_a_huge_or_flipped_contribution(robust_swarm, attac
     def bad(c: dict) -> dict:
         return {"w": c["w"] * (1e30 if attack == "scale" else -10.0), "m": c["m"]}
 
-    results = run_all(peers, lambda i, p: until_applied(p, bad(honest(i)) if i == 3
+    results = run_all(peers, lambda i, p: applied_eventually(p, bad(honest(i)) if i == 3
                                                         else honest(i)))
     got = [results[i]["w"] for i in range(4)]
     assert all(torch.equal(got[0], g) for g in got[1:])  # every peer, the attacker too
@@ -67,7 +57,7 @@ def test_a_nan_contribution_is_left_out_and_its_sender_shut_out(robust_swarm):
 
     def one(i, p):
         if i != 3:
-            return until_applied(p, honest(i))
+            return applied_eventually(p, honest(i))
         return p.all_reduce(nan, apply=add_mean, timeout=20)
 
     results = run_all(peers, one)
@@ -83,7 +73,7 @@ def test_a_nan_contribution_is_left_out_and_its_sender_shut_out(robust_swarm):
         # Shut out for a cooldown: the honest three apply rounds without it.
         def again(i, p):
             if i != 3:
-                return until_applied(p, honest(i))
+                return applied_eventually(p, honest(i))
             with pytest.raises((CollectiveTimeout, StateReplaced)):
                 p.all_reduce(honest(3), apply=add_mean, timeout=4)
             return None
@@ -99,7 +89,7 @@ def test_robust_gossip_in_a_group_of_three_clips_a_huge_partner(robust_swarm):
     1e30 is clipped and its NaN left out and counted, where the mean would
     fail the exchange."""
     peers = robust_swarm(3, "centered-clip")
-    run_all(peers, lambda i, p: until_applied(p, honest(i)))  # all three in the view
+    run_all(peers, lambda i, p: applied_eventually(p, honest(i)))  # all three in the view
     assert all(len(p.live_members()) == 3 for p in peers)
     rows = torch.stack([honest(i)["w"] for i in range(3)])
     spread = float((rows - rows.mean(0)).norm(dim=1).max())
