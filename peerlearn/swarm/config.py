@@ -107,4 +107,3 @@ class Submission:
     tensor: torch.Tensor
     apply: Callable[[SharedState, torch.Tensor], None] | None
     future: Future = field(default_factory=Future)
-    withdrawn: bool = False  # the caller gave up: take part in no new round

@@ -60,7 +60,6 @@ class Contributing:
         it still completes (and applies it) for everyone's sake."""
         running = self.round_task is not None or self.core.active is not None
         if sub is self.submission:
-            sub.withdrawn = True
             self.core.not_ready()  # our Ready may be out: no new round may count on it
         self._carry_out(self.contribs.withdraw(sub, running))
 

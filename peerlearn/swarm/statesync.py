@@ -133,8 +133,10 @@ class StateTransfers:
                 await d.loop.run_in_executor(self.pool, push)
             finally:
                 d.keeper.release_snapshot()
-        except (OSError, TimeoutError, PeerlearnError) as e:
-            log.info("%s state push to %s failed: %s", d.id[:8], requester[:8], e)
+        except Exception as e:  # noqa: BLE001 - a push is a task of the daemon's group:
+            # whatever a requester's push runs into ends the push, never the peer.
+            log.info("%s state push to %s failed: %s: %s", d.id[:8], requester[:8],
+                     type(e).__name__, e)
         finally:
             self.pushes.pop(requester, None)
 
