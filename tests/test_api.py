@@ -432,20 +432,9 @@ def test_a_joiner_with_another_secret_fails_fast_and_says_why(tmp_path):
         first.close()
 
 
-def test_a_member_announcing_a_poisoned_state_is_distrusted_and_rounds_go_on(swarm):
-    """Issue 16, case 2: a member holding the secret announces a far step
-    with the hash of an all-NaN state and serves it. The others fetch it,
-    refuse it (not finite), count it, distrust the announcer, and go on
-    applying rounds among themselves; no state turns NaN."""
-    peers = swarm(3)
-    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
-    # The liar has the smallest id, so it was the coordinator: the others
-    # must stop following it too (with honest code it proposes only for its
-    # own far step).
-    liar = min(peers, key=lambda p: p.id)
-    honest = [p for p in peers if p is not liar]
-    same_state(peers)  # a peer still repairing its first round is another test
-
+def _announce_poisoned_far_state(liar):
+    """The liar's own state turns all-NaN 1000 steps ahead, and it says so in
+    its heartbeats (honest code, lying state)."""
     def poison():
         d = liar.daemon
         for t in d.state.tensors.values():
@@ -455,6 +444,21 @@ def test_a_member_announcing_a_poisoned_state_is_distrusted_and_rounds_go_on(swa
         d.core.step, d.core.state_hash = d.state.step, h
         d.keeper.step, d.keeper.digest = d.state.step, h  # the state's owner believes it too
     liar._on_loop(poison)
+
+
+def test_a_member_announcing_a_far_state_is_not_followed_and_rounds_go_on(swarm):
+    """Issue 16, case 2: a member holding the secret announces a far step
+    with the hash of a state it serves. Every peer used to fetch it (and
+    would have installed it, were it finite). A newer state is now believed
+    only when a majority of the other voters announce it: nobody fetches it,
+    the claim is counted, the liar (the smallest id, so the coordinator)
+    is followed no more, and the others go on applying rounds."""
+    peers = swarm(3)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    liar = min(peers, key=lambda p: p.id)
+    honest = [p for p in peers if p is not liar]
+    same_state(peers)  # a peer still repairing its first round is another test
+    _announce_poisoned_far_state(liar)
     start = max(p.step for p in honest)
     results = run_all(honest, lambda i, p: [applied_eventually(p, contribution(i, k), 60)
                                             for k in range(1, 4)])
@@ -462,9 +466,29 @@ def test_a_member_announcing_a_poisoned_state_is_distrusted_and_rounds_go_on(swa
     assert len({p.state.state_hash() for p in honest}) == 1
     for p in honest:
         assert all(bool(torch.isfinite(t.float()).all()) for t in p.state.tensors.values())
-        assert p.daemon.bad_states >= 1
-        assert not p.daemon.core.trusted(liar.id, time.monotonic())
+        assert p.daemon.core.unbacked_states >= 1
+        assert p.daemon.bad_states == 0  # never fetched
+        assert p.daemon.core.coordinator(time.monotonic()) != liar.id
     assert torch.isfinite(results[0][2]["w"]).all()
+
+
+def test_a_poisoned_state_fetched_from_the_only_other_voter_is_refused(swarm):
+    """With two voters the other one alone is a majority of the others, so
+    its far state is fetched (one dishonest member of two is past any
+    quorum's bound). The fetched state is still checked: not finite, refused,
+    counted, its announcer distrusted, and nothing NaN installed."""
+    peers = swarm(2)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    same_state(peers)
+    liar = min(peers, key=lambda p: p.id)
+    honest = next(p for p in peers if p is not liar)
+    _announce_poisoned_far_state(liar)
+    deadline = time.monotonic() + 30
+    while honest.daemon.bad_states < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert honest.daemon.bad_states >= 1
+    assert not honest.daemon.core.trusted(liar.id, time.monotonic())
+    assert all(bool(torch.isfinite(t.float()).all()) for t in honest.state.tensors.values())
 
 
 def test_a_member_sending_huge_updates_is_left_out_and_nothing_huge_applies(swarm):

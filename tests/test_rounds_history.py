@@ -308,3 +308,58 @@ def test_a_restarted_joiner_keeps_its_recorded_view_over_an_older_welcome():
     core2.join_via("p04")
     core2.receive(0.0, "p04", m.Welcome(11, 8, (info["p04"], info["p03"])))
     assert set(core2.members) == {"p03", "p04"} and core2.epoch == 11
+
+
+@pytest.mark.parametrize("liar", ["p00", "p03"])
+def test_a_newer_state_one_member_announces_is_never_fetched_and_rounds_go_on(liar):
+    """Issue 16, case 2 in its finite form: a member holding the secret
+    announces, in its own heartbeats, a far step whose state it could serve
+    (finite, under its own hash). Every peer used to fetch and install it: one
+    member took the swarm over. A newer state is believed only when a strict
+    majority of the other voters announce it, so nobody fetches it; the
+    announcement is counted; as the smallest id (p00) the liar no longer
+    leads, and the others' rounds go on."""
+    sim = Sim(5)
+    sim.run(3)
+    lying = sim.peers[liar].core
+    honest = [p for p in sim.peers if p != liar]
+    t0 = sim.now
+    before = sim.max_step(honest)
+    end = t0 + 8
+    while sim.now < end:  # it keeps announcing the far step, whatever it applies
+        lying.step, lying.state_hash = sim.max_step(honest) + 50, b"\x07" * 8
+        lying.synced = True
+        sim.run(sim.now + 0.05)
+    assert sim.max_step(honest) >= before + 8
+    assert not [e for e in sim.events if e[1] == "sync" and e[0] > t0 and e[2] in honest]
+    for p in honest:
+        core = sim.peers[p].core
+        assert core.unbacked_states >= 1
+        assert core.coordinator(sim.now) != liar
+        assert core.trusted(liar, sim.now)  # not fetched, so never proven false either
+    assert sim.parity_violations() == []
+
+
+def test_a_member_that_is_ready_but_never_acks_is_left_out_and_rounds_go_on():
+    """A member holding the secret stalls rounds without poisoning any: it
+    sends Ready and never acks. The coordinator used to propose it again after
+    every ack timeout, and no round committed while it lived. Now it is left
+    out for a cooldown (counted) and the others apply rounds; once it acks
+    again it is forgiven."""
+    sim = Sim(5)
+    sim.run(3)
+    staller = sim.peers["p03"].core
+    staller._on_propose = lambda now, sender, msg: []  # heard from, never acking
+    t0 = sim.now
+    sim.run(t0 + 8)
+    applied = applied_after(sim, t0, ["p00"])
+    assert len(applied) >= 8
+    lead = sim.peers["p00"].core
+    # Left out for 2 s, then 4 s (doubling): most rounds ran without it.
+    assert lead.stall_exclusions >= 2
+    views = [e[3] for e in sim.events if e[1] == "view" and e[2] == "p00" and e[0] > t0]
+    assert sum("p03" not in v for v in views) >= 6, views
+    del staller._on_propose  # it behaves again: back in once its cooldown ends
+    sim.run(sim.now + 20 * sim.t.gather)  # longer than any cooldown it earned
+    assert "p03" in lead.members and not lead.excluded_now("p03", sim.now)
+    assert sim.parity_violations() == []

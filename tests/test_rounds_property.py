@@ -163,5 +163,9 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
 @example((3, 0.0, 0, [(("kill", 2), 1.0), (("partition", {0}), 1.0),
                       (("restart", 0, 0), 1.0), (("kill", 1), 1.0)]))
 @example((5, 0.0, 0, [(("partition", {1, 3}), 1.0), (("kill", 0), 1.0), (("kill", 2), 1.0)]))
+# A restarted joiner's record lost its view before its Welcome came; every
+# other peer died, and restarted as founder from that record it had no view.
+@example((3, 0.0, 0, [(("partition", {0}), 1.0), (("restart", 1, 1), 1.0), (("kill", 0), 1.0),
+                      (("kill", 2), 1.0)]))
 def test_no_step_has_two_hashes_and_rounds_resume_after_faults(s):
     run_schedule(*s)

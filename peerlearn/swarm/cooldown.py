@@ -27,5 +27,9 @@ class Cooldowns:
                     :len(self._until) - self.cap]:
                 del self._until[p]
 
+    def forgive(self, peer: str) -> None:
+        """peer behaved: its next offence starts from first_s again."""
+        self._until.pop(peer, None)
+
     def __len__(self) -> int:
         return len(self._until)

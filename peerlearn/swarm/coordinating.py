@@ -73,7 +73,9 @@ class Coordinating:
         r = self.leading
         if r is not None:
             if r.commit is None and now - r.since > self.t.ack:
-                self.leading = None  # someone never acked: propose again without it
+                # Someone never acked: propose again without it (suspicion.py).
+                self._blame_non_ackers(now, r.propose, r.acks)
+                self.leading = None
             elif r.commit is not None:
                 # An adopted round: if any heartbeat shows the round applied, the
                 # dead coordinator had decided "apply"; otherwise wait one ack
@@ -167,7 +169,7 @@ class Coordinating:
         # A poisoned round is being traced: leave half of the suspects out.
         probe = self._probe(ids) if self.suspects else set()
         ids = [i for i in ids if i not in probe]
-        left_out = probe | self.excluded.active_ids(now)
+        left_out = probe | self.left_out_now(now)
         # Wait (at most `gather`) for live members not yet ready with this
         # state (one being repaired re-sends Ready once synced), and for synced
         # joiners at this very step, so a peer that just caught up enters this round.

@@ -84,6 +84,9 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         self.probing: set[str] = set()  # suspects left out of the round in flight
         self.excluded = Cooldowns(EXCLUDE_FIRST_S, EXCLUDE_MAX_S)
         self.exclusions = 0
+        # Members that let a proposal time out while talking to us (suspicion.py).
+        self.stalled = Cooldowns(2 * timeouts.gather, EXCLUDE_MAX_S)
+        self.stall_exclusions = 0
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
@@ -129,9 +132,17 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         # A founder resuming from a checkpoint: peers that held newer states
         # before the restart get rejoin_grace to come back before round one.
         self.resuming = resuming
+        # A round I knew of after the last one I applied, when I restarted:
+        # how it ended is unknown to me (settling._finishes_my_round).
+        self.unsettled_round: int | None = None
+        # Newer states members announced that no majority backs (settling._backed).
+        self.unbacked_states = 0
+        self.unbelieved: set[tuple[str, tuple[int, bytes]]] = set()
         if record is not None:
             self.epoch, self.floor, self.floor_hash = record.epoch, record.step, record.state_hash
             self.max_round_id, self.term = record.max_round_id, record.term
+            if record.max_round_id > record.epoch:
+                self.unsettled_round = record.max_round_id
             if founder:  # a joiner's view comes with its Welcome (which also
                 # tells the members our new addresses); a founder starts from its own
                 self.members = {p.id: me if p.id == me.id else p for p in record.members}
@@ -160,10 +171,19 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         return heard is not None and now - heard <= self.t.dead_after
 
     def coordinator(self, now: float) -> str | None:
-        """The smallest live voter we trust: a member that left for good, or
-        one whose announced state proved false (distrust.py), leads nothing."""
-        live = [p for p in self.voters() if self.alive(p, now) and self.trusted(p, now)]
+        """The smallest live voter we trust: a member that left for good, one
+        whose announced state proved false (distrust.py), or one announcing a
+        step past the newest we believe (a state no majority backs:
+        settling._backed) leads nothing: it would propose only for that step,
+        and no round would run while it lives."""
+        newest = self.newest_step(now)
+        live = [p for p in self.voters() if self.alive(p, now) and self.trusted(p, now)
+                and not self._beyond_belief(p, newest)]
         return min(live) if live else None
+
+    def _beyond_belief(self, peer: str, newest: int) -> bool:
+        b = self.beats.get(peer)
+        return peer != self.me.id and b is not None and b.synced and b.step > newest
 
     def is_coordinator(self, now: float) -> bool:
         return self.coordinator(now) == self.me.id
@@ -175,15 +195,25 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
                 if i in self.members and i != self.me.id and self.alive(i, now)}
 
     def newest_step(self, now: float) -> int:
-        """The highest step a live view member holds (synced), mine included.
+        """The highest step a live view member holds (synced), mine included,
+        among the states believed (settling._backed: mine, or announced by a
+        majority of the other voters).
 
         Every such state was applied by an agreed round (or restored from a
         checkpoint of one), so no round may run for a lower step: that step
-        was passed, and running it again would give it a second hash.
+        was passed, and running it again would give it a second hash. A step
+        only a minority announces is not believed: one liar announcing a far
+        step would otherwise stall every round for as long as it lives.
         """
-        steps = [b.step for b in self._member_beats(now).values() if b.synced]
-        steps += [r.step for i, r in self.readies.items() if self.trusted(i, now)
-                  if i in self.members and i != self.me.id and self.alive(i, now)]
+        claims: dict[tuple[int, bytes], set[str]] = {}
+        for i, b in self._member_beats(now).items():
+            if b.synced:
+                claims.setdefault((b.step, b.state_hash), set()).add(i)
+        for i, r in self.readies.items():
+            if self.trusted(i, now) and i in self.members and i != self.me.id and \
+                    self.alive(i, now):
+                claims.setdefault((r.step, r.state_hash), set()).add(i)
+        steps = [k[0] for k, v in claims.items() if self._backed(k, v, now)]
         if self.synced:
             steps.append(self.step)
         return max(steps + [self.floor])
@@ -254,8 +284,12 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         go below it when every holder of the newest restarted older)."""
         step, h = (self.floor, self.floor_hash) if self.floor_hash is not None else \
             (self.step, self.state_hash)
-        return Applied(self.epoch, tuple(self.members.values()), self.max_round_id,
-                       self.term, step, h, self.departed)
+        # A restarted joiner has no view until its Welcome: its record keeps
+        # the last view it applied, or a restart as founder (no --join) from
+        # this record would have none and wait for ever (the property run
+        # found it).
+        view = tuple(self.members.values()) or tuple(self.recorded_view)
+        return Applied(self.epoch, view, self.max_round_id, self.term, step, h, self.departed)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
                             result_hash: bytes = ZERO_HASH, poisoned: bool = False) -> list:

@@ -20,6 +20,8 @@ from peerlearn.swarm.actions import ApplyResult, DiscardResult, SyncNeeded, View
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT
 from peerlearn.wire import control as m
 
+MAX_UNBELIEVED = 1024  # (announcer, step, hash) claims remembered as counted
+
 
 class Settling:
     """Participant-side settlement of rounds and state; see rounds.py for the state."""
@@ -103,10 +105,16 @@ class Settling:
         for i in c.participants:
             if i in self.readies and self.readies[i].step <= c.step:
                 del self.readies[i]
+        if self.unsettled_round is not None and round_id >= self.unsettled_round:
+            self.unsettled_round = None
         if not apply:
             self.aborted = max(self.aborted, round_id)
             return [DiscardResult(round_id)] if mine else []
         self.epoch = round_id
+        if not mine:
+            # Applied without me (I was left out, or had dropped it): its
+            # participants' state is the next one, even while few announce it.
+            self.unsettled_round = round_id
         # The view is the round's participants: a Commit naming others (a
         # coordinator holding the secret lying) would put ids nobody runs in
         # every view, and the quorum out of reach for good. A participant that
@@ -159,12 +167,18 @@ class Settling:
             out = self._back_to_floor(now)
             if out or self.sync_requested == (self.floor, self.floor_hash):
                 return out
+        # A state I do not hold counts only when enough voters announce it
+        # (_backed): one member announcing a far step with a finite but wrong
+        # state under its own hash used to have every peer install it.
+        believed = {k: v for k, v in views.items() if self._backed(k, v, now)}
+        self._count_unbelieved(views, believed)
+        views = believed
         if not views:
             return []
         newest = max(st for st, _ in views)
         if newest > self.step or not self.synced:
-            # A newer state wins even when few hold it: it was applied by an
-            # agreed round, and the step we hold has been passed for good.
+            # A newer backed state wins even when it is not ours: it was applied
+            # by an agreed round, and the step we hold has been passed for good.
             best = [(k, v) for k, v in views.items() if k[0] == newest]
         else:
             # Same step, another hash: the majority's state repairs ours.
@@ -178,6 +192,57 @@ class Settling:
             return []
         self.sync_requested = (step, h)
         return [SyncNeeded(step, h, tuple(sorted(d for d in donors if d != self.me.id)))]
+
+    def _backed(self, claim: tuple[int, bytes], holders, now: float) -> bool:
+        """May this (step, hash), announced by `holders`, be believed: mine
+        (held, or reached before I restarted), announced by a strict majority
+        of the other voters of my view, or the outcome of a round I know of
+        and lack (_finishes_my_round).
+
+        Every round that applies is run by a quorum (a strict majority of the
+        voters) holding one state, and each participant applies it, so the
+        state a round produced is soon announced by a majority of the voters
+        other than any one peer left out of it. Fewer than half the voters
+        dishonest can never back a state by themselves, however far a step
+        they announce. A state only a minority holds without explanation
+        (its other holders died before they applied) is adopted once they
+        restart and fetch it back by their own records (_back_to_floor)."""
+        holders = set(holders)
+        if self.me.id in holders or claim == (self.floor, self.floor_hash):
+            return True  # mine, or the one my record says I reached
+        others = self.voters() - {self.me.id}
+        if others and 2 * len(holders & others) > len(others):
+            return True
+        return self._finishes_my_round(claim, holders)
+
+    def _count_unbelieved(self, views: dict, believed: dict) -> None:
+        """Count each (announcer, step, hash) not believed once, the newer
+        states only (an older one is the announcer behind, not a claim)."""
+        for k, holders in views.items():
+            if k in believed or k[0] <= self.step:
+                continue
+            for i in holders:
+                if (i, k) not in self.unbelieved:
+                    if len(self.unbelieved) >= MAX_UNBELIEVED:
+                        self.unbelieved.clear()  # a bound, not a history: recount at worst
+                    self.unbelieved.add((i, k))
+                    self.unbacked_states += 1
+
+    def _finishes_my_round(self, claim: tuple[int, bytes], holders) -> bool:
+        """Round `unsettled_round` applied without my result (I was left out
+        of it, or dropped it), or I restarted after taking part in it and
+        never learned how it ended: a member announcing the step after the
+        newest I reached, with that round as its last applied one, holds its
+        outcome. Without this, a round that only its committer applied (the
+        others dropped it, or were killed first) left the swarm waiting for
+        ever on one peer's state. A liar among that round's participants can
+        at most have me fetch a wrong state for that one step, which the
+        majority's hash repairs (_check_sync's same-step rule) before any
+        round takes it: it is never backed."""
+        if self.unsettled_round is None or claim[0] != self.floor + 1:
+            return False
+        return any(self.beats[i].epoch == self.unsettled_round for i in holders
+                   if i in self.beats and i in self.members)
 
     def _resume_newest(self, now: float) -> list:
         """A founder that has applied nothing yet (a swarm restarting from its

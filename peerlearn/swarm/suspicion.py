@@ -19,6 +19,18 @@ poisoner costs about log2(n) failed rounds, then nothing until its cooldown
 ends. Assumes the poisoner poisons every round it is in: one that poisons
 now and then can get an honest suspect excluded for a cooldown (a bounded
 denial of service, docs/swarm.md). A new coordinator starts the search anew.
+
+A member can also stall rounds without poisoning any: it sends Ready (or
+repeats an old one) and never acks the proposal, and the coordinator used to
+propose it again after every ack timeout, so no round ever committed. A
+participant that is heard from after a proposal went out and has not acked
+it within the ack timeout is left out for a cooldown of its own
+(`stalled`: two gathers, doubling with repeats up to EXCLUDE_MAX_S; forgiven
+when it takes part in a round that applies). Only peers heard after the
+proposal are blamed: one that is cut off or dead goes silent, and is the
+failure detector's case. An honest peer that refuses a proposal (it
+follows another coordinator for a moment, or its state changed) loses one
+round's contribution and waits two gathers.
 """
 
 from __future__ import annotations
@@ -39,7 +51,19 @@ class Suspecting:
             self.exclusions += 1
 
     def excluded_now(self, peer: str, now: float) -> bool:
-        return self.excluded.active(peer, now)
+        return self.excluded.active(peer, now) or self.stalled.active(peer, now)
+
+    def left_out_now(self, now: float) -> set[str]:
+        return self.excluded.active_ids(now) | self.stalled.active_ids(now)
+
+    def _blame_non_ackers(self, now: float, propose, acks: set[str]) -> None:
+        """The proposal timed out: leave out, for a while, every participant
+        that was heard after it went out and still did not ack it."""
+        for p in propose.participants:
+            if p != self.me.id and p not in acks and \
+                    self.last_heard.get(p, -1e18) > self.leading.since:
+                self.stalled.add(p, now)
+                self.stall_exclusions += 1
 
     def _probe(self, ids: list[str]) -> set[str]:
         """Suspects to leave out of the next proposal among `ids`: half of
@@ -62,6 +86,8 @@ class Suspecting:
             self.suspects = (self.suspects - probe) & inside if self.suspects else inside
         elif applied:
             self.suspects = probe if probe else self.suspects - set(participants)
+            for p in participants:
+                self.stalled.forgive(p)
         if len(self.suspects) == 1:
             (culprit,) = self.suspects
             self.excluded.add(culprit, now)

@@ -86,6 +86,9 @@ class Welcoming:
                     self._admit(p.id, now)  # a member: always
                     self.known.setdefault(p.id, p)
                 self.epoch = msg.epoch
+                # That round applied without me: its state may be held by
+                # few for a while (settling._finishes_my_round).
+                self.unsettled_round = msg.epoch
                 self.leading = None
                 return [ViewChanged(self.epoch, tuple(sorted(self.members)))]
             return []
