@@ -191,11 +191,13 @@ def test_counters_are_served_from_start_up_with_every_label_set(swarm):
             if n == "peerlearn_wire_bytes_total"}
     assert wire == {(d, t): 0 for d in DIRECTIONS for t in TRAFFIC}
     assert {v for n, _, v in start if n == "peerlearn_wire_bytes_by_codec_total"} == {0}
-    # The traffic classes are the ones the data links count under.
+    # The traffic classes are the ones the data links count under, and the
+    # control plane's.
     from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, CHANNEL_ROUND, CHANNEL_STATE, traffic_of
+    from peerlearn.transport.traffic import CONTROL
 
-    assert {traffic_of(c) for c in (CHANNEL_ROUND, CHANNEL_STATE, CHANNEL_GOSSIP)} | {"other"} \
-        == set(TRAFFIC)
+    assert {traffic_of(c) for c in (CHANNEL_ROUND, CHANNEL_STATE, CHANNEL_GOSSIP)} \
+        | {"other", CONTROL} == set(TRAFFIC)
     # No checkpoint yet, so no age: none is made up (0 would say "just written").
     assert "peerlearn_checkpoint_age_seconds" not in {n for n, _, _ in start}
 

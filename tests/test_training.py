@@ -47,8 +47,23 @@ def test_demo_trains_every_algorithm_to_one_agreed_model(algo, peers):
         common = first.keys() & r["state_hashes"].keys()
         assert len(common) >= 2 and all(first[k] == r["state_hashes"][k] for k in common)
     assert all(r["inner_steps"] == 16 for r in reports)
-    # Bytes are counted on the wire by the transport.
-    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in reports)
+    # Bytes are counted on the wire by the transport: each kind, and a total
+    # that is their sum (everything a peer moved from its start).
+    kinds = ("collective", "state", "control")
+    for d in ("sent", "received"):
+        assert all(r[f"bytes_{d}"] == sum(r[f"bytes_{d}_{k}"] for k in kinds) for r in reports)
+        assert all(r[f"bytes_{d}_collective"] > 0 and r[f"bytes_{d}_control"] > 0
+                   for r in reports)
+        for k in kinds:
+            assert summary[f"bytes_{d}_{k}_per_peer"] == [r[f"bytes_{d}_{k}"] for r in reports]
+    # Every joiner fetched the founder's state on joining (DDP agrees on no
+    # tensors); the donors served at least what the joiners fetched (counted
+    # by separate processes; more when a fetch was given up while a donor's
+    # push was on its way).
+    if algo != "ddp":
+        assert all(r["bytes_received_state"] > 0 for r in reports[1:])
+    assert sum(summary["bytes_sent_state_per_peer"]) >= \
+        sum(summary["bytes_received_state_per_peer"])
     assert all(0 < r["compute_utilisation"] <= 1 for r in reports)
     if algo == "ddp":
         assert all(r["swarm_step"] >= 16 for r in reports)  # a round every step
@@ -128,6 +143,12 @@ def test_the_demo_warms_up_once_and_compares_with_one_peer_alone(tmp_path):
     assert line, out.stdout
     rel = float(line.group(2)) * (-1 if line.group(3) == "below" else 1)
     assert abs(rel - (swarm / single - 1) * 100) < 0.2, out.stdout
+    # Each kind of bytes on a line of its own, and the total: their sum.
+    sent = {k: json.loads(re.search(rf"^bytes_sent{k}_per_peer: (.+)$", out.stdout, re.M)[1])
+            for k in ("_collective", "_state", "_control", "")}
+    assert sent[""] == [sum(kinds) for kinds in
+                        zip(sent["_collective"], sent["_state"], sent["_control"])], out.stdout
+    assert all(n > 0 for n in sent["_control"]) and sent["_state"][0] > 0, out.stdout
     cached = list((tmp_path / "warm").glob("*.pt"))
     assert len(cached) == 1
     # The next demo of the same task and seed starts from the cached model.

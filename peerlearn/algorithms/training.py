@@ -42,7 +42,7 @@ from peerlearn.algorithms.outer import Nesterov
 from peerlearn.algorithms.streaming import StreamingDiLoCo, check_schedule
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.errors import CollectiveTimeout
-from peerlearn.transport.link import WIRE
+from peerlearn.transport.traffic import CONTROL, WIRE
 
 ALGORITHMS = ("diloco", "streaming", "async", "eager", "ddp", "local", "noloco", "gossip",
               "gossip-vc")
@@ -184,11 +184,37 @@ def agreed_model(model: nn.Module, state: SharedState | None) -> nn.Module:
     return agreed
 
 
-def wire_bytes() -> dict[str, int]:
-    out = {"sent": 0, "received": 0}
-    for (direction, _), n in WIRE.snapshot().items():
-        out[direction] += n
+# How a report groups the traffic classes bytes are counted under
+# (transport.traffic): the algorithm's own exchanges (all-reduce rounds and
+# gossip, with the greetings that open data links: "other"), state transfers
+# (served and fetched) and control messages.
+_KIND_OF = {"round": "collective", "gossip": "collective", "other": "collective",
+            "state": "state", CONTROL: "control"}
+
+
+def traffic_bytes() -> dict[tuple[str, str], int]:
+    """Bytes this process moved so far, by (direction, kind)."""
+    out = {(d, k): 0 for d in ("sent", "received") for k in ("collective", "state", "control")}
+    for (direction, traffic), n in WIRE.snapshot().items():
+        out[direction, _KIND_OF.get(traffic, "collective")] += n
     return out
+
+
+def bytes_report(since: dict[tuple[str, str], int]) -> dict[str, int]:
+    """The report's byte figures, moved since `since` (traffic_bytes() then):
+    each kind, then the total."""
+    now = traffic_bytes()
+    moved = {key: now[key] - since[key] for key in now}
+    return {
+        "bytes_sent_collective": moved["sent", "collective"],
+        "bytes_sent_state": moved["sent", "state"],
+        "bytes_sent_control": moved["sent", "control"],
+        "bytes_sent": sum(n for (d, _), n in moved.items() if d == "sent"),
+        "bytes_received_collective": moved["received", "collective"],
+        "bytes_received_state": moved["received", "state"],
+        "bytes_received_control": moved["received", "control"],
+        "bytes_received": sum(n for (d, _), n in moved.items() if d == "received"),
+    }
 
 
 def _outer_steps(algorithm) -> int | None:
@@ -226,7 +252,8 @@ def progress_path(peer) -> Path | None:
 def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
           world: int = 1, seed: int = 0, eval_batches: int = 20, progress_every: int = 0,
           progress: Callable[[dict], None] | None = None,
-          stop: Callable[[], bool] | None = None, wait_peers: int = 0) -> dict:
+          stop: Callable[[], bool] | None = None, wait_peers: int = 0,
+          traffic_from: dict[tuple[str, str], int] | None = None) -> dict:
     """Runs `steps` inner steps on this peer's data (data_stream); returns the
     report. A peer restarted in the same data dir for the same run resumes
     its inner optimizer, schedule and data position (progress.py).
@@ -234,7 +261,13 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
     The peer must be started (and is left running: the caller closes it).
     `progress(row)` is called every `progress_every` steps with the loss and
     throughput so far; `stop()` ends the run early (a signal); `wait_peers`:
-    start only once that many peers are heard from (then sync the state)."""
+    start only once that many peers are heard from (then sync the state).
+    The report's bytes are what this process moved since `traffic_from`
+    (traffic_bytes() then; default: when this is called): `peerlearn run`
+    passes the counts from before its peer started, so a joiner's first
+    state sync and the control messages of joining are in its report."""
+    if traffic_from is None:
+        traffic_from = traffic_bytes()
     if wait_peers:
         peer.wait_for_peers(wait_peers, timeout=300)
     peer.sync_state()
@@ -262,7 +295,6 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
             except (OSError, ValueError) as e:
                 log.warning("could not keep training progress in %s: %s", path, e)
     outer_seen = _outer_steps(algorithm)
-    wire0 = wire_bytes()
     started = time.monotonic()
     compute = 0.0
     loss_sum, loss_n = 0.0, 0
@@ -324,7 +356,6 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
             hashes.setdefault(shared[0], shared[1])
     keep_progress(done)
     wall = time.monotonic() - started
-    wire = wire_bytes()
     # DiLoCo family: the agreed outer params. Gossip runs: this peer's own
     # model (after a final merge, the merged params, the same at every peer).
     final = agreed_model(model, peer.state)
@@ -333,8 +364,7 @@ def train(peer, task, algo: str, hp: Hyper, *, steps: int, rank: int | None = 0,
         "val_loss": task.evaluate(final, eval_batches),
         "wall_s": wall, "compute_s": compute,
         "compute_utilisation": compute / wall if wall > 0 else 0.0,
-        "bytes_sent": wire["sent"] - wire0["sent"],
-        "bytes_received": wire["received"] - wire0["received"],
+        **bytes_report(traffic_from),
         "swarm_step": peer.step,
         # Time not spent computing, per outer step: the rounds' cost as the
         # caller feels it (waiting for a round, applying, syncing).

@@ -4,7 +4,7 @@ The daemon knows nothing of Prometheus. At each scrape the collector asks the
 daemon's event loop for a snapshot of its counters (`snapshot`, run on the
 loop, which owns them) and serves that copy; if the loop does not answer
 within SNAPSHOT_TIMEOUT_S (busy, or shutting down) the previous one is served.
-Bytes on the wire come from the transport's own thread-safe counters, the
+Bytes on the wire come from the transports' own thread-safe counters, the
 training figures from peerlearn.telemetry (set by the training loop, and by a
 user's loop through that module's API).
 
@@ -50,6 +50,7 @@ from prometheus_client.core import (
 
 from peerlearn import buildinfo, telemetry
 from peerlearn.buildinfo import codec_name
+from peerlearn.transport.traffic import CONTROL, WIRE
 
 # The metrics port every deployment file uses; `peerlearn run`'s default.
 DEFAULT_PORT = 9400
@@ -60,10 +61,11 @@ REQUEST_DEADLINE_S = 10.0
 # The label values of peerlearn_wire_bytes_total, each served from start-up
 # (at 0 until bytes move): a counter that appears only with its first byte
 # has no rate over its first scrapes, and a dashboard shows "no data" where 0
-# is the truth. Traffic classes: peerlearn.swarm.datalinks.traffic_of, and
-# "other" for a link no owner classed (transport.link.Link.traffic).
+# is the truth. Traffic classes: peerlearn.swarm.datalinks.traffic_of, "other"
+# for a link no owner classed (transport.link.Link.traffic; every link's
+# greeting), and the control plane's messages (transport.traffic.CONTROL).
 DIRECTIONS = ("sent", "received")
-TRAFFIC = ("round", "state", "gossip", "other")
+TRAFFIC = ("round", "state", "gossip", "other", CONTROL)
 
 
 def snapshot(d) -> dict:
@@ -250,10 +252,9 @@ class PeerCollector:
                                 value=max(0.0, time.time() - mtime))
 
     def _wire(self):
-        from peerlearn.transport.link import WIRE
-
         wire = CounterMetricFamily("peerlearn_wire_bytes",
-                                   "Bytes moved over data links (frames and payload).",
+                                   "Bytes this peer moved: data links' frames and payload by "
+                                   "traffic class, and control messages (traffic control).",
                                    labels=["direction", "traffic"])
         moved = {(d, t): 0 for d in DIRECTIONS for t in TRAFFIC}
         moved.update(WIRE.snapshot())
@@ -262,13 +263,14 @@ class PeerCollector:
         yield wire
         by_codec = CounterMetricFamily(
             "peerlearn_wire_bytes_by_codec",
-            "Bytes moved over data links, by direction, traffic and the codec they were "
+            "Bytes this peer moved, by direction, traffic and the codec they were "
             "packed with (the sender's; a receiver reads it from the frames).",
             labels=["direction", "traffic", "codec"])
         # From start-up: raw bytes and this peer's codec, in every direction and
-        # traffic class; other codecs (a peer's that packs otherwise) as they come.
+        # traffic class (control messages: raw only, nothing packs them); other
+        # codecs (a peer's that packs otherwise) as they come.
         moved = {(d, t, codec_name(c)): 0 for d in DIRECTIONS for t in TRAFFIC
-                 for c in {None, self.d.cfg.codec}}
+                 for c in {None, self.d.cfg.codec} if t != CONTROL or c is None}
         for (direction, traffic, codec), n in WIRE.by_codec().items():
             key = (direction, traffic, codec_name(codec))
             moved[key] = moved.get(key, 0) + n

@@ -111,6 +111,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     lock_data_dir(data_dir)
     stop = threading.Event()
     signals: list[int] = []
+    traffic_from = training.traffic_bytes()  # the report counts joining and its sync too
     peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
 
     def on_signal(signum, _frame) -> None:
@@ -137,7 +138,8 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     try:
         report = training.train(peer, task, algo, hyper, steps=steps, rank=rank, world=world,
                                 seed=seed, progress_every=progress_every, progress=show,
-                                stop=stop.is_set, wait_peers=wait_peers)
+                                stop=stop.is_set, wait_peers=wait_peers,
+                                traffic_from=traffic_from)
     except PeerClosed:
         pass
     except CollectiveTimeout:
@@ -291,7 +293,15 @@ def run_demo(algo: str, peers: int, steps: int, task_spec: str | None, extra: li
         "val_loss": max((r["val_loss"] for r in ok), default=None),
         "val_loss_per_peer": [r.get("val_loss") for r in rows],
         "tokens": sum(r["tokens"] for r in ok),
+        # Each peer's bytes by kind, then the total: what it moved from its
+        # start, joining, state syncs and control messages included.
+        "bytes_sent_collective_per_peer": [r.get("bytes_sent_collective") for r in rows],
+        "bytes_sent_state_per_peer": [r.get("bytes_sent_state") for r in rows],
+        "bytes_sent_control_per_peer": [r.get("bytes_sent_control") for r in rows],
         "bytes_sent_per_peer": [r.get("bytes_sent") for r in rows],
+        "bytes_received_collective_per_peer": [r.get("bytes_received_collective") for r in rows],
+        "bytes_received_state_per_peer": [r.get("bytes_received_state") for r in rows],
+        "bytes_received_control_per_peer": [r.get("bytes_received_control") for r in rows],
         "bytes_received_per_peer": [r.get("bytes_received") for r in rows],
         "compute_utilisation_per_peer": [r.get("compute_utilisation") for r in rows],
         "outer_overhead_s_per_peer": [r.get("outer_overhead_s") for r in rows],

@@ -95,7 +95,7 @@ CHANNEL_GOSSIP = 1 << 13  # gossip exchanges, outside rounds
 
 
 def traffic_of(channel: int) -> str:
-    """The traffic class a channel's bytes are counted under (transport.link.WIRE)."""
+    """The traffic class a channel's bytes are counted under (transport.traffic.WIRE)."""
     return "round" if channel < CHANNEL_STATE else "state" if channel < CHANNEL_GOSSIP \
         else "gossip"
 

@@ -37,7 +37,8 @@ Bad input is counted in `rejected_messages` and dropped: oversized frames
 (zmq's MAXMSGSIZE closes such connections), wrong frame counts, unbound keys,
 undecodable or invalid messages. Sending never blocks: a peer that cannot
 take more (its queue is at the high-water mark) loses the message, which the
-round logic tolerates like any lost datagram.
+round logic tolerates like any lost datagram. Frames sent and received are
+counted in transport.traffic.WIRE (traffic "control"; what that leaves out: there).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from zmq.utils.monitor import parse_monitor_message
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.transport import keys
 from peerlearn.transport.admission import raise_fd_limit
+from peerlearn.transport.traffic import CONTROL, WIRE
 from peerlearn.wire import control as m
 
 log = logging.getLogger(__name__)
@@ -119,22 +121,6 @@ def split_target(target: str) -> tuple[str | None, str]:
     return peer, address
 
 
-class _Admission:
-    """ZAP policy: any key in secret mode (CURVE already proved the secret),
-    else only the CURVE keys of allowlisted identities."""
-
-    def __init__(self, allowed: set[bytes] | None):
-        self.allowed = allowed
-        self.denied = 0
-
-    def callback(self, domain, z85_key) -> bool:
-        if self.allowed is None:
-            return True
-        ok = z85.decode(z85_key) in self.allowed
-        self.denied += not ok
-        return ok
-
-
 class ControlPlane:
     """One peer's control sockets. Owned by one asyncio loop; close() joins everything."""
 
@@ -159,7 +145,7 @@ class ControlPlane:
             allowed = set(self._peer_servers.values())
         else:
             raise ValueError("a swarm needs a secret or an allowlist")
-        self._admission = _Admission(allowed)
+        self._admission = keys.ZapAdmission(allowed)
         self._bound: dict[bytes, bytes] = {}  # Ed25519 key -> its CURVE key (cache)
         raise_fd_limit()  # each socket is a descriptor or two
         self.ctx = zmq.asyncio.Context()
@@ -386,20 +372,25 @@ class ControlPlane:
         if d is None:
             self.dropped_sends += 1
             return
+        frame = self._pub + m.encode(msg)
         try:
-            sent = d.send(self._pub + m.encode(msg), flags=zmq.NOBLOCK, copy=True)
+            sent = d.send(frame, flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
             self.dropped_sends += 1
             return
-        # An asyncio socket reports a full queue (Again) through the returned
-        # future, not by raising: settle it here, or every drop becomes a
-        # "Future exception was never retrieved" traceback much later.
-        if isinstance(sent, asyncio.Future):
-            sent.add_done_callback(self._sent)
+        # An asyncio socket reports a full queue (Again) through its future,
+        # not by raising: settled here (a NOBLOCK send's at once), or every
+        # drop becomes a "Future exception was never retrieved" traceback.
+        if isinstance(sent, asyncio.Future) and not sent.done():
+            sent.add_done_callback(lambda fut: self._sent(fut, len(frame)))
+        else:
+            self._sent(sent, len(frame))
 
-    def _sent(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
+    def _sent(self, fut, n: int) -> None:
+        if isinstance(fut, asyncio.Future) and (fut.cancelled() or fut.exception() is not None):
             self.dropped_sends += 1
+        else:
+            WIRE.add("sent", CONTROL, n)
 
     @property
     def dealers(self) -> int:
@@ -425,6 +416,8 @@ class ControlPlane:
         """The next valid message and its sender's id; invalid ones are counted and skipped."""
         while True:
             frames = await self._router.recv_multipart(copy=False)
+            # Invalid frames crossed the wire too; the first is the routing id, made here.
+            WIRE.add("received", CONTROL, sum(len(f) for f in frames[1:]))
             if len(frames) != 2 or not 33 <= len(frames[1]) <= MAX_FRAME:
                 self.rejected_messages += 1
                 continue

@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from zmq.utils import z85
+
 from peerlearn.transport.swarm_secret import check_secret
 
 _P = 2**255 - 19
@@ -118,3 +120,19 @@ def data_secret(secret: bytes) -> bytes:
     authenticated control plane; it is used as is and never comes here.
     """
     return _subkey(secret, b"peerlearn-data-plane")
+
+
+class ZapAdmission:
+    """ZAP policy: any key in secret mode (CURVE already proved the secret),
+    else only the CURVE keys of allowlisted identities."""
+
+    def __init__(self, allowed: set[bytes] | None):
+        self.allowed = allowed
+        self.denied = 0
+
+    def callback(self, domain, z85_key) -> bool:
+        if self.allowed is None:
+            return True
+        ok = z85.decode(z85_key) in self.allowed
+        self.denied += not ok
+        return ok

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from peerlearn import _native
+from peerlearn.transport.traffic import WIRE
 
 StreamError = _native.StreamError
 StreamTimeout = _native.StreamTimeout
@@ -43,37 +44,6 @@ class TransferStats:
     bytes_on_wire: int  # frame headers and payloads, this side's direction
     conn_chunks: list[int]  # DATA frames per connection: the striping
     seconds: float
-
-
-class WireBytes:
-    """Bytes this process moved over data links, by direction and traffic
-    class (e.g. "round", "state", "gossip"): what metrics and training
-    reports show as bytes on the wire, counted by the transport, not estimated."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        # By (direction, traffic, codec id; None: raw): the sender names its
-        # codec, a receiver the one its frames' headers named.
-        self._bytes: dict[tuple[str, str, int | None], int] = {}
-
-    def add(self, direction: str, traffic: str, n: int, codec: int | None = None) -> None:
-        with self._lock:
-            key = (direction, traffic, codec)
-            self._bytes[key] = self._bytes.get(key, 0) + n
-
-    def snapshot(self) -> dict[tuple[str, str], int]:
-        """Bytes by (direction, traffic), every codec together."""
-        out: dict[tuple[str, str], int] = {}
-        for (direction, traffic, _), n in self.by_codec().items():
-            out[direction, traffic] = out.get((direction, traffic), 0) + n
-        return out
-
-    def by_codec(self) -> dict[tuple[str, str, int | None], int]:
-        with self._lock:
-            return dict(self._bytes)
-
-
-WIRE = WireBytes()
 
 
 def _run(op, started: float) -> TransferStats:
@@ -193,7 +163,7 @@ class Link:
         """
         flat = _check_tensor(tensor)
         self._claim("send")
-        failed = True
+        failed, op = True, None
         try:
             started = time.monotonic()
             op = _native.start_send(
@@ -203,10 +173,11 @@ class Link:
             )
             stats = _run(op, started)
             failed = False
-            WIRE.add("sent", self._root.traffic, stats.bytes_on_wire,
-                     None if codec is None else int(codec))
             return stats
         finally:
+            if op is not None:  # a failed transfer's bytes went out too
+                WIRE.add("sent", self._root.traffic, op.bytes_on_wire,
+                         None if codec is None else int(codec))
             self._release("send", failed)
 
     def recv_into(
@@ -219,17 +190,18 @@ class Link:
         """
         flat = _check_tensor(out)
         self._claim("receive")
-        failed = True
+        failed, op = True, None
         try:
             started = time.monotonic()
             op = _native.start_recv(self._fds, flat, op_id, accumulate, timeout)
             stats = _run(op, started)
             failed = False
-            codec = op.wire_codec
-            WIRE.add("received", self._root.traffic, stats.bytes_on_wire,
-                     None if codec < 0 else codec)
             return stats
         finally:
+            if op is not None:  # what a failed transfer read had crossed the wire too
+                codec = op.wire_codec
+                WIRE.add("received", self._root.traffic, op.bytes_on_wire,
+                         None if codec < 0 else codec)
             self._release("receive", failed)
 
     def healthy(self) -> bool:
