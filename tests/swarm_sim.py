@@ -264,6 +264,18 @@ class Sim:
             self._ready(p)  # decided (aborted) while we were at it, as the daemon retries
             return
         ok = all(self.connected(p.id, q) for q in a.participants if q != p.id)
+        stallers = {q for q in a.participants if getattr(self.peers[q], "ring_staller", False)}
+        if p.id in stallers:
+            return  # acked, then never sends nor reports: its neighbours time out
+        if ok and stallers:
+            # The participants next to a staller see their transfer time out
+            # and name it; the others see the abort spread around the ring.
+            n, i = len(a.participants), a.participants.index(p.id)
+            near = {a.participants[(i - 1) % n], a.participants[(i + 1) % n]} & stallers
+            self._settle(p.contribs.round_failed(a.round_id), None)
+            self.run_actions(p, p.core.collective_finished(
+                self.now, a.round_id, False, blame=min(near) if near else ""))
+            return
         # A poisoner's NaN reaches every participant's mean: each one's check fails.
         poisoned = ok and any(getattr(self.peers[q], "poison", False) for q in a.participants)
         ok = ok and not poisoned

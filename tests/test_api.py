@@ -3,6 +3,7 @@ each with its own event loop thread, real sockets on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -489,6 +490,47 @@ def test_a_poisoned_state_fetched_from_the_only_other_voter_is_refused(swarm):
     assert honest.daemon.bad_states >= 1
     assert not honest.daemon.core.trusted(liar.id, time.monotonic())
     assert all(bool(torch.isfinite(t.float()).all()) for t in honest.state.tensors.values())
+
+
+def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(swarm):
+    """A member acks a round, then never joins its ring (it neither sends nor
+    reads): the participant after it times out receiving, names it in its
+    Done, and the coordinator leaves both out for a cooldown; the others'
+    rounds apply. Checks the naming on real links, not only in simulation."""
+    peers = swarm(4, step_timeout=2.0)
+    run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
+    same_state(peers)
+    staller = max(peers, key=lambda p: p.id)  # never the coordinator
+    honest = [p for p in peers if p is not staller]
+
+    async def stall(a, sub):
+        await asyncio.sleep(3600)  # acked, and then nothing: cancelled at close
+    staller.daemon._run_round = stall
+
+    lead = min(peers, key=lambda p: p.id)
+    stop = threading.Event()
+
+    def one(i, p):
+        if p is staller:  # keeps offering itself, as a staller would
+            while not stop.is_set():
+                try:
+                    p.all_reduce(contribution(i, 1), apply=add_mean, timeout=4)
+                except (CollectiveTimeout, StateReplaced):
+                    pass
+            return None
+        try:
+            for k in range(1, 8):
+                applied_eventually(p, contribution(i, k), 60)
+                if k >= 2 and lead.daemon.core.stall_exclusions >= 1:
+                    break
+        finally:
+            stop.set()
+        return None
+    run_all(peers, one)
+    same_state(honest)
+    # The accused, and the accuser unless that is the coordinator itself.
+    assert lead.daemon.core.stall_exclusions >= 1
+    assert staller.id not in lead.daemon.core.members
 
 
 def test_a_member_sending_huge_updates_is_left_out_and_nothing_huge_applies(swarm):

@@ -20,6 +20,7 @@ SAMPLES = [
     m.Ack(4, 2),
     m.Commit(4, 2, 7, ("abc123",), (P,)),
     m.Done(4, True, H),
+    m.Done(4, False, H, False, "abc123"),
     m.Apply(4),
     m.Abort(4),
     m.StateRequest(7, H, 1, 3, 2**40 - 1),
@@ -56,6 +57,8 @@ def raw(**body):
         raw(t="ack", round_id=True, term=2),  # bool is not an int here
         raw(t="done", round_id=1, ok=1, result_hash=H),
         raw(t="done", round_id=1, ok=True, result_hash=b"short"),
+        raw(t="done", round_id=1, ok=False, result_hash=H, poisoned=False, blame="x" * 65),
+        raw(t="done", round_id=1, ok=False, result_hash=H, poisoned=False, blame=7),
         raw(t="join", peer=["", "a:1", "a:2"]),
         raw(t="join", peer=["x" * 65, "a:1", "a:2"]),
         raw(t="join", peer=["id\n", "a:1", "a:2"]),

@@ -363,3 +363,56 @@ def test_a_member_that_is_ready_but_never_acks_is_left_out_and_rounds_go_on():
     sim.run(sim.now + 20 * sim.t.gather)  # longer than any cooldown it earned
     assert "p03" in lead.members and not lead.excluded_now("p03", sim.now)
     assert sim.parity_violations() == []
+
+
+@pytest.mark.parametrize("how", ["proposes_nothing", "never_decides"])
+def test_a_leader_that_stalls_is_deposed_and_rounds_go_on(how):
+    """A member holding the secret that sorts first (ids are key hashes: it
+    can mint one) leads without leading: it proposes nothing, or commits a
+    round and never decides it. Its heartbeats keep it alive, so the failure
+    detector never moved on and no round ran. Every peer sees a quorum ready
+    and nothing committed (or a commit left undecided), deposes it, and the
+    next smallest id leads; counted."""
+    sim = Sim(5)
+    sim.run(3)
+    lead = sim.peers["p00"].core
+    if how == "proposes_nothing":
+        lead._maybe_propose = lambda now: []
+    else:
+        lead._finish = lambda now, apply, poisoned=False: []
+    t0 = sim.now
+    sim.run(t0 + 15)
+    honest = ["p01", "p02", "p03", "p04"]
+    applied = applied_after(sim, t0, ["p01"])
+    assert len(applied) >= 10, applied
+    for p in honest:
+        core = sim.peers[p].core
+        assert core.depositions >= 1
+        assert core.coordinator(sim.now) == "p01"
+    # No gap longer than one patience plus a round or two (the stall it
+    # takes to see it, and the round the successor ends by adoption).
+    times = [t0] + [t for t, *_ in applied]
+    assert max(b - a for a, b in zip(times, times[1:])) < sim.peers["p01"].core.patience() + 2
+    assert sim.parity_violations() == []
+
+
+def test_a_member_that_stalls_its_ring_is_left_out_with_its_accuser():
+    """A member acks, then never sends on its ring: every participant used to
+    wait out the step timeout, round after round. Its neighbours see their
+    transfer time out and name it in their Done; the coordinator leaves out
+    the accused and the accuser for a cooldown (it cannot tell which end
+    stalled), and the others' rounds apply. The honest accuser is back once
+    its cooldown ends and it takes part in a round that applies."""
+    sim = Sim(5)
+    sim.run(3)
+    sim.peers["p03"].ring_staller = True
+    t0 = sim.now
+    sim.run(t0 + 10)
+    lead = sim.peers["p00"].core
+    assert lead.stall_exclusions >= 2
+    views = [e[3] for e in sim.events if e[1] == "view" and e[2] == "p00" and e[0] > t0]
+    assert len(views) >= 10 and sum("p03" not in v for v in views) >= len(views) - 2
+    # Accusers (p02, p04: the staller's ring neighbours) return to rounds.
+    late = [v for v in views[-5:]]
+    assert any("p02" in v or "p04" in v for v in late), late
+    assert sim.parity_violations() == []

@@ -167,5 +167,16 @@ def run_schedule(n, jitter, seed, faults) -> Sim:
 # other peer died, and restarted as founder from that record it had no view.
 @example((3, 0.0, 0, [(("partition", {0}), 1.0), (("restart", 1, 1), 1.0), (("kill", 0), 1.0),
                       (("kill", 2), 1.0)]))
+# A participant killed and restarted inside one dead_after never sent its
+# Done: the leader waited out the collective, and participants that judged
+# it by their own Done deposed it while the others did not (split leaders).
+@example((4, 0.0, 0, [(("kill", 1), 0.125)]))
+# Half the participants lost the Commit in a short partition: the leader
+# waited out the collective while they saw nothing committed and deposed it.
+@example((6, 0.0, 0, [(("partition", {0, 1, 2}), 0.125)]))
+# A member deposed a leader that was restarting; the leader, having seen
+# nothing, kept leading: each side refused the other's rounds for good.
+@example((5, 0.0, 0, [(("partition", {0, 3, 4}), 2.1), (("kill", 0), 2.96),
+                      (("restart", 3, 0), 0.27), (("kill", 0), 2.56), (("kill", 0), 2.89)]))
 def test_no_step_has_two_hashes_and_rounds_resume_after_faults(s):
     run_schedule(*s)

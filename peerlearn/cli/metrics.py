@@ -92,6 +92,7 @@ def snapshot(d) -> dict:
             "unbacked_state": d.core.unbacked_states,
             "poisoner_excluded": d.core.exclusions,
             "staller_excluded": d.core.stall_exclusions,
+            "leader_deposed": d.core.depositions,
             "unknown_peer": d.core.refused_unknown,
             "gossip_poisoned": d.stats.gossip_poisoned,
             "data_admission": listener.refused,

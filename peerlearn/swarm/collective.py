@@ -76,8 +76,16 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
         return RoundResult(update)
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     addr = {p.id: p.data for p in a.members}
-    send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)
-    recv = links.incoming(pred, timeout=cfg.step_timeout)
+    try:
+        send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)
+    except TimeoutError as e:
+        e.ring_direction = "send"  # for stalled_neighbour
+        raise
+    try:
+        recv = links.incoming(pred, timeout=cfg.step_timeout)
+    except TimeoutError as e:
+        e.ring_direction = "recv"
+        raise
     inflight[a.round_id] = [send, recv]
     codec = None if cfg.codec is None else CodecSpec(cfg.codec, cfg.block_size)
     if cfg.aggregate == "mean":
@@ -88,6 +96,23 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
                           op_tag=a.round_id, codec=codec, timeout=cfg.step_timeout)
     out = agg.aggregate(rows, cfg.aggregate)
     return RoundResult(out.value, tuple(a.participants[i] for i in out.refused))
+
+
+def stalled_neighbour(e: BaseException, me: str, participants: tuple[str, ...]) -> str:
+    """Whom a failed collective points at: the predecessor when receiving
+    from it timed out, the successor when sending to it did (or setting up
+    the link to it), else "" (a peer's abort reached us, a link broke, our
+    own contribution was withdrawn). One failure aborts every link of the
+    ring within milliseconds, so only the participants next to the link that
+    stalled see a timeout."""
+    if isinstance(e, AllReduceAborted):
+        direction, cause = e.direction, e.cause
+    else:
+        direction, cause = getattr(e, "ring_direction", None), e
+    if direction is None or not isinstance(cause, TimeoutError) or me not in participants:
+        return ""
+    n, rank = len(participants), participants.index(me)
+    return participants[(rank - 1) % n] if direction == "recv" else participants[(rank + 1) % n]
 
 
 def poisoned_mean(mean: torch.Tensor, own: torch.Tensor | None) -> str | None:

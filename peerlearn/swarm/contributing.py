@@ -27,7 +27,7 @@ from concurrent.futures import Future
 
 from peerlearn.swarm import rounds as r
 from peerlearn.swarm.allreduce import AllReduceAborted
-from peerlearn.swarm.collective import run_collective
+from peerlearn.swarm.collective import run_collective, stalled_neighbour
 from peerlearn.swarm.config import Submission
 from peerlearn.swarm.contributions import Settle
 from peerlearn.swarm.records import CHECKPOINT_FILE
@@ -143,8 +143,11 @@ class Contributing:
                 None, run_collective, self.links, self.cfg, self.id, a,
                 None if sub is None else sub.tensor, self.inflight_links)
         except (AllReduceAborted, StreamError, TimeoutError, OSError) as e:
-            log.info("%s collective %d failed: %s", self.id[:8], a.round_id, e)
-            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False))
+            blame = stalled_neighbour(e, self.id, a.participants)
+            log.info("%s collective %d failed: %s%s", self.id[:8], a.round_id, e,
+                     f" (the link with {blame[:8]} stalled)" if blame else "")
+            self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False,
+                                                         blame=blame))
             self._retry("collective_failed")
             return
         finally:

@@ -30,6 +30,7 @@ class _Round:
     commit: m.Commit | None = None
     done: dict[str, m.Done] | None = None
     adopted: bool = False  # committed by a coordinator that is gone; we finish it
+    commit_sent_at: float = -1e18  # last (re)sent to participants not yet Done
 
 
 class Coordinating:
@@ -46,12 +47,21 @@ class Coordinating:
         p = r.propose
         members = tuple(self.known[i] for i in p.participants)
         r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members)
-        r.done, r.since = {}, now
+        self.last_led, self.blamed = r.commit, set()
+        r.done, r.since, r.commit_sent_at = {}, now, now
         # Everyone learns of the commit: a non-participant may have to finish it
         # as the next coordinator, and all of them adopt its view on Apply.
         return self._broadcast(r.commit, now) + self._on_commit(now, self.me.id, r.commit)
 
     def _on_done(self, now, sender, msg: m.Done) -> list:
+        self._saw_done(now, sender, msg)
+        last = self.last_led
+        if msg.blame and last is not None and msg.round_id == last.round_id and \
+                (msg.round_id, sender) not in self.blamed:
+            # The first failed Done ended the round; a stalled link's
+            # neighbours report at about the same moment, and are heard.
+            self.blamed.add((msg.round_id, sender))
+            self._blame_link(now, sender, msg.blame, last.participants)
         r = self.leading
         if r is None or r.commit is None or msg.round_id != r.commit.round_id or \
                 sender not in r.commit.participants:
@@ -95,7 +105,7 @@ class Coordinating:
                         now - r.since > self.t.collective or self._dropped(r.commit):
                     return self._finish(now, apply=False)
                 self.stall = f"round {r.commit.round_id} running"
-                return []
+                return self._resend_commit(now, r)
             else:
                 self.stall = f"round {r.propose.round_id} proposed, waiting for acks"
                 return []
@@ -219,6 +229,17 @@ class Coordinating:
         if self.me.id in participants:
             out += self._on_propose(now, self.me.id, prop)
         return out
+
+    def _resend_commit(self, now: float, r: _Round) -> list:
+        """A participant that acked and then lost the Commit (a partition
+        healed, a queue overflowed) holds the round open until the collective
+        timeout, and sees a leader that commits nothing (deposing.py): tell
+        those not yet Done again, once per ack timeout."""
+        if r.adopted or now - r.commit_sent_at < self.t.ack:
+            return []
+        r.commit_sent_at = now
+        return [Send(p, r.commit) for p in r.commit.participants
+                if p != self.me.id and p not in r.done and self.alive(p, now)]
 
     def _finish(self, now: float, apply: bool, poisoned: bool = False) -> list:
         r = self.leading

@@ -18,7 +18,8 @@ Model (docs/swarm.md has the reasoning):
   * The coordinator is the live view member with the smallest id. There is
     no election: when it dies, everyone's detector agrees on the next one
     within `dead_after`, which takes over with a higher term. Killing it costs
-    at most the round in flight.
+    at most the round in flight. One that lives and stalls is deposed by the
+    evidence every member sees alike (deposing.py).
   * History is never rewritten: the newest state a live view member holds
     wins (peers behind it sync, however many they are), and rounds run only
     for that newest step.
@@ -51,6 +52,7 @@ from peerlearn.swarm.actions import (  # noqa: F401
 )
 from peerlearn.swarm.coordinating import ROUND_ID_LIMIT, Coordinating, _Round
 from peerlearn.swarm.departing import MAX_DEPARTED, Departing  # noqa: F401
+from peerlearn.swarm.deposing import LEAD_MAX_S, Deposing
 from peerlearn.swarm.cooldown import Cooldowns
 from peerlearn.swarm.distrust import DISTRUST_FIRST_S, DISTRUST_MAX_S, Distrusting
 from peerlearn.swarm.suspicion import EXCLUDE_FIRST_S, EXCLUDE_MAX_S, Suspecting
@@ -62,7 +64,8 @@ from peerlearn.wire import control as m
 # ------------------------------------------------------------------ core
 
 
-class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welcoming):
+class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspecting,
+                Welcoming):
     """One peer's membership and round state. Not thread-safe: one driver owns it."""
 
     def __init__(self, me: m.PeerInfo, timeouts: Timeouts = Timeouts(), *,
@@ -87,6 +90,18 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         # Members that let a proposal time out while talking to us (suspicion.py).
         self.stalled = Cooldowns(2 * timeouts.gather, EXCLUDE_MAX_S)
         self.stall_exclusions = 0
+        self.took_part: m.Commit | None = None  # the round I took part in last
+        self.last_led: m.Commit | None = None  # the round I committed last...
+        self.blamed: set[tuple[int, str]] = set()  # ...and the accusations heard in it
+        # Leaders that stalled rounds, and the evidence (deposing.py).
+        self.deposed = Cooldowns(4 * (2 * timeouts.gather + 2 * timeouts.ack +
+                                      timeouts.dead_after), LEAD_MAX_S)
+        self.depositions = 0
+        self.quorum_ready_on: tuple[int, bytes] | None = None
+        self.quorum_ready_since: float | None = None
+        self.dones_round = 0  # the observed round whose Dones we count...
+        self.dones_from: set[str] = set()
+        self.all_done_at: float | None = None  # ...and when the last one came
         self.epoch = 0  # id of the last round applied here
         self.aborted = 0  # id of the last committed round settled as aborted here
         self.members: dict[str, m.PeerInfo] = {me.id: me} if founder else {}
@@ -121,7 +136,8 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         self.committer: str | None = None  # who sent it
         self.active: m.Commit | None = None  # ...when I am one of its participants
         self.my_done: m.Done | None = None
-        self.done_sent_at = -1e18
+        self.done_sent_at = -1e18  # last (re)sent
+        self.done_at = -1e18  # when my part of the round in flight ended
         self.leading: _Round | None = None
         self.last_beat_at = -1e18
         self.last_dead_beat_at = -1e18
@@ -172,18 +188,17 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
 
     def coordinator(self, now: float) -> str | None:
         """The smallest live voter we trust: a member that left for good, one
-        whose announced state proved false (distrust.py), or one announcing a
-        step past the newest we believe (a state no majority backs:
-        settling._backed) leads nothing: it would propose only for that step,
-        and no round would run while it lives."""
-        newest = self.newest_step(now)
-        live = [p for p in self.voters() if self.alive(p, now) and self.trusted(p, now)
-                and not self._beyond_belief(p, newest)]
-        return min(live) if live else None
+        whose announced state proved false (distrust.py), one deposed for
+        stalling rounds as leader (deposing.py), or one announcing a step past
+        the newest we believe (a state no majority backs: settling._backed)
+        leads nothing: it would propose only for that step, and no round
+        would run while it lives."""
+        return self._most_followed(now, self._may_lead(now))
 
-    def _beyond_belief(self, peer: str, newest: int) -> bool:
-        b = self.beats.get(peer)
-        return peer != self.me.id and b is not None and b.synced and b.step > newest
+    def _may_lead(self, now: float) -> list[str]:
+        newest = self.newest_step(now)
+        return [p for p in self.voters() if self.alive(p, now) and self.trusted(p, now)
+                and not self._beyond_belief(p, newest)]
 
     def is_coordinator(self, now: float) -> bool:
         return self.coordinator(now) == self.me.id
@@ -193,30 +208,6 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         decision rests on. A non-member's word settles nothing."""
         return {i: b for i, b in self.beats.items() if self.trusted(i, now)
                 if i in self.members and i != self.me.id and self.alive(i, now)}
-
-    def newest_step(self, now: float) -> int:
-        """The highest step a live view member holds (synced), mine included,
-        among the states believed (settling._backed: mine, or announced by a
-        majority of the other voters).
-
-        Every such state was applied by an agreed round (or restored from a
-        checkpoint of one), so no round may run for a lower step: that step
-        was passed, and running it again would give it a second hash. A step
-        only a minority announces is not believed: one liar announcing a far
-        step would otherwise stall every round for as long as it lives.
-        """
-        claims: dict[tuple[int, bytes], set[str]] = {}
-        for i, b in self._member_beats(now).items():
-            if b.synced:
-                claims.setdefault((b.step, b.state_hash), set()).add(i)
-        for i, r in self.readies.items():
-            if self.trusted(i, now) and i in self.members and i != self.me.id and \
-                    self.alive(i, now):
-                claims.setdefault((r.step, r.state_hash), set()).add(i)
-        steps = [k[0] for k, v in claims.items() if self._backed(k, v, now)]
-        if self.synced:
-            steps.append(self.step)
-        return max(steps + [self.floor])
 
     def view_behind(self, now: float) -> str | None:
         """A live member whose heartbeat shows a view newer than ours (rounds
@@ -292,17 +283,28 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         return Applied(self.epoch, view, self.max_round_id, self.term, step, h, self.departed)
 
     def collective_finished(self, now: float, round_id: int, ok: bool,
-                            result_hash: bytes = ZERO_HASH, poisoned: bool = False) -> list:
-        """poisoned: not ok because the mean failed this peer's check."""
-        if self.active is None or self.active.round_id != round_id or self.leaving:
+                            result_hash: bytes = ZERO_HASH, poisoned: bool = False,
+                            blame: str = "") -> list:
+        """poisoned: not ok because the mean failed this peer's check; blame:
+        not ok because the link with that participant stalled."""
+        took_part = self.took_part
+        blame = blame if not ok and took_part is not None and took_part.round_id == round_id \
+            and blame in took_part.participants and blame != self.me.id else ""
+        if self.leaving:
             return []
-        self.my_done = m.Done(round_id, ok, result_hash, poisoned and not ok)
+        if self.active is None or self.active.round_id != round_id:
+            if not blame:
+                return []
+            # Decided (aborted) while my transfer was still timing out: the
+            # others' failures spread from mine. The accusation still counts.
+            late = m.Done(round_id, False, ZERO_HASH, False, blame)
+            return self._broadcast(late, now) + self.receive(now, self.me.id, late)
+        self.my_done = m.Done(round_id, ok, result_hash, poisoned and not ok, blame)
         self.done_sent_at = now
-        coord = self.coordinator(now)
-        if coord is None:
-            return []
-        return [Send(coord, self.my_done)] if coord != self.me.id else \
-            self.receive(now, self.me.id, self.my_done)
+        self.done_at = now
+        # To every member, not only the leader: a leader sitting on a round
+        # every participant finished is then plain to all (deposing.py).
+        return self._broadcast(self.my_done, now) + self.receive(now, self.me.id, self.my_done)
 
     def receive(self, now: float, sender: str, msg) -> list:
         """One validated message from an authenticated sender."""
@@ -333,7 +335,8 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
             beat = m.Heartbeat(self.epoch, self.aborted, self.term, self.step,
-                               self.state_hash, self.synced, self.me, self.departed)
+                               self.state_hash, self.synced, self.me, self.departed,
+                               self._my_choice(now, self._may_lead(now)) or "")
             out += self._broadcast(beat, now)
             # Peers we think dead still hear from us now and then: that is how
             # the two sides of a healed partition find each other again.
@@ -344,6 +347,7 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         self._forget_long_gone(now)
         out += self._learn_missed_decision(now)
         self.stall = None
+        self._check_leader(now)
         out += self._check_sync(now)
         if self.is_coordinator(now):
             out += self._lead(now)
@@ -438,6 +442,9 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         # The Commit for the proposal we acked is taken from the peer we acked,
         # even if our detector has meanwhile changed its mind about who leads:
         # refusing it would leave the others waiting for us in the collective.
+        if self.observed is not None and self.observed.round_id == msg.round_id and \
+                sender == self.committer:
+            return []  # sent again for a participant that lost it: we have it
         mine = self.acked == (msg.round_id, msg.term) and sender == self.acked_to
         if sender != self.coordinator(now) and not mine and self._forwarded(now, sender, msg):
             return []  # a round we lead but never saw (we restarted): adopted at the next tick
@@ -463,7 +470,7 @@ class RoundCore(Coordinating, Settling, Departing, Distrusting, Suspecting, Welc
         if self.acked != (msg.round_id, msg.term):
             self.rejected += 1
             return out
-        self.observed = self.active = msg
+        self.observed = self.active = self.took_part = msg
         self.my_done = None
         return out + [StartCollective(msg.round_id, msg.step, msg.participants, msg.members)]
 

@@ -148,6 +148,34 @@ class Settling:
 
     # ---------------------------------------------------------- parity
 
+    def newest_step(self, now: float) -> int:
+        """The highest step a live view member holds (synced), mine included,
+        among the states believed (settling._backed: mine, or announced by a
+        majority of the other voters).
+
+        Every such state was applied by an agreed round (or restored from a
+        checkpoint of one), so no round may run for a lower step: that step
+        was passed, and running it again would give it a second hash. A step
+        only a minority announces is not believed: one liar announcing a far
+        step would otherwise stall every round for as long as it lives.
+        """
+        claims: dict[tuple[int, bytes], set[str]] = {}
+        for i, b in self._member_beats(now).items():
+            if b.synced:
+                claims.setdefault((b.step, b.state_hash), set()).add(i)
+        for i, r in self.readies.items():
+            if self.trusted(i, now) and i in self.members and i != self.me.id and \
+                    self.alive(i, now):
+                claims.setdefault((r.step, r.state_hash), set()).add(i)
+        steps = [k[0] for k, v in claims.items() if self._backed(k, v, now)]
+        if self.synced:
+            steps.append(self.step)
+        return max(steps + [self.floor])
+
+    def _beyond_belief(self, peer: str, newest: int) -> bool:
+        b = self.beats.get(peer)
+        return peer != self.me.id and b is not None and b.synced and b.step > newest
+
     def _check_sync(self, now: float) -> list:
         """Parity: if a majority of the view holds a state I do not, fetch it."""
         if self.active is not None:

@@ -31,6 +31,14 @@ proposal are blamed: one that is cut off or dead goes silent, and is the
 failure detector's case. An honest peer that refuses a proposal (it
 follows another coordinator for a moment, or its state changed) loses one
 round's contribution and waits two gathers.
+
+Inside a round, a member can stall its ring: it acks, then never sends (or
+never reads), and every participant's transfer waits out the step timeout.
+The participant next to the stalled link sees the timeout (one failure
+aborts every other link of the ring at once) and names the other end in its
+Done (`blame`); the coordinator leaves out both accuser and accused for the
+same cooldown (it cannot tell which end stalled). A round with a staller
+costs one step timeout, and then the staller is out.
 """
 
 from __future__ import annotations
@@ -55,6 +63,17 @@ class Suspecting:
 
     def left_out_now(self, now: float) -> set[str]:
         return self.excluded.active_ids(now) | self.stalled.active_ids(now)
+
+    def _blame_link(self, now: float, accuser: str, accused: str, participants) -> None:
+        """A participant's Done says its link with `accused` stalled (a
+        transfer timed out). Nobody else can tell which end stalled it, so
+        both are left out for a while, as BTARD bans accuser and accused: a
+        member that accuses honest peers at will pays for each accusation
+        with its own place in the next rounds."""
+        for p in (accuser, accused):
+            if p in participants and p != self.me.id:
+                self.stalled.add(p, now)
+                self.stall_exclusions += 1
 
     def _blame_non_ackers(self, now: float, propose, acks: set[str]) -> None:
         """The proposal timed out: leave out, for a while, every participant

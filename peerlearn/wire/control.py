@@ -53,6 +53,11 @@ def _peer_id(v) -> str:
     return v
 
 
+def _blame(v) -> str:
+    """A peer id, or "" for none."""
+    return v if v == "" else _peer_id(v)
+
+
 def _addr(v) -> str:
     if not isinstance(v, str) or not 1 <= len(v) <= MAX_ADDR_CHARS or not v.isprintable():
         raise MessageError("address must be 1..256 printable characters")
@@ -160,7 +165,7 @@ def _transfer(v) -> int:
 _CHECKS = {
     "epoch": _u64, "aborted": _u64, "round_id": _u64, "term": _u64, "step": _u64,
     "state_hash": _hash, "result_hash": _hash, "ok": _flag, "synced": _flag, "departed": _flag,
-    "poisoned": _flag,
+    "poisoned": _flag, "blame": _blame, "leader": _blame,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
     "key": _key32, "transfer": _transfer,
@@ -175,7 +180,10 @@ class Heartbeat:
     Abort learn how it ended; with `term` they let a coordinator that
     restarted go on from the swarm's counters instead of its own zeros.
     `departed`: I left this view for good (Leave with departed) and have not
-    taken part in a round since: my vote counts in no quorum of it."""
+    taken part in a round since: my vote counts in no quorum of it.
+    `leader`: whom my own evidence picks to lead ("" if nobody): peers that
+    judged a stalling leader at different moments agree by following the
+    most chosen (deposing.py)."""
 
     epoch: int
     aborted: int
@@ -185,6 +193,7 @@ class Heartbeat:
     synced: bool
     peer: PeerInfo
     departed: bool = False
+    leader: str = ""
 
 
 @dataclass(frozen=True)
@@ -267,12 +276,17 @@ class Commit:
 class Done:
     """My collective for round_id ended: ok with the result's hash, or failed.
     poisoned: it failed because the mean failed my check (not finite, or far
-    larger than my own contribution): a participant sent it."""
+    larger than my own contribution): a participant sent it. Sent to every
+    member (the leader decides; the others watch it: deposing.py)."""
 
     round_id: int
     ok: bool
     result_hash: bytes
     poisoned: bool = False
+    # Failed because the link to this participant stalled (a transfer from
+    # or to it timed out), or "": the accused and the accuser are both left
+    # out for a while (suspicion.py).
+    blame: str = ""
 
 
 @dataclass(frozen=True)
