@@ -545,3 +545,61 @@ def test_a_peer_that_loses_its_work_round_after_round_says_why(losses, caplog):
     assert len(lines) == (losses >= 2)
     if lines:
         assert lines[0].startswith("2 outer steps of local work lost in a row")
+
+
+# --------------------------------------------------------------------------- wall-clock budget
+
+
+def test_diloco_on_a_wall_clock_budget_waits_for_nobody_and_weighs_by_tokens(monkeypatch):
+    """every_s: each replica runs as many inner steps as fit in the budget,
+    so one 3x slower than the others submits at the same moment (no idle
+    replica, no work lost), and the outer step is the token-weighted mean:
+    the slow replica's pseudo-gradient counts for the fewer tokens it holds.
+    Time is each replica's own simulated clock."""
+    from peerlearn.algorithms import diloco as diloco_mod
+
+    m, budget = 3, 1.0
+    step_s = [0.125, 0.125, 0.375]  # replica 2 is 3x slower (binary-exact seconds)
+    clock = {"now": [0.0] * m, "cur": 0}
+    monkeypatch.setattr(diloco_mod.time, "monotonic", lambda: clock["now"][clock["cur"]])
+    outer = SGD(1.0)
+    models = replicas(m, lambda s: Tiny(s), 0)
+    swarm = FakeSwarm(m, lambda: DiLoCo.initial_state(models[0], outer))
+    opts = [torch.optim.SGD(x.parameters(), lr=0.05) for x in models]
+    algos = []
+    for i in range(m):
+        clock["cur"] = i
+        algos.append(DiLoCo(swarm.peers[i], models[i], opts[i], H=1000, outer=outer,
+                            every_s=budget))
+    steps, before, tokens = [0] * m, {}, [0.0] * m
+    grad = train_tick(models, opts)
+
+    def tick(i):
+        prev, clock["cur"] = clock["cur"], i
+        clock["now"][i] += step_s[i]
+        grad(i, steps[i])
+        opts[i].step()
+        steps[i] += 1
+        tokens[i] += 7.0  # tokens per inner step, the same batch size everywhere
+        if algos[i]._due():
+            before[i] = (params_of(models[i]), tokens[i])
+            tokens[i] = 0.0
+        algos[i].step(tokens=7.0)
+        clock["cur"] = prev
+
+    def on_wait(peer):  # a replica waits on the round: the others train until they submit
+        k = peer.submitted - 1
+        for j in range(m):
+            while swarm.peers[j].submitted <= k:
+                tick(j)
+    swarm.on_wait = on_wait
+    while algos[0].outer_steps < 1:
+        tick(0)
+    # Every replica submitted when its own second of training ran out.
+    assert steps == [8, 8, 3]
+    assert all(a.outer_steps == 1 for a in algos)
+    w = [before[i][1] for i in range(m)]
+    assert w == [56.0, 56.0, 21.0]
+    for n, got in outer_of(swarm.peers[0]).items():
+        want = sum(w[i] * before[i][0][n] for i in range(m)) / sum(w)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)

@@ -250,7 +250,9 @@ class OuterLoop:
 
 class DiLoCo(OuterLoop):
     """Synchronous DiLoCo over a swarm peer. Call `step()` after every inner
-    `optimizer.step()`; every H calls it takes one outer step with the swarm.
+    `optimizer.step()`; every H calls (or, with `every_s`, once that many
+    seconds have passed since the last outer step) it takes one outer step
+    with the swarm.
 
         outer = Nesterov(0.7, 0.9)
         peer = Peer(cfg, initial_state=lambda: DiLoCo.initial_state(model, outer))
@@ -262,14 +264,22 @@ class DiLoCo(OuterLoop):
 
     def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int,
                  outer: OuterOptimizer | None = None, weighted: bool = False,
-                 timeout: float | None = None):
+                 timeout: float | None = None, every_s: float | None = None):
         if H < 1:
             raise ValueError("H must be >= 1")
+        if every_s is not None and not every_s > 0:
+            raise ValueError("every_s must be positive")
         super().__init__(peer, model, inner_optimizer, timeout=timeout)
         self.H = H
         self.outer = outer if outer is not None else default_outer()
-        self.weighted = weighted
+        # A wall-clock budget: an outer step every `every_s` seconds of
+        # training, each replica running as many inner steps as fit, so a
+        # slower one is never waited for nor left out; its pseudo-gradient
+        # then counts by the tokens it carries (weighted, always).
+        self.every_s = every_s
+        self.weighted = weighted or every_s is not None
         self._tokens = 0.0
+        self._window_at = time.monotonic()
         check_layout(self._state(), self.params, self.names, OUTER_OPT, self.outer)
         self.reload()  # θ_i ← θ(t−1): a joiner starts from the swarm's params
 
@@ -298,7 +308,7 @@ class DiLoCo(OuterLoop):
         self.inner_steps += 1
         self.local_steps += 1
         self._tokens += tokens
-        if self.local_steps % self.H:
+        if not self._due():
             return False
         if self._state_moved():  # the swarm replaced our state since we last synced
             self.replaced_by_swarm()
@@ -309,16 +319,25 @@ class DiLoCo(OuterLoop):
         pending = self.peer.all_reduce_async(delta, apply=self.make_apply(), donate=True)
         if not self._wait(pending):
             # Timeout: keep training from our own params; local_steps goes on
-            # counting, so the next attempt comes H steps later and its Δ
-            # (and its token weight) spans both rounds.
+            # counting, so the next attempt comes H steps (or one budget)
+            # later and its Δ (and its token weight) spans both rounds.
+            self._window_at = time.monotonic()
             return False
         self.reload()  # θ_i ← θ(t): the new outer params
         self.outer_steps += 1
         return True
 
+    def _due(self) -> bool:
+        if self.every_s is None:
+            return self.local_steps % self.H == 0
+        return time.monotonic() - self._window_at >= self.every_s
+
     def reload(self) -> None:
         super().reload()
         self._tokens = 0.0  # the weight of progress that is now dropped or sent
+        # Every participant reloads as the round applies: the budgets of the
+        # next outer step start together, whatever each replica's speed.
+        self._window_at = time.monotonic()
 
     def make_apply(self) -> Callable[[SharedState, Mapping[str, torch.Tensor]], None]:
         """θ(t) ← OuterOpt(θ(t−1), Δ(t)) on the shared state. Runs on every

@@ -77,6 +77,9 @@ class Hyper:
     tau: int = 1  # streaming: inner steps a fragment's reduction overlaps
     alpha: float = 0.5  # streaming: local weight when merging
     weighted: bool = False  # diloco: weight pseudo-gradients by tokens
+    # diloco: an outer step every this many seconds of training instead of
+    # every H inner steps (each peer runs as many as fit; weighted by tokens)
+    outer_every_s: float | None = None
     timeout: float | None = 120.0  # an outer step waits this long, then is skipped
     # Gossip runs (noloco, gossip, gossip-vc):
     group: int = 2  # peers per gossip group
@@ -107,6 +110,11 @@ class Hyper:
                              f"{', '.join(GOSSIP_ALGORITHMS)} only")
         if algo == "streaming":
             check_schedule(self.H, self.P, self.tau, self.alpha)
+        if self.outer_every_s is not None:
+            if algo != "diloco":
+                raise ValueError("--outer-every-s applies to diloco only")
+            if not self.outer_every_s > 0:
+                raise ValueError(f"--outer-every-s must be positive, not {self.outer_every_s}")
 
 
 def initial_state(algo: str, model: nn.Module, hp: Hyper) -> SharedState:
@@ -157,7 +165,7 @@ def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int =
         return GossipAveraging(peer, model, optimizer, vc=algo == "gossip-vc", **kw)
     if algo == "diloco":
         return DiLoCo(peer, model, optimizer, H=hp.H, outer=outer, weighted=hp.weighted,
-                      timeout=hp.timeout)
+                      timeout=hp.timeout, every_s=hp.outer_every_s)
     if algo == "streaming":
         return StreamingDiLoCo(peer, model, optimizer, H=hp.H, P=hp.P, tau=hp.tau,
                                alpha=hp.alpha, outer=outer, timeout=hp.timeout)

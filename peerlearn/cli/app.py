@@ -281,6 +281,10 @@ def run(
         "shard RANK of WORLD disjoint shards."),
     seed: int = typer.Option(0, help="Data order seed (the model's comes from the task)."),
     H: int = typer.Option(50, "--H", help="Inner steps per outer step."),
+    outer_every_s: Optional[float] = typer.Option(
+        None, help="DiLoCo: an outer step every this many seconds of training instead of "
+                   "every --H inner steps; each peer runs as many as fit, and pseudo-gradients "
+                   "count by their tokens (peers of unequal speed lose no work)."),
     P: int = typer.Option(4, "--P", help="Streaming: fragments."),
     tau: int = typer.Option(1, help="Streaming: inner steps a fragment's reduction overlaps."),
     alpha: float = typer.Option(0.5, help="Streaming: weight of the local params when merging."),
@@ -314,7 +318,7 @@ def run(
     log_format: str = LOG_FORMAT_OPTION,
 ) -> None:
     """Start a peer that trains a task with an algorithm, as one member of a swarm."""
-    _check_steps(ctx, algo, steps, H)  # before anything loads torch
+    _check_steps(ctx, algo, steps, 1 if outer_every_s else H)  # before anything loads torch
     from peerlearn.cli import daemon, logs
     from peerlearn.wire.codecs import codec_from_name
 
@@ -336,6 +340,8 @@ def run(
         shared += ["--numel", str(numel)]
     else:
         shared += ["--H", str(H), "--outer-lr", str(outer_lr), "--momentum", str(momentum)]
+        if outer_every_s is not None:
+            shared += ["--outer-every-s", str(outer_every_s)]
         if algo == "streaming":
             shared += ["--P", str(P), "--tau", str(tau), "--alpha", str(alpha)]
         if algo in ("noloco", "gossip", "gossip-vc"):  # training.GOSSIP_ALGORITHMS (no torch here)
@@ -366,7 +372,7 @@ def run(
                         group=group, noloco_momentum=noloco_momentum, gamma=gamma,
                         noloco_nesterov=noloco_nesterov,
                         merge_at=_merge_at(merge_at), independent_init=independent_init,
-                        gossip_timeout=gossip_timeout),
+                        gossip_timeout=gossip_timeout, outer_every_s=outer_every_s),
             steps=steps, shard=shard, seed=seed, codec=codec_id, aggregate=aggregate,
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
