@@ -39,6 +39,7 @@ class SimPeer:
         # applied.json: written at every applied round and sync, as the daemon
         # does; a process that restarts and writes nothing keeps the old one.
         self.disk_record = record
+        self.slowdown = 1.0  # its compute between rounds takes this many times the sim's
         self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
         # The caller's contributions, decided by the daemon's own rules: a
         # peer that wants a round submits one token (its "pseudo-gradient").
@@ -218,7 +219,7 @@ class Sim:
                 p.core.result_applied(p.step, p.state)
                 p.disk_record = p.core.record()
                 self.events.append((self.now, "apply", p.id, p.step))
-                self.at(self.compute, self._ready, p)
+                self.at(self.compute * p.slowdown, self._ready, p)
             elif isinstance(a, r.DiscardResult):
                 p.pending = None
                 self._settle(p.contribs.round_failed(a.round_id), None)

@@ -416,3 +416,21 @@ def test_a_member_that_stalls_its_ring_is_left_out_with_its_accuser():
     late = [v for v in views[-5:]]
     assert any("p02" in v or "p04" in v for v in late), late
     assert sim.parity_violations() == []
+
+
+def test_a_slower_member_is_waited_for_by_its_measured_lateness():
+    """Issue 18: a member whose contribution comes later than `gather` after
+    the round's first was left out of every round (its work thrown away).
+    The coordinator measures each member's lateness and waits that long
+    (with a margin, at most four gathers): the slow member takes part."""
+    sim = Sim(4)
+    sim.peers["p03"].slowdown = 7.0  # its Ready comes ~1.2 s after the others' (gather 1 s)
+    sim.run(3)
+    t0 = sim.now
+    sim.run(t0 + 15)
+    views = [e[3] for e in sim.events if e[1] == "view" and e[2] == "p00" and e[0] > t0]
+    assert len(views) >= 6
+    assert sum("p03" in v for v in views) >= len(views) - 1, views
+    lead = sim.peers["p00"].core
+    assert 0.9 < lead.lateness["p03"] < 2.0, lead.lateness
+    assert sim.parity_violations() == []

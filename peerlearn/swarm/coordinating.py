@@ -18,6 +18,11 @@ from peerlearn.wire import control as m
 # No honest swarm reaches 2^62 rounds; reports above it are a member's lie.
 ROUND_ID_LIMIT = 1 << 62
 CATCHUP_EVERY = 10
+# A round waits for a member up to its measured lateness times this margin,
+# and never more than this many gathers.
+LATENESS_MARGIN = 1.25
+GATHER_MAX_FACTOR = 4.0
+LATENESS_DECAY = 0.8  # per new Ready: how fast a member's measured lateness fades
 
 
 @dataclass
@@ -203,7 +208,7 @@ class Coordinating:
                         (not b.synced or b.step < step)]
         waiting += catching
         first = self.first_ready_at if self.first_ready_at is not None else now
-        if waiting and now - first < self.t.gather:
+        if waiting and now - first < self._gather_for(waiting):
             self.stall = "gathering: waiting for " + ", ".join(
                 "this peer's own contribution" if p == self.me.id else p for p in sorted(waiting))
             return []
@@ -229,6 +234,26 @@ class Coordinating:
         if self.me.id in participants:
             out += self._on_propose(now, self.me.id, prop)
         return out
+
+    def _gather_for(self, waiting: list[str]) -> float:
+        """How long a round waits, from its first Ready, for the peers in
+        `waiting`: long enough for each one's own measured lateness (how far
+        behind the first Ready for their step its Readies came, a decaying
+        maximum: rounds._on_ready), at least `gather`, at most GATHER_MAX_FACTOR gathers. A
+        fixed wait left a peer 1.5x slower than the rest out of every round,
+        its inner steps thrown away (issue 18); one far slower than the cap
+        is still left out rather than idling everyone."""
+        need = self.t.gather
+        for p in waiting:
+            late = self.lateness.get(p)
+            if late is not None:
+                need = max(need, LATENESS_MARGIN * late + 2 * self.t.heartbeat_every)
+        return min(need, GATHER_MAX_FACTOR * self.t.gather)
+
+    def _measure_lateness(self, peer: str, late: float) -> None:
+        """A decaying maximum: one early Ready (right after a state sync, or a
+        lucky round) does not erase a slow peer's measure at once."""
+        self.lateness[peer] = max(late, LATENESS_DECAY * self.lateness.get(peer, 0.0))
 
     def _resend_commit(self, now: float, r: _Round) -> list:
         """A participant that acked and then lost the Commit (a partition

@@ -127,6 +127,8 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
         self.readies: dict[str, m.Ready] = {}
         self.first_ready_at: float | None = None
         self.waited_once: set[str] = set()  # joiners a gather already waited for
+        self.lateness: dict[str, float] = {}  # member -> its Readies' smoothed delay
+        self.first_ready_of: dict[int, float] = {}  # step -> when its first Ready came
         self.catchup_wait_at = -1e18  # when a gather last waited for one
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
         self.acked_to: str | None = None  # ...and the coordinator it went to
@@ -413,9 +415,17 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
 
     def _on_ready(self, now, sender, msg: m.Ready) -> list:
         self.known.setdefault(sender, msg.peer)
+        prev = self.readies.get(sender)
         self.readies[sender] = msg
         if self.first_ready_at is None:
             self.first_ready_at = now
+        first = self.first_ready_of.setdefault(msg.step, now)
+        if len(self.first_ready_of) > 8:  # the steps of the last few rounds are enough
+            del self.first_ready_of[min(self.first_ready_of)]
+        if prev is None or (prev.step, prev.state_hash) != (msg.step, msg.state_hash):
+            # A new Ready (not a repeat): how far behind the first Ready for
+            # its step it came, even after that round went ahead without it.
+            self._measure_lateness(sender, now - first)
         return self._lead(now) if self.is_coordinator(now) else []
 
     def _on_propose(self, now, sender, msg: m.Propose) -> list:

@@ -126,6 +126,10 @@ class Settling:
         if self.me.id in self.members:
             self.departed = False  # back in a view through a round: my vote counts again
         self.waited_once -= set(self.members)  # one that leaves and comes back: waited for again
+        # Members, and peers left out of this view whose Readies still come
+        # (a slow one, which the next rounds should wait for): ids `seen` holds.
+        self.lateness = {p: v for p, v in self.lateness.items()
+                         if p in self.members or p in self.seen}
         # Every participant finished the round moments ago (the Apply says so):
         # count that as hearing from them. A peer that joined the view through
         # this round may not have heartbeated us yet, and the next round must
