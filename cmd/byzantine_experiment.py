@@ -108,6 +108,31 @@ class LoggedBoard:
         return lambda: (setattr(output, "Board", original), log.close())
 
 
+
+def demo_logged(log: Path, timeout: float, algo: str, peers: int, steps: int,
+                extra: list[str], program) -> tuple[dict, threading.Event, LoggedBoard]:
+    """run_demo with the peers' lines going to `log`; a run that hangs past
+    `timeout` is interrupted (SIGINT: run_demo stops its peers and still
+    collects their reports). Returns the summary, whether it timed out, and
+    the board that read the peers' lines."""
+    from peerlearn.cli.train import run_demo
+
+    board = LoggedBoard(log)
+    restore = board.install()
+    fired = threading.Event()
+
+    def interrupt() -> None:
+        fired.set()
+        os.kill(os.getpid(), signal.SIGINT)
+    timer = threading.Timer(timeout, interrupt)
+    timer.start()
+    try:
+        summary = run_demo(algo, peers, steps, None, extra, progress="plain", program=program)
+    finally:
+        timer.cancel()
+        restore()
+    return summary, fired, board
+
 def version() -> dict:
     """The commit, and the peerlearn/ files changed from it: the tree may
     change between runs of a sweep (someone else working in it)."""
@@ -119,8 +144,6 @@ def version() -> dict:
 
 
 def run_one(name: str, aggregate: str, args) -> dict:
-    from peerlearn.cli.train import run_demo
-
     peers, attackers = CONFIGS[name]
     algo, extra = base_flags(args.H)
     warm = te.pretrain(args.seed, te.WARM_STEPS)
@@ -138,24 +161,9 @@ def run_one(name: str, aggregate: str, args) -> dict:
     at_start = version()
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log = args.log_dir / f"{name}-{aggregate}-seed{args.seed}-{args.steps}.log"
-    board = LoggedBoard(log)
-    restore = board.install()
-    # A run that hangs is interrupted (SIGINT: run_demo stops its peers and
-    # still collects their reports) and recorded as timed out.
-    fired = threading.Event()
-
-    def interrupt() -> None:
-        fired.set()
-        os.kill(os.getpid(), signal.SIGINT)
-    timer = threading.Timer(args.timeout, interrupt)
-    timer.start()
     t0 = time.monotonic()
-    try:
-        summary = run_demo(algo, peers, args.steps, None, extra, progress="plain",
-                           program=program)
-    finally:
-        timer.cancel()
-        restore()
+    summary, fired, board = demo_logged(log, args.timeout, algo, peers, args.steps, extra,
+                                        program)
     reports = summary.pop("peers_report")
     honest = [i for i in range(peers) if i not in attackers]
     losses = [reports[i].get("val_loss") for i in honest]

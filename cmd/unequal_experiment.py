@@ -59,11 +59,9 @@ import glob
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -141,8 +139,6 @@ def budget_from_reference(seed: int, steps: int) -> float | None:
 
 
 def run_one(name: str, args, tree: Path | None, sha: str) -> dict:
-    from peerlearn.cli.train import run_demo
-
     slow, budget, pad = CONFIGS[name]
     factors = [1.0] * PEERS
     fast_steps, slow_steps = args.steps, args.steps
@@ -173,23 +169,10 @@ def run_one(name: str, args, tree: Path | None, sha: str) -> dict:
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     log = args.log_dir / f"{name}-seed{args.seed}-{args.steps}.log"
-    board = bz.LoggedBoard(log)
-    restore = board.install()
-    fired = threading.Event()
-
-    def interrupt() -> None:
-        fired.set()
-        os.kill(os.getpid(), signal.SIGINT)
-    timer = threading.Timer(args.timeout, interrupt)
-    timer.start()
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
-    try:
-        summary = run_demo(algo, PEERS, fast_steps, None, extra, progress="plain",
-                           program=program)
-    finally:
-        timer.cancel()
-        restore()
+    summary, fired, board = bz.demo_logged(log, args.timeout, algo, PEERS, fast_steps, extra,
+                                           program)
     reports = summary.pop("peers_report")
     algo_metrics = [r.get("algorithm", {}) for r in reports]
     tally = [r.get("unequal", {}) for r in reports]
