@@ -28,6 +28,10 @@ from peerlearn.wire.codecs import Codec
 
 SECRET = b"api-test-secret-0123456789"
 FAST = Timeouts(heartbeat_every=0.1, dead_after=3.0, gather=2.0, ack=2.0)
+# For tests of what a round computes, not of who it leaves out: on a loaded
+# machine a peer's Ready can come 2 s after the first, and one left out sees
+# StateReplaced (other tests' subject).
+PATIENT = Timeouts(heartbeat_every=0.1, dead_after=3.0, gather=10.0, ack=2.0)
 N = 5000
 
 
@@ -102,7 +106,7 @@ def run_all(peers, fn):
 
 
 def test_all_reduce_is_the_exact_mean_and_identical_everywhere(swarm):
-    peers = swarm(3)
+    peers = swarm(3, timeouts=PATIENT)
     # Every peer is a member once one round has included them all.
     results = run_all(peers, lambda i, p: [p.all_reduce(contribution(i, k), apply=add_mean,
                                                         timeout=30) for k in range(3)])
@@ -224,11 +228,7 @@ def test_timeout_withdraws_and_close_ends_a_pending_call(swarm):
 
 
 def test_async_all_reduces_queue_into_successive_rounds_in_order(swarm):
-    # A round waits a long gather: on a loaded machine a peer's Ready can
-    # come 2 s after the first, and one left out would see StateReplaced
-    # (another test's subject), not the queueing this one checks.
-    peers = swarm(3, timeouts=Timeouts(heartbeat_every=0.1, dead_after=3.0, gather=10.0,
-                                       ack=2.0))
+    peers = swarm(3, timeouts=PATIENT)  # the queueing, not who is left out
     step = peers[0].step
     applied = {i: [] for i in range(3)}
 
@@ -532,8 +532,11 @@ def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(swarm)
         return None
     run_all(peers, one)
     same_state(honest)
-    # The accused, and the accuser unless that is the coordinator itself.
-    assert lead.daemon.core.stall_exclusions >= 1
+    # Once it took part in a committed round (it may also have been left out
+    # of every round, its Ready coming after the others'), it was named and
+    # shut out: the accused, and the accuser unless that is the coordinator.
+    if staller.daemon.core.took_part is not None:
+        assert lead.daemon.core.stall_exclusions >= 1
     assert staller.id not in lead.daemon.core.members
 
 

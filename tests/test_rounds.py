@@ -255,12 +255,13 @@ def test_decision_missed_while_the_old_coordinator_seemed_alive_is_learned_later
     beat = m.Heartbeat(sim.peers["p00"].core.epoch, 0, 0, 0, r.ZERO_HASH, True,
                        sim.peers["p00"].core.me)
     # p03 keeps hearing p00 (delivered late) until well after p01 has decided.
-    t_end = sim.now + sim.t.dead_after + sim.t.ack + 1.0
+    t_end = sim.now + sim.t.dead_after + 2 * sim.t.ack + 1.0  # suspicion.ACK_MISSES
     while sim.now < t_end:
         p3 = sim.peers["p03"]
         sim.run_actions(p3, p3.core.receive(sim.now, "p00", beat))
         sim.run(sim.now + sim.t.heartbeat_every)
-    assert sim.peers["p01"].core.observed is None  # p01 ended the round
+    c = sim.peers["p01"].core.observed
+    assert c is None or c.round_id > rid  # p01 ended the round (it may run a later one)
     stuck_at = {p: sim.peers[p].step for p in ("p01", "p02", "p03")}
     sim.run(sim.now + 8)
     # p03 learned the abort from the others' heartbeats, so the three of them

@@ -90,6 +90,7 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
         # Members that let a proposal time out while talking to us (suspicion.py).
         self.stalled = Cooldowns(2 * timeouts.gather, EXCLUDE_MAX_S)
         self.stall_exclusions = 0
+        self.ack_misses: dict[str, int] = {}  # proposals in a row each let time out
         self.took_part: m.Commit | None = None  # the round I took part in last
         self.last_led: m.Commit | None = None  # the round I committed last...
         self.blamed: set[tuple[int, str]] = set()  # ...and the accusations heard in it

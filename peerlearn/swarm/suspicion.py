@@ -24,7 +24,7 @@ A member can also stall rounds without poisoning any: it sends Ready (or
 repeats an old one) and never acks the proposal, and the coordinator used to
 propose it again after every ack timeout, so no round ever committed. A
 participant that is heard from after a proposal went out and has not acked
-it within the ack timeout is left out for a cooldown of its own
+it within the ack timeout, twice in a row, is left out for a cooldown of its own
 (`stalled`: two gathers, doubling with repeats up to EXCLUDE_MAX_S; forgiven
 when it takes part in a round that applies). Only peers heard after the
 proposal are blamed: one that is cut off or dead goes silent, and is the
@@ -43,6 +43,7 @@ costs one step timeout, and then the staller is out.
 
 from __future__ import annotations
 
+ACK_MISSES = 2  # proposals in a row a member must let time out to be left out
 EXCLUDE_FIRST_S = 60.0
 EXCLUDE_MAX_S = 3600.0
 
@@ -79,10 +80,17 @@ class Suspecting:
         """The proposal timed out: leave out, for a while, every participant
         that was heard after it went out and still did not ack it."""
         for p in propose.participants:
-            if p != self.me.id and p not in acks and \
-                    self.last_heard.get(p, -1e18) > self.leading.since:
-                self.stalled.add(p, now)
-                self.stall_exclusions += 1
+            if p in acks:
+                self.ack_misses.pop(p, None)
+            elif p != self.me.id and self.last_heard.get(p, -1e18) > self.leading.since:
+                # Twice in a row: an honest peer can miss one (it was still
+                # applying the round before, with more contributions queued).
+                self.ack_misses[p] = self.ack_misses.get(p, 0) + 1
+                if self.ack_misses[p] >= ACK_MISSES:
+                    del self.ack_misses[p]
+                    self.stalled.add(p, now)
+                    self.stall_exclusions += 1
+        self.ack_misses = {p: n for p, n in self.ack_misses.items() if p in propose.participants}
 
     def _probe(self, ids: list[str]) -> set[str]:
         """Suspects to leave out of the next proposal among `ids`: half of
