@@ -140,3 +140,86 @@ def test_hostile_frames_are_dropped_and_counted(tmp_path, kind):
             pb.close()
 
     asyncio.run(main())
+
+
+def _closed_by_peer(s, timeout: float) -> bool:
+    """Reads s until EOF (True) or until timeout passes with it open (False)."""
+    import select
+    import time as _time
+    deadline = _time.monotonic() + timeout
+    while (left := deadline - _time.monotonic()) > 0:
+        if select.select([s], [], [], left)[0]:
+            try:
+                if not s.recv(4096):
+                    return True
+            except ConnectionResetError:
+                return True
+    return False
+
+
+def test_incoming_connections_are_bounded_and_a_quieter_prefix_gets_in(tmp_path):
+    """A flood of connections from one address holds at most its slots, the
+    rest are cut (the descriptor reclaimed) and counted; once all slots are
+    held, connections from another prefix take the flooder's oldest, and a
+    member there still gets its messages through."""
+    import socket
+    import time
+
+    async def main():
+        b = ident(tmp_path, "b")
+        pb = ControlPlane(b, "127.0.0.1", 0, secret=SECRET,
+                          inbound_limits={"total": 12, "per_source": 8, "per_prefix": 8})
+        watch = asyncio.ensure_future(pb.watch_handshakes())
+        flood, other = [], []
+        member = None
+        try:
+            for _ in range(40):  # never greet: idle until cut
+                flood.append(socket.create_connection(("127.0.0.1", pb.port)))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if pb.inbound.refused >= 32:
+                    break
+            assert pb.inbound.held == 8 and pb.inbound.refused == 32
+            cut = await asyncio.to_thread(lambda: [_closed_by_peer(s, 0.2) for s in flood])
+            assert sum(cut) == 32, "the connections past the cap were not closed"
+            assert not any(cut[:8]), "the first 8 of the flood hold the slots"
+
+            # Another prefix (127.0.1.0/24): 4 free slots, then 2 taken from
+            # the busiest prefix (8 against 4, then 7 against 5), then none
+            # (6 against 6 is fair).
+            for i in range(8):
+                s = socket.socket()
+                s.bind((f"127.0.1.{1 + i}", 0))
+                s.connect(("127.0.0.1", pb.port))
+                other.append(s)
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if pb.inbound.evicted + pb.inbound.refused >= 2 + 32 + 2:
+                    break
+            assert pb.inbound.evicted == 2 and pb.inbound.refused == 34
+            assert pb.inbound.held == 12
+
+            # A member holding the secret, from a third prefix, is let in (it
+            # evicts a flood connection) and its message arrives.
+            member = ControlPlane(ident(tmp_path, "a"), "127.0.2.1", 0, secret=SECRET)
+            member.send(f"127.0.2.1:0;127.0.0.1:{pb.port}", m.Leave())
+            sender, msg = await asyncio.wait_for(pb.recv(), 10)
+            assert (sender, msg) == (member.peer_id, m.Leave())
+            assert pb.inbound.evicted == 3 and pb.inbound.held == 12
+
+            # Closed connections free their slots.
+            for s in flood + other:
+                s.close()
+            deadline = time.monotonic() + 10
+            while pb.inbound.held > 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert pb.inbound.held == 1  # the member's
+        finally:
+            watch.cancel()
+            for s in flood + other:
+                s.close()
+            if member is not None:
+                member.close()
+            pb.close()
+
+    asyncio.run(main())

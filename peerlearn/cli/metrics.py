@@ -82,6 +82,7 @@ def snapshot(d) -> dict:
         "quorum_held": d.core.quorum_held,
         "voters_unreachable": len(d.core.unreachable_voters(now)),
         "control_sockets": d.plane.dealers,
+        "control_connections_incoming": d.plane.inbound.held,
         "data_links_incoming": d.links.incoming_links,
         "refused": {
             "status_rate": d.status_refused,
@@ -103,6 +104,8 @@ def snapshot(d) -> dict:
             "data_link_reclaimed": d.links.reclaimed_links,
             "control_socket_evicted": d.plane.evicted_dealers,
             "control_socket_refused": d.plane.refused_dealers,
+            "control_connection_limit": d.plane.inbound.refused,
+            "control_connection_evicted": d.plane.inbound.evicted,
             "loop_error": d.loop_errors,
         },
         # Rejected control messages, by where they were dropped: undecodable
@@ -208,6 +211,8 @@ class PeerCollector:
                                        "quorum (else 0): no round applies until they return."),
                 ("control_sockets", "Outgoing control sockets open (view members' and an LRU "
                                     "of others)."),
+                ("control_connections_incoming",
+                 "Incoming control connections held (bounded per address, prefix and in all)."),
                 ("data_links_incoming", "Incoming data links filed (bounded per identity and "
                                         "by the identity's standing).")):
             yield GaugeMetricFamily(f"peerlearn_{name}", doc, value=s[name])

@@ -33,6 +33,9 @@ opened at most DEALER_OPENS_PER_S a second (burst MAX_DEALERS); a send that
 would open one beyond that is dropped and counted (`refused_dealers`): what a
 flood of new addresses costs is bounded in sockets and in CPU alike.
 
+Incoming connections are bounded per source address, per address prefix and
+in total (inbound.py); the rest are cut as soon as the monitor reports them.
+
 Bad input is counted in `rejected_messages` and dropped: oversized frames
 (zmq's MAXMSGSIZE closes such connections), wrong frame counts, unbound keys,
 undecodable or invalid messages. Sending never blocks: a peer that cannot
@@ -45,8 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
@@ -60,6 +61,7 @@ from zmq.utils.monitor import parse_monitor_message
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.transport import keys
 from peerlearn.transport.admission import raise_fd_limit
+from peerlearn.transport.inbound import InboundConnections
 from peerlearn.transport.traffic import CONTROL, WIRE
 from peerlearn.wire import control as m
 
@@ -70,6 +72,7 @@ MAX_FRAME = 32 + m.MAX_MESSAGE_BYTES
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 RECONNECT_MAX_MS = 2000
+HANDSHAKE_IVL_MS = 10_000
 _FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 # Refused handshakes are logged once, then at most once per this many seconds.
@@ -78,7 +81,6 @@ REFUSED_LOG_EVERY_S = 60.0
 # never succeeded, is refused (`ControlPlane.refused`): a wrong secret fails
 # every attempt, about one per reconnect interval (0.1 s, doubling to 2 s).
 REFUSED_AFTER = 3
-_ACCEPTED_MAX = 4096  # connections whose source address is remembered
 _WATCHES_MAX = 64  # outgoing connections watched at once (each holds a monitor: 2 sockets)
 # Outgoing sockets to addresses keep() does not pin (see the module docstring).
 MAX_DEALERS = 256
@@ -89,22 +91,6 @@ _SWEEP_EVERY_S = 1.0
 # table ran into): room for the pinned view (at most m.MAX_MEMBERS), the LRU,
 # the monitors of watched connections (2 sockets each) and the plane's own.
 _MAX_SOCKETS = m.MAX_MEMBERS + MAX_DEALERS + 2 * _WATCHES_MAX + 64
-
-
-def _peer_host(fd: int) -> str | None:
-    """The remote address of the accepted connection `fd`, if it is still open
-    (zmq reports the descriptor; a refused one may be closed by now)."""
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        host = s.getpeername()[0]
-        return host if isinstance(host, str) else None
-    except OSError:
-        return None
-    finally:
-        s.close()
 
 
 def split_target(target: str) -> tuple[str | None, str]:
@@ -126,7 +112,7 @@ class ControlPlane:
 
     def __init__(self, identity: Identity, bind_host: str, port: int, *,
                  secret: bytes | None = None, allowlist: list[bytes] | None = None,
-                 hwm: int = 1000):
+                 hwm: int = 1000, inbound_limits: dict[str, int] | None = None):
         self.identity = identity
         self.peer_id = identity.peer_id
         self._pub = identity.public_raw
@@ -162,12 +148,16 @@ class ControlPlane:
         self._router.maxmsgsize = 4 * MAX_FRAME
         self._router.linger = 0
         self._router.rcvhwm = hwm
+        # A connection holds one of the bounded inbound slots until its
+        # handshake fails: honest handshakes take a few round trips.
+        self._router.handshake_ivl = HANDSHAKE_IVL_MS
         self._router.bind(f"tcp://{bind_host}:{port}")
         endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.port = int(endpoint.rsplit(":", 1)[1])
         self._monitor = self._router.get_monitor_socket(
             _FAILED_HANDSHAKE | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._accepted: dict[int, str | None] = {}  # fd -> source address (best effort)
+        # Accepted connections, bounded (inbound.py); read where the monitor is.
+        self.inbound = InboundConnections(self.port, **(inbound_limits or {}))
         self._refused_from: Counter[str] = Counter()  # since the last log line
         self._refused_logged_at: float | None = None
         # Oldest use first: key -> [socket, last use (monotonic)].
@@ -430,7 +420,9 @@ class ControlPlane:
 
     async def watch_handshakes(self) -> None:
         """Counts failed CURVE handshakes (strangers, peers with another
-        secret) and logs them (_log_refused); run as a task until close()."""
+        secret) and logs them (_log_refused), and holds accepted connections
+        to their bounds (self.inbound: without this task they are unbounded);
+        run as a task until close()."""
         failed = False  # a failure's DISCONNECTED names its descriptor next
         try:
             while True:
@@ -442,11 +434,9 @@ class ControlPlane:
                 event = parse_monitor_message(await self._monitor.recv_multipart())
                 kind, value = event["event"], event["value"]
                 if kind == zmq.EVENT_ACCEPTED:
-                    if len(self._accepted) >= _ACCEPTED_MAX:
-                        self._accepted.clear()
-                    self._accepted[value] = _peer_host(value)
+                    self.inbound.accepted(value)
                 elif kind == zmq.EVENT_DISCONNECTED:
-                    source = self._accepted.pop(value, None)
+                    source = self.inbound.disconnected(value)
                     if failed:
                         failed = False
                         self._refused(source)
