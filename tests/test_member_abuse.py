@@ -134,6 +134,66 @@ def test_joins_naming_new_control_addresses_keep_the_socket_table_bounded(tmp_pa
         assert peer.stop() == 0, peer.log.read_text()[-3000:]
 
 
+def test_a_member_opening_control_connections_without_end_is_bounded(tmp_path):
+    """Incoming control connections: a member holding the secret opens 1500
+    CURVE connections (a DEALER each, every one through the handshake). zmq's
+    ROUTER used to accept them all, a descriptor and ~39 KiB each, until the
+    descriptor limit; now each takes a slot (MAX_INBOUND_PER_SOURCE from one
+    address) and the rest are cut at once and counted, while rounds apply and
+    status answers. Closing them frees the descriptors."""
+    import zmq
+
+    from peerlearn.cli.daemon import query_status
+    from peerlearn.transport import keys
+    from peerlearn.transport.inbound import MAX_INBOUND_PER_SOURCE
+
+    peer = Peer(tmp_path)
+    ctx = zmq.Context()
+    ctx.max_sockets = 4096
+    socks = []
+    try:
+        assert wait_for(lambda: peer.step() >= 3, 30)
+        fds_before = fds(peer.proc.pid)
+        step_before = peer.step()
+        attacker = Identity.load_or_create(tmp_path / "attacker")
+        pub, sec = keys.curve_keypair_from_ed25519(attacker.private_key)
+        server_pub, _ = keys.swarm_server_keypair(SECRET.encode())
+        n = 1500
+        for _ in range(n):
+            d = ctx.socket(zmq.DEALER)
+            d.curve_serverkey, d.curve_publickey, d.curve_secretkey = server_pub, pub, sec
+            d.linger = 0
+            d.reconnect_ivl = -1  # a cut connection stays cut: count each once
+            d.connect(f"tcp://{peer.control}")
+            socks.append(d)
+
+        key = 'peerlearn_refused_total{reason="control_connection_limit"}'
+        assert wait_for(lambda: peer.metrics()[key] >= n - MAX_INBOUND_PER_SOURCE - 8, 60), \
+            peer.metrics()[key]
+        during = peer.metrics()
+        assert during["peerlearn_control_connections_incoming"] <= MAX_INBOUND_PER_SOURCE, during
+        grown = fds(peer.proc.pid) - fds_before
+        print(f"descriptors: +{grown}; cut {during[key]:.0f}")
+        assert grown <= MAX_INBOUND_PER_SOURCE + 32, grown
+        rows = query_status(peer.control, SECRET.encode(), timeout=10)
+        assert any(r["role"] == "coordinator" for r in rows)
+        assert peer.step() > step_before or peer.applies(1), "no round during the flood"
+
+        for d in socks:
+            d.close(linger=0)
+        socks.clear()
+        assert wait_for(lambda: peer.metrics()["peerlearn_control_connections_incoming"] <= 4,
+                        20), peer.metrics()["peerlearn_control_connections_incoming"]
+        assert wait_for(lambda: fds(peer.proc.pid) <= fds_before + 16, 20), \
+            fds(peer.proc.pid) - fds_before
+        assert peer.applies(3), "no rounds after the flood"
+    finally:
+        for d in socks:
+            d.close(linger=0)
+        ctx.term()
+        assert peer.stop() == 0, peer.log.read_text()[-3000:]
+
+
 def test_pinned_sockets_are_never_evicted_and_idle_ones_close(tmp_path, monkeypatch):
     """The LRU closes the least recently used unpinned socket to make room
     (counted), never one to a view member; unpinned sockets unused for
