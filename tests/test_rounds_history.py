@@ -434,3 +434,30 @@ def test_a_slower_member_is_waited_for_by_its_measured_lateness():
     lead = sim.peers["p00"].core
     assert 0.9 < lead.lateness["p03"] < 2.0, lead.lateness
     assert sim.parity_violations() == []
+
+
+def test_readies_for_far_steps_do_not_hide_a_slow_members_lateness():
+    """The first Ready of each step is kept for the last few steps (8). A
+    member sending Readies for far steps used to evict the current step's
+    first time (the smallest step went), so each honest Ready looked first
+    and punctual: the slow member's lateness was never measured and it was
+    left out again. The entry farthest from the coordinator's step goes now."""
+    sim = Sim(5)
+    sim.peers["p03"].slowdown = 7.0
+    sim.run(3)
+    liar = sim.peers["p04"].core.me
+
+    def far_readies():
+        lead = sim.peers["p00"].core
+        for k in range(1, 10):
+            sim.forge("p04", "p00", m.Ready(lead.step + 1000 * k, r.ZERO_HASH, liar))
+        sim.at(0.05, far_readies)
+
+    far_readies()
+    t0 = sim.now
+    sim.run(t0 + 15)
+    views = [e[3] for e in sim.events if e[1] == "view" and e[2] == "p00" and e[0] > t0]
+    assert len(views) >= 6
+    assert sum("p03" in v for v in views) >= len(views) - 1, views
+    assert 0.9 < sim.peers["p00"].core.lateness["p03"] < 2.0
+    assert sim.parity_violations() == []

@@ -421,8 +421,13 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
         if self.first_ready_at is None:
             self.first_ready_at = now
         first = self.first_ready_of.setdefault(msg.step, now)
-        if len(self.first_ready_of) > 8:  # the steps of the last few rounds are enough
-            del self.first_ready_of[min(self.first_ready_of)]
+        if len(self.first_ready_of) > 8:
+            # The steps of the last few rounds are enough. The one farthest
+            # from ours goes, not the oldest: a member sending Readies for
+            # far steps would otherwise evict the current step's first time
+            # and make every honest peer look punctual.
+            del self.first_ready_of[max(self.first_ready_of,
+                                        key=lambda k: (abs(k - self.step), k))]
         if prev is None or (prev.step, prev.state_hash) != (msg.step, msg.state_hash):
             # A new Ready (not a repeat): how far behind the first Ready for
             # its step it came, even after that round went ahead without it.
