@@ -1,0 +1,240 @@
+"""Direct all-reduce: two one-way hops instead of the ring's 2(N-1).
+
+A ring moves a tensor in 2(N-1) sequential steps, each at least one one-way
+delay: over the emulated 100 ms path a 1 MB all-reduce among 4 peers took 7
+round trips (docs/benchmarks.md), while its bytes take a fifth of one. Here
+every peer sends each other peer that peer's segment of its contribution at
+once; each owner sums its segment and sends the result to every other peer at
+once. Each peer sends (and receives) 2(N-1)/N of the tensor, exactly the
+ring's bytes, over N-1 links at the same time instead of one: the same
+bandwidth term when the bottleneck is each peer's own access link, and two
+one-way delays in place of 2(N-1).
+
+    scatter, for every j != r:  send seg[j] of my tensor to j      (op step 0)
+                                receive j's seg[r] into part[j]
+    reduce:  seg[r] = part[0] + part[1] + ... + part[N-1], in rank order
+             (part[r] is mine); mean: / N; with a codec, encode once and
+             adopt the decoded value
+    gather,  for every j != r:  send seg[r] (or its packed bytes) to j (op step 1)
+                                receive seg[j] from j, overwrite
+
+What it costs: N-1 links in each direction (the ring needs one), and
+receive buffers for N-1 parts, (N-1)/N of the tensor; so it is meant for
+small tensors among few peers (collective.py chooses; DIRECT_MAX_*).
+
+Invariants, as ring_allreduce's:
+  * All or nothing: a complete result, or AllReduceAborted after every link
+    was aborted (so every other participant fails at once too).
+  * Identical results: each segment's final bytes are made once, by its
+    owner, and copied; and they do not depend on arrival order (the owner
+    adds the parts in rank order), so a rerun gives the same bits.
+  * `tensor` is only read, unless it is `out`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from peerlearn.swarm.allreduce import (
+    MAX_CHUNK_ELEMS, SEGMENT_ALIGN, AllReduceAborted, CodecSpec, _overlaps, op_id,
+    segment_bounds)
+from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link
+from peerlearn.wire import codecs
+
+# collective.py runs a mean this way when the round has at most this many
+# participants and the tensor at most this many bytes; larger ones take the
+# ring (its pipelining and lanes, one link each way, no part buffers).
+DIRECT_MAX_WORLD = 8
+DIRECT_MAX_BYTES = 64 << 20
+
+
+class _Failures:
+    """The first failure wins; recording one aborts every link at once."""
+
+    def __init__(self, rank: int, links: list[Link]):
+        self.rank = rank
+        self.links = links
+        self.errors: list[tuple[str, int, str, int, BaseException]] = []
+        self.lock = threading.Lock()
+
+    def fail(self, phase: str, step: int, direction: str, peer: int,
+             cause: BaseException) -> None:
+        with self.lock:
+            self.errors.append((phase, step, direction, peer, cause))
+        for link in self.links:
+            link.abort()
+
+    def aborted(self) -> AllReduceAborted:
+        phase, step, direction, peer, cause = self.errors[0]
+        e = AllReduceAborted(
+            f"rank {self.rank}: {phase} with rank {peer} ({direction}) failed: "
+            f"{type(cause).__name__}: {cause}", rank=self.rank, phase=phase, step=step,
+            direction=direction, cause=cause)
+        e.peer_rank = peer  # whom a timeout points at (collective.stalled_neighbour)
+        return e
+
+
+def direct_allreduce(
+    tensor: torch.Tensor,
+    *,
+    rank: int,
+    world: int,
+    send_links: list[Link | None],
+    recv_links: list[Link | None],
+    op_tag: int,
+    average: bool = True,
+    codec: CodecSpec | None = None,
+    timeout: float = 60.0,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sum (average=False) or mean of `tensor` over world peers.
+
+    tensor: contiguous fp32 on CPU, the same numel at every peer.
+    send_links[j] goes to rank j, recv_links[j] comes from rank j (None at
+    j == rank); op_tag as for ring_allreduce (the same at every peer, new
+    for every all-reduce sharing these links). timeout: seconds any one
+    transfer may take. out: as for ring_allreduce (`out=tensor` in place).
+    Raises AllReduceAborted (with `peer_rank`, the other end of the link
+    that failed first) after aborting every link.
+    """
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+        raise TypeError("direct_allreduce reduces fp32 CPU tensors")
+    if not tensor.is_contiguous():
+        raise ValueError("direct_allreduce needs a contiguous tensor")
+    if not 0 <= rank < world or len(send_links) != world or len(recv_links) != world:
+        raise ValueError("need 0 <= rank < world and one link slot per rank")
+    op_id(op_tag, 1)  # validates the tag before anything moves
+    if out is None:
+        out = torch.empty_like(tensor)
+    elif (out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != tensor.numel()
+          or (_overlaps(out, tensor) and out.data_ptr() != tensor.data_ptr())):
+        raise ValueError("out must be a contiguous fp32 tensor of tensor's size, apart from it "
+                         "or tensor itself")
+    flat_in, flat = tensor.view(-1), out.view(-1)
+    if world == 1:  # the sum and the mean of one
+        if flat.data_ptr() != flat_in.data_ptr():
+            flat.copy_(flat_in)
+        return out.view_as(tensor)
+    others = [j for j in range(world) if j != rank]
+    if any(send_links[j] is None or recv_links[j] is None for j in others):
+        raise ValueError("a direct all-reduce needs a link to and from every other peer")
+    align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
+    chunk = max(align, chunk_elems // align * align)
+    byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)
+    bounds = segment_bounds(flat.numel(), world, align)
+
+    def seg(t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[bounds[i]:bounds[i + 1]]
+
+    mine = seg(flat, rank)
+    # Sends read the input, never `out`: with out=tensor the gather overwrites
+    # the other segments only after every scatter send has finished.
+    parts = {j: torch.empty_like(mine) for j in others}
+    links = [link for link in send_links + recv_links if link is not None]
+    failures = _Failures(rank, links)
+    scattered = threading.Barrier(len(others) + 1)  # every scatter send done
+    received = threading.Semaphore(0)
+    reduced = threading.Event()
+    packed: list[torch.Tensor] = []  # the owner's bytes, with a codec
+
+    def sender(j: int) -> None:
+        link, step = send_links[j], 0
+        try:
+            t = seg(flat_in, j)
+            if t.numel():
+                link.send(t, op_id(op_tag, 0), codec=None if codec is None else codec.codec,
+                          block_size=64 if codec is None else codec.block_size,
+                          chunk_elems=chunk, timeout=timeout)
+            scattered.wait()
+            step = 1
+            reduced.wait()
+            if failures.errors or not mine.numel():
+                return
+            if codec is None:
+                link.send(mine, op_id(op_tag, 1), chunk_elems=chunk, timeout=timeout)
+            else:
+                link.send(packed[0], op_id(op_tag, 1), chunk_elems=byte_chunk,
+                          timeout=timeout)
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
+            failures.fail("scatter" if step == 0 else "gather", step, "send", j, e)
+            scattered.abort()
+            reduced.set()
+
+    def receiver(j: int) -> None:
+        link, step = recv_links[j], 0
+        try:
+            if parts[j].numel():
+                link.recv_into(parts[j], op_id(op_tag, 0), timeout=timeout)
+            received.release()
+            step = 1
+            t = seg(flat, j)
+            reduced.wait()
+            if failures.errors or not t.numel():
+                return
+            if codec is None:
+                link.recv_into(t, op_id(op_tag, 1), timeout=timeout)
+            else:
+                size = codecs.packed_size(t.numel(), codec.codec, torch.float32,
+                                          codec.block_size)
+                buf = torch.empty(size, dtype=torch.uint8)
+                link.recv_into(buf, op_id(op_tag, 1), timeout=timeout)
+                codecs.decode(buf, out=t)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
+            failures.fail("scatter" if step == 0 else "gather", step, "recv", j, e)
+            received.release()
+            scattered.abort()
+            reduced.set()
+
+    threads = [threading.Thread(target=fn, args=(j,), name=f"direct-{fn.__name__}-{j}")
+               for j in others for fn in (sender, receiver)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in others:
+            received.acquire()
+        if not failures.errors:
+            scattered.wait()  # out may be the input: keep it until every send read it
+            _reduce(mine, seg(flat_in, rank), parts, rank, world, average, codec, packed)
+    except threading.BrokenBarrierError:
+        pass  # a sender failed: recorded
+    except BaseException as e:  # noqa: BLE001 - e.g. a sum the codec refuses, no thread
+        failures.fail("reduce", 1, "none", rank, e)
+    finally:
+        if failures.errors:
+            scattered.abort()  # senders waiting for the others' scatter give up
+        reduced.set()
+        for t in threads:
+            if t.ident is not None:
+                t.join()  # never leave a thread writing into our buffers
+    if failures.errors:
+        err = failures.aborted()
+        raise err from err.cause
+    return out.view_as(tensor)
+
+
+def _reduce(mine: torch.Tensor, own_input: torch.Tensor, parts: dict[int, torch.Tensor],
+            rank: int, world: int, average: bool, codec: CodecSpec | None,
+            packed: list[torch.Tensor]) -> None:
+    """mine = the rank-ordered sum of the parts and my own input's segment
+    (then the mean, then the codec's round trip); packed gets the bytes the
+    gather sends when there is a codec."""
+    if not mine.numel():
+        return
+    if own_input.data_ptr() == mine.data_ptr() and rank != 0:
+        own_input = own_input.clone()  # in place: mine is overwritten by part[0] first
+    terms = [own_input if j == rank else parts[j] for j in range(world)]
+    if mine.data_ptr() != terms[0].data_ptr():
+        mine.copy_(terms[0])
+    for t in terms[1:]:
+        mine.add_(t)
+    if average:
+        mine.div_(world)
+    if codec is not None:
+        packed.append(codecs.encode(mine, codec.codec, block_size=codec.block_size))
+        codecs.decode(packed[0], out=mine)
