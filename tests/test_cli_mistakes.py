@@ -127,11 +127,11 @@ def test_the_refused_handshakes_are_logged_at_most_once_a_minute(tmp_path, caplo
     logs the first at once and the rest together when the minute is up (made
     1 s here), naming the count and where they came from."""
     from peerlearn.state.identity import Identity
-    from peerlearn.transport import control
+    from peerlearn.transport import handshakes
     from peerlearn.transport.control import ControlPlane
     from peerlearn.wire import control as m
 
-    monkeypatch.setattr(control, "REFUSED_LOG_EVERY_S", 1.0)
+    monkeypatch.setattr(handshakes, "REFUSED_LOG_EVERY_S", 1.0)
     caplog.set_level(logging.WARNING, logger="peerlearn.transport.control")
 
     async def main():

@@ -223,3 +223,44 @@ def test_incoming_connections_are_bounded_and_a_quieter_prefix_gets_in(tmp_path)
             pb.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_that_cannot_be_dialled_is_answered_on_its_own_connection(tmp_path):
+    """Dial-back (a peer behind NAT): it advertises no reachable address,
+    opens the connection itself and says DialBack; the other side answers on
+    that connection, each message signed for it; the dial-back peer learns
+    the sender from the signature. A message nobody asked for is dropped and
+    counted; a signature made for another connection is refused."""
+    from peerlearn.transport import dialback
+
+    async def main():
+        a, b = ident(tmp_path, "a"), ident(tmp_path, "b")
+        nat = ControlPlane(a, "127.0.0.1", 0, secret=SECRET, dial_back=True)
+        pub = ControlPlane(b, "127.0.0.1", 0, secret=SECRET)
+        try:
+            # Before it asked: nowhere to send, counted.
+            pub.send(m.DIAL_BACK, m.Leave(), to=a.peer_id)
+            assert pub.dropped_sends == 1
+
+            nat.send(f"127.0.0.1:{pub.port}", beat(a))
+            sender, msg = await asyncio.wait_for(pub.recv(), 5)
+            assert (sender, msg) == (a.peer_id, beat(a))  # DialBack itself is not returned
+
+            pub.send(m.DIAL_BACK, beat(b), to=a.peer_id)
+            sender, msg = await asyncio.wait_for(nat.recv(), 5)
+            assert (sender, msg) == (b.peer_id, beat(b))
+
+            # A frame whose signature was made for another nonce is refused.
+            routing_id, nonce = pub._routes.get(a.peer_id)
+            body = m.encode(m.Leave())
+            forged = b.public_raw + dialback.sign(b.private_key, b"\1" * 16, body) + body
+            pub._router.send_multipart([routing_id, forged])
+            pub.send(m.DIAL_BACK, m.Leave(), to=a.peer_id)
+            sender, msg = await asyncio.wait_for(nat.recv(), 5)
+            assert (sender, msg) == (b.peer_id, m.Leave())
+            assert nat.rejected_messages == 1
+        finally:
+            nat.close()
+            pub.close()
+
+    asyncio.run(main())

@@ -1,8 +1,10 @@
 """One round's collective on a worker thread, and the checks on its result.
 
-With `aggregate="mean"` (the default) the round is the ring all-reduce:
-nobody sees another member's contribution, and the bytes are 2(N-1)/N of
-one contribution. With a robust rule (aggregate.py) the round all-gathers
+With `aggregate="mean"` (the default) the round is an all-reduce: nobody
+sees another member's contribution, and the bytes are 2(N-1)/N of one
+contribution. A small tensor among a few peers takes the direct all-reduce
+(direct.py: two one-way hops), anything larger the ring (2(N-1) hops,
+pipelined, in lanes). With a robust rule (aggregate.py) the round all-gathers
 every contribution (allgather.py, N/2 times the bytes) and every participant
 applies the rule to the same rows: a member that sends 1e30, a sign flip or
 noise moves the result by a bounded amount, and a NaN row is left out and
@@ -27,6 +29,7 @@ from peerlearn.swarm.allgather import ring_allgather
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
 from peerlearn.swarm.config import PeerConfig
 from peerlearn.swarm.datalinks import PeerLinks
+from peerlearn.swarm.direct import DIRECT_MAX_BYTES, DIRECT_MAX_WORLD, direct_allreduce
 from peerlearn.wire.codecs import hash_tensor
 
 # A round's mean may be at most this many times larger (max |x|) than this
@@ -74,20 +77,24 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
         # The submission's buffer is the daemon's (a copy, or donated): the
         # mean of one is that buffer, without another copy of the model.
         return RoundResult(update)
-    succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     addr = {p.id: p.data for p in a.members}
-    try:
-        send = links.outgoing(succ, addr[succ], timeout=cfg.step_timeout)
-    except TimeoutError as e:
-        e.ring_direction = "send"  # for stalled_neighbour
-        raise
-    try:
-        recv = links.incoming(pred, timeout=cfg.step_timeout)
-    except TimeoutError as e:
-        e.ring_direction = "recv"
-        raise
-    inflight[a.round_id] = [send, recv]
     codec = None if cfg.codec is None else CodecSpec(cfg.codec, cfg.block_size)
+    if cfg.aggregate == "mean" and _direct(update, n):
+        others = [p for p in a.participants if p != me]
+        sends = {p: _link(lambda p=p: links.outgoing(p, addr[p], timeout=cfg.step_timeout),
+                          a.participants, p) for p in others}
+        recvs = {p: _link(lambda p=p: links.incoming(p, timeout=cfg.step_timeout),
+                          a.participants, p) for p in others}
+        inflight[a.round_id] = [*sends.values(), *recvs.values()]
+        return RoundResult(direct_allreduce(
+            update, rank=rank, world=n, send_links=[sends.get(p) for p in a.participants],
+            recv_links=[recvs.get(p) for p in a.participants], op_tag=a.round_id,
+            average=True, codec=codec, timeout=cfg.step_timeout))
+    succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
+    send = _link(lambda: links.outgoing(succ, addr[succ], timeout=cfg.step_timeout),
+                 a.participants, succ)
+    recv = _link(lambda: links.incoming(pred, timeout=cfg.step_timeout), a.participants, pred)
+    inflight[a.round_id] = [send, recv]
     if cfg.aggregate == "mean":
         return RoundResult(ring_allreduce(
             update, rank=rank, world=n, send_link=send, recv_link=recv, op_tag=a.round_id,
@@ -98,21 +105,45 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
     return RoundResult(out.value, tuple(a.participants[i] for i in out.refused))
 
 
+def _direct(update: torch.Tensor, n: int) -> bool:
+    """Whether a mean among n runs as the direct all-reduce (two one-way
+    hops) rather than the ring (2(n-1)): for a few peers and a small
+    tensor, where the ring's hops, not the bytes, set its time. Every
+    participant decides alike: the same n, numel and constants."""
+    return 3 <= n <= DIRECT_MAX_WORLD and update.numel() * 4 <= DIRECT_MAX_BYTES
+
+
+def _link(open_link, participants: tuple[str, ...], peer: str):
+    """open_link(), a TimeoutError tagged with the participant's rank it
+    waited for (for stalled_neighbour)."""
+    try:
+        return open_link()
+    except TimeoutError as e:
+        e.peer_rank = participants.index(peer)
+        raise
+
+
 def stalled_neighbour(e: BaseException, me: str, participants: tuple[str, ...]) -> str:
-    """Whom a failed collective points at: the predecessor when receiving
-    from it timed out, the successor when sending to it did (or setting up
-    the link to it), else "" (a peer's abort reached us, a link broke, our
-    own contribution was withdrawn). One failure aborts every link of the
-    ring within milliseconds, so only the participants next to the link that
-    stalled see a timeout."""
-    if isinstance(e, AllReduceAborted):
-        direction, cause = e.direction, e.cause
-    else:
-        direction, cause = getattr(e, "ring_direction", None), e
-    if direction is None or not isinstance(cause, TimeoutError) or me not in participants:
+    """Whom a failed collective points at: the participant at the other end
+    of the link on which a transfer (or the link's setup) timed out, else
+    "" (a peer's abort reached us, a link broke, our own contribution was
+    withdrawn). One failure aborts every link of the round within
+    milliseconds, so only the participants linked to the one that stalled
+    see a timeout. A ring's abort says the direction: the predecessor for a
+    receive, the successor for a send."""
+    cause = e.cause if isinstance(e, AllReduceAborted) else e
+    if not isinstance(cause, TimeoutError) or me not in participants:
         return ""
     n, rank = len(participants), participants.index(me)
-    return participants[(rank - 1) % n] if direction == "recv" else participants[(rank + 1) % n]
+    peer = getattr(e, "peer_rank", None)
+    if peer is not None and 0 <= peer < n and peer != rank:
+        return participants[peer]
+    direction = getattr(e, "direction", None)
+    if direction == "recv":
+        return participants[(rank - 1) % n]
+    if direction == "send":
+        return participants[(rank + 1) % n]
+    return ""
 
 
 def poisoned_mean(mean: torch.Tensor, own: torch.Tensor | None) -> str | None:

@@ -13,7 +13,7 @@ control message (peerlearn.wire.control). The frame's CURVE User-Id must be
 the CURVE key derived from that Ed25519 key, so a member cannot speak in
 another's name; the sender's id comes from there, never from the message.
 
-Refused handshakes are also logged, at most once a minute (REFUSED_LOG_EVERY_S)
+Refused handshakes are also logged (handshakes.py), at most once a minute
 with their count and source addresses: a peer started with another secret
 shows up in the log of the peer it tries to reach, not only in a counter. On
 the other side, each outgoing connection is watched until its first handshake
@@ -32,6 +32,9 @@ MAX_DEALERS, the least recently used closed to make room
 opened at most DEALER_OPENS_PER_S a second (burst MAX_DEALERS); a send that
 would open one beyond that is dropped and counted (`refused_dealers`): what a
 flood of new addresses costs is bounded in sockets and in CPU alike.
+
+A peer that cannot be dialled (behind NAT) advertises m.DIAL_BACK and is
+answered on the connections it opens, each message signed (dialback.py).
 
 Incoming connections are bounded per source address, per address prefix and
 in total (inbound.py); the rest are cut as soon as the monitor reports them.
@@ -56,11 +59,11 @@ import zmq
 import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from peerlearn.state.identity import Identity, peer_id_of
-from peerlearn.transport import keys
+from peerlearn.transport import dialback, keys
 from peerlearn.transport.admission import raise_fd_limit
+from peerlearn.transport.handshakes import _FAILED_HANDSHAKE, _WATCHES_MAX, HandshakeWatching
 from peerlearn.transport.inbound import InboundConnections
 from peerlearn.transport.traffic import CONTROL, WIRE
 from peerlearn.wire import control as m
@@ -73,15 +76,6 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 RECONNECT_MAX_MS = 2000
 HANDSHAKE_IVL_MS = 10_000
-_FAILED_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-# Refused handshakes are logged once, then at most once per this many seconds.
-REFUSED_LOG_EVERY_S = 60.0
-# An outgoing connection whose handshake failed this many times in a row, and
-# never succeeded, is refused (`ControlPlane.refused`): a wrong secret fails
-# every attempt, about one per reconnect interval (0.1 s, doubling to 2 s).
-REFUSED_AFTER = 3
-_WATCHES_MAX = 64  # outgoing connections watched at once (each holds a monitor: 2 sockets)
 # Outgoing sockets to addresses keep() does not pin (see the module docstring).
 MAX_DEALERS = 256
 DEALER_IDLE_S = 60.0
@@ -107,14 +101,20 @@ def split_target(target: str) -> tuple[str | None, str]:
     return peer, address
 
 
-class ControlPlane:
+class ControlPlane(HandshakeWatching):
     """One peer's control sockets. Owned by one asyncio loop; close() joins everything."""
 
     def __init__(self, identity: Identity, bind_host: str, port: int, *,
                  secret: bytes | None = None, allowlist: list[bytes] | None = None,
-                 hwm: int = 1000, inbound_limits: dict[str, int] | None = None):
+                 hwm: int = 1000, inbound_limits: dict[str, int] | None = None,
+                 dial_back: bool = False):
         self.identity = identity
         self.peer_id = identity.peer_id
+        # This peer cannot be dialled: it asks to be answered on the
+        # connections it opens, and reads them (dialback.py).
+        self.dial_back = dial_back
+        self._routes = dialback.Routes()  # peers that asked us to answer them so
+        self._nonce_of: dict[zmq.asyncio.Socket, list] = {}  # our DEALER -> [nonce, hello at]
         self._pub = identity.public_raw
         self._curve_pub, self._curve_sec = keys.curve_keypair_from_ed25519(identity.private_key)
         # Whose server key a DEALER expects: secret mode, the swarm's (only
@@ -148,6 +148,7 @@ class ControlPlane:
         self._router.maxmsgsize = 4 * MAX_FRAME
         self._router.linger = 0
         self._router.rcvhwm = hwm
+        self._router.router_mandatory = True  # a route gone stale is a counted drop
         # A connection holds one of the bounded inbound slots until its
         # handshake fails: honest handshakes take a few round trips.
         self._router.handshake_ivl = HANDSHAKE_IVL_MS
@@ -274,73 +275,8 @@ class ControlPlane:
             return
         self._unwatch(key, entry[0])
         self._outcomes.pop(key, None)
+        self._nonce_of.pop(entry[0], None)
         entry[0].close(linger=0)
-
-    def _watch(self, address: str, server_pub: bytes, d: zmq.asyncio.Socket) -> None:
-        """Follows d's handshakes until one succeeds (then the monitor goes)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # driven without a loop: nothing reads a monitor
-        if len(self._watches) >= _WATCHES_MAX:
-            return
-        key = (address, server_pub)
-        mon = d.get_monitor_socket(_FAILED_HANDSHAKE | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._outcomes[key] = [0, False]
-        self._watches[key] = (mon, loop.create_task(self._read_outcomes(key, d, mon)))
-
-    async def _read_outcomes(self, key, d: zmq.asyncio.Socket, mon: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await mon.recv_multipart())["event"]
-                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._outcomes.pop(key, None)
-                    break
-                outcome = self._outcomes.setdefault(key, [0, False])
-                outcome[0] += 1
-                outcome[1] = event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        except (zmq.ZMQError, asyncio.CancelledError):
-            return
-        self._unwatch(key, d)
-
-    def _unwatch(self, key, d: zmq.asyncio.Socket | None) -> None:
-        watch = self._watches.pop(key, None)
-        if watch is None:
-            return
-        mon, task = watch
-        if task is not asyncio.current_task():
-            task.cancel()
-        if d is not None and not d.closed:
-            try:
-                d.disable_monitor()
-            except zmq.ZMQError:
-                pass
-        mon.close(linger=0)
-
-    def refused(self, address: str, to: str | None = None) -> str | None:
-        """Why the peer at address refuses our control connection, once it
-        failed REFUSED_AFTER handshakes in a row and none succeeded, or refused
-        our key (an allowlist swarm, once is final); else None.
-        It did answer (TCP connected): the credentials differ. Plain reads,
-        safe from any thread; `to` as for send()."""
-        server_pub = self._server_pub if self._peer_servers is None \
-            else self._peer_servers.get(to or "")
-        outcome = self._outcomes.get((address, server_pub))
-        if outcome is None:
-            return None
-        n, by_key = outcome
-        if by_key:  # the server's authenticator said no: zmq does not try again
-            return ("answered, but refused this peer's key: its identity is not on that "
-                    "swarm's allowlist")
-        if n < REFUSED_AFTER:
-            return None
-        if self._peer_servers is None:
-            return (f"answered, but the control handshake failed {n} times: this peer's swarm "
-                    "secret is not that swarm's (check --secret-file or $PEERLEARN_SECRET), or "
-                    "that port is not a peerlearn control port")
-        return (f"answered, but the control handshake failed {n} times: the peer there is not "
-                f"{to} (not the key the allowlist names), or that port is not a peerlearn "
-                "control port")
 
     def send(self, address: str, msg, to: str | None = None) -> None:
         """Queues msg for the peer at host:port; never blocks; a no-op once closed.
@@ -352,6 +288,9 @@ class ControlPlane:
         """
         if self.closed:
             return
+        if address == m.DIAL_BACK:
+            self._send_back(to, msg)
+            return
         server_pub = self._server_pub
         if self._peer_servers is not None:
             server_pub = self._peer_servers.get(to or "")
@@ -362,7 +301,11 @@ class ControlPlane:
         if d is None:
             self.dropped_sends += 1
             return
-        frame = self._pub + m.encode(msg)
+        if self.dial_back:
+            self._hello(d)
+        self._send_on(d, self._pub + m.encode(msg))
+
+    def _send_on(self, d: zmq.asyncio.Socket, frame: bytes) -> None:
         try:
             sent = d.send(frame, flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:
@@ -375,6 +318,31 @@ class ControlPlane:
             sent.add_done_callback(lambda fut: self._sent(fut, len(frame)))
         else:
             self._sent(sent, len(frame))
+
+    def _hello(self, d: zmq.asyncio.Socket) -> None:
+        """On a dial-back peer's DEALER: DialBack first, then at least every
+        HELLO_EVERY_S (the far end may have restarted and lost our route)."""
+        entry = self._nonce_of.setdefault(d, [dialback.new_nonce(), -1e18])
+        now = time.monotonic()
+        if now - entry[1] >= dialback.HELLO_EVERY_S:
+            entry[1] = now
+            self._send_on(d, self._pub + m.encode(m.DialBack(entry[0])))
+
+    def _send_back(self, to: str | None, msg) -> None:
+        """To a dial-back peer, on the connection it asked to be answered on,
+        signed for it; dropped (counted) when it never asked."""
+        route = self._routes.get(to)
+        if route is None:
+            self.dropped_sends += 1
+            return
+        routing_id, nonce = route
+        body = m.encode(msg)
+        frame = self._pub + dialback.sign(self.identity.private_key, nonce, body) + body
+        try:
+            self._router.send_multipart([routing_id, frame], flags=zmq.NOBLOCK, copy=True)
+            WIRE.add("sent", CONTROL, len(frame))
+        except zmq.ZMQError:  # EHOSTUNREACH: that connection is gone; Again: full
+            self.dropped_sends += 1
 
     def _sent(self, fut, n: int) -> None:
         if isinstance(fut, asyncio.Future) and (fut.cancelled() or fut.exception() is not None):
@@ -403,9 +371,18 @@ class ControlPlane:
         return peer_id_of(pub)
 
     async def recv(self) -> tuple[str, object]:
-        """The next valid message and its sender's id; invalid ones are counted and skipped."""
+        """The next valid message and its sender's id; invalid ones are counted
+        and skipped. A dial-back peer also reads its DEALERs (dialback.py)."""
         while True:
-            frames = await self._router.recv_multipart(copy=False)
+            if self.dial_back:
+                got = await self._recv_any()
+                if got is None:
+                    continue
+                if got[0] is not None:  # from a DEALER: checked there
+                    return got[0], got[1]
+                frames = got[1]
+            else:
+                frames = await self._router.recv_multipart(copy=False)
             # Invalid frames crossed the wire too; the first is the routing id, made here.
             WIRE.add("received", CONTROL, sum(len(f) for f in frames[1:]))
             if len(frames) != 2 or not 33 <= len(frames[1]) <= MAX_FRAME:
@@ -413,62 +390,55 @@ class ControlPlane:
                 continue
             try:
                 sender = self._sender_of(frames[1])
-                return sender, m.decode(frames[1].bytes[32:])
+                msg = m.decode(frames[1].bytes[32:])
             except (m.MessageError, ValueError) as e:
                 self.rejected_messages += 1
                 log.debug("dropped a control message: %s", e)
+                continue
+            routing_id = frames[0].bytes
+            if isinstance(msg, m.DialBack):
+                self._routes.learn(sender, routing_id, msg.nonce)
+                continue
+            self._routes.seen(sender, routing_id)
+            return sender, msg
 
-    async def watch_handshakes(self) -> None:
-        """Counts failed CURVE handshakes (strangers, peers with another
-        secret) and logs them (_log_refused), and holds accepted connections
-        to their bounds (self.inbound: without this task they are unbounded);
-        run as a task until close()."""
-        failed = False  # a failure's DISCONNECTED names its descriptor next
+    async def _recv_any(self):
+        """(None, ROUTER frames), or (sender, message) from one of our
+        DEALERs (signed for its nonce), or None (nothing valid this time)."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        for d in self._nonce_of:
+            poller.register(d, zmq.POLLIN)
         try:
-            while True:
-                if self._refused_from:  # say what was refused once the minute is up
-                    wait = REFUSED_LOG_EVERY_S - (time.monotonic() - self._refused_logged_at)
-                    if wait <= 0 or not await self._monitor.poll(int(wait * 1000) + 1):
-                        self._log_refused(time.monotonic())
-                        continue
-                event = parse_monitor_message(await self._monitor.recv_multipart())
-                kind, value = event["event"], event["value"]
-                if kind == zmq.EVENT_ACCEPTED:
-                    self.inbound.accepted(value)
-                elif kind == zmq.EVENT_DISCONNECTED:
-                    source = self.inbound.disconnected(value)
-                    if failed:
-                        failed = False
-                        self._refused(source)
-                elif kind & _FAILED_HANDSHAKE:
-                    self.failed_handshakes += 1
-                    failed = True
-        except (zmq.ZMQError, asyncio.CancelledError):
-            return
-
-    def _refused(self, source: str | None) -> None:
-        self._refused_from[source or "an unknown address"] += 1
-        now = time.monotonic()
-        if self._refused_logged_at is None or \
-                now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
-            self._log_refused(now)
-
-    def _log_refused(self, now: float) -> None:
-        """One WARNING: how many handshakes were refused since the last one,
-        from where (the first at once, then at most one a minute)."""
-        n = sum(self._refused_from.values())
-        top = self._refused_from.most_common(3)
-        who = top[0][0] if len(top) == 1 else ", ".join(f"{addr} ({k})" for addr, k in top)
-        if len(self._refused_from) > len(top):
-            who += f" and {len(self._refused_from) - len(top)} more addresses"
-        since = "" if self._refused_logged_at is None else \
-            f" in the last {now - self._refused_logged_at:.0f} s"
-        why = "a peer with another swarm secret, or a stranger" if self._peer_servers is None \
-            else "a key not on the allowlist, or a stranger"
-        log.warning("%s refused %d control handshake%s%s from %s: %s (said at most once "
-                    "a minute)", self.peer_id[:8], n, "" if n == 1 else "s", since, who, why)
-        self._refused_from.clear()
-        self._refused_logged_at = now
+            ready = dict(await poller.poll(timeout=200))
+        except zmq.ZMQError:  # a DEALER closed meanwhile: poll again
+            return None
+        if self._router in ready:
+            return None, await self._router.recv_multipart(copy=False)
+        for d in ready:
+            entry = self._nonce_of.get(d)
+            if entry is None or d.closed:
+                continue
+            try:
+                frame = d.recv(flags=zmq.NOBLOCK, copy=True)
+                if isinstance(frame, asyncio.Future):
+                    frame = await frame
+            except zmq.ZMQError:
+                continue
+            WIRE.add("received", CONTROL, len(frame))
+            head = 32 + dialback.SIG_BYTES
+            if not head < len(frame) <= MAX_FRAME + dialback.SIG_BYTES:
+                self.rejected_messages += 1
+                continue
+            pub, sig, body = frame[:32], frame[32:head], frame[head:]
+            try:
+                if not dialback.verified(pub, sig, entry[0], body):
+                    raise m.MessageError("not signed by its sender for this connection")
+                return peer_id_of(pub), m.decode(body)
+            except (m.MessageError, ValueError) as e:
+                self.rejected_messages += 1
+                log.debug("dropped a control message sent back: %s", e)
+        return None
 
     def close(self) -> None:
         if self.closed:

@@ -23,6 +23,9 @@ MAX_MEMBERS = 1024
 MAX_ID_CHARS = 64
 MAX_ADDR_CHARS = 256
 U64 = (1 << 64) - 1
+# The address a peer that cannot be dialled (behind NAT, no forwarded port)
+# advertises: reach it over the connections it opens (transport/dialback.py).
+DIAL_BACK = "dial-back"
 
 
 class MessageError(PeerlearnError, ValueError):
@@ -149,6 +152,12 @@ def _key32(v) -> bytes:
     return v
 
 
+def _nonce(v) -> bytes:
+    if not isinstance(v, bytes) or len(v) != 16:
+        raise MessageError("nonce must be 16 bytes")
+    return v
+
+
 def _part(v) -> int:
     if type(v) is not int or not 0 <= v < 256:
         raise MessageError("part out of range")
@@ -168,7 +177,7 @@ _CHECKS = {
     "poisoned": _flag, "blame": _blame, "leader": _blame,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
-    "key": _key32, "transfer": _transfer,
+    "key": _key32, "transfer": _transfer, "nonce": _nonce,
 }
 
 
@@ -343,6 +352,15 @@ class DataKey:
 
 
 @dataclass(frozen=True)
+class DialBack:
+    """I cannot be dialled: send me what you have for me on this connection,
+    each message signed with my key's peer and this nonce (transport/dialback.py).
+    Handled by the control plane; the round logic never sees it."""
+
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class StatusRequest:
     """Tell me the swarm as you see it; answer to reply_to (host:port)."""
 
@@ -358,7 +376,7 @@ MESSAGES = {
     cls.__name__.lower(): cls
     for cls in (Heartbeat, Join, Welcome, Leave, Staying, Ready, Propose, Ack, Commit, Done,
                 Apply, Abort, StateRequest, StateOffer, StateRefused, DataKey, StatusRequest,
-                StatusReply)
+                StatusReply, DialBack)
 }
 _TYPE_OF = {cls: name for name, cls in MESSAGES.items()}
 
