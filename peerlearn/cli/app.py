@@ -258,7 +258,8 @@ def run(
     advertise: Optional[str] = typer.Option(
         None, help="HOST[:PORT] the other peers reach this one at (default: the --listen "
                    "address); its host is advertised for the data port too (behind NAT: the "
-                   "public address, with both ports forwarded)."),
+                   "public address, with both ports forwarded; or 'dial-back': nobody can "
+                   "reach this peer, it opens every connection itself)."),
     join: Optional[str] = typer.Option(
         None, help="HOST:PORT of any live member (PEER_ID@HOST:PORT in an allowlist swarm); "
                    "omit to found a new swarm."),

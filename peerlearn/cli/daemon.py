@@ -208,8 +208,14 @@ def resolve_advertise(listen: str, advertise: str | None, join: str | None) -> s
     listen address). An unspecified address to advertise exits with one line."""
     from peerlearn.swarm.config import split_host_port, unspecified
     from peerlearn.transport.control import split_target
+    from peerlearn.wire.control import DIAL_BACK
 
     host, _ = split_addr(listen)
+    if advertise == DIAL_BACK:  # reached only over the connections it opens
+        if join is None:
+            raise SystemExit("peerlearn: --advertise dial-back needs --join: a peer nobody "
+                             "can reach cannot found a swarm")
+        return advertise
     if advertise:
         try:
             ahost, aport = split_host_port(advertise)

@@ -83,7 +83,8 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
         others = [p for p in a.participants if p != me]
         sends = {p: _link(lambda p=p: links.outgoing(p, addr[p], timeout=cfg.step_timeout),
                           a.participants, p) for p in others}
-        recvs = {p: _link(lambda p=p: links.incoming(p, timeout=cfg.step_timeout),
+        recvs = {p: _link(lambda p=p: links.incoming(p, timeout=cfg.step_timeout,
+                                                     address=addr[p]),
                           a.participants, p) for p in others}
         inflight[a.round_id] = [*sends.values(), *recvs.values()]
         return RoundResult(direct_allreduce(
@@ -93,7 +94,8 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     send = _link(lambda: links.outgoing(succ, addr[succ], timeout=cfg.step_timeout),
                  a.participants, succ)
-    recv = _link(lambda: links.incoming(pred, timeout=cfg.step_timeout), a.participants, pred)
+    recv = _link(lambda: links.incoming(pred, timeout=cfg.step_timeout, address=addr[pred]),
+                 a.participants, pred)
     inflight[a.round_id] = [send, recv]
     if cfg.aggregate == "mean":
         return RoundResult(ring_allreduce(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from peerlearn.wire.control import DIAL_BACK
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.actions import Timeouts
 from peerlearn.swarm.aggregate import check_rule
@@ -43,14 +44,21 @@ class PeerConfig:
     # behind NAT, a VPN address while binding 0.0.0.0). The data port is
     # advertised on the same host with its bound number. None: `host`.
     advertise: str | None = None
+    # This peer cannot be dialled (behind NAT, no port forwarded): it
+    # advertises wire.control.DIAL_BACK for both addresses and opens every
+    # control and data connection itself; the far ends use them both ways.
+    # advertise="dial-back" (the CLI's --advertise dial-back) sets it.
+    dial_back: bool = False
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's
         # one-line reason (WeakSecretError, a ValueError).
         if self.secret is not None:
             self.secret = check_secret(self.secret)
+        if self.advertise == DIAL_BACK:
+            self.dial_back, self.advertise = True, None
         host = split_host_port(self.advertise)[0] if self.advertise else self.host
-        if unspecified(host):
+        if unspecified(host) and not self.dial_back:
             raise ValueError(f"{host} names no machine to the other peers: advertise an "
                              "address they reach (advertise=HOST[:PORT])")
         check_rule(self.aggregate)
@@ -60,6 +68,8 @@ class PeerConfig:
 
     def advertised(self, control_port: int, data_port: int) -> tuple[str, str]:
         """(control, data) addresses told to the other peers, given the bound ports."""
+        if self.dial_back:
+            return DIAL_BACK, DIAL_BACK
         host, port = self.host, control_port
         if self.advertise:
             host, port = split_host_port(self.advertise)

@@ -60,6 +60,7 @@ from collections.abc import Callable
 import torch
 
 from peerlearn.state.identity import Identity, peer_id_of
+from peerlearn.wire.control import DIAL_BACK
 from peerlearn.transport.admission import FairAdmission
 from peerlearn.transport.stream import (
     Link,
@@ -155,11 +156,14 @@ class PeerLinks:
     """
 
     def __init__(self, my_id: str, host: str, port: int, secret: bytes, n_conns: int = 4,
-                 *, identity: Identity | None = None):
+                 *, identity: Identity | None = None, dial_back: bool = False):
         if identity is not None and identity.peer_id != my_id:
             raise ValueError("my_id must be the identity's peer id")
         self.my_id = my_id
         self.identity = identity
+        # We cannot be dialled: every link is ours to open, and serves both
+        # directions (a far end cannot dial back); see outgoing/incoming.
+        self.dial_back = dial_back
         self.secret = secret
         self.n_conns = n_conns
         self.listener = LinkListener(host, port, secret)
@@ -337,9 +341,20 @@ class PeerLinks:
 
     def outgoing(self, peer: str, address: str, timeout: float = 10.0,
                  channel: int = CHANNEL_ROUND) -> Link:
-        """A healthy link to peer at host:port on channel, connecting (and greeting) if needed."""
+        """A healthy link to peer at host:port on channel, connecting (and greeting) if needed.
+
+        A peer that cannot be dialled (address DIAL_BACK) opens the link
+        itself (its incoming(), or its own outgoing() to us): we wait up to
+        timeout for it and send on it. Two such peers have no link (a relay
+        would carry it: not built), a StreamError at once.
+        """
         if not 0 <= channel < MAX_CHANNEL:
             raise ValueError(f"channel {channel} out of range")
+        if address == DIAL_BACK:
+            if self.dial_back:
+                raise StreamError(f"{peer} and this peer both cannot be dialled (NAT): "
+                                  "no link between them without a relay")
+            return self._wait_incoming(peer, timeout, channel)
         with self._cv:
             link = self._out.get((peer, channel))
         if link is not None and link.healthy():
@@ -358,8 +373,18 @@ class PeerLinks:
             self._out[(peer, channel)] = link
         return link
 
-    def incoming(self, peer: str, timeout: float = 10.0, channel: int = CHANNEL_ROUND) -> Link:
-        """The healthy link from peer on channel, waiting up to timeout for it to connect."""
+    def incoming(self, peer: str, timeout: float = 10.0, channel: int = CHANNEL_ROUND,
+                 address: str | None = None) -> Link:
+        """The healthy link from peer on channel, waiting up to timeout for it to connect.
+
+        When this peer cannot be dialled, it is the link it opens to peer at
+        `address` (the same one outgoing() returns: a link serves both ways).
+        """
+        if self.dial_back and address is not None:
+            return self.outgoing(peer, address, timeout, channel)
+        return self._wait_incoming(peer, timeout, channel)
+
+    def _wait_incoming(self, peer: str, timeout: float, channel: int) -> Link:
         deadline = time.monotonic() + timeout
         with self._cv:
             while True:
@@ -373,7 +398,7 @@ class PeerLinks:
                 self._cv.wait(min(left, 0.1))
 
     def recv_into(self, peer: str, out: torch.Tensor, op_id: int, *, channel: int,
-                  timeout: float) -> None:
+                  timeout: float, address: str | None = None) -> None:
         """Receives op_id from peer on channel into out (Link.recv_into semantics).
 
         A link whose sender failed an earlier op after sending it still looks
@@ -387,7 +412,7 @@ class PeerLinks:
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.1, deadline - time.monotonic())
-            link = self.incoming(peer, timeout=left, channel=channel)
+            link = self.incoming(peer, timeout=left, channel=channel, address=address)
             try:
                 link.recv_into(out, op_id, timeout=left)
                 return

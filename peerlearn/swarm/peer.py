@@ -84,13 +84,14 @@ class PeerDaemon(Contributing, StallWatch):
         self.identity = Identity.load_or_create(config.data_dir)
         self.id = self.identity.peer_id
         self.plane = ControlPlane(self.identity, config.host, config.control_port,
-                                  secret=config.secret, allowlist=config.allowlist)
+                                  secret=config.secret, allowlist=config.allowlist,
+                                  dial_back=config.dial_back)
         self.data_key = self._data_key(config.join is None)
         # A joiner of an allowlist swarm gets the key when it is admitted (DataKey);
         # until then its listener holds a random key that nobody can prove.
         self.links = PeerLinks(self.id, config.host, config.data_port,
                                self.data_key or os.urandom(32), config.n_conns,
-                               identity=self.identity)
+                               identity=self.identity, dial_back=config.dial_back)
         self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))
         state = load_checkpoint(config.data_dir)
         founder = config.join is None

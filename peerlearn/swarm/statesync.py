@@ -179,13 +179,16 @@ class StateTransfers:
             for name, dt, shape, _ in first.tensors:
                 state.tensors[name] = torch.empty(shape, dtype=DTYPES[dt])
             tensors = list(state.tensors.values())
+            # Read on the loop: a dial-back requester opens the links itself.
+            addresses = {x: d.core.known[x].data for x in donors if x in d.core.known}
 
             def pull(part: int, donor: str) -> None:
                 for i, t in enumerate(tensors):
                     if i % len(donors) == part and t.numel():
                         d.links.recv_into(donor, t.view(-1).view(torch.uint8),
                                           transfer_op(transfer, i), channel=CHANNEL_STATE,
-                                          timeout=d.cfg.step_timeout)
+                                          timeout=d.cfg.step_timeout,
+                                          address=addresses.get(donor))
 
             try:
                 await asyncio.gather(*[d.loop.run_in_executor(None, pull, i, x)

@@ -1,0 +1,119 @@
+"""A peer nobody can dial (behind NAT, no forwarded port) takes part in a
+swarm: `--advertise dial-back` (issue 18). Real peer processes on loopback:
+the dial-back peer's ports are bound but never told to anyone, so every
+connection it has it opened itself; it syncs the swarm's state, takes part in
+rounds and holds the same state as the others. (The same in network
+namespaces behind an emulated NAT: tests/test_netsim_nat.py for the NAT.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+from peerlearn.cli.daemon import query_status
+
+SECRET = "dial-back-test-secret-0123456789"
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {k: float(v) for k, v in re.findall(r"^(peerlearn_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+
+class Peer:
+    def __init__(self, tmp_path, name: str, *extra: str):
+        env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+        self.log = tmp_path / f"{name}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
+             "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--dead-after", "2",
+             "--data-dir", str(tmp_path / name), "--numel", "20000", "--compute-s", "0.2",
+             "--log-level", "debug", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
+        line = self.proc.stdout.readline()
+        assert line, self.log.read_text()[-3000:]
+        self.hello = json.loads(line)
+        self.id = self.hello["peer"]
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.hello["metrics_port"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_peer_nobody_can_dial_syncs_takes_part_and_keeps_parity(tmp_path):
+    founder = Peer(tmp_path, "a")
+    peers = [founder]
+    try:
+        peers.append(Peer(tmp_path, "b", "--join", founder.hello["control"]))
+        wait_for(lambda: founder.metrics().get("peerlearn_step", 0) >= 5, 60, "rounds of two")
+        nat = Peer(tmp_path, "c", "--join", founder.hello["control"], "--advertise", "dial-back")
+        peers.append(nat)
+        assert nat.hello["control"] == "dial-back"
+
+        # It fetched the state (pulled over links it opened) and then applied
+        # rounds it took part in.
+        wait_for(lambda: nat.metrics().get("peerlearn_rounds_applied_total", 0) >= 5, 90,
+                 "the dial-back peer to apply rounds")
+        m = nat.metrics()
+        assert m["peerlearn_state_syncs_total"] >= 1
+        # Nobody opened a connection to it: every link it has, it dialled.
+        assert m["peerlearn_control_connections_incoming"] == 0
+        assert m["peerlearn_data_links_incoming"] == 0
+
+        # Parity: the three report the same (step, hash) in the founder's view.
+        def same_state():
+            rows = query_status(founder.hello["control"], SECRET.encode(), timeout=5)
+            mine = {r["id"]: (r["step"], r["state_hash"]) for r in rows if r["alive"]}
+            states = {mine.get(p.id) for p in peers}
+            return len(mine) >= 3 and len(states) == 1 and None not in states
+        wait_for(same_state, 30, "the three peers at one state")
+        log = (tmp_path / "c.log").read_text()
+        assert "applied (round" in log
+    finally:
+        for p in reversed(peers):
+            p.stop()
+
+
+def test_two_peers_one_of_them_undialable_run_rounds_over_one_link(tmp_path):
+    """A round of two is a ring: the dial-back peer's link to the founder
+    carries both directions."""
+    founder = Peer(tmp_path, "a")
+    peers = [founder]
+    try:
+        nat = Peer(tmp_path, "c", "--join", founder.hello["control"], "--advertise", "dial-back")
+        peers.append(nat)
+        wait_for(lambda: nat.metrics().get("peerlearn_rounds_applied_total", 0) >= 5, 90,
+                 "the dial-back peer to apply rounds")
+        assert nat.metrics()["peerlearn_data_links_incoming"] == 0
+
+        def same_state():
+            rows = query_status(founder.hello["control"], SECRET.encode(), timeout=5)
+            mine = {r["id"]: (r["step"], r["state_hash"]) for r in rows if r["alive"]}
+            states = {mine.get(p.id) for p in peers}
+            return len(states) == 1 and None not in states
+        wait_for(same_state, 30, "both peers at one state")
+    finally:
+        for p in reversed(peers):
+            p.stop()
