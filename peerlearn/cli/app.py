@@ -263,6 +263,12 @@ def run(
     join: Optional[str] = typer.Option(
         None, help="HOST:PORT of any live member (PEER_ID@HOST:PORT in an allowlist swarm); "
                    "omit to found a new swarm."),
+    relay: Optional[int] = typer.Option(
+        None, help="Serve a relay on this port (0: any free one) for peers that cannot dial "
+                   "each other (--advertise dial-back on both sides)."),
+    relay_via: Optional[str] = typer.Option(
+        None, help="HOST:PORT of a member's relay: with --advertise dial-back, links to other "
+                   "dial-back peers go through it."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
@@ -378,14 +384,15 @@ def run(
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
-            wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd)
+            wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd,
+            relay=relay, relay_via=relay_via)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_id, aggregate=aggregate,
                     data_port=data_port, dead_after=dead_after,
                     metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None, advertise=advertise,
-                    join_cmd=join_cmd)
+                    join_cmd=join_cmd, relay=relay, relay_via=relay_via)
 
 
 def _merge_at(spec: str) -> int:

@@ -314,7 +314,8 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
              aggregate: str = "mean", metrics: str | None = "127.0.0.1:0",
              allowlist: list[bytes] | None = None,
              join_timeout: float | None = 60.0, advertise: str | None = None,
-             join_cmd: Callable[[str, str], str] = lambda i, c: "") -> None:
+             join_cmd: Callable[[str, str], str] = lambda i, c: "",
+                 relay: int | None = None, relay_via: str | None = None) -> None:
     """One peer running the built-in synthetic task through the Python API,
     exactly as a training loop would: wait for the swarm's state, contribute,
     let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully at
@@ -330,7 +331,8 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
-                     advertise=resolve_advertise(listen, advertise, join))
+                     advertise=resolve_advertise(listen, advertise, join),
+                     relay_port=relay, relay_via=relay_via)
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     lock_data_dir(data_dir)
     stop = threading.Event()
@@ -345,7 +347,8 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     start_peer(peer, stop, join, signals)
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,
-                    "data": peer.daemon.info.data, "metrics_port": metrics_port},
+                    "data": peer.daemon.info.data, "metrics_port": metrics_port,
+                    **({"relay": peer.daemon.relay.address[1]} if peer.daemon.relay else {})},
              join_cmd(peer.id, peer.control_address))
     log = logging.getLogger("peerlearn.synthetic")
 

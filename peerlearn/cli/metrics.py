@@ -106,6 +106,7 @@ def snapshot(d) -> dict:
             "control_socket_refused": d.plane.refused_dealers,
             "control_connection_limit": d.plane.inbound.refused,
             "control_connection_evicted": d.plane.inbound.evicted,
+            "relay_refused": d.relay.refused if d.relay is not None else 0,
             "loop_error": d.loop_errors,
         },
         # Rejected control messages, by where they were dropped: undecodable
@@ -127,6 +128,7 @@ def snapshot(d) -> dict:
             "control_refused_connections": d.plane.refused_connections,
             "control_dropped_sends": d.plane.dropped_sends,
             "data_refused_connections": d.links.listener.rejected + d.links.bad_greetings,
+            "relayed_bytes": d.relay.relayed_bytes if d.relay is not None else 0,
         },
         "durations": d.stats.durations.copy(),
         "checkpoint_seconds": d.stats.checkpoint_seconds.copy(),
@@ -148,6 +150,7 @@ _COUNTER_DOCS = {
     "control_refused_connections": "Control connections refused (no secret, not allowlisted).",
     "control_dropped_sends": "Control messages dropped at a full queue.",
     "data_refused_connections": "Data-plane connections refused (handshake, greeting).",
+    "relayed_bytes": "Bytes this peer's relay copied between peers that cannot dial each other.",
 }
 
 

@@ -78,7 +78,8 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                  metrics: str | None, allowlist: list[bytes] | None,
                  join_timeout: float | None, progress_every: int, wait_peers: int = 0,
                  advertise: str | None = None,
-                 join_cmd=lambda peer_id, control: "") -> None:
+                 join_cmd=lambda peer_id, control: "",
+                 relay: int | None = None, relay_via: str | None = None) -> None:
     """One peer trains `task_spec` with `algo` for `steps` inner steps, logging
     progress lines (logger peerlearn.train, INFO) and, at the end, printing
     one JSON report on stdout.
@@ -107,7 +108,8 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     cfg = PeerConfig(Path(data_dir), secret, host=host, control_port=port, data_port=data_port,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
-                     advertise=resolve_advertise(listen, advertise, join))
+                     advertise=resolve_advertise(listen, advertise, join),
+                     relay_port=relay, relay_via=relay_via)
     lock_data_dir(data_dir)
     stop = threading.Event()
     signals: list[int] = []
@@ -126,6 +128,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,
                     "data": peer.daemon.info.data, "metrics_port": metrics_port,
+                    **({"relay": peer.daemon.relay.address[1]} if peer.daemon.relay else {}),
                     "task": task.name, "fingerprint": task.fingerprint},
              join_cmd(peer.id, peer.control_address))
     log = logging.getLogger("peerlearn.train")

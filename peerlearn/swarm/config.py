@@ -49,6 +49,12 @@ class PeerConfig:
     # control and data connection itself; the far ends use them both ways.
     # advertise="dial-back" (the CLI's --advertise dial-back) sets it.
     dial_back: bool = False
+    # Serve a relay (transport/relay.py) on this port of `host` (0: any free
+    # one) for members that cannot dial each other; None: none.
+    relay_port: int | None = None
+    # HOST:PORT of a member's relay: a dial-back peer's links to other
+    # dial-back peers go through it (without one they cannot be made).
+    relay_via: str | None = None
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's

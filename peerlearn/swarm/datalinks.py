@@ -62,6 +62,7 @@ import torch
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.wire.control import DIAL_BACK
 from peerlearn.transport.admission import FairAdmission
+from peerlearn.transport.relay import connect_relayed
 from peerlearn.transport.stream import (
     Link,
     LinkListener,
@@ -156,7 +157,8 @@ class PeerLinks:
     """
 
     def __init__(self, my_id: str, host: str, port: int, secret: bytes, n_conns: int = 4,
-                 *, identity: Identity | None = None, dial_back: bool = False):
+                 *, identity: Identity | None = None, dial_back: bool = False,
+                 relay: tuple[str, int] | None = None):
         if identity is not None and identity.peer_id != my_id:
             raise ValueError("my_id must be the identity's peer id")
         self.my_id = my_id
@@ -164,6 +166,8 @@ class PeerLinks:
         # We cannot be dialled: every link is ours to open, and serves both
         # directions (a far end cannot dial back); see outgoing/incoming.
         self.dial_back = dial_back
+        self.relay = relay  # (host, port) of a relay for links with other dial-back peers
+        self._relaying: dict[tuple[str, int], threading.Lock] = {}
         self.secret = secret
         self.n_conns = n_conns
         self.listener = LinkListener(host, port, secret)
@@ -352,8 +356,7 @@ class PeerLinks:
             raise ValueError(f"channel {channel} out of range")
         if address == DIAL_BACK:
             if self.dial_back:
-                raise StreamError(f"{peer} and this peer both cannot be dialled (NAT): "
-                                  "no link between them without a relay")
+                return self._relayed(peer, timeout, channel)
             return self._wait_incoming(peer, timeout, channel)
         with self._cv:
             link = self._out.get((peer, channel))
@@ -383,6 +386,41 @@ class PeerLinks:
         if self.dial_back and address is not None:
             return self.outgoing(peer, address, timeout, channel)
         return self._wait_incoming(peer, timeout, channel)
+
+    def _relayed(self, peer: str, timeout: float, channel: int) -> Link:
+        """The link with another dial-back peer, through the relay (both ends
+        ask for it; transport/relay.py): one link, both directions; the
+        smaller id greets, the other checks the greeting names peer."""
+        if self.relay is None:
+            raise StreamError(f"{peer} and this peer both cannot be dialled (NAT) and no "
+                              "relay is configured (relay_via)")
+        key = (peer, channel)
+        with self._cv:
+            lock = self._relaying.setdefault(key, threading.Lock())
+        with lock:  # the round's send and receive side ask at once: one link
+            with self._cv:
+                link = self._out.get(key)
+            if link is not None and link.healthy():
+                return link
+            if link is not None:
+                link.close()
+            link = connect_relayed(self.relay, self.secret, self.my_id, peer, channel,
+                                   self.n_conns, timeout)
+            try:
+                if self.my_id < peer:
+                    send_greeting(link, self.my_id, channel, timeout, self.identity)
+                else:
+                    name, ch = read_greeting(link, timeout, verify=self.identity is not None)
+                    if (name, ch) != (peer, channel):
+                        raise StreamError(f"relayed link greeted as {name} on channel {ch}, "
+                                          f"not {peer} on {channel}")
+            except (StreamError, ValueError) as e:
+                link.close()
+                raise StreamError(f"relayed link to {peer}: {e}") from None
+            with self._cv:
+                link.traffic = traffic_of(channel)
+                self._out[key] = link
+            return link
 
     def _wait_incoming(self, peer: str, timeout: float, channel: int) -> Link:
         deadline = time.monotonic() + timeout

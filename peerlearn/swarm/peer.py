@@ -32,7 +32,7 @@ from peerlearn.state.atomic import write_atomic
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm import rounds as r
-from peerlearn.swarm.config import PeerConfig, Submission
+from peerlearn.swarm.config import PeerConfig, Submission, split_host_port
 from peerlearn.swarm.contributing import Contributing
 from peerlearn.swarm.contributions import Contributions
 from peerlearn.swarm.datalinks import PeerLinks
@@ -54,6 +54,7 @@ from peerlearn.swarm.stats import PeerStats, TokenBucket
 from peerlearn.swarm.statesync import MAX_DONORS, BadState, StateTransfers, SyncFailed
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
+from peerlearn.transport.relay import Relay
 from peerlearn.wire import control as m
 
 log = logging.getLogger("peerlearn.peer")
@@ -91,7 +92,11 @@ class PeerDaemon(Contributing, StallWatch):
         # until then its listener holds a random key that nobody can prove.
         self.links = PeerLinks(self.id, config.host, config.data_port,
                                self.data_key or os.urandom(32), config.n_conns,
-                               identity=self.identity, dial_back=config.dial_back)
+                               identity=self.identity, dial_back=config.dial_back,
+                               relay=split_host_port(config.relay_via) if config.relay_via
+                               else None)
+        self.relay = None if config.relay_port is None else \
+            Relay(config.host, config.relay_port, self.links.secret)
         self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))
         state = load_checkpoint(config.data_dir)
         founder = config.join is None
@@ -184,6 +189,8 @@ class PeerDaemon(Contributing, StallWatch):
             return  # we have one; a member cannot make us switch
         self.data_key = key
         self.links.set_secret(key)
+        if self.relay is not None:
+            self.relay.set_data_key(key)
         write_atomic(self.cfg.data_dir / DATA_KEY_FILE, [key], mode=0o600)
 
     def _save_record(self) -> None:
@@ -264,6 +271,8 @@ class PeerDaemon(Contributing, StallWatch):
                 log.error("%s could not write its checkpoint on the way out: %s", self.id[:8], e)
         self.plane.close()
         await self.loop.run_in_executor(None, self.links.close)
+        if self.relay is not None:
+            await self.loop.run_in_executor(None, self.relay.close)
         await self.loop.run_in_executor(None, self.transfers.close)
         await self.loop.run_in_executor(None, self.keeper.close)
 
