@@ -264,3 +264,49 @@ def test_a_peer_that_cannot_be_dialled_is_answered_on_its_own_connection(tmp_pat
             pub.close()
 
     asyncio.run(main())
+
+
+def test_two_peers_that_cannot_be_dialled_talk_through_a_member(tmp_path):
+    """Neither can open a connection to the other: the sender signs the
+    message for its recipient and a member both reach passes it on; the
+    recipient checks the origin's signature (the member cannot forge it),
+    and one addressed to another peer is refused."""
+    from peerlearn.transport import dialback
+
+    async def main():
+        a, b, c = ident(tmp_path, "a"), ident(tmp_path, "b"), ident(tmp_path, "c")
+        n1 = ControlPlane(a, "127.0.0.1", 0, secret=SECRET, dial_back=True)
+        n2 = ControlPlane(b, "127.0.0.1", 0, secret=SECRET, dial_back=True)
+        hub = ControlPlane(c, "127.0.0.1", 0, secret=SECRET)
+        hub_addr = f"127.0.0.1:{hub.port}"
+        try:
+            for n, i in ((n1, a), (n2, b)):  # both dial the member (their heartbeats)
+                n.send(hub_addr, beat(i))
+                assert (await asyncio.wait_for(hub.recv(), 5))[0] == i.peer_id
+            n1.forward_via = lambda to: hub_addr
+
+            async def drain():  # the member's receive loop passes messages on
+                while True:
+                    await hub.recv()
+            hub_task = asyncio.ensure_future(drain())
+            n1.send(m.DIAL_BACK, beat(a), to=b.peer_id)
+            sender, msg = await asyncio.wait_for(n2.recv(), 5)
+            assert (sender, msg) == (a.peer_id, beat(a))
+            assert hub.forwarded == 1
+
+            # The member passes on a message signed for someone else: refused.
+            body = m.encode(m.Leave())
+            payload = dialback.forward_payload(a.private_key, c.peer_id, body)
+            _, inner = dialback.passed_on(a.public_raw, payload)
+            inner = inner[:36] + b.peer_id.encode() + inner[68:]  # re-addressed to b
+            hub._route_frame(hub._routes.get(b.peer_id), inner)
+            n1.send(m.DIAL_BACK, m.Leave(), to=b.peer_id)
+            sender, msg = await asyncio.wait_for(n2.recv(), 5)
+            assert (sender, msg) == (a.peer_id, m.Leave())
+            assert n2.rejected_messages == 1
+            hub_task.cancel()
+        finally:
+            for p in (n1, n2, hub):
+                p.close()
+
+    asyncio.run(main())

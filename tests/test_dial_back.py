@@ -117,3 +117,39 @@ def test_two_peers_one_of_them_undialable_run_rounds_over_one_link(tmp_path):
     finally:
         for p in reversed(peers):
             p.stop()
+
+
+def test_two_dial_back_peers_share_rounds_through_a_relay(tmp_path):
+    """Neither of two dial-back peers can reach the other: their control
+    messages go through a member both reach (signed end to end), and their
+    data link through the founder's relay (--relay / --relay-via); all three
+    take part in rounds and keep parity, and the relayed bytes are counted."""
+    founder = Peer(tmp_path, "a", "--relay", "0")
+    peers = [founder]
+    try:
+        via = f"127.0.0.1:{founder.hello['relay']}"
+        for name in ("b", "c"):
+            peers.append(Peer(tmp_path, name, "--join", founder.hello["control"],
+                              "--advertise", "dial-back", "--relay-via", via))
+
+        def all_three_apply():
+            return all(p.metrics().get("peerlearn_rounds_applied_total", 0) >= 5
+                       for p in peers[1:])
+        wait_for(all_three_apply, 120, "both dial-back peers to apply rounds")
+        m = founder.metrics()
+        assert m["peerlearn_relayed_bytes_total"] > 0
+        assert m["peerlearn_control_forwarded_total"] > 0
+
+        def same_state():
+            rows = query_status(founder.hello["control"], SECRET.encode(), timeout=5)
+            mine = {r["id"]: (r["step"], r["state_hash"]) for r in rows if r["alive"]}
+            states = {mine.get(p.id) for p in peers}
+            return len(states) == 1 and None not in states
+        wait_for(same_state, 30, "the three peers at one state")
+        # Rounds of all three ran: each dial-back peer took part in rounds
+        # with the other (the direct all-reduce of 3 links every pair).
+        for name in ("b", "c"):
+            assert "applied (round" in (tmp_path / f"{name}.log").read_text()
+    finally:
+        for p in reversed(peers):
+            p.stop()

@@ -129,6 +129,7 @@ def snapshot(d) -> dict:
             "control_dropped_sends": d.plane.dropped_sends,
             "data_refused_connections": d.links.listener.rejected + d.links.bad_greetings,
             "relayed_bytes": d.relay.relayed_bytes if d.relay is not None else 0,
+            "control_forwarded": d.plane.forwarded,
         },
         "durations": d.stats.durations.copy(),
         "checkpoint_seconds": d.stats.checkpoint_seconds.copy(),
@@ -151,6 +152,7 @@ _COUNTER_DOCS = {
     "control_dropped_sends": "Control messages dropped at a full queue.",
     "data_refused_connections": "Data-plane connections refused (handshake, greeting).",
     "relayed_bytes": "Bytes this peer's relay copied between peers that cannot dial each other.",
+    "control_forwarded": "Control messages passed on between peers that cannot dial each other.",
 }
 
 

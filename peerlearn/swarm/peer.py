@@ -111,6 +111,7 @@ class PeerDaemon(Contributing, StallWatch):
         self._recorded_ids = (self.core.max_round_id, self.core.term)
         # Under pressure the socket and link tables keep the view's members
         # (transport.control.ControlPlane.keep, datalinks.PeerLinks.standing).
+        self.plane.forward_via = self._forward_via
         self.plane.keep = lambda: [p.control for i, p in self.core.known.items()
                                    if i in self.core.members]
         self.links.standing = lambda pid: 2 if pid in self.core.members else \
@@ -348,6 +349,19 @@ class PeerDaemon(Contributing, StallWatch):
             self.loop.call_later(STATUS_REPLY_LINGER_S, self.plane.disconnect, msg.reply_to)
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
+
+    def _forward_via(self, to: str) -> str | None:
+        """The control address of a live member that can pass a message on to
+        `to`, a peer we cannot dial and that never dialled us (both behind
+        NAT): the coordinator if it can be dialled, else the smallest such id."""
+        now = time.monotonic()
+        lead = self.core.coordinator(now)
+        for p in ([lead] if lead else []) + sorted(self.core.members):
+            info = self.core.known.get(p)
+            if p not in (self.id, to) and info is not None and info.control != m.DIAL_BACK \
+                    and self.core.alive(p, now):
+                return info.control
+        return None
 
     # ------------------------------------------------------------ actions
 

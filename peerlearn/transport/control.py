@@ -71,6 +71,8 @@ from peerlearn.wire import control as m
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 32 + m.MAX_MESSAGE_BYTES
+FORWARDED_EXTRA = dialback.FORWARD_OVERHEAD  # a message passed on carries its origin's proof
+FORWARD_PER_S = 200.0  # messages one member may have us pass on, per second
 # zmq-level liveness of each outgoing connection (see ControlPlane._dealer).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
@@ -115,6 +117,11 @@ class ControlPlane(HandshakeWatching):
         self.dial_back = dial_back
         self._routes = dialback.Routes()  # peers that asked us to answer them so
         self._nonce_of: dict[zmq.asyncio.Socket, list] = {}  # our DEALER -> [nonce, hello at]
+        # For a peer id neither end can dial: the control address of a member
+        # to pass messages on through (the daemon's pick), or None.
+        self.forward_via: Callable[[str], str | None] = lambda to: None
+        self.forwarded = 0  # messages passed on for others
+        self._forward_budget: dict[str, list] = {}  # sender -> [tokens, at]
         self._pub = identity.public_raw
         self._curve_pub, self._curve_sec = keys.curve_keypair_from_ed25519(identity.private_key)
         # Whose server key a DEALER expects: secret mode, the swarm's (only
@@ -332,11 +339,26 @@ class ControlPlane(HandshakeWatching):
         """To a dial-back peer, on the connection it asked to be answered on,
         signed for it; dropped (counted) when it never asked."""
         route = self._routes.get(to)
-        if route is None:
-            self.dropped_sends += 1
-            return
-        routing_id, nonce = route
         body = m.encode(msg)
+        if route is None:
+            via = self.forward_via(to) if to is not None else None
+            if via is None:
+                self.dropped_sends += 1
+                return
+            # Neither of us can dial the other: through a member both reach.
+            d = self._dealer(via, self._server_pub)
+            if d is None:
+                self.dropped_sends += 1
+                return
+            if self.dial_back:
+                self._hello(d)
+            self._send_on(d, self._pub + dialback.forward_payload(
+                self.identity.private_key, to, body))
+            return
+        self._route_frame(route, body)
+
+    def _route_frame(self, route: tuple[bytes, bytes], body: bytes) -> None:
+        routing_id, nonce = route
         frame = self._pub + dialback.sign(self.identity.private_key, nonce, body) + body
         try:
             self._router.send_multipart([routing_id, frame], flags=zmq.NOBLOCK, copy=True)
@@ -385,11 +407,14 @@ class ControlPlane(HandshakeWatching):
                 frames = await self._router.recv_multipart(copy=False)
             # Invalid frames crossed the wire too; the first is the routing id, made here.
             WIRE.add("received", CONTROL, sum(len(f) for f in frames[1:]))
-            if len(frames) != 2 or not 33 <= len(frames[1]) <= MAX_FRAME:
+            if len(frames) != 2 or not 33 <= len(frames[1]) <= MAX_FRAME + FORWARDED_EXTRA:
                 self.rejected_messages += 1
                 continue
             try:
                 sender = self._sender_of(frames[1])
+                if frames[1].bytes[32:36] == dialback.FORWARD:
+                    self._pass_on(sender, frames[1].bytes)
+                    continue
                 msg = m.decode(frames[1].bytes[32:])
             except (m.MessageError, ValueError) as e:
                 self.rejected_messages += 1
@@ -401,6 +426,24 @@ class ControlPlane(HandshakeWatching):
                 continue
             self._routes.seen(sender, routing_id)
             return sender, msg
+
+    def _pass_on(self, sender: str, frame: bytes) -> None:
+        """A member that cannot dial `to` asks us to pass a signed message on
+        over to's dial-back route; FORWARD_PER_S per sender (burst twice that)."""
+        now = time.monotonic()
+        budget = self._forward_budget.setdefault(sender, [2.0 * FORWARD_PER_S, now])
+        budget[0] = min(2.0 * FORWARD_PER_S, budget[0] + (now - budget[1]) * FORWARD_PER_S)
+        budget[1] = now
+        if len(self._forward_budget) > dialback.MAX_ROUTES:
+            self._forward_budget.pop(next(iter(self._forward_budget)))
+        to, inner = dialback.passed_on(frame[:32], frame[32:])
+        route = self._routes.get(to)
+        if route is None or budget[0] < 1.0:
+            self.dropped_sends += 1
+            return
+        budget[0] -= 1.0
+        self.forwarded += 1
+        self._route_frame(route, inner)
 
     async def _recv_any(self):
         """(None, ROUTER frames), or (sender, message) from one of our
@@ -427,13 +470,15 @@ class ControlPlane(HandshakeWatching):
                 continue
             WIRE.add("received", CONTROL, len(frame))
             head = 32 + dialback.SIG_BYTES
-            if not head < len(frame) <= MAX_FRAME + dialback.SIG_BYTES:
+            if not head < len(frame) <= MAX_FRAME + dialback.SIG_BYTES + FORWARDED_EXTRA:
                 self.rejected_messages += 1
                 continue
             pub, sig, body = frame[:32], frame[32:head], frame[head:]
             try:
                 if not dialback.verified(pub, sig, entry[0], body):
                     raise m.MessageError("not signed by its sender for this connection")
+                if body[:4] == dialback.FORWARD:  # passed on by that member
+                    pub, body = dialback.received(self.peer_id, body)
                 return peer_id_of(pub), m.decode(body)
             except (m.MessageError, ValueError) as e:
                 self.rejected_messages += 1

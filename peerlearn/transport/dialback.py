@@ -26,6 +26,7 @@ is 96 bytes longer than a plain one.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 
 from cryptography.exceptions import InvalidSignature
@@ -81,3 +82,51 @@ class Routes:
 
     def __len__(self) -> int:
         return len(self._routes)
+
+
+# Between two dial-back peers nobody can open a connection, so a control
+# message goes through a member both reach (the daemon picks it): the sender
+# signs it for its recipient with a time, the member passes it on over the
+# recipient's dial-back route, and the recipient checks the sender's
+# signature: the member can drop or delay it, not forge it, and can replay it
+# for FORWARD_SKEW_S at most.
+FORWARD = b"FWD1"
+FORWARD_SKEW_S = 30.0
+_FORWARD_CONTEXT = b"peerlearn-forward\0"
+_HEAD = len(FORWARD) + 32 + 8 + SIG_BYTES  # magic, to, time, signature
+FORWARD_OVERHEAD = _HEAD + 32  # and the origin's key, added by the member
+
+
+def forward_payload(key: Ed25519PrivateKey, to: str, body: bytes,
+                    now: float | None = None) -> bytes:
+    """What a sender puts after its key to have a member pass body on to `to`."""
+    to_b = to.encode("ascii").ljust(32, b"\0")[:32]
+    ts = int(1000 * (time.time() if now is None else now)).to_bytes(8, "little")
+    return FORWARD + to_b + ts + key.sign(_FORWARD_CONTEXT + to_b + ts + body) + body
+
+
+def passed_on(origin_pub: bytes, payload: bytes) -> tuple[str, bytes]:
+    """(to, what the member sends to it): the origin's key goes in front."""
+    if len(payload) <= _HEAD or payload[:4] != FORWARD:
+        raise ValueError("not a forward request")
+    to = payload[4:36].rstrip(b"\0").decode("ascii", "replace")
+    return to, FORWARD + origin_pub + payload[4:]
+
+
+def received(me: str, inner: bytes, now: float | None = None) -> tuple[bytes, bytes]:
+    """(origin's public key, body) of a message passed on to me; ValueError
+    unless it is addressed to me, recent and signed by its origin."""
+    if len(inner) <= FORWARD_OVERHEAD or inner[:4] != FORWARD:
+        raise ValueError("not a forwarded message")
+    pub, rest = inner[4:36], inner[36:]
+    to_b, ts, sig, body = rest[:32], rest[32:40], rest[40:40 + SIG_BYTES], rest[40 + SIG_BYTES:]
+    if to_b.rstrip(b"\0") != me.encode("ascii"):
+        raise ValueError("forwarded message addressed to another peer")
+    sent = int.from_bytes(ts, "little") / 1000
+    if abs((time.time() if now is None else now) - sent) > FORWARD_SKEW_S:
+        raise ValueError("forwarded message too old or from the future")
+    try:
+        Ed25519PublicKey.from_public_bytes(pub).verify(sig, _FORWARD_CONTEXT + to_b + ts + body)
+    except (InvalidSignature, ValueError):
+        raise ValueError("forwarded message not signed by its origin") from None
+    return pub, body
