@@ -160,6 +160,36 @@ def bench_statesize(
                         mem_floor_gib=mem_floor, logs_dir=logs), as_json)
 
 
+@bench.command("wanround")
+def bench_wanround(
+    wan: str = typer.Option("100,100", help="RTT_MS,MBIT of the emulated path (needs root)."),
+    peers: int = typer.Option(4, help="Peers, each on its own emulated host."),
+    numel: int = typer.Option(262_144, help="fp32 elements of the synthetic state (1 MiB)."),
+    rounds: int = typer.Option(20, help="Complete rounds measured, after the swarm settled."),
+    slot_s: float = typer.Option(2.0, help="Contributions handed over at multiples of this "
+                                 "(all peers at once; 0: as soon as each applied)."),
+    baseline_repeat: int = typer.Option(10, help="Bare ring runs per mode."),
+    no_slow_start_after_idle: bool = typer.Option(
+        False, "--no-slow-start-after-idle", help="EXPERIMENT: then measure as many rounds "
+        "again with net.ipv4.tcp_slow_start_after_idle=0 in every host."),
+    nodelay: bool = typer.Option(False, "--nodelay", help="EXPERIMENT: then as many rounds "
+                                 "again with TCP_NODELAY on the data connections."),
+    cc: Optional[str] = typer.Option(None, help="EXPERIMENT: congestion control of the data "
+                                     "connections (e.g. cubic; default: the machine's)."),
+    mtu: int = typer.Option(65000, help="EXPERIMENT: the emulator's MTU."),
+    logs: Optional[str] = typer.Option(None, help="Copy every peer's log and events here."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="Print JSON."),
+) -> None:
+    """A small all-reduce round among synthetic peers over the emulated WAN: end to end in
+    seconds and RTTs, where the round trips go, beside the bare ring and the RTT."""
+    from peerlearn.bench import wanround
+
+    _emit(wanround.run(peers=peers, numel=numel, wan=_wan(wan), rounds=rounds, slot_s=slot_s,
+                       baseline_repeat=baseline_repeat, cc=cc, mtu=mtu, logs_dir=logs,
+                       no_slow_start_after_idle=no_slow_start_after_idle, nodelay=nodelay),
+          as_json)
+
+
 # The deployment files' metrics port (peerlearn.cli.metrics.DEFAULT_PORT, kept
 # equal by a test; spelled out so `--help` does not import prometheus_client).
 DEFAULT_METRICS_PORT = 9400

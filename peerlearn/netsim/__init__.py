@@ -7,10 +7,12 @@
         print(wan.stats())
 
 Linux only, needs root; ``netns_available()`` says whether and why not.
+``nat_sites=`` puts hosts behind emulated NAT gateways (``nat.py``).
 ``peerlearn.netsim.measure`` has RTT / throughput / loss probes built on it.
 """
 
-from .emulator import Host, WanEmulator
+from .emulator import Host, Site, WanEmulator
+from .nat import NatOptions
 from .netns import netns_available
 
-__all__ = ["Host", "WanEmulator", "netns_available"]
+__all__ = ["Host", "NatOptions", "Site", "WanEmulator", "netns_available"]

@@ -19,9 +19,10 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from . import netns as _ns
+from .nat import NatOptions
 
 _FORWARDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forwarder.py")
 _IFNAME = "wan0"
@@ -37,6 +38,19 @@ class Host:
     addr: str
     ifname: str
     rate_mbit: float
+    site: str | None = None  # the NAT site it sits behind; addr is then private
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A NAT gateway: ``hosts`` (indices) share the public address ``addr`` and
+    the private subnet ``subnet``.0/24."""
+
+    name: str
+    addr: str
+    subnet: str
+    hosts: tuple[int, ...]
+    options: NatOptions
 
 
 class WanEmulator:
@@ -53,12 +67,21 @@ class WanEmulator:
 
     The large default MTU keeps the forwarder's packet rate low enough for Python; the
     price is that TCP counts its initial and slow-start windows in 64 KB segments.
+
+    ``nat_sites`` puts hosts behind NAT gateways: ``{"a": [1, 2], "b": [3]}`` gives
+    site ``a`` hosts 1 and 2 on ``{nat_subnet}.0.0/24`` and site ``b`` host 3 on
+    ``{nat_subnet}.1.0/24``; each site gets a public address on ``subnet`` after the
+    hosts' (``sites[name].addr``). ``nat_options`` is one ``NatOptions`` for every
+    site or a dict of them by site name. Without ``nat_sites`` nothing changes.
     """
 
     def __init__(self, n_hosts: int = 2, rtt_ms: float = 100.0,
                  rate_mbit: float | Sequence[float] = 1000.0, loss: float = 0.0,
                  seed: int = 0, queue_bytes: int | None = None, mtu: int = 65000,
-                 subnet: str = "10.87.0", forwarder_nice: int = -5):
+                 subnet: str = "10.87.0", forwarder_nice: int = -5,
+                 nat_sites: Mapping[str, Sequence[int]] | None = None,
+                 nat_options: NatOptions | Mapping[str, NatOptions] = NatOptions(),
+                 nat_subnet: str = "10.88"):
         if n_hosts < 2 or n_hosts > 250:
             raise ValueError("n_hosts must be between 2 and 250")
         if rtt_ms < 0 or not 0.0 <= loss < 1.0 or not 576 <= mtu <= 65535:
@@ -76,6 +99,9 @@ class WanEmulator:
         tag = f"{_ns.NAME_PREFIX}{os.getpid()}-{id(self) & 0xFFFFFF:x}"
         self.hosts = [Host(i, f"{tag}-h{i}", f"{subnet}.{i + 1}", _IFNAME, float(r))
                       for i, r in enumerate(rates)]
+        self.sites: dict[str, Site] = {}
+        if nat_sites:
+            self._place_sites(dict(nat_sites), nat_options, subnet, nat_subnet)
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
         self._forwarder: subprocess.Popen | None = None
@@ -84,6 +110,35 @@ class WanEmulator:
         self._ctl_lock = threading.Lock()
         self._old_sigterm = None
         self._closed = True
+
+    def _place_sites(self, nat_sites: dict[str, Sequence[int]],
+                     nat_options: NatOptions | Mapping[str, NatOptions], subnet: str,
+                     nat_subnet: str) -> None:
+        n = len(self.hosts)
+        if n + len(nat_sites) > 254:
+            raise ValueError("hosts plus NAT sites must fit the /24 public subnet")
+        if any(f"{nat_subnet}.{s}" == subnet for s in range(len(nat_sites))):
+            raise ValueError("a NAT site's private subnet would be the public one")
+        if not isinstance(nat_options, NatOptions) and set(nat_options) - set(nat_sites):
+            raise ValueError("nat_options names a site that nat_sites does not")
+        placed: set[int] = set()
+        for s, (name, members) in enumerate(nat_sites.items()):
+            members = tuple(members)
+            if not members or any(not 0 <= i < n for i in members) or placed & set(members):
+                raise ValueError(f"NAT site {name!r}: host indices in range, each in one site")
+            placed |= set(members)
+            opts = nat_options if isinstance(nat_options, NatOptions) else \
+                nat_options.get(name, NatOptions())
+            self.sites[name] = Site(name, f"{subnet}.{n + 1 + s}", f"{nat_subnet}.{s}",
+                                    members, opts)
+            for i in members:
+                self.hosts[i] = dataclasses.replace(
+                    self.hosts[i], addr=f"{nat_subnet}.{s}.{i + 1}", site=name)
+
+    def public_addr(self, host: int) -> str:
+        """Where others on the public subnet see ``host``'s packets come from."""
+        site = self.hosts[host].site
+        return self.hosts[host].addr if site is None else self.sites[site].addr
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -108,7 +163,11 @@ class WanEmulator:
                 _ns.create(h.netns)
                 self._created.append(h.netns)
                 fds.append(_ns.open_tun(h.netns, h.ifname))
-                _ns.configure(h.netns, h.ifname, f"{h.addr}/24", self.mtu, txqueuelen=1000)
+                # With NAT every host gets a default route, as a real one has:
+                # packets to private or unknown addresses then reach the forwarder,
+                # which drops and counts them, instead of failing in the sender.
+                _ns.configure(h.netns, h.ifname, f"{h.addr}/24", self.mtu, txqueuelen=1000,
+                              default_route=bool(self.sites))
             self._spawn_forwarder(fds)
         except BaseException:
             self.close()
@@ -127,6 +186,13 @@ class WanEmulator:
             "rtt_s": self.rtt_ms / 1e3, "loss": self.loss, "seed": self.seed,
             "ctl_fd": theirs.fileno(), "parent_pid": os.getpid(), "nice": self._nice,
         }
+        if self.sites:
+            index = {name: s for s, name in enumerate(self.sites)}
+            cfg["nat"] = {
+                "host_site": [None if h.site is None else index[h.site] for h in self.hosts],
+                "sites": [{"addr": st.addr, "subnet": st.subnet,
+                           "options": dataclasses.asdict(st.options)}
+                          for st in self.sites.values()]}
         try:
             self._forwarder = subprocess.Popen(
                 [sys.executable, _FORWARDER, json.dumps(cfg)],
@@ -215,6 +281,12 @@ class WanEmulator:
         totals split losses by cause (``queue``: a full drop-tail queue, ``loss``: the
         random loss, ``other``: not IPv4 between two hosts). ``per_host`` has the raw
         lists, indexed by host (``rx``: read from that host, ``tx``: delivered to it).
+
+        With ``nat_sites`` also ``dropped_nat`` (refused by a NAT: unsolicited or
+        filtered inbound, hairpin, table full, neither TCP nor UDP),
+        ``dropped_unroutable`` (to a private address from outside its site), both by
+        source host, and ``nat``: per site its public ``addr``, live ``mappings`` and
+        the table's counters.
         """
         if self._ctl is None or self._closed:
             raise RuntimeError("emulator is not running")
@@ -230,8 +302,18 @@ class WanEmulator:
             "dropped_other": sum(raw["dropped_other"]),
             "dropped_partition": sum(raw["dropped_partition"]),
             "late_max_ms": raw["late_max_s"] * 1e3,
-            "per_host": {k: v for k, v in raw.items() if isinstance(v, list)},
+            "per_host": {k: v for k, v in raw.items() if isinstance(v, list)
+                         and k != "nat_sites"},
+            **self._nat_stats(raw),
         }
+
+    def _nat_stats(self, raw: dict) -> dict:
+        if not self.sites:
+            return {}
+        return {"dropped_nat": sum(raw["dropped_nat"]),
+                "dropped_unroutable": sum(raw["dropped_unroutable"]),
+                "nat": {name: {"addr": st.addr, **counters} for (name, st), counters
+                        in zip(self.sites.items(), raw["nat_sites"])}}
 
     def partition(self, *groups: Sequence[int]) -> None:
         """Cut the network: hosts in different groups stop reaching each other.

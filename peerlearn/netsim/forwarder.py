@@ -38,6 +38,11 @@ import socket
 import sys
 import time
 
+try:
+    from . import nat as _nat
+except ImportError:  # started by file path, outside the package: a sibling module
+    import nat as _nat
+
 # Large enough for any IPv4 packet (total length is a 16-bit field).
 _READ_SIZE = 65536
 # Bound on packets taken from one TUN per wake-up, so one busy host cannot starve
@@ -161,6 +166,9 @@ class Forwarder:
             st["tx_packets"][dst] += 1
             st["tx_bytes"][dst] += len(pkt)
 
+    def _snapshot(self) -> dict:
+        return self.stats
+
     def _control(self) -> bool:
         """Serve the emulator's requests; False once it has closed the socket.
 
@@ -176,7 +184,7 @@ class Forwarder:
         buf = self.ctl_buf + req
         while buf:
             if buf[:1] == b"s":
-                self.ctl.sendall(json.dumps(self.stats).encode() + b"\n")
+                self.ctl.sendall(json.dumps(self._snapshot()).encode() + b"\n")
                 buf = buf[1:]
             elif buf[:1] == b"p":
                 if len(buf) < 2 or len(buf) < 2 + buf[1]:
@@ -216,6 +224,96 @@ class Forwarder:
             self._due(clock())
 
 
+class NatForwarder(Forwarder):
+    """The same path, with hosts behind NAT sites (``nat.py`` has the model).
+
+    A separate class so the plain forwarder's per-packet loop stays as it was. NAT
+    happens outside the link model: outbound translation when a packet is read
+    from its host (the site's router sits before the access link), inbound
+    translation at the packet's arrival time, before the destination's ingress
+    link. Heap entries carry the source host as a sixth element, for counters and
+    for the partition check of packets whose destination host is only known on
+    arrival.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        n = len(self.fds)
+        self.stats["dropped_nat"] = [0] * n  # refused by a NAT, by source host
+        self.stats["dropped_unroutable"] = [0] * n  # to a private address from outside
+        nat = cfg["nat"]
+        self.router = _nat.NatRouter(
+            [h["addr"] for h in cfg["hosts"]], nat["host_site"],
+            [(s["addr"], s["subnet"], _nat.NatOptions(**s["options"])) for s in nat["sites"]])
+
+    def _snapshot(self) -> dict:
+        return {**self.stats, "nat_sites": self.router.site_stats(time.monotonic())}
+
+    def _read(self, src: int, now: float) -> None:
+        fd = self.fds[src]
+        st = self.stats
+        egress = self.egress[src]
+        heap = self.heap
+        route = self.router.on_read
+        group = self.group
+        for _ in range(_READ_BATCH):
+            try:
+                pkt = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            size = len(pkt)
+            st["rx_packets"][src] += 1
+            st["rx_bytes"][src] += size
+            dst, pkt = route(src, pkt, now)
+            if dst.__class__ is str:
+                st[dst][src] += 1
+                continue
+            if dst >= 0 and group[src] != group[dst]:
+                st["dropped_partition"][src] += 1
+                continue
+            t = egress.admit(now, size)
+            if t < 0.0:
+                st["dropped_queue"][src] += 1
+                continue
+            if self.loss and self.rngs[src].random() < self.loss:
+                st["dropped_loss"][src] += 1
+                continue
+            self.seq += 1
+            heapq.heappush(heap, (t + self.delay, self.seq, dst, False, pkt, src))
+
+    def _due(self, now: float) -> None:
+        heap = self.heap
+        st = self.stats
+        while heap and heap[0][0] <= now:
+            t, seq, dst, admitted, pkt, src = heapq.heappop(heap)
+            if not admitted:
+                if dst < 0:
+                    dst, pkt = self.router.on_arrival(-1 - dst, pkt, now)
+                    if dst.__class__ is str:
+                        st[dst][src] += 1
+                        continue
+                    if self.group[src] != self.group[dst]:
+                        st["dropped_partition"][src] += 1
+                        continue
+                t = self.ingress[dst].admit(t, len(pkt))
+                if t < 0.0:
+                    st["dropped_queue"][dst] += 1
+                    continue
+                if t > now:
+                    heapq.heappush(heap, (t, seq, dst, True, pkt, src))
+                    continue
+            late = now - t
+            if late > st["late_max_s"]:
+                st["late_max_s"] = late
+            try:
+                os.write(self.fds[dst], pkt)
+            except OSError:
+                st["dropped_other"][dst] += 1
+                continue
+            st["tx_packets"][dst] += 1
+            st["tx_bytes"][dst] += len(pkt)
+
+
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL us if the emulator dies without closing the socket."""
     try:
@@ -237,7 +335,7 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the emulator's to handle
-    Forwarder(cfg).run()
+    (NatForwarder if cfg.get("nat") else Forwarder)(cfg).run()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Measurements across a running ``WanEmulator``: RTT, TCP throughput, UDP loss.
+"""Measurements across a running ``WanEmulator``: RTT, TCP throughput, UDP loss, and
+UDP hole punching across NAT sites.
 
 Each function starts ``probe.py`` endpoints inside the hosts and parses their JSON.
 The endpoints use default socket options, so TCP figures reflect what an
@@ -102,3 +103,24 @@ def udp_delivery(wan: WanEmulator, src: int, dst: int, count: int = 2000,
                    server=False), timeout=count * gap_s * 10 + 60)
     seqs = _result(sink, timeout=count * gap_s * 10 + 60)["seqs"]
     return {"sent": count, "received": len(seqs), "lost": sorted(set(range(count)) - set(seqs))}
+
+
+def udp_hole_punch(wan: WanEmulator, rendezvous: int, a: int, b: int, seconds: float = 1.0,
+                   port: int = 5501, local_port: int = 4500) -> dict:
+    """UDP hole punching between hosts ``a`` and ``b`` (typically behind NAT sites).
+
+    Both register with a rendezvous server on public host ``rendezvous``, learn the
+    other's endpoint as the server saw it, and send to it for ``seconds``. ``ok``:
+    each received the other's datagrams; per host ``me`` / ``peer`` are the public
+    endpoints, ``received`` how many datagrams got through, ``first_ms`` when the
+    first did (after the rendezvous answered).
+    """
+    server = _start(wan, rendezvous, "rendezvous", port, server=True)
+    try:
+        ends = [_start(wan, h, "punch", wan.hosts[rendezvous].addr, port, local_port,
+                       seconds, server=False) for h in (a, b)]
+        ra, rb = (_result(p, timeout=seconds + 30) for p in ends)
+    finally:
+        server.kill()
+        server.wait()
+    return {"ok": ra["received"] > 0 and rb["received"] > 0, "a": ra, "b": rb}

@@ -88,7 +88,8 @@ def open_tun(netns: str, ifname: str) -> int:
     return fd
 
 
-def configure(netns: str, ifname: str, cidr: str, mtu: int, txqueuelen: int) -> None:
+def configure(netns: str, ifname: str, cidr: str, mtu: int, txqueuelen: int,
+              default_route: bool = False) -> None:
     # addrgenmode none keeps IPv6 link-local chatter (router and neighbour
     # solicitations) off the emulated path; only IPv4 is forwarded anyway.
     ip("-n", netns, "-batch", "-", stdin="\n".join([
@@ -96,6 +97,7 @@ def configure(netns: str, ifname: str, cidr: str, mtu: int, txqueuelen: int) -> 
         f"link set {ifname} addrgenmode none",
         f"link set {ifname} mtu {mtu} txqueuelen {txqueuelen} up",
         f"addr add {cidr} dev {ifname}",
+        *([f"route add default dev {ifname}"] if default_route else []),
     ]) + "\n")
 
 

@@ -10,6 +10,8 @@ then exactly one JSON line with its results.
     ping ADDR PORT COUNT GAP  UDP round trips, one every GAP seconds
     udpsink PORT IDLE         collect UDP sequence numbers (first 4 bytes) until IDLE s quiet
     udpsend ADDR PORT COUNT GAP SIZE
+    rendezvous PORT           UDP: tell each of two registered peers the other's endpoint
+    punch ADDR PORT LPORT S   UDP hole punch from LPORT via rendezvous ADDR:PORT for S s
 """
 
 from __future__ import annotations
@@ -167,6 +169,63 @@ def udpsend(addr: str, port: int, count: int, gap: float, size: int) -> None:
     _emit({"sent": count})
 
 
+def rendezvous(port: int) -> None:
+    """Waits for two datagrams, then answers each with both endpoints as it saw
+    them: the sender's own (its public mapping) first, the other's second."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    _ready()
+    seen: list = []
+    while len(seen) < 2:
+        _, peer = s.recvfrom(2048)
+        if peer not in seen:
+            seen.append(peer)
+    for me, other in ((seen[0], seen[1]), (seen[1], seen[0])):
+        s.sendto(json.dumps([me, other]).encode(), me)
+    _emit({"observed": seen})
+
+
+def punch(addr: str, port: int, lport: int, seconds: float) -> None:
+    """Registers with the rendezvous from ``lport``, then sends to the peer's
+    public endpoint every 20 ms for ``seconds``, counting what arrives from it.
+
+    The same socket throughout: the hole is the mapping the rendezvous saw.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", lport))
+    s.settimeout(0.2)
+    deadline = time.monotonic() + 10.0
+    while True:
+        s.sendto(b"register", (addr, port))
+        try:
+            data, frm = s.recvfrom(2048)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise SystemExit("no answer from the rendezvous") from None
+            continue
+        if frm == (addr, port):
+            break
+    me, peer = (tuple(e) for e in json.loads(data))
+    t0 = time.monotonic()
+    end = t0 + seconds
+    s.settimeout(0.02)
+    sent = received = 0
+    first_ms = None
+    while time.monotonic() < end:
+        s.sendto(b"punch", peer)
+        sent += 1
+        try:
+            data, frm = s.recvfrom(2048)
+        except TimeoutError:
+            continue
+        if frm == peer and data == b"punch":
+            received += 1
+            if first_ms is None:
+                first_ms = (time.monotonic() - t0) * 1e3
+    _emit({"me": me, "peer": peer, "sent": sent, "received": received,
+           "first_ms": first_ms})
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[1], argv[2:]
     if cmd == "sink":
@@ -181,6 +240,10 @@ def main(argv: list[str]) -> None:
         udpsink(int(args[0]), float(args[1]))
     elif cmd == "udpsend":
         udpsend(args[0], int(args[1]), int(args[2]), float(args[3]), int(args[4]))
+    elif cmd == "rendezvous":
+        rendezvous(int(args[0]))
+    elif cmd == "punch":
+        punch(args[0], int(args[1]), int(args[2]), float(args[3]))
     else:
         raise SystemExit(f"unknown probe command {cmd!r}")
 
