@@ -297,8 +297,9 @@ def run(
         None, help="Serve a relay on this port (0: any free one) for peers that cannot dial "
                    "each other (--advertise dial-back on both sides)."),
     relay_via: Optional[str] = typer.Option(
-        None, help="HOST:PORT of a member's relay: with --advertise dial-back, links to other "
-                   "dial-back peers go through it."),
+        None, help="HOST:PORT[,HOST:PORT...] of members' relays: with --advertise dial-back, "
+                   "links to other dial-back peers go through the first that answers (give "
+                   "every such peer the same list)."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),

@@ -52,8 +52,9 @@ class PeerConfig:
     # Serve a relay (transport/relay.py) on this port of `host` (0: any free
     # one) for members that cannot dial each other; None: none.
     relay_port: int | None = None
-    # HOST:PORT of a member's relay: a dial-back peer's links to other
-    # dial-back peers go through it (without one they cannot be made).
+    # HOST:PORT[,HOST:PORT...] of members' relays: a dial-back peer's links
+    # to other dial-back peers go through the first that answers, in this
+    # order (give every peer the same list); without one they cannot be made.
     relay_via: str | None = None
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ import torch
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.wire.control import DIAL_BACK
 from peerlearn.transport.admission import FairAdmission
-from peerlearn.transport.relay import connect_relayed
+from peerlearn.transport.relay import RelayUnreachable, connect_relayed
 from peerlearn.transport.stream import (
     Link,
     LinkListener,
@@ -72,6 +72,7 @@ from peerlearn.transport.stream import (
 )
 
 GREETING_OP = (1 << 64) - 1
+RELAY_DIAL_S = 3.0  # a relay that does not accept a connection within this is passed over
 # [0, 56) peer id (ASCII, NUL padded), [56, 64) channel u64 LE, [64, 96) the
 # sender's Ed25519 public key, [96, 160) its signature (both zero: unsigned).
 GREETING_BYTES = 160
@@ -158,7 +159,7 @@ class PeerLinks:
 
     def __init__(self, my_id: str, host: str, port: int, secret: bytes, n_conns: int = 4,
                  *, identity: Identity | None = None, dial_back: bool = False,
-                 relay: tuple[str, int] | None = None):
+                 relay: list[tuple[str, int]] | None = None):
         if identity is not None and identity.peer_id != my_id:
             raise ValueError("my_id must be the identity's peer id")
         self.my_id = my_id
@@ -166,8 +167,9 @@ class PeerLinks:
         # We cannot be dialled: every link is ours to open, and serves both
         # directions (a far end cannot dial back); see outgoing/incoming.
         self.dial_back = dial_back
-        self.relay = relay  # (host, port) of a relay for links with other dial-back peers
+        self.relay = relay or []  # relays (host, port) for links with other dial-back peers
         self._relaying: dict[tuple[str, int], threading.Lock] = {}
+        self._aborts: dict[tuple[str, int], int] = {}  # abort() calls, to end waits
         self.secret = secret
         self.n_conns = n_conns
         self.listener = LinkListener(host, port, secret)
@@ -391,7 +393,7 @@ class PeerLinks:
         """The link with another dial-back peer, through the relay (both ends
         ask for it; transport/relay.py): one link, both directions; the
         smaller id greets, the other checks the greeting names peer."""
-        if self.relay is None:
+        if not self.relay:
             raise StreamError(f"{peer} and this peer both cannot be dialled (NAT) and no "
                               "relay is configured (relay_via)")
         key = (peer, channel)
@@ -404,8 +406,7 @@ class PeerLinks:
                 return link
             if link is not None:
                 link.close()
-            link = connect_relayed(self.relay, self.secret, self.my_id, peer, channel,
-                                   self.n_conns, timeout)
+            link = self._through_a_relay(peer, channel, timeout)
             try:
                 if self.my_id < peer:
                     send_greeting(link, self.my_id, channel, timeout, self.identity)
@@ -422,10 +423,31 @@ class PeerLinks:
                 self._out[key] = link
             return link
 
+    def _through_a_relay(self, peer: str, channel: int, timeout: float) -> Link:
+        """connect_relayed through the first relay that answers, in the
+        configured order (the same at both ends, so both meet at the same
+        one): a relay that is gone refuses or times out its connection
+        within RELAY_DIAL_S and the next is tried."""
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        for address in self.relay:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return connect_relayed(address, self.secret, self.my_id, peer, channel,
+                                       self.n_conns, left, dial_timeout=min(RELAY_DIAL_S, left))
+            except RelayUnreachable as e:
+                last = e
+        raise StreamError(f"no relay reachable for a link to {peer}: {last}")
+
     def _wait_incoming(self, peer: str, timeout: float, channel: int) -> Link:
         deadline = time.monotonic() + timeout
         with self._cv:
+            aborts = self._aborts.get((peer, channel), 0)
             while True:
+                if self._aborts.get((peer, channel), 0) != aborts:
+                    raise StreamError(f"the wait for a link from {peer} was aborted")
                 link = self._in.get((peer, channel))
                 if link is not None and link.healthy():
                     self._used[peer, channel] = time.monotonic()
@@ -461,9 +483,14 @@ class PeerLinks:
                     raise
 
     def abort(self, peer: str, channel: int) -> None:
-        """Fails whatever is in flight to or from peer on channel, at both ends."""
+        """Fails whatever is in flight to or from peer on channel, at both ends,
+        and a wait for a dial-back peer's link there (outgoing())."""
         with self._cv:
             links = [d.get((peer, channel)) for d in (self._out, self._in)]
+            self._aborts[peer, channel] = self._aborts.get((peer, channel), 0) + 1
+            if len(self._aborts) > MAX_INCOMING:
+                self._aborts.pop(next(iter(self._aborts)))
+            self._cv.notify_all()
         for link in links:
             if link is not None:
                 link.abort()

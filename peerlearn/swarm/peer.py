@@ -64,6 +64,9 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 TICK_S = 0.05  # the core's clock tick
+# A failed state sync is retried after this, doubling per failure in a row.
+SYNC_BACKOFF_S = 0.1
+SYNC_BACKOFF_MAX_S = 2.0
 # How long a stopping peer waits for a member that stays to answer its Leave
 # (one answer lets it leave the view for good, so the quorum shrinks).
 LEAVE_ANSWER_S = 1.0
@@ -93,8 +96,8 @@ class PeerDaemon(Contributing, StallWatch):
         self.links = PeerLinks(self.id, config.host, config.data_port,
                                self.data_key or os.urandom(32), config.n_conns,
                                identity=self.identity, dial_back=config.dial_back,
-                               relay=split_host_port(config.relay_via) if config.relay_via
-                               else None)
+                               relay=[split_host_port(a.strip())
+                                      for a in (config.relay_via or "").split(",") if a.strip()])
         self.relay = None if config.relay_port is None else \
             Relay(config.host, config.relay_port, self.links.secret)
         self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))
@@ -147,6 +150,7 @@ class PeerDaemon(Contributing, StallWatch):
         self.stats = PeerStats()  # durations, retries, gossip, checkpoints
         self.syncs = 0
         self.sync_failures = 0
+        self.sync_failed_in_a_row = 0
         self.parity_mismatches = 0
         self.handler_errors = 0
         self._view_logged: frozenset[str] = frozenset()
@@ -446,13 +450,20 @@ class PeerDaemon(Contributing, StallWatch):
             return
         except SyncFailed as e:
             self.sync_failures += 1
+            self.sync_failed_in_a_row += 1
             log.info("%s state sync failed: %s", self.id[:8], e)
+            # Asked again at once, donors still busy with (or waiting for the
+            # links of) the fetch just given up refuse again, and joiners
+            # arriving together kept each other out for minutes: back off.
+            await asyncio.sleep(min(SYNC_BACKOFF_MAX_S,
+                                    SYNC_BACKOFF_S * 2 ** (self.sync_failed_in_a_row - 1)))
             self.core.sync_failed()
             return
         finally:
             self.stats.durations.observe("state_sync", time.monotonic() - started)
         digest = await self.keeper.install(state)
         self.syncs += 1
+        self.sync_failed_in_a_row = 0
         self.last_applied_at = time.monotonic()
         self.core.state_synced(state.step, digest)
         self._save_record()

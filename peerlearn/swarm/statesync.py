@@ -26,6 +26,7 @@ from __future__ import annotations
 from peerlearn.errors import PeerlearnError
 
 import asyncio
+import time
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ SYNC_OP = 1 << 62
 MAX_PUSHES = 4
 MAX_DONORS = 4
 OFFER_TIMEOUT_S = 10.0
+REFUSED_DONOR_S = 5.0  # a donor that refused us is asked last for this long
 
 
 def transfer_op(transfer: int, index: int) -> int:
@@ -65,6 +67,8 @@ class StateTransfers:
         self.d = daemon
         self.pool = ThreadPoolExecutor(MAX_PUSHES, thread_name_prefix="state-push")
         self.pushes: dict[str, asyncio.Task] = {}  # requester -> its push
+        self.push_transfer: dict[str, int] = {}  # requester -> its push's transfer number
+        self._refused_by: dict[str, float] = {}  # donor -> until when it is asked last
         self._offers: dict[str, asyncio.Future] = {}
         self._transfer = secrets.randbelow(1 << 32)  # a restart does not reuse numbers
         self.refused = 0  # requests refused (not behind, already served, too many)
@@ -78,6 +82,11 @@ class StateTransfers:
         if not 0 <= req.part < req.parts:
             return "bad part"
         if requester in self.pushes:
+            if self.push_transfer.get(requester) != req.transfer:
+                # The requester gave that fetch up and began another: end
+                # the old push now (a dial-back requester may never open
+                # the link it waits for) so the next request is served.
+                d.links.abort(requester, CHANNEL_STATE)
             return "a push to it is running"
         if len(self.pushes) >= MAX_PUSHES:
             return "too many pushes"
@@ -99,6 +108,7 @@ class StateTransfers:
             log.debug("%s refused a state request from %s: %s", d.id[:8], requester[:8], why)
             d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash), to=peer.id)
             return
+        self.push_transfer[requester] = req.transfer
         self.pushes[requester] = d.spawn(self._push(requester, peer, req))
 
     async def _push(self, requester: str, peer: m.PeerInfo, req: m.StateRequest) -> None:
@@ -139,6 +149,7 @@ class StateTransfers:
                      type(e).__name__, e)
         finally:
             self.pushes.pop(requester, None)
+            self.push_transfer.pop(requester, None)
 
     # ------------------------------------------------------------ requester
 
@@ -153,7 +164,18 @@ class StateTransfers:
         failed fetch is kept, and its links are aborted so no stale frame
         outlives it."""
         d = self.d
-        donors = list(need.donors)[:MAX_DONORS]
+        now = time.monotonic()
+        self._refused_by = {x: t for x, t in self._refused_by.items() if t > now}
+        # Donors that just refused us are left out while others can serve (a
+        # push to us may still be running there), and a dial-back requester
+        # leaves out dial-back donors while others can (their pushes go
+        # through a relay): one refusal fails the whole fetch.
+        def order(x: str) -> tuple[bool, bool]:
+            info = d.core.known.get(x)
+            return x in self._refused_by, d.cfg.dial_back and (info is None or
+                                                               info.data == m.DIAL_BACK)
+        ranked = sorted(need.donors, key=order)
+        donors = ([x for x in ranked if order(x) == (False, False)] or ranked)[:MAX_DONORS]
         self._transfer = (self._transfer + 1) % (1 << 40)
         transfer = self._transfer
         self._offers = {x: d.loop.create_future() for x in donors}
@@ -167,7 +189,10 @@ class StateTransfers:
                                                 OFFER_TIMEOUT_S)
             except TimeoutError:
                 raise SyncFailed("no offer from every donor in time") from None
-            if any(isinstance(o, m.StateRefused) for o in offers):
+            refused = [x for x, o in zip(donors, offers) if isinstance(o, m.StateRefused)]
+            if refused:
+                for x in refused:
+                    self._refused_by[x] = time.monotonic() + REFUSED_DONOR_S
                 raise SyncFailed("a donor refused")
             first = offers[0]
             if any((o.step, o.state_hash, o.tensors, o.transfer) !=

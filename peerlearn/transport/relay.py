@@ -54,6 +54,10 @@ class RelayRefused(OSError):
     """The relay closed a request (over a bound, or the other half never came)."""
 
 
+class RelayUnreachable(OSError):
+    """No connection to the relay could be opened (it is gone): try another."""
+
+
 def relay_key(data_key: bytes) -> bytes:
     return hmac.new(data_key, b"peerlearn relay v1", hashlib.sha256).digest()
 
@@ -287,7 +291,8 @@ def _shut(sock: socket.socket) -> None:
 
 
 def connect_relayed(relay: tuple[str, int], data_key: bytes, me: str, peer: str,
-                    channel: int, n_conns: int, timeout: float) -> Link:
+                    channel: int, n_conns: int, timeout: float,
+                    dial_timeout: float | None = None) -> Link:
     """A link to peer through the relay: n_conns requests, then the link
     handshake over the spliced connections, me as the client if my id is
     the smaller. Raises RelayRefused, TimeoutError, OSError or HandshakeError;
@@ -297,7 +302,11 @@ def connect_relayed(relay: tuple[str, int], data_key: bytes, me: str, peer: str,
     socks: list[socket.socket] = []
     try:
         for i in range(n_conns):
-            s = socket.create_connection(relay, timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                s = socket.create_connection(relay, timeout=max(0.1, min(
+                    deadline - time.monotonic(), dial_timeout or timeout)))
+            except OSError as e:
+                raise RelayUnreachable(f"relay {relay[0]}:{relay[1]}: {e}") from None
             socks.append(s)
             s.sendall(request(key, me, peer, channel, i, n_conns))
         for s in socks:
