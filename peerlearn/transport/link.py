@@ -76,6 +76,16 @@ class Link:
         self.link_id = link_id
         self.binding = binding
         self._fds = [s.fileno() for s in socks]
+        if _root is None:
+            for s in socks:
+                # A transfer ends with a small END frame after its data: with
+                # Nagle's algorithm it waited for the data's ACK, about 1.2
+                # round trips a round on the emulated 100 ms path (peerlearn
+                # bench wanround --nodelay, docs/benchmarks.md).
+                try:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # not TCP (a socketpair in a test)
         # Lanes share their root's lock and user count: the root's sockets
         # stay open until no op on any lane borrows them.
         self._root = _root or self
