@@ -154,6 +154,11 @@ def _install_link_hooks(emit: _Events, traffic: str | None) -> None:
             return send0(self, tensor, op_id, **kw)
         finally:
             emit("ssent", rid=rid, step=step)
+            if step == 0:  # a restart after idle happens in the send: seen only now
+                try:
+                    emit("tcp_after", rid=rid, conns=[_tcp_info(fd) for fd in self._fds])
+                except OSError:
+                    pass
 
     def recv_into(self, out, op_id, **kw):
         if not ours(self):
@@ -416,13 +421,16 @@ def _round(events: list[list[dict]], short: dict[str, int], rid: int) -> dict | 
     """One round's timestamps, stages and collective steps (None if the round
     cannot be placed). The coordinator is the peer that sent its Commit (or
     Propose, or Apply); a message the protocol no longer sends makes its
-    stage 0 s and is listed under `absent`, so the stages still add up."""
+    stage 0 s and is listed under `absent`, so the stages still add up.
+    (Participants also send a Commit back to the coordinator while a round
+    runs, rounds.RoundCore.tick: the earliest sender of each kind is taken.)"""
     n = len(events)
     coord = None
-    for kind in ("Commit", "Propose", "Apply"):
-        coord = next((i for i, evs in enumerate(events) for e in evs
-                      if e["k"] == "send" and e["m"] == kind and e["rid"] == rid), None)
-        if coord is not None:
+    for kind in ("Propose", "Apply", "Commit"):
+        sent = [(e["t"], i) for i, evs in enumerate(events) for e in evs
+                if e["k"] == "send" and e["m"] == kind and e["rid"] == rid]
+        if sent:
+            coord = min(sent)[1]
             break
     starts = [e for evs in events for e in evs if e["k"] == "coll_start" and e["rid"] == rid]
     if coord is None or not starts:
@@ -445,7 +453,7 @@ def _round(events: list[list[dict]], short: dict[str, int], rid: int) -> dict | 
     per: dict[str, list] = {k: [] for k in (
         "ready_at_c", "ack_at_c", "commit_recv", "coll_start", "ring_start", "ring_end",
         "coll_end", "done", "done_at_c", "apply_recv", "applied")}
-    links, tcp, steps, algos = [], [], [], set()
+    links, tcp, tcp_after, steps, algos = [], [], [], [], set()
     for p, evs in enumerate(events):
         sid, mine = ids[p], [e for e in evs if e.get("rid") == rid]
         local = p == coord
@@ -462,6 +470,7 @@ def _round(events: list[list[dict]], short: dict[str, int], rid: int) -> dict | 
         if cs is not None and rs is not None:
             links += [e for e in evs if e["k"] in ("link_out", "link_in") and cs <= e["t"] <= rs]
         tcp += [c for e in mine if e["k"] == "tcp" for c in e["conns"]]
+        tcp_after += [c for e in mine if e["k"] == "tcp_after" for c in e["conns"]]
         algos |= {e.get("algo", "ring") for e in mine if e["k"] == "ring_start"}
         arr: dict[int, float] = {}
         for e in mine:
@@ -507,7 +516,7 @@ def _round(events: list[list[dict]], short: dict[str, int], rid: int) -> dict | 
                 msgs[e["m"]] = msgs.get(e["m"], 0) + 1
     return {"rid": rid, "step": step, "coordinator": coord, "t0": t0,
             "end_to_end_s": marks[-1] - t0, "stages": stages, "absent": absent, "ring": ring,
-            "tcp": tcp, "messages_sent": msgs}
+            "tcp": tcp, "tcp_after": tcp_after, "messages_sent": msgs}
 
 
 def _stats(xs: list[float]) -> dict:
@@ -574,6 +583,10 @@ def _summarise(rounds: list[dict], rtt_s: float, baseline: dict, events, peers: 
             "srtt_ms": _stats([c["rtt_us"] / 1e3 for c in tcp]),
             "peer_rwnd_bytes": _stats([c["snd_wnd"] for c in tcp]),
             "retrans_total": max(c["retrans"] for c in tcp)}
+        after = [c for r in rounds for c in r.get("tcp_after", [])]
+        if after:  # once step 0's bytes were handed to TCP (a restart after idle shows here)
+            out["tcp_at_first_send"]["cwnd_segments_after_step0_send"] = \
+                _stats([c["cwnd"] for c in after])
     for name, b in baseline.items():
         if b.get("median_s"):
             out[f"end_to_end_over_ring_{name}"] = m / b["median_s"]
@@ -613,7 +626,7 @@ def _ring_baseline(emu, numel: int, repeat: int, slot_s: float, cc: str | None, 
         # boundary) to the last peer's end; each ring step: when its last
         # lane's transfer arrived at the last peer.
         rids = [e["rid"] for e in events[0] if e["k"] == "run" and e["mode"] == mode]
-        runs, per_step, tcp = [], [], []
+        runs, per_step, tcp, tcp_after = [], [], [], []
         for rid in rids:
             first = max((e["t0"] for evs in events for e in evs
                          if e["k"] == "run" and e["rid"] == rid), default=None)
@@ -626,6 +639,8 @@ def _ring_baseline(emu, numel: int, repeat: int, slot_s: float, cc: str | None, 
                         arr[e["step"]] = max(arr.get(e["step"], 0.0), e["t"])
                     elif e["k"] == "tcp" and e["rid"] == rid:
                         tcp += e["conns"]
+                    elif e["k"] == "tcp_after" and e["rid"] == rid:
+                        tcp_after += e["conns"]
             if first is None or last is None:
                 continue
             runs.append(last - first)
@@ -645,7 +660,8 @@ def _ring_baseline(emu, numel: int, repeat: int, slot_s: float, cc: str | None, 
                 "cwnd_segments": _stats([c["cwnd"] for c in tcp]),
                 "cwnd_bytes": _stats([c["cwnd"] * c["mss"] for c in tcp]),
                 "idle_ms": _stats([c["idle_ms"] for c in tcp]),
-                "cc": sorted({c["cc"] for c in tcp})}
+                "cc": sorted({c["cc"] for c in tcp}),
+                "cwnd_segments_after_step0_send": _stats([c["cwnd"] for c in tcp_after])}
     return out
 
 
