@@ -263,9 +263,9 @@ def _install_daemon_hooks(emit: _Events, slot_s: float, cc: str | None,
             emit("link_out", dt=time.monotonic() - t0, new=link is not before, nodelay=nodelay)
         return link
 
-    def incoming(self, peer, timeout=10.0, channel=sd.CHANNEL_ROUND):
+    def incoming(self, peer, timeout=10.0, channel=sd.CHANNEL_ROUND, **kw):
         t0 = time.monotonic()
-        link = in0(self, peer, timeout, channel)
+        link = in0(self, peer, timeout, channel, **kw)
         if channel == sd.CHANNEL_ROUND:
             new = seen_in.get(peer) is not link
             seen_in[peer] = link
