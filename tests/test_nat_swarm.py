@@ -43,7 +43,8 @@ def wait(cond, timeout: float, what: str) -> None:
 def test_peers_behind_two_nats_train_with_public_peers_and_survive_a_relays_death(tmp_path):
     with WanEmulator(n_hosts=5, rtt_ms=10, rate_mbit=0,
                      nat_sites={"a": [1, 2], "b": [3]}) as wan:
-        env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PEERLEARN_SECRET=SECRET, PYTHONUNBUFFERED="1",
+                   PYTHONFAULTHANDLER="1")  # a peer found hung is sent SIGABRT: its stacks
         logs = [tmp_path / f"p{i}.log" for i in range(5)]
         founder = f"{wan.hosts[0].addr}:7400"
         relays = f"{wan.hosts[0].addr}:7500,{wan.hosts[4].addr}:7500"

@@ -28,7 +28,7 @@ from peerlearn.swarm.actions import StartCollective
 from peerlearn.swarm.allgather import ring_allgather
 from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduce
 from peerlearn.swarm.config import PeerConfig
-from peerlearn.swarm.datalinks import PeerLinks
+from peerlearn.swarm.datalinks import CHANNEL_ROUND, PeerLinks
 from peerlearn.swarm.direct import DIRECT_MAX_BYTES, DIRECT_MAX_WORLD, direct_allreduce
 from peerlearn.wire.codecs import hash_tensor
 
@@ -79,24 +79,29 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
         return RoundResult(update)
     addr = {p.id: p.data for p in a.members}
     codec = None if cfg.codec is None else CodecSpec(cfg.codec, cfg.block_size)
+    # Abortable from the loop while the links are still being set up: a wait
+    # for a dial-back peer's link would otherwise outlast the round's abort
+    # by a whole step timeout, the peer out of every round meanwhile.
+    setup = _SetupAbort(links, [p for p in a.participants if p != me])
+    inflight[a.round_id] = [setup]
     if cfg.aggregate == "mean" and _direct(update, n):
         others = [p for p in a.participants if p != me]
         sends = {p: _link(lambda p=p: links.outgoing(p, addr[p], timeout=cfg.step_timeout),
-                          a.participants, p) for p in others}
+                          a.participants, p, "send") for p in others}
         recvs = {p: _link(lambda p=p: links.incoming(p, timeout=cfg.step_timeout,
                                                      address=addr[p]),
-                          a.participants, p) for p in others}
-        inflight[a.round_id] = [*sends.values(), *recvs.values()]
+                          a.participants, p, "recv") for p in others}
+        inflight[a.round_id] = [setup, *sends.values(), *recvs.values()]
         return RoundResult(direct_allreduce(
             update, rank=rank, world=n, send_links=[sends.get(p) for p in a.participants],
             recv_links=[recvs.get(p) for p in a.participants], op_tag=a.round_id,
             average=True, codec=codec, timeout=cfg.step_timeout))
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     send = _link(lambda: links.outgoing(succ, addr[succ], timeout=cfg.step_timeout),
-                 a.participants, succ)
+                 a.participants, succ, "send")
     recv = _link(lambda: links.incoming(pred, timeout=cfg.step_timeout, address=addr[pred]),
-                 a.participants, pred)
-    inflight[a.round_id] = [send, recv]
+                 a.participants, pred, "recv")
+    inflight[a.round_id] = [setup, send, recv]
     if cfg.aggregate == "mean":
         return RoundResult(ring_allreduce(
             update, rank=rank, world=n, send_link=send, recv_link=recv, op_tag=a.round_id,
@@ -107,6 +112,18 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
     return RoundResult(out.value, tuple(a.participants[i] for i in out.refused))
 
 
+class _SetupAbort:
+    """abort(): ends a round's link setup and transfers with its peers (the
+    loop's abort of an in-flight round calls it, as it calls Link.abort)."""
+
+    def __init__(self, links: PeerLinks, peers: list[str]):
+        self.links, self.peers = links, peers
+
+    def abort(self) -> None:
+        for p in self.peers:
+            self.links.abort(p, CHANNEL_ROUND)
+
+
 def _direct(update: torch.Tensor, n: int) -> bool:
     """Whether a mean among n runs as the direct all-reduce (two one-way
     hops) rather than the ring (2(n-1)): for a few peers and a small
@@ -115,13 +132,13 @@ def _direct(update: torch.Tensor, n: int) -> bool:
     return 3 <= n <= DIRECT_MAX_WORLD and update.numel() * 4 <= DIRECT_MAX_BYTES
 
 
-def _link(open_link, participants: tuple[str, ...], peer: str):
+def _link(open_link, participants: tuple[str, ...], peer: str, direction: str):
     """open_link(), a TimeoutError tagged with the participant's rank it
-    waited for (for stalled_neighbour)."""
+    waited for and the link's direction (for stalled_neighbour)."""
     try:
         return open_link()
     except TimeoutError as e:
-        e.peer_rank = participants.index(peer)
+        e.peer_rank, e.direction = participants.index(peer), direction
         raise
 
 

@@ -23,6 +23,7 @@ CATCHUP_EVERY = 10
 LATENESS_MARGIN = 1.25
 GATHER_MAX_FACTOR = 4.0
 LATENESS_DECAY = 0.8  # per new Ready: how fast a member's measured lateness fades
+LED_REMEMBERED = 4  # rounds I committed whose late accusations are still heard
 
 
 @dataclass
@@ -52,7 +53,11 @@ class Coordinating:
         p = r.propose
         members = tuple(self.known[i] for i in p.participants)
         r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members)
-        self.last_led, self.blamed = r.commit, set()
+        self.last_led = r.commit
+        self.led_recent[r.commit.round_id] = r.commit.participants
+        while len(self.led_recent) > LED_REMEMBERED:
+            del self.led_recent[min(self.led_recent)]
+        self.blamed = {b for b in self.blamed if b[0] in self.led_recent}
         r.done, r.since, r.commit_sent_at = {}, now, now
         # Everyone learns of the commit: a non-participant may have to finish it
         # as the next coordinator, and all of them adopt its view on Apply.
@@ -60,13 +65,20 @@ class Coordinating:
 
     def _on_done(self, now, sender, msg: m.Done) -> list:
         self._saw_done(now, sender, msg)
-        last = self.last_led
-        if msg.blame and last is not None and msg.round_id == last.round_id and \
-                (msg.round_id, sender) not in self.blamed:
+        led = self.led_recent.get(msg.round_id)
+        if msg.blame and led is not None and (msg.round_id, sender) not in self.blamed:
             # The first failed Done ended the round; a stalled link's
-            # neighbours report at about the same moment, and are heard.
+            # neighbours report at about the same moment, and are heard, even
+            # once the next round is committed (the accuser's transfer may
+            # time out after the abort it caused elsewhere).
             self.blamed.add((msg.round_id, sender))
-            self._blame_link(now, sender, msg.blame, last.participants)
+            if (msg.round_id, "accused", msg.blame) not in self.blamed:
+                # In the direct all-reduce every participant waits on every
+                # other, so a member that never sends is named by each that
+                # timed out first: the first accusation is the pair's, the
+                # rest cost nobody else their place.
+                self.blamed.add((msg.round_id, "accused", msg.blame))
+                self._blame_link(now, sender, msg.blame, led)
         r = self.leading
         if r is None or r.commit is None or msg.round_id != r.commit.round_id or \
                 sender not in r.commit.participants:

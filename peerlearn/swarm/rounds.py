@@ -93,7 +93,9 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
         self.ack_misses: dict[str, int] = {}  # proposals in a row each let time out
         self.took_part: m.Commit | None = None  # the round I took part in last
         self.last_led: m.Commit | None = None  # the round I committed last...
-        self.blamed: set[tuple[int, str]] = set()  # ...and the accusations heard in it
+        self.led_recent: dict[int, tuple[str, ...]] = {}  # round -> participants, last few
+        # Accusations heard: (round, accuser) and (round, "accused", id).
+        self.blamed: set[tuple] = set()
         # Leaders that stalled rounds, and the evidence (deposing.py).
         self.deposed = Cooldowns(4 * (2 * timeouts.gather + 2 * timeouts.ack +
                                       timeouts.dead_after), LEAD_MAX_S)
@@ -337,9 +339,11 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
         out: list = []
         if now - self.last_beat_at >= self.t.heartbeat_every:
             self.last_beat_at = now
+            held = self.observed or (self.leading.commit if self.leading else None)
             beat = m.Heartbeat(self.epoch, self.aborted, self.term, self.step,
                                self.state_hash, self.synced, self.me, self.departed,
-                               self._my_choice(now, self._may_lead(now)) or "")
+                               self._my_choice(now, self._may_lead(now)) or "",
+                               held.round_id if held is not None else 0)
             out += self._broadcast(beat, now)
             # Peers we think dead still hear from us now and then: that is how
             # the two sides of a healed partition find each other again.
@@ -377,9 +381,11 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
             b = self.beats.get(coord)
             fresh = self.beat_at.get(coord, -1e18) > self.observed_at
             if b is not None and fresh and b.epoch < c.round_id and b.aborted < c.round_id \
-                    and now - self.commit_forwarded_at >= self.t.ack:
-                # The leader's heartbeat shows this round unsettled there; if it
-                # never saw it (it restarted), it adopts it from us.
+                    and b.holding != c.round_id and now - self.commit_forwarded_at >= self.t.ack:
+                # The leader's heartbeat shows this round unsettled there and
+                # not held (it restarted, or never saw it): it adopts it from
+                # us. One that holds it is running it: a copy back would only
+                # be refused (at 1,024 peers, 35 copies per member per round).
                 self.commit_forwarded_at = now
                 out.append(Send(coord, c))
         if self.my_done is not None and coord not in (None, self.me.id) and \

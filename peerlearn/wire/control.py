@@ -177,7 +177,7 @@ _CHECKS = {
     "poisoned": _flag, "blame": _blame, "leader": _blame,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
-    "key": _key32, "transfer": _transfer, "nonce": _nonce,
+    "key": _key32, "transfer": _transfer, "holding": _u64, "nonce": _nonce,
 }
 
 
@@ -192,7 +192,9 @@ class Heartbeat:
     taken part in a round since: my vote counts in no quorum of it.
     `leader`: whom my own evidence picks to lead ("" if nobody): peers that
     judged a stalling leader at different moments agree by following the
-    most chosen (deposing.py)."""
+    most chosen (deposing.py). `holding`: the committed round I hold
+    undecided (0: none), so a participant does not hand the Commit back to
+    a leader that is running it."""
 
     epoch: int
     aborted: int
@@ -203,6 +205,7 @@ class Heartbeat:
     peer: PeerInfo
     departed: bool = False
     leader: str = ""
+    holding: int = 0
 
 
 @dataclass(frozen=True)
