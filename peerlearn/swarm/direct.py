@@ -123,9 +123,18 @@ def direct_allreduce(
     if any(send_links[j] is None or recv_links[j] is None for j in others):
         raise ValueError("a direct all-reduce needs a link to and from every other peer")
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
-    chunk = max(align, chunk_elems // align * align)
-    byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)
     bounds = segment_bounds(flat.numel(), world, align)
+    # A segment goes out as chunks, each on whichever of the link's
+    # connections takes it next: cut it into at least one chunk a connection.
+    # As one chunk (a 1 MiB mean among 4: 256 KiB) it rode a single
+    # connection, and one that had carried little had a receive window of
+    # 64 KiB: one to three round trips more, in a third of the rounds over
+    # the emulated 100 ms path (docs/benchmarks.md).
+    conns = min(link.n_conns for link in send_links if link is not None)
+    seg_max = max(bounds[i + 1] - bounds[i] for i in range(world))
+    spread = -(-seg_max // max(1, conns))
+    chunk = max(align, min(chunk_elems, -(-spread // align) * align) // align * align)
+    byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)
 
     def seg(t: torch.Tensor, i: int) -> torch.Tensor:
         return t[bounds[i]:bounds[i + 1]]
