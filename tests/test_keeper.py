@@ -120,3 +120,67 @@ def test_a_donor_copy_is_shared_then_dropped():
         keeper.close()
 
     asyncio.run(main())
+
+
+def test_a_push_borrows_the_live_tensors_and_an_apply_waits_for_it(monkeypatch):
+    """A donor's push reads the live state (no copy: issue 17's fourth
+    state-sized buffer); an apply arriving meanwhile writes only once the
+    loan has ended."""
+    from peerlearn.swarm import keeper as k
+
+    monkeypatch.setattr(k, "LEND_WAIT_S", 60.0)  # never cut here
+    st = _state()
+    copies: list[int] = []
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **kw: copies.append(1))
+
+    async def main():
+        keeper = StateKeeper(st, asyncio.get_running_loop())
+        step, digest, manifest = await keeper.peek()
+        assert (step, digest) == (3, st.state_hash()) and [e[0] for e in manifest] == ["a", "b"]
+        loan = await asyncio.to_thread(keeper.lend, step, digest, lambda: None)
+        assert all(loan.tensors[n].data_ptr() == t.data_ptr() for n, t in st.tensors.items())
+        sub = Submission(torch.ones(1000), lambda s, r: s.tensors["a"].add_(r))
+        applying = asyncio.ensure_future(keeper.apply(sub, torch.ones(1000), 4))
+        await asyncio.sleep(0.2)  # the apply waits on the state thread, the loop goes on
+        assert not applying.done() and float(loan.tensors["a"][0]) == 0.0
+        loan.end()
+        digest2, error = await applying
+        assert error is None and float(st.tensors["a"][0]) == 1.0 and keeper.step == 4
+        assert not loan.was_cut and keeper.loans.cuts == 0
+        # The state moved on since that offer: no loan (the push fails as a
+        # transfer, and the requester never sees bytes that miss the hash).
+        assert await asyncio.to_thread(keeper.lend, step, digest, lambda: None) is None
+        keeper.close()
+
+    asyncio.run(main())
+    assert copies == []
+
+
+def test_an_apply_cuts_a_loan_held_too_long(monkeypatch):
+    """A push still reading when the apply's wait ends is cut (its link
+    aborted: here the reader ends its loan when told) and the apply goes on."""
+    from peerlearn.swarm import keeper as k
+
+    monkeypatch.setattr(k, "LEND_WAIT_S", 0.05)
+    st = _state()
+    cut_on: list[str] = []
+
+    async def main():
+        keeper = StateKeeper(st, asyncio.get_running_loop())
+        step, digest, _ = await keeper.peek()
+        holder: list = []
+
+        def cut() -> None:
+            cut_on.append(threading.current_thread().name)
+            holder[0].end()  # the aborted send fails and the push ends its loan
+
+        loan = await asyncio.to_thread(keeper.lend, step, digest, cut)
+        holder.append(loan)
+        sub = Submission(torch.ones(1000), lambda s, r: s.tensors["a"].add_(r))
+        digest2, error = await asyncio.wait_for(keeper.apply(sub, torch.ones(1000), 4), 10)
+        assert error is None and float(st.tensors["a"][0]) == 1.0
+        assert loan.was_cut and keeper.loans.cuts == 1 and not keeper.loans.out
+        keeper.close()
+
+    asyncio.run(main())
+    assert len(cut_on) == 1 and cut_on[0].startswith("peerlearn-state")

@@ -10,15 +10,18 @@ never be taken for this one's (they fail the receive instead).
 
 Threads: `StateTransfers` is owned by the daemon's loop. Pushes run on their
 own small pool (never the executor that runs rounds: a flood of requests
-cannot hold the swarm's rounds up), each reading only the keeper's snapshot
-(one copy per state, made on the state thread, dropped after its last push);
-pulls run on the loop's default executor into fresh tensors, hashed and
-checked finite on the state thread, installed only after the whole state
-matches its hash. The loop reads no tensor bytes here.
+cannot hold the swarm's rounds up), each reading the live tensors on a loan
+from the keeper while its bytes are sent (an apply waits for it, briefly:
+keeper.py), or, for a requester whose loan an apply cut, the keeper's
+snapshot (one copy per state, dropped after its last push); pulls run on
+the loop's default executor into fresh tensors, hashed and checked finite
+on the state thread, installed only after the whole state matches its
+hash. The loop reads no tensor bytes here.
 
 What a requester can make a donor spend is bounded: it is served only while
 its heartbeats show it behind us, one push at a time per requester,
-MAX_PUSHES at once in all, and all pushes of a step share one snapshot.
+MAX_PUSHES at once in all; a loan held too long is cut by our next apply,
+and all pushes from a copy share one snapshot.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ MAX_PUSHES = 4
 MAX_DONORS = 4
 OFFER_TIMEOUT_S = 10.0
 REFUSED_DONOR_S = 5.0  # a donor that refused us is asked last for this long
+ROUND_WAIT_S = OFFER_TIMEOUT_S / 2  # a push waits this long for our round to end
+CUT_REMEMBERED_S = 60.0  # a requester whose loan was cut gets copies this long
 
 
 def transfer_op(transfer: int, index: int) -> int:
@@ -69,6 +74,8 @@ class StateTransfers:
         self.pushes: dict[str, asyncio.Task] = {}  # requester -> its push
         self.push_transfer: dict[str, int] = {}  # requester -> its push's transfer number
         self._refused_by: dict[str, float] = {}  # donor -> until when it is asked last
+        self._cut: dict[str, float] = {}  # requester -> until when it is served a copy
+        self.cut_pushes = 0  # pushes an apply cut
         self._offers: dict[str, asyncio.Future] = {}
         self._transfer = secrets.randbelow(1 << 32)  # a restart does not reuse numbers
         self.refused = 0  # requests refused (not behind, already served, too many)
@@ -112,37 +119,50 @@ class StateTransfers:
         self.pushes[requester] = d.spawn(self._push(requester, peer, req))
 
     async def _push(self, requester: str, peer: m.PeerInfo, req: m.StateRequest) -> None:
-        """One requester's share of the state, from the keeper's snapshot (a
-        copy made on the state thread, shared by every push of that state:
-        the next rounds may apply while pushes are on the wire). A donor that
-        has moved past the requested step offers what it holds now: a joiner
-        chasing a swarm whose rounds are shorter than a state transfer would
-        otherwise always arrive one step late."""
+        """One requester's share of the state. Its bytes are read from the
+        live tensors on a loan (keeper.py: no copy; an apply waits for the
+        loan, LEND_WAIT_S at most, then cuts it); a requester whose last loan
+        was cut gets a copy instead (the keeper's snapshot, shared by every
+        push of that state): its push outlasts the gap between our applies,
+        and would be cut again. A donor that has moved past the requested
+        step offers what it holds now: a joiner chasing a swarm whose rounds
+        are shorter than a state transfer would otherwise always arrive one
+        step late."""
         d = self.d
         try:
-            snap = await d.keeper.snapshot(req.step)
-            if snap is None:  # our one copy is older than it asks: not now
-                self.refused += 1
-                d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash), to=peer.id)
-                return
-            step, digest, manifest, tensors = snap
+            if d.round_task is not None:
+                # Our round's apply would cut a loan taken now: begin after it.
+                await asyncio.wait({d.round_task}, timeout=ROUND_WAIT_S)
+            now = time.monotonic()
+            self._cut = {x: t for x, t in self._cut.items() if t > now}
+            copy = requester in self._cut
+            if copy:
+                snap = await d.keeper.snapshot(req.step)
+                if snap is None:  # our one copy is older than it asks: not now
+                    self.refused += 1
+                    d.plane.send(peer.control, m.StateRefused(req.step, req.state_hash),
+                                 to=peer.id)
+                    return
+                step, digest, manifest, tensors = snap
+            else:
+                step, digest, manifest = await d.keeper.peek()
             try:
                 d.plane.send(peer.control, m.StateOffer(step, digest, req.part, req.parts,
                                                         req.transfer, manifest), to=peer.id)
-                share = [(i, tensors[e[0]]) for i, e in enumerate(manifest)
-                         if i % req.parts == req.part]
-
-                def push() -> None:
-                    link = d.links.outgoing(requester, peer.data, timeout=d.cfg.step_timeout,
-                                            channel=CHANNEL_STATE)
-                    for i, t in share:
-                        if t.numel():
-                            link.send(t.view(-1).view(torch.uint8), transfer_op(req.transfer, i),
-                                      timeout=d.cfg.step_timeout)
-
-                await d.loop.run_in_executor(self.pool, push)
+                share = [(i, e[0]) for i, e in enumerate(manifest) if i % req.parts == req.part]
+                cut = await d.loop.run_in_executor(
+                    self.pool, self._send, requester, peer, req.transfer, share,
+                    tensors if copy else (step, digest))
             finally:
-                d.keeper.release_snapshot()
+                if copy:
+                    d.keeper.release_snapshot()
+            if cut:
+                self.cut_pushes += 1
+                self._cut[requester] = time.monotonic() + CUT_REMEMBERED_S
+                log.info("%s state push to %s cut by an apply; its next push is from a copy",
+                         d.id[:8], requester[:8])
+            else:
+                self._cut.pop(requester, None)
         except Exception as e:  # noqa: BLE001 - a push is a task of the daemon's group:
             # whatever a requester's push runs into ends the push, never the peer.
             log.info("%s state push to %s failed: %s: %s", d.id[:8], requester[:8],
@@ -150,6 +170,36 @@ class StateTransfers:
         finally:
             self.pushes.pop(requester, None)
             self.push_transfer.pop(requester, None)
+
+    def _send(self, requester: str, peer: m.PeerInfo, transfer: int,
+              share: list[tuple[int, str]], source) -> bool:
+        """On a push thread: the share's tensors, from a copy (source: name ->
+        tensor) or on a loan of the live state at source = (step, hash).
+        True if an apply cut the loan (or the state moved on before it)."""
+        d = self.d
+        link = d.links.outgoing(requester, peer.data, timeout=d.cfg.step_timeout,
+                                channel=CHANNEL_STATE)
+        loan = None
+        if isinstance(source, tuple) and share:
+            loan = d.keeper.lend(*source, cut=lambda: d.links.abort(requester, CHANNEL_STATE))
+            if loan is None:  # an apply ran since the offer: fail the transfer, not the hash
+                d.links.abort(requester, CHANNEL_STATE)
+                return True
+            source = loan.tensors
+        try:
+            for i, name in share:
+                t = source[name]
+                if t.numel():
+                    link.send(t.view(-1).view(torch.uint8), transfer_op(transfer, i),
+                              timeout=d.cfg.step_timeout)
+        except Exception:
+            if loan is not None and loan.was_cut:
+                return True
+            raise
+        finally:
+            if loan is not None:
+                loan.end()  # an apply waiting for it goes on now
+        return False
 
     # ------------------------------------------------------------ requester
 
