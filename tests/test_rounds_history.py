@@ -345,11 +345,14 @@ def test_a_member_that_is_ready_but_never_acks_is_left_out_and_rounds_go_on():
     sends Ready and never acks. The coordinator used to propose it again after
     every ack timeout, and no round committed while it lived. Now it is left
     out for a cooldown (counted) and the others apply rounds; once it acks
-    again it is forgiven."""
+    again it is forgiven. A round that repeats the last one goes without a
+    Propose (a fast Commit): there the staller takes part and never sends,
+    and the links' timeouts name it instead."""
     sim = Sim(5)
     sim.run(3)
     staller = sim.peers["p03"].core
     staller._on_propose = lambda now, sender, msg: []  # heard from, never acking
+    sim.peers["p03"].ring_staller = True
     t0 = sim.now
     sim.run(t0 + 8)
     applied = applied_after(sim, t0, ["p00"])
@@ -360,6 +363,7 @@ def test_a_member_that_is_ready_but_never_acks_is_left_out_and_rounds_go_on():
     views = [e[3] for e in sim.events if e[1] == "view" and e[2] == "p00" and e[0] > t0]
     assert sum("p03" not in v for v in views) >= 6, views
     del staller._on_propose  # it behaves again: back in once its cooldown ends
+    sim.peers["p03"].ring_staller = False
     sim.run(sim.now + 20 * sim.t.gather)  # longer than any cooldown it earned
     assert "p03" in lead.members and not lead.excluded_now("p03", sim.now)
     assert sim.parity_violations() == []

@@ -50,9 +50,13 @@ class Coordinating:
         r.acks.add(sender)
         if r.acks != set(r.propose.participants):
             return []
+        return self._commit(now, r)
+
+    def _commit(self, now, r: _Round, fast: bool = False) -> list:
         p = r.propose
         members = tuple(self.known[i] for i in p.participants)
-        r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members)
+        r.commit = m.Commit(p.round_id, p.term, p.step, p.participants, members, p.state_hash,
+                            fast)
         self.last_led = r.commit
         self.led_recent[r.commit.round_id] = r.commit.participants
         while len(self.led_recent) > LED_REMEMBERED:
@@ -241,11 +245,30 @@ class Coordinating:
             v for b in beats for v in (b.epoch, b.aborted, b.term) if v < ROUND_ID_LIMIT])
         self.max_round_id = self.term = base + 1
         prop = m.Propose(self.max_round_id, self.term, step, h, participants)
+        if self._repeats_last_round(prop) and self._may_ack(now, self.me.id, prop):
+            # The participants of the round I led last, all ready on the state
+            # it made: skip the Propose/Ack round trip (each of them checks the
+            # fast Commit as it would have the Propose, and a refusal aborts
+            # the round at once). Anything new (a joiner, a member missing or
+            # left out, a failed round) goes through Propose and Ack, whose
+            # timeout finds the silent.
+            self._ack(self.me.id, prop)
+            self.leading = _Round(prop, now, set(participants))
+            return self._commit(now, self.leading, fast=True)
         self.leading = _Round(prop, now, set())
         out = [Send(i, prop) for i in participants if i != self.me.id]
         if self.me.id in participants:
             out += self._on_propose(now, self.me.id, prop)
         return out
+
+    def _repeats_last_round(self, prop: m.Propose) -> bool:
+        """prop is for the step my last led round made, among its very
+        participants, and that round is the last one applied here: the view
+        did not change and every participant was just heard from in it."""
+        last = self.last_led
+        return last is not None and self.epoch == last.round_id and \
+            prop.participants == last.participants and prop.step == last.step + 1 and \
+            not self.probing and self.me.id in prop.participants
 
     def _gather_for(self, waiting: list[str]) -> float:
         """How long a round waits, from its first Ready, for the peers in

@@ -177,7 +177,7 @@ _CHECKS = {
     "poisoned": _flag, "blame": _blame, "leader": _blame,
     "participants": _ids, "members": _peers, "peer": PeerInfo.from_wire,
     "part": _part, "parts": _part, "tensors": _tensors, "reply_to": _addr, "peers": _status_rows,
-    "key": _key32, "transfer": _transfer, "holding": _u64, "nonce": _nonce,
+    "key": _key32, "transfer": _transfer, "holding": _u64, "nonce": _nonce, "fast": _flag,
 }
 
 
@@ -275,13 +275,19 @@ class Ack:
 
 @dataclass(frozen=True)
 class Commit:
-    """Every participant acked: start the collective for round_id."""
+    """Start the collective for round_id: every participant acked, or (fast)
+    the coordinator commits without a Propose because the round repeats the
+    last one it led among the same participants; a participant then checks
+    the round as it would a Propose (state_hash is the state it runs on)
+    and answers a refusal with a failed Done."""
 
     round_id: int
     term: int
     step: int
     participants: tuple[str, ...]
     members: tuple[PeerInfo, ...]
+    state_hash: bytes = b"\0" * 8
+    fast: bool = False
 
 
 @dataclass(frozen=True)
