@@ -145,7 +145,10 @@ def test_a_peer_that_never_sends_is_named_and_the_rest_abort_in_time():
             e = res[r]
             assert isinstance(e, AllReduceAborted), e
             assert e.peer_rank == 2 and e.direction == "recv", (e, e.peer_rank)
-            assert isinstance(e.cause, TimeoutError), repr(e.cause)
+        # The first to time out names it and aborts; the other may see that
+        # abort on the gather it already reads before its own timeout, and
+        # then names the one whose scatter part it still lacks.
+        assert any(isinstance(res[r].cause, TimeoutError) for r in (0, 1)), res
         assert took < 5.0, took
     finally:
         mesh.close()
@@ -162,3 +165,40 @@ def test_two_peers_and_one():
     x = torch.arange(5, dtype=torch.float32)
     y = direct_allreduce(x, rank=0, world=1, send_links=[None], recv_links=[None], op_tag=0)
     assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
+
+
+def _bytes_received(link) -> list[int]:
+    """tcpi_bytes_received of each of the link's connections (Linux)."""
+    import socket
+    import struct
+    return [struct.unpack_from("<Q", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256),
+                               128)[0] for s in link._socks]
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "TCP_INFO"), reason="needs Linux TCP_INFO")
+def test_small_parts_ride_one_connection_large_ones_all():
+    """Parts up to ONE_CONNECTION_BYTES go over the first connection of each
+    link only (its receive window stays grown: docs/benchmarks.md), larger
+    ones over every connection."""
+    from peerlearn.swarm.direct import ONE_CONNECTION_BYTES
+
+    mesh = Mesh(3)
+    try:
+        before = {(j, i): _bytes_received(mesh.recv[j][i]) for i in range(3) for j in range(3)
+                  if i != j}
+        small = _inputs(3, 3 * 4096)  # 16 KiB parts
+        res = mesh.run(small, tag=11)
+        assert all(torch.equal(res[r], res[0]) for r in range(3))
+        after = {k: _bytes_received(mesh.recv[k[0]][k[1]]) for k in before}
+        for k in before:
+            grew = [a - b for a, b in zip(after[k], before[k])]
+            assert grew[0] >= 2 * 4096 * 4 and grew[1] == 0, (k, grew)
+        numel = 3 * (ONE_CONNECTION_BYTES // 4 + 4096)  # parts just over the bound
+        large = _inputs(3, numel)
+        res = mesh.run(large, tag=12)
+        assert all(torch.equal(res[r], res[0]) for r in range(3))
+        final = {k: _bytes_received(mesh.recv[k[0]][k[1]]) for k in before}
+        for k in before:
+            assert all(f > a for f, a in zip(final[k], after[k])), k
+    finally:
+        mesh.close()

@@ -153,7 +153,7 @@ def _install_link_hooks(emit: _Events, traffic: str | None) -> None:
         try:
             return send0(self, tensor, op_id, **kw)
         finally:
-            emit("ssent", rid=rid, step=step)
+            emit("ssent", rid=rid, step=step, peer=_far_host(self))
             if step == 0:  # a restart after idle happens in the send: seen only now
                 try:
                     emit("tcp_after", rid=rid, conns=[_tcp_info(fd) for fd in self._fds])
@@ -166,9 +166,18 @@ def _install_link_hooks(emit: _Events, traffic: str | None) -> None:
         try:
             return recv0(self, out, op_id, **kw)
         finally:
-            emit("srecv", rid=op_id >> 16, step=op_id & 0xFFFF)
+            emit("srecv", rid=op_id >> 16, step=op_id & 0xFFFF, peer=_far_host(self))
 
     tl.Link.send, tl.Link.recv_into = send, recv_into
+
+
+def _far_host(link) -> str:
+    """The emulated host at the other end (each peer has its own address),
+    so a late transfer can be pinned on a pair of peers."""
+    try:
+        return link._socks[0].getpeername()[0]
+    except (OSError, IndexError, AttributeError):
+        return ""
 
 
 def _slot_wait(slot_s: float) -> None:

@@ -49,6 +49,20 @@ from peerlearn.wire import codecs
 # ring (its pipelining and lanes, one link each way, no part buffers).
 DIRECT_MAX_WORLD = 8
 DIRECT_MAX_BYTES = 64 << 20
+# Parts up to this size ride one connection of each link, always the same:
+# its receive window, grown by the kernel's autotuning while it carries them,
+# stays grown. Spread over four connections, 1 MiB among 4 peers put 64 KiB
+# on each, exactly the window of a connection that never carried more, and
+# the transfer's last bytes (its frame headers) waited for the window to
+# open: 1 to 3 round trips in most rounds over the emulated 100 ms path
+# (docs/benchmarks.md, "Receive windows"). Larger parts use every
+# connection, where the bandwidth is.
+ONE_CONNECTION_BYTES = 1 << 20
+
+
+def _first_lane(link: Link | None) -> Link | None:
+    """The link's first connection alone (both ends number them alike)."""
+    return None if link is None else link.lanes(link.n_conns)[0]
 
 
 class _Failures:
@@ -124,16 +138,7 @@ def direct_allreduce(
         raise ValueError("a direct all-reduce needs a link to and from every other peer")
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
     bounds = segment_bounds(flat.numel(), world, align)
-    # A segment goes out as chunks, each on whichever of the link's
-    # connections takes it next: cut it into at least one chunk a connection.
-    # As one chunk (a 1 MiB mean among 4: 256 KiB) it rode a single
-    # connection, and one that had carried little had a receive window of
-    # 64 KiB: one to three round trips more, in a third of the rounds over
-    # the emulated 100 ms path (docs/benchmarks.md).
-    conns = min(link.n_conns for link in send_links if link is not None)
-    seg_max = max(bounds[i + 1] - bounds[i] for i in range(world))
-    spread = -(-seg_max // max(1, conns))
-    chunk = max(align, min(chunk_elems, -(-spread // align) * align) // align * align)
+    chunk = max(align, chunk_elems // align * align)
     byte_chunk = min(chunk * 4, MAX_CHUNK_ELEMS)
 
     def seg(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -144,11 +149,26 @@ def direct_allreduce(
     # the other segments only after every scatter send has finished.
     parts = {j: torch.empty_like(mine) for j in others}
     links = [link for link in send_links + recv_links if link is not None]
-    failures = _Failures(rank, links)
+    failures = _Failures(rank, links)  # the whole links: an abort ends every lane
+    seg_max = max(bounds[i + 1] - bounds[i] for i in range(world))
+    if seg_max * 4 <= ONE_CONNECTION_BYTES:
+        send_links = [_first_lane(link) for link in send_links]
+        recv_links = [_first_lane(link) for link in recv_links]
     scattered = threading.Barrier(len(others) + 1)  # every scatter send done
+    # In place, seg j of `out` is what the scatter sends to j: j's gather
+    # may land there only once that send has read it.
+    sent_to = {j: threading.Event() for j in others}
+    arrived: set[int] = set()  # whose scatter part is here (set.add is atomic)
     received = threading.Semaphore(0)
     reduced = threading.Event()
     packed: list[torch.Tensor] = []  # the owner's bytes, with a codec
+
+    def give_up() -> None:
+        """After a failure: no thread waits for another step."""
+        scattered.abort()
+        reduced.set()
+        for ev in sent_to.values():
+            ev.set()
 
     def sender(j: int) -> None:
         link, step = send_links[j], 0
@@ -158,6 +178,7 @@ def direct_allreduce(
                 link.send(t, op_id(op_tag, 0), codec=None if codec is None else codec.codec,
                           block_size=64 if codec is None else codec.block_size,
                           chunk_elems=chunk, timeout=timeout)
+            sent_to[j].set()
             scattered.wait()
             step = 1
             reduced.wait()
@@ -172,18 +193,23 @@ def direct_allreduce(
             return
         except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
             failures.fail("scatter" if step == 0 else "gather", step, "send", j, e)
-            scattered.abort()
-            reduced.set()
+            give_up()
 
     def receiver(j: int) -> None:
         link, step = recv_links[j], 0
         try:
             if parts[j].numel():
                 link.recv_into(parts[j], op_id(op_tag, 0), timeout=timeout)
+            arrived.add(j)
             received.release()
             step = 1
             t = seg(flat, j)
-            reduced.wait()
+            # Read j's gather as soon as it comes, not after our own reduce:
+            # unread, it filled the connection's receive window (64 KiB on
+            # one that carried little) and j's send waited a round trip
+            # for the window to open again.
+            if flat.data_ptr() == flat_in.data_ptr():
+                sent_to[j].wait()  # also set by any failure
             if failures.errors or not t.numel():
                 return
             if codec is None:
@@ -195,10 +221,16 @@ def direct_allreduce(
                 link.recv_into(buf, op_id(op_tag, 1), timeout=timeout)
                 codecs.decode(buf, out=t)
         except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
-            failures.fail("scatter" if step == 0 else "gather", step, "recv", j, e)
+            missing = [k for k in others if k not in arrived]
+            if step == 1 and missing:
+                # Our own scatter is incomplete: j's gather failed (it timed
+                # out, or j aborted) because j could not reduce either; the
+                # one whose part never came is at the other end of it.
+                failures.fail("scatter", 0, "recv", missing[0], e)
+            else:
+                failures.fail("scatter" if step == 0 else "gather", step, "recv", j, e)
             received.release()
-            scattered.abort()
-            reduced.set()
+            give_up()
 
     threads = [threading.Thread(target=fn, args=(j,), name=f"direct-{fn.__name__}-{j}")
                for j in others for fn in (sender, receiver)]
@@ -216,7 +248,7 @@ def direct_allreduce(
         failures.fail("reduce", 1, "none", rank, e)
     finally:
         if failures.errors:
-            scattered.abort()  # senders waiting for the others' scatter give up
+            give_up()  # senders waiting for the others' scatter give up
         reduced.set()
         for t in threads:
             if t.ident is not None:
