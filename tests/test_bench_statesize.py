@@ -42,12 +42,13 @@ def test_bench_statesize_reports_every_figure(tmp_path):
                                    "parity_mismatches", "members_min", "view_changes",
                                    "evictions"}
     assert all(v >= 0 for v in res["healthy"].values())
-    assert set(res["whole_run"]) == {"rounds_aborted", "evictions"}
+    assert set(res["whole_run"]) == {"rounds_aborted", "push_cuts", "evictions"}
     assert all(v >= 0 for v in res["whole_run"].values())
     assert res["checkpoint_every_rounds"] == 10
     assert set(res["peers"]) == {"peer0", "peer1", "peer2", "joiner"}
     for name, peer in res["peers"].items():
         assert peer["exit_code"] == 0, (name, res["log_problems"])
+        assert peer["push_cuts"] >= 0
         assert peer["loop_lag_max_s"] >= 0 and isinstance(peer["lag_rises"], list)
         assert peer["peak_rss_x_state"] > 1  # the state, and the interpreter around it
         assert peer["peak_rss_bytes"] > peer["peak_rss_above_base_x_state"] * res["bytes"]

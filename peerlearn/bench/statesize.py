@@ -13,7 +13,9 @@ Per state size (default 64 MiB, 512 MiB, 2 GiB; K, M, G binary), in turn:
    (every PeerConfig.checkpoint_every = 10 rounds, which no flag sets); what a
    healthy run keeps at 0 (aborted rounds, view changes, evictions);
 3. a 4th peer with --join: seconds until it holds the swarm's state (its
-   verified syncs) and until it applies a round with the others.
+   verified syncs) and until it applies a round with the others; how many
+   donor pushes an apply cut (push_cuts: each one's next push is from a
+   copy of the state, the one time a donor holds one).
 
 The synthetic state is one fp32 tensor of size / 4 elements (the size is the
 whole state's). Each round a peer makes one more such tensor, its
@@ -172,7 +174,8 @@ def _log(peer: _Peer, until: float) -> dict:
     """From a peer's JSON log up to wall time `until` (the shutdown's lines
     apart): its views (time, members), when it began joining, synced and first
     contributed, its warnings and errors."""
-    out: dict = {"views": [], "synced": [], "aborted": set(), "problems": [], "other_lines": 0}
+    out: dict = {"views": [], "synced": [], "aborted": set(), "problems": [], "other_lines": 0,
+                 "push_cuts": 0}
     for line in peer.log.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -190,6 +193,8 @@ def _log(peer: _Peer, until: float) -> dict:
             out["aborted"].add(int(m[1]))
         if " synced to step " in msg:
             out["synced"].append(at)
+        if "cut by an apply" in msg:  # its next push to that joiner is from a copy
+            out["push_cuts"] += 1
         for key, prefix in (("joining", "joining the swarm"), ("contributed", "contributed to")):
             if msg.startswith(prefix):
                 out.setdefault(key, at)
@@ -376,6 +381,7 @@ class _Size:
             problems += [f"{p.name} {m}" for m in log["problems"]]
             row = res["peers"][p.name] = {
                 "exit_code": p.proc.returncode, "log_problems": len(log["problems"]),
+                "push_cuts": log["push_cuts"],
                 "log_other_lines": log["other_lines"], "peak_rss_bytes": p.hwm,
                 "peak_rss_x_state": round(p.hwm / self.nbytes, 2),
                 "peak_rss_above_base_x_state": round((p.hwm - base) / self.nbytes, 2)}
@@ -410,6 +416,7 @@ class _Size:
         # Start-up and join included (a size that never settled has no
         # window): rounds aborted (distinct ids in the logs), views that lost a member.
         res["whole_run"] = {"rounds_aborted": len(aborted),
+                            "push_cuts": sum(v["push_cuts"] for v in res["peers"].values()),
                             "evictions": max(drops[1], len({e for e, _ in shrunk}))}
         res["checkpoint_every_rounds"] = CHECKPOINT_EVERY
         res["log_problems"] = problems[:10]
