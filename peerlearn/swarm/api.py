@@ -66,11 +66,16 @@ def flatten(tensors: Tensors, donate: bool = False
         flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32)
                           for _, t in items]) if items else torch.empty(0)
 
+    # Only the layout is kept: a closure over the tensors themselves kept the
+    # caller's originals alive until the contribution settled (a second copy
+    # of it, for a caller of all_reduce_async that let its own go).
+    layout = [(name, t.shape, t.dtype, t.numel()) for name, t in items]
+
     def unflatten(res: torch.Tensor) -> Tensors:
         out, at = {}, 0
-        for name, t in items:
-            out[name] = res[at:at + t.numel()].view(t.shape).to(t.dtype)
-            at += t.numel()
+        for name, shape, dtype, numel in layout:
+            out[name] = res[at:at + numel].view(shape).to(dtype)
+            at += numel
         return out[""] if single else out
 
     return flat.contiguous(), unflatten
