@@ -130,12 +130,12 @@ class StateTransfers:
         step late."""
         d = self.d
         try:
-            if d.round_task is not None:
-                # Our round's apply would cut a loan taken now: begin after it.
-                await asyncio.wait({d.round_task}, timeout=ROUND_WAIT_S)
             now = time.monotonic()
             self._cut = {x: t for x, t in self._cut.items() if t > now}
             copy = requester in self._cut
+            if not copy and d.round_task is not None:
+                # Our round's apply would cut a loan taken now: begin after it.
+                await asyncio.wait({d.round_task}, timeout=ROUND_WAIT_S)
             if copy:
                 snap = await d.keeper.snapshot(req.step)
                 if snap is None:  # our one copy is older than it asks: not now
