@@ -58,6 +58,11 @@ def test_two_peers_get_one_link_both_ways_through_the_relay(relay):
         lb.send(x * 2, 8, timeout=10)
         t.join()
         assert torch.equal(z, x * 2)
+        # counted once the relay's sendall returned, which may be after the
+        # receiver has the bytes
+        deadline = time.monotonic() + 5
+        while relay.relayed_bytes < 2 * x.numel() * 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert relay.relayed_bytes >= 2 * x.numel() * 4
         assert relay.spliced == 3
     finally:
@@ -102,7 +107,7 @@ def test_waiting_requests_are_bounded_per_peer(relay, monkeypatch):
 def test_requests_are_parsed_strictly():
     key = rl.relay_key(KEY)
     good = rl.request(key, A, B, 5, 1, 2)
-    assert rl.parse_request(key, good) == (A, B, 5, 1, 2)
+    assert rl.parse_request(key, good) == (A, B, 5, 1, 2, False, None)
     with pytest.raises(ValueError):
         rl.parse_request(key, good[:-1] + bytes([good[-1] ^ 1]))
     with pytest.raises(ValueError):

@@ -9,26 +9,17 @@ ways. Over the spliced connections the two run the ordinary link handshake
 what any on-path member sees, and cannot complete a link in either peer's
 name without its identity key.
 
-Request, 136 bytes, client -> relay:
-
-    "PLR1" | from id [32, ASCII] | to id [32] | channel u64 LE
-    | conn_index u16 LE | n_conns u16 LE | unix time u64 LE | nonce [16]
-    | HMAC-SHA256(relay key, everything before) [32]
-
-The relay key is derived from the data key, so only swarm members can use
-a relay. The relay answers "PLRK" once the connection is spliced. What a
-client can make a relay hold is bounded: requests waiting for their other
-half (MAX_WAITING in all, MAX_WAITING_PER_PEER per asking id, each for at
-most WAIT_S), and spliced connections (MAX_SPLICED in all, MAX_SPLICED_PER_PEER
-per id); a request past a bound is refused (closed, counted). A request is
-accepted within CLOCK_SKEW_S of the relay's clock; a replayed one can only
-splice its sender to a peer that will then fail the link handshake.
+The requests and answers are in wire/relay.py. What a client can make a
+relay hold is bounded: requests waiting for their other half (MAX_WAITING
+in all, MAX_WAITING_PER_PEER per asking id, each for at most WAIT_S), and
+spliced connections (MAX_SPLICED in all, MAX_SPLICED_PER_PEER per id); a
+request past a bound is refused (closed, counted). A rendezvous for a hole
+punch (transport/punch.py) holds nothing once answered: the relay answers
+both halves and closes them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import socket
 import threading
@@ -38,11 +29,19 @@ from collections import Counter
 from peerlearn.transport.admission import FairAdmission
 from peerlearn.transport.link import Link
 from peerlearn.wire import handshake as hs
+from peerlearn.wire.relay import (  # noqa: F401 - re-exported: the format's users import it here
+    ANSWER_BYTES,
+    OK,
+    PUNCH_ANSWER,
+    REQUEST_BYTES,
+    Request,
+    parse_punch_answer,
+    parse_request,
+    punch_answer,
+    relay_key,
+    request,
+)
 
-MAGIC, OK = b"PLR1", b"PLRK"
-REQUEST_BYTES = 136
-ID_BYTES = 32
-CLOCK_SKEW_S = 120.0
 WAIT_S = 10.0
 REQUEST_TIMEOUT_S = 5.0
 MAX_WAITING, MAX_WAITING_PER_PEER = 1024, 64
@@ -56,43 +55,6 @@ class RelayRefused(OSError):
 
 class RelayUnreachable(OSError):
     """No connection to the relay could be opened (it is gone): try another."""
-
-
-def relay_key(data_key: bytes) -> bytes:
-    return hmac.new(data_key, b"peerlearn relay v1", hashlib.sha256).digest()
-
-
-def request(key: bytes, me: str, to: str, channel: int, index: int, n: int,
-            now: float | None = None) -> bytes:
-    """One connection's request (module docstring)."""
-    head = (MAGIC + me.encode("ascii").ljust(ID_BYTES, b"\0")[:ID_BYTES]
-            + to.encode("ascii").ljust(ID_BYTES, b"\0")[:ID_BYTES]
-            + channel.to_bytes(8, "little") + index.to_bytes(2, "little")
-            + n.to_bytes(2, "little") + int(time.time() if now is None else now)
-            .to_bytes(8, "little") + os.urandom(16))
-    return head + hmac.new(key, head, hashlib.sha256).digest()
-
-
-def parse_request(key: bytes, data: bytes, now: float | None = None
-                  ) -> tuple[str, str, int, int, int]:
-    """(from, to, channel, index, n) of a valid request; ValueError otherwise."""
-    if len(data) != REQUEST_BYTES or data[:4] != MAGIC:
-        raise ValueError("not a relay request")
-    head, mac = data[:-32], data[-32:]
-    if not hmac.compare_digest(mac, hmac.new(key, head, hashlib.sha256).digest()):
-        raise ValueError("relay request not made with the swarm's key")
-    sent = int.from_bytes(head[80:88], "little")
-    if abs((time.time() if now is None else now) - sent) > CLOCK_SKEW_S:
-        raise ValueError("relay request too old or from the future")
-    try:
-        me = head[4:36].rstrip(b"\0").decode("ascii")
-        to = head[36:68].rstrip(b"\0").decode("ascii")
-    except UnicodeDecodeError:
-        raise ValueError("relay request ids are not ASCII") from None
-    index, n = int.from_bytes(head[76:78], "little"), int.from_bytes(head[78:80], "little")
-    if not me or not to or me == to or not 0 <= index < n <= 256:
-        raise ValueError("bad relay request")
-    return me, to, int.from_bytes(head[68:76], "little"), index, n
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -121,7 +83,7 @@ class Relay:
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
         self._requests = FairAdmission(64, 256, 128)
-        self._waiting: dict[tuple, tuple[socket.socket, float]] = {}
+        self._waiting: dict[tuple, tuple[socket.socket, float, Request]] = {}
         self._spliced: Counter[str] = Counter()  # spliced connections per asking id
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
@@ -129,6 +91,7 @@ class Relay:
         self.relayed_bytes = 0
         self.refused = 0
         self.pairs = 0
+        self.rendezvous = 0  # pairs told each other's endpoints for a hole punch
         self._thread = threading.Thread(target=self._accept_loop, name="relay-accept")
         self._thread.start()
 
@@ -178,15 +141,17 @@ class Relay:
 
     def _read_request(self, sock: socket.socket, token: int) -> None:
         try:
-            me, to, channel, index, n = parse_request(
+            req = parse_request(
                 self._key, _recv_exact(sock, REQUEST_BYTES, time.monotonic() + REQUEST_TIMEOUT_S))
         except (OSError, ValueError):
             self._requests.release(token)
             self._refuse(sock)
             return
         self._requests.release(token)
+        me, to, channel, index = req.me, req.to, req.channel, req.index
         with self._lock:
             other = self._waiting.pop((to, me, channel, index), None)
+            rendezvous = other is not None and req.punch and other[2].punch
             if other is None:
                 mine = [k for k in self._waiting if k[0] == me]
                 if len(self._waiting) >= MAX_WAITING or len(mine) >= MAX_WAITING_PER_PEER or \
@@ -195,7 +160,10 @@ class Relay:
                     sock.close()
                     return
                 old = self._waiting.pop((me, to, channel, index), None)
-                self._waiting[(me, to, channel, index)] = (sock, time.monotonic())
+                self._waiting[(me, to, channel, index)] = (sock, time.monotonic(), req)
+            elif rendezvous:
+                old = None
+                self.rendezvous += 1
             elif sum(self._spliced.values()) + 2 > MAX_SPLICED or \
                     max(self._spliced[me], self._spliced[to]) >= MAX_SPLICED_PER_PEER:
                 self.refused += 2
@@ -212,6 +180,9 @@ class Relay:
         if other is None:
             return
         a, b = sock, other[0]
+        if rendezvous:
+            self._introduce(a, req, b, other[2])
+            return
         try:
             a.settimeout(None)
             b.settimeout(None)
@@ -225,6 +196,24 @@ class Relay:
         done = threading.Barrier(2)
         self._spawn(self._copy, a, b, done, me, to)
         self._spawn(self._copy, b, a, done, me, to)
+
+    @staticmethod
+    def _introduce(a: socket.socket, req_a: Request, b: socket.socket, req_b: Request) -> None:
+        """Tells each half of a rendezvous where the other is, then lets both
+        go: nothing is held once the answers are out (the clients keep
+        their ends open while they punch, so their NATs keep the mappings)."""
+        try:
+            seen_a, seen_b = a.getpeername()[:2], b.getpeername()[:2]
+            answers = (punch_answer(seen_a, seen_b, req_b.local),
+                       punch_answer(seen_b, seen_a, req_a.local))
+            for s, answer in zip((a, b), answers):
+                s.settimeout(REQUEST_TIMEOUT_S)
+                s.sendall(answer)
+        except (OSError, ValueError):
+            pass  # the client sees its connection close without an answer: no punch
+        finally:
+            a.close()
+            b.close()
 
     def _copy(self, src: socket.socket, dst: socket.socket, done: threading.Barrier,
               me: str, to: str) -> None:
@@ -258,7 +247,7 @@ class Relay:
     def _expire(self) -> None:
         now = time.monotonic()
         with self._lock:
-            stale = [k for k, (_, t) in self._waiting.items() if now - t > WAIT_S]
+            stale = [k for k, (_, t, _) in self._waiting.items() if now - t > WAIT_S]
             socks = [self._waiting.pop(k)[0] for k in stale]
             self.refused += len(socks)
         for s in socks:
@@ -274,7 +263,7 @@ class Relay:
         self._thread.join()
         self._sock.close()
         with self._lock:
-            waiting = [s for s, _ in self._waiting.values()]
+            waiting = [s for s, _, _ in self._waiting.values()]
             self._waiting.clear()
             threads = list(self._threads)
         for s in waiting:
@@ -297,27 +286,79 @@ def connect_relayed(relay: tuple[str, int], data_key: bytes, me: str, peer: str,
     handshake over the spliced connections, me as the client if my id is
     the smaller. Raises RelayRefused, TimeoutError, OSError or HandshakeError;
     no socket is left open on failure."""
+    deadline = time.monotonic() + timeout
+    socks, _ = ask(relay, data_key, me, peer, channel, n_conns, timeout, dial_timeout)
+    try:
+        return link_over(socks, data_key, me < peer, deadline)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def link_over(socks: list[socket.socket], data_key: bytes, client: bool,
+              deadline: float) -> Link:
+    """The link handshake over connected sockets, in their order (both ends
+    must list them alike); the caller closes them if it raises."""
+    return (_client_link if client else _server_link)(socks, data_key, deadline)
+
+
+def _dial(relay: tuple[str, int], timeout: float, reusable: bool) -> socket.socket:
+    if not reusable:
+        return socket.create_connection(relay, timeout=timeout)
+    family = socket.getaddrinfo(relay[0], relay[1], type=socket.SOCK_STREAM)[0][0]
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # The punch leaves from this very port while this connection is
+        # still open (it keeps the NAT's mapping alive): both must allow it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        s.settimeout(timeout)
+        s.connect(relay)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def ask(relay: tuple[str, int], data_key: bytes, me: str, peer: str, channel: int,
+        n_conns: int, timeout: float, dial_timeout: float | None = None, *,
+        punch: bool = False) -> tuple[list[socket.socket], list | None]:
+    """n_conns requests for peer. Returns the connections, spliced (and None),
+    or, when both ends asked to punch, still open with the relay's answers
+    (parse_punch_answer's tuples, in connection order). Raises
+    RelayUnreachable (no connection to the relay), RelayRefused,
+    TimeoutError; no socket is left open on failure."""
     key = relay_key(data_key)
     deadline = time.monotonic() + timeout
     socks: list[socket.socket] = []
+    answers: list = []
     try:
         for i in range(n_conns):
             try:
-                s = socket.create_connection(relay, timeout=max(0.1, min(
-                    deadline - time.monotonic(), dial_timeout or timeout)))
+                s = _dial(relay, max(0.1, min(deadline - time.monotonic(),
+                                              dial_timeout or timeout)), punch)
             except OSError as e:
                 raise RelayUnreachable(f"relay {relay[0]}:{relay[1]}: {e}") from None
             socks.append(s)
-            s.sendall(request(key, me, peer, channel, i, n_conns))
+            s.sendall(request(key, me, peer, channel, i, n_conns,
+                              punch_from=s.getsockname()[:2] if punch else None))
         for s in socks:
             try:
-                if _recv_exact(s, len(OK), deadline) != OK:
+                got = _recv_exact(s, len(OK), deadline)
+                if got == PUNCH_ANSWER and punch:
+                    answers.append(parse_punch_answer(
+                        got + _recv_exact(s, ANSWER_BYTES - len(got), deadline)))
+                elif got != OK:
                     raise RelayRefused("relay: unexpected answer")
             except ConnectionError as e:
                 raise RelayRefused(f"relay refused or the other peer never came: {e}") from None
-        if me < peer:
-            return _client_link(socks, data_key, deadline)
-        return _server_link(socks, data_key, deadline)
+            except ValueError as e:
+                raise RelayRefused(f"relay: {e}") from None
+        if answers and len(answers) != len(socks):
+            raise RelayRefused("relay: some connections spliced, some introduced")
+        return socks, answers or None
     except BaseException:
         for s in socks:
             s.close()
