@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from peerlearn.transport.admission import FairAdmission
 from peerlearn.transport.link import Link
@@ -332,18 +333,25 @@ def ask(relay: tuple[str, int], data_key: bytes, me: str, peer: str, channel: in
     TimeoutError; no socket is left open on failure."""
     key = relay_key(data_key)
     deadline = time.monotonic() + timeout
-    socks: list[socket.socket] = []
     answers: list = []
-    try:
-        for i in range(n_conns):
-            try:
-                s = _dial(relay, max(0.1, min(deadline - time.monotonic(),
-                                              dial_timeout or timeout)), punch)
-            except OSError as e:
-                raise RelayUnreachable(f"relay {relay[0]}:{relay[1]}: {e}") from None
-            socks.append(s)
+
+    def one(i: int) -> socket.socket:
+        try:
+            s = _dial(relay, max(0.1, min(deadline - time.monotonic(), dial_timeout or timeout)),
+                      punch)
+        except OSError as e:
+            raise RelayUnreachable(f"relay {relay[0]}:{relay[1]}: {e}") from None
+        try:
             s.sendall(request(key, me, peer, channel, i, n_conns,
                               punch_from=s.getsockname()[:2] if punch else None))
+            return s
+        except BaseException:
+            s.close()
+            raise
+
+    # All at once: one at a time, each connection cost a round trip more.
+    socks = _parallel(one, range(n_conns), cleanup=socket.socket.close)
+    try:
         for s in socks:
             try:
                 got = _recv_exact(s, len(OK), deadline)
@@ -365,12 +373,34 @@ def ask(relay: tuple[str, int], data_key: bytes, me: str, peer: str, channel: in
         raise
 
 
+def _parallel(fn, items, cleanup=None) -> list:
+    """fn of each item on a thread of its own, the results in order. If any
+    raises, the first error is raised once all have ended, after cleanup of
+    the others' results."""
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), 32))) as pool:
+        futs = [pool.submit(fn, x) for x in items]
+    results, errors = [], []
+    for f in futs:
+        try:
+            results.append(f.result())
+        except BaseException as e:  # noqa: BLE001 - raised below, after cleanup
+            errors.append(e)
+    if errors:
+        for r in results:
+            if cleanup is not None:
+                cleanup(r)
+        raise errors[0]
+    return results
+
+
 def _client_link(socks: list[socket.socket], key: bytes, deadline: float) -> Link:
     from peerlearn.transport.stream import _binding, _transcript
 
     link_id = os.urandom(16)
-    transcripts = []
-    for i, s in enumerate(socks):
+
+    def one(i: int) -> bytes:
+        s = socks[i]
         client = hs.ClientHandshake(key, link_id, i, len(socks))
         s.settimeout(max(0.01, deadline - time.monotonic()))
         s.sendall(client.hello())
@@ -378,26 +408,30 @@ def _client_link(socks: list[socket.socket], key: bytes, deadline: float) -> Lin
         s.sendall(client.on_challenge(challenge))
         client.on_accept(_recv_exact(s, hs.ACCEPT_BYTES, deadline))
         s.settimeout(None)
-        transcripts.append(_transcript(client.hello(), challenge))
+        return _transcript(client.hello(), challenge)
+
+    transcripts = _parallel(one, range(len(socks)))
     return Link(socks, link_id, binding=_binding(transcripts))
 
 
 def _server_link(socks: list[socket.socket], key: bytes, deadline: float) -> Link:
     from peerlearn.transport.stream import _binding, _transcript
 
-    transcripts, link_id = [], None
-    for i, s in enumerate(socks):
+    def one(i: int) -> tuple[bytes, bytes]:
+        s = socks[i]
         server = hs.ServerHandshake(key)
         hello = _recv_exact(s, hs.HELLO_BYTES, deadline)
         challenge = server.on_hello(hello)
         s.settimeout(max(0.01, deadline - time.monotonic()))
         s.sendall(challenge)
         info, accept = server.on_proof(_recv_exact(s, hs.PROOF_BYTES, deadline))
-        if info.conn_index != i or info.n_conns != len(socks) or \
-                (link_id is not None and info.link_id != link_id):
+        if info.conn_index != i or info.n_conns != len(socks):
             raise hs.HandshakeError("relayed connections out of order")
-        link_id = info.link_id
         s.sendall(accept)
         s.settimeout(None)
-        transcripts.append(_transcript(hello, challenge))
-    return Link(socks, link_id, binding=_binding(transcripts))
+        return info.link_id, _transcript(hello, challenge)
+
+    done = _parallel(one, range(len(socks)))
+    if len({link_id for link_id, _ in done}) != 1:  # the caller closes the sockets
+        raise hs.HandshakeError("relayed connections of different links")
+    return Link(socks, done[0][0], binding=_binding([t for _, t in done]))
