@@ -1,6 +1,7 @@
 """TCP hole punching through a relay's rendezvous (transport/punch.py) on
-loopback, and the rendezvous' wire format (wire/relay.py). Behind emulated
-NATs in network namespaces: tests/test_nat_punch.py."""
+loopback, the rendezvous' wire format (wire/relay.py), and the links of two
+dial-back peers punched or relayed (swarm/natlinks.py). Behind emulated
+NATs in network namespaces: tests/test_nat_punch.py, tests/test_nat_swarm.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import time
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peerlearn.state.identity import Identity
+from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
 from peerlearn.transport import punch as pu
 from peerlearn.transport import relay as rl
 from peerlearn.wire import relay as wr
+from peerlearn.wire.control import DIAL_BACK
 
 KEY = b"k" * 32
 A, B = "a" * 32, "b" * 32
@@ -136,3 +141,50 @@ def test_rendezvous_requests_and_answers_are_parsed_strictly():
         wr.encode_endpoint("example.org", 80)
     with pytest.raises(ValueError):
         wr.encode_endpoint("10.0.0.1", 0)
+
+
+@pytest.mark.parametrize("punch", [True, False], ids=["punched", "relayed"])
+def test_two_dial_back_peer_links_are_punched_or_relayed(relay, punch):
+    """PeerLinks of two dial-back peers (natlinks.py): both ask for their
+    link at once; it is punched, or with hole_punch off spliced, greeted
+    either way, and counted."""
+    ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(2)]
+    links = [PeerLinks(i.peer_id, "127.0.0.1", 0, KEY, 2, identity=i, dial_back=True,
+                       relay=[relay.address], hole_punch=punch) for i in ids]
+    try:
+        a, b = _both(
+            lambda: links[0].outgoing(ids[1].peer_id, DIAL_BACK, 5.0, CHANNEL_STATE),
+            lambda: links[1].incoming(ids[0].peer_id, 5.0, CHANNEL_STATE, address=DIAL_BACK))
+        assert a.binding == b.binding and a.traffic == b.traffic == "state"
+        _exchange(a, b)
+        _exchange(b, a)
+        # asked again, the same link
+        assert links[0].outgoing(ids[1].peer_id, DIAL_BACK, 5.0, CHANNEL_STATE) is a
+        for pl in links:
+            assert (pl.punched_links, pl.relayed_links, pl.punch_failures) == \
+                ((1, 0, 0) if punch else (0, 1, 0))
+        assert relay.relayed_bytes == 0 if punch else relay.relayed_bytes > 0
+    finally:
+        for pl in links:
+            pl.close()
+
+
+def test_a_failed_punch_is_counted_relayed_and_not_tried_again_soon(relay, monkeypatch):
+    # Every punch fails as across a symmetric NAT (the far port filtered).
+    monkeypatch.setattr(pu, "target_of", lambda answer: ("127.0.0.1", 1))
+    monkeypatch.setattr(pu, "PUNCH_S", 0.5)
+    ids = [Identity(Ed25519PrivateKey.generate()) for _ in range(2)]
+    links = [PeerLinks(i.peer_id, "127.0.0.1", 0, KEY, 2, identity=i, dial_back=True,
+                       relay=[relay.address]) for i in ids]
+    try:
+        for channel in (0, 1):  # the second link goes straight to the relay
+            a, b = _both(lambda: links[0].outgoing(ids[1].peer_id, DIAL_BACK, 8.0, channel),
+                         lambda: links[1].outgoing(ids[0].peer_id, DIAL_BACK, 8.0, channel))
+            assert a.binding == b.binding, (a, b)
+            _exchange(a, b)
+        for pl in links:
+            assert (pl.punched_links, pl.relayed_links, pl.punch_failures) == (0, 2, 1)
+        assert relay.rendezvous == 2 and relay.pairs == 4
+    finally:
+        for pl in links:
+            pl.close()

@@ -300,6 +300,11 @@ def run(
         None, help="HOST:PORT[,HOST:PORT...] of members' relays: with --advertise dial-back, "
                    "links to other dial-back peers go through the first that answers (give "
                    "every such peer the same list)."),
+    no_hole_punch: bool = typer.Option(
+        False, "--no-hole-punch",
+        help="Relay every link between two dial-back peers (by default they are punched "
+             "through both NATs first, the relay only introducing them, and relayed if that "
+             "fails)."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
@@ -416,14 +421,15 @@ def run(
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
             wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd,
-            relay=relay, relay_via=relay_via)
+            relay=relay, relay_via=relay_via, hole_punch=not no_hole_punch)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_id, aggregate=aggregate,
                     data_port=data_port, dead_after=dead_after,
                     metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None, advertise=advertise,
-                    join_cmd=join_cmd, relay=relay, relay_via=relay_via)
+                    join_cmd=join_cmd, relay=relay, relay_via=relay_via,
+                    hole_punch=not no_hole_punch)
 
 
 def _merge_at(spec: str) -> int:

@@ -129,7 +129,11 @@ def snapshot(d) -> dict:
             "control_dropped_sends": d.plane.dropped_sends,
             "data_refused_connections": d.links.listener.rejected + d.links.bad_greetings,
             "relayed_bytes": d.relay.relayed_bytes if d.relay is not None else 0,
+            "relay_rendezvous": d.relay.rendezvous if d.relay is not None else 0,
             "control_forwarded": d.plane.forwarded,
+            "punched_links": d.links.punched_links,
+            "punch_failures": d.links.punch_failures,
+            "relayed_links": d.links.relayed_links,
         },
         "durations": d.stats.durations.copy(),
         "checkpoint_seconds": d.stats.checkpoint_seconds.copy(),
@@ -153,6 +157,10 @@ _COUNTER_DOCS = {
     "data_refused_connections": "Data-plane connections refused (handshake, greeting).",
     "relayed_bytes": "Bytes this peer's relay copied between peers that cannot dial each other.",
     "control_forwarded": "Control messages passed on between peers that cannot dial each other.",
+    "relay_rendezvous": "Connections this peer's relay introduced for a hole punch (pairs).",
+    "punched_links": "Links with another dial-back peer punched through both NATs.",
+    "punch_failures": "Hole punches with another dial-back peer that failed (then relayed).",
+    "relayed_links": "Links with another dial-back peer spliced by a relay.",
 }
 
 

@@ -56,6 +56,10 @@ class PeerConfig:
     # to other dial-back peers go through the first that answers, in this
     # order (give every peer the same list); without one they cannot be made.
     relay_via: str | None = None
+    # Links between two dial-back peers are first punched through their
+    # NATs, the relay only introducing them (transport/punch.py), and
+    # relayed only if that fails; False: always relayed.
+    hole_punch: bool = True
 
     def __post_init__(self) -> None:
         # Refused here, before any socket or file exists, with the rule's

@@ -61,8 +61,8 @@ import torch
 
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.wire.control import DIAL_BACK
+from peerlearn.swarm.natlinks import DialBackLinks
 from peerlearn.transport.admission import FairAdmission
-from peerlearn.transport.relay import RelayUnreachable, connect_relayed
 from peerlearn.transport.stream import (
     Link,
     LinkListener,
@@ -72,7 +72,6 @@ from peerlearn.transport.stream import (
 )
 
 GREETING_OP = (1 << 64) - 1
-RELAY_DIAL_S = 3.0  # a relay that does not accept a connection within this is passed over
 # [0, 56) peer id (ASCII, NUL padded), [56, 64) channel u64 LE, [64, 96) the
 # sender's Ed25519 public key, [96, 160) its signature (both zero: unsigned).
 GREETING_BYTES = 160
@@ -149,7 +148,7 @@ def read_greeting(link: Link, timeout: float, *, verify: bool = False) -> tuple[
     return name, channel
 
 
-class PeerLinks:
+class PeerLinks(DialBackLinks):
     """Links to and from the swarm's peers (see the module docstring).
 
     With an identity, my_id must be its peer id, our greetings are signed and
@@ -159,7 +158,7 @@ class PeerLinks:
 
     def __init__(self, my_id: str, host: str, port: int, secret: bytes, n_conns: int = 4,
                  *, identity: Identity | None = None, dial_back: bool = False,
-                 relay: list[tuple[str, int]] | None = None):
+                 relay: list[tuple[str, int]] | None = None, hole_punch: bool = True):
         if identity is not None and identity.peer_id != my_id:
             raise ValueError("my_id must be the identity's peer id")
         self.my_id = my_id
@@ -167,8 +166,8 @@ class PeerLinks:
         # We cannot be dialled: every link is ours to open, and serves both
         # directions (a far end cannot dial back); see outgoing/incoming.
         self.dial_back = dial_back
-        self.relay = relay or []  # relays (host, port) for links with other dial-back peers
-        self._relaying: dict[tuple[str, int], threading.Lock] = {}
+        # Links with other dial-back peers: punched or relayed (natlinks.py).
+        self._init_dial_back(relay, hole_punch)
         self._aborts: dict[tuple[str, int], int] = {}  # abort() calls, to end waits
         self.secret = secret
         self.n_conns = n_conns
@@ -351,8 +350,8 @@ class PeerLinks:
 
         A peer that cannot be dialled (address DIAL_BACK) opens the link
         itself (its incoming(), or its own outgoing() to us): we wait up to
-        timeout for it and send on it. Two such peers have no link (a relay
-        would carry it: not built), a StreamError at once.
+        timeout for it and send on it. Two such peers punch one through
+        their NATs or have a relay carry it (natlinks.py).
         """
         if not 0 <= channel < MAX_CHANNEL:
             raise ValueError(f"channel {channel} out of range")
@@ -388,58 +387,6 @@ class PeerLinks:
         if self.dial_back and address is not None:
             return self.outgoing(peer, address, timeout, channel)
         return self._wait_incoming(peer, timeout, channel)
-
-    def _relayed(self, peer: str, timeout: float, channel: int) -> Link:
-        """The link with another dial-back peer, through the relay (both ends
-        ask for it; transport/relay.py): one link, both directions; the
-        smaller id greets, the other checks the greeting names peer."""
-        if not self.relay:
-            raise StreamError(f"{peer} and this peer both cannot be dialled (NAT) and no "
-                              "relay is configured (relay_via)")
-        key = (peer, channel)
-        with self._cv:
-            lock = self._relaying.setdefault(key, threading.Lock())
-        with lock:  # the round's send and receive side ask at once: one link
-            with self._cv:
-                link = self._out.get(key)
-            if link is not None and link.healthy():
-                return link
-            if link is not None:
-                link.close()
-            link = self._through_a_relay(peer, channel, timeout)
-            try:
-                if self.my_id < peer:
-                    send_greeting(link, self.my_id, channel, timeout, self.identity)
-                else:
-                    name, ch = read_greeting(link, timeout, verify=self.identity is not None)
-                    if (name, ch) != (peer, channel):
-                        raise StreamError(f"relayed link greeted as {name} on channel {ch}, "
-                                          f"not {peer} on {channel}")
-            except (StreamError, ValueError) as e:
-                link.close()
-                raise StreamError(f"relayed link to {peer}: {e}") from None
-            with self._cv:
-                link.traffic = traffic_of(channel)
-                self._out[key] = link
-            return link
-
-    def _through_a_relay(self, peer: str, channel: int, timeout: float) -> Link:
-        """connect_relayed through the first relay that answers, in the
-        configured order (the same at both ends, so both meet at the same
-        one): a relay that is gone refuses or times out its connection
-        within RELAY_DIAL_S and the next is tried."""
-        deadline = time.monotonic() + timeout
-        last: BaseException | None = None
-        for address in self.relay:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                return connect_relayed(address, self.secret, self.my_id, peer, channel,
-                                       self.n_conns, left, dial_timeout=min(RELAY_DIAL_S, left))
-            except RelayUnreachable as e:
-                last = e
-        raise StreamError(f"no relay reachable for a link to {peer}: {last}")
 
     def _wait_incoming(self, peer: str, timeout: float, channel: int) -> Link:
         deadline = time.monotonic() + timeout

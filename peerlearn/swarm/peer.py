@@ -97,7 +97,8 @@ class PeerDaemon(Contributing, StallWatch):
                                self.data_key or os.urandom(32), config.n_conns,
                                identity=self.identity, dial_back=config.dial_back,
                                relay=[split_host_port(a.strip())
-                                      for a in (config.relay_via or "").split(",") if a.strip()])
+                                      for a in (config.relay_via or "").split(",") if a.strip()],
+                               hole_punch=config.hole_punch)
         self.relay = None if config.relay_port is None else \
             Relay(config.host, config.relay_port, self.links.secret)
         self.info = m.PeerInfo(self.id, *config.advertised(self.plane.port, self.links.port))

@@ -135,12 +135,13 @@ def open_punched(local: tuple[str, int], target: tuple[str, int],
 def connect_punched(relay: tuple[str, int], data_key: bytes, me: str, peer: str,
                     channel: int, n_conns: int, timeout: float,
                     dial_timeout: float | None = None,
-                    punch_s: float = PUNCH_S) -> tuple[Link, bool]:
+                    punch_s: float | None = None) -> tuple[Link, bool]:
     """A link to peer: punched (True) if both ends asked the relay to, else
     spliced through it (False). Raises PunchFailed when both asked and the
     punch or its link handshake failed (then ask the relay for a splice:
     relay.connect_relayed), else what relay.ask and the handshake raise. No
     socket is left open on failure."""
+    punch_s = PUNCH_S if punch_s is None else punch_s
     deadline = time.monotonic() + timeout
     socks, answers = ask(relay, data_key, me, peer, channel, n_conns, timeout, dial_timeout,
                          punch=True)
