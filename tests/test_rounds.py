@@ -428,3 +428,23 @@ def test_a_clean_round_with_every_suspect_clears_them():
     core.suspects = {"p01", "p02"}
     core._learn_from_round(sim.now, ("p00", "p01", "p02"), applied=True, poisoned=False)
     assert core.suspects == set() and core.exclusions == 0
+
+
+def test_a_joiner_whose_first_view_lacks_the_new_leader_still_enters():
+    """A joiner's contact answered with the view of the moment, just before a
+    new member that sorts first (the next leader) entered it. The leader never
+    heard of the joiner, the joiner never heard the leader, and every later
+    view naming the leader was refused as naming a peer nobody runs: the
+    joiner fetched the state at every step and never entered (seen with 4
+    peers over a 100 ms path). It now introduces itself to the members it
+    never heard (welcoming._introduce) and takes the view."""
+    sim = Sim(2)
+    sim.run(3)
+    sim.join("a00", via="p00")  # sorts first: leads once it is in the view
+    sim.run(sim.now + 0.5)
+    sim.join("p03", via="p01")
+    sim.run(sim.now + 20)
+    assert sim.peers["p00"].core.coordinator(sim.now) == "a00"
+    assert sorted(sim.peers["p03"].core.members) == ["a00", "p00", "p01", "p03"]
+    assert applied_rounds(sim)  # and rounds went on
+    assert sim.parity_violations() == []

@@ -227,3 +227,21 @@ def test_a_commit_from_before_a_leave_does_not_bring_the_leaver_back():
     assert core.departed_peers == {"c": 6}
     core.receive(2.4, "a", m.Apply(6))
     assert core.epoch == 6 and set(core.members) == {"a", "d"}
+
+
+def test_a_view_naming_many_unheard_ids_costs_a_few_introductions():
+    """A stale member asks a member for the view (its heartbeat shows a later
+    epoch); a liar answers with a view keeping ours plus 500 ids nobody runs.
+    It is refused (they are unheard), and we introduce ourselves to at most
+    MAX_INTRODUCTIONS of them (a Join each), so that a real member we never
+    heard could start heartbeating us."""
+    core = member_core()
+    out = core.receive(1.1, "b", beat("b", epoch=9))
+    assert [type(a.msg) for a in out] == [m.Join] and core.view_asked_of == "b"
+    fake = tuple(info(f"x{i:04d}") for i in range(500))
+    welcome = m.Welcome(9, 6, (info("a"), info("b"), info("c")) + fake)
+    out = core.receive(1.2, "b", welcome)
+    joins = [a for a in out if isinstance(a.msg, m.Join)]
+    assert 0 < len(joins) <= welcoming.MAX_INTRODUCTIONS
+    assert core.epoch == 3 and sorted(core.members) == ["a", "b", "c"]
+    assert_bounded(core)

@@ -37,6 +37,9 @@ MAX_EPOCH_JUMP = 1 << 20  # rounds a Welcome may move our view on by at once
 # peers we heard of. Four times a large view (256); the wire's largest view
 # (m.MAX_MEMBERS) fits beside it, members being on top of this.
 MAX_KNOWN = 1024
+# Members of a view we asked for that we never heard, told who we are per
+# Welcome (Welcoming._introduce).
+MAX_INTRODUCTIONS = 8
 
 
 class Welcoming:
@@ -78,6 +81,9 @@ class Welcoming:
             if not asked or unheard or msg.epoch - self.epoch > MAX_EPOCH_JUMP or not (
                     backed or (without_us and stale)):
                 self.rejected += 1
+                if asked and unheard and msg.epoch - self.epoch <= MAX_EPOCH_JUMP and (
+                        backed or (without_us and stale)):
+                    return self._introduce(now, msg, unheard)
                 return []
             if msg.epoch > self.epoch and self.observed is None:
                 self.view_asked_of = None
@@ -112,6 +118,23 @@ class Welcoming:
         # that tells us what to sync needs a majority of them.
         return [Send(i, m.Join(self.me)) for i in sorted({p.id for p in msg.members + view})
                 if i not in (sender, self.me.id)]
+
+    def _introduce(self, now: float, msg: m.Welcome, unheard: list[str]) -> list:
+        """A view we would take but for members we never heard: they do not
+        know us (we joined through another member just before they entered,
+        and our first view lacks them), so they will never heartbeat us and
+        the view would be refused for ever; the one among them that leads
+        would never send us a Commit (a joiner synced 40 steps in a row and
+        never entered). Tell a few of them who we are (a Join: they answer,
+        and heartbeat us from then on); the next Welcome is then taken. A
+        member inventing ids costs us at most MAX_INTRODUCTIONS Joins per
+        view we asked for."""
+        out = []
+        for p in msg.members:
+            if p.id in unheard[:MAX_INTRODUCTIONS] and self._admit(p.id, now):
+                self.known.setdefault(p.id, p)
+                out.append(Send(p.id, m.Join(self.me)))
+        return out
 
     def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
         """A majority of the new view, counting the sender and at least one
