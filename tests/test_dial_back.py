@@ -15,6 +15,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from peerlearn.cli.daemon import query_status
 
 SECRET = "dial-back-test-secret-0123456789"
@@ -119,26 +121,39 @@ def test_two_peers_one_of_them_undialable_run_rounds_over_one_link(tmp_path):
             p.stop()
 
 
-def test_two_dial_back_peers_share_rounds_through_a_relay(tmp_path):
+@pytest.mark.parametrize("punch", [False, True], ids=["relayed", "punched"])
+def test_two_dial_back_peers_share_rounds_through_a_relay(tmp_path, punch):
     """Neither of two dial-back peers can reach the other: their control
     messages go through a member both reach (signed end to end), and their
-    data link through the founder's relay (--relay / --relay-via); all three
-    take part in rounds and keep parity, and the relayed bytes are counted."""
+    data link through the founder's relay (--relay / --relay-via), or, by
+    default, punched with the relay only introducing them (with no NAT in
+    between, the punch is a connection on loopback); all three take part in
+    rounds and keep parity, and the relayed bytes and punched links are
+    counted."""
     founder = Peer(tmp_path, "a", "--relay", "0")
     peers = [founder]
     try:
         via = f"127.0.0.1:{founder.hello['relay']}"
         for name in ("b", "c"):
             peers.append(Peer(tmp_path, name, "--join", founder.hello["control"],
-                              "--advertise", "dial-back", "--relay-via", via))
+                              "--advertise", "dial-back", "--relay-via", via,
+                              *(() if punch else ("--no-hole-punch",))))
 
         def all_three_apply():
             return all(p.metrics().get("peerlearn_rounds_applied_total", 0) >= 5
                        for p in peers[1:])
         wait_for(all_three_apply, 120, "both dial-back peers to apply rounds")
         m = founder.metrics()
-        assert m["peerlearn_relayed_bytes_total"] > 0
         assert m["peerlearn_control_forwarded_total"] > 0
+        ours = [p.metrics() for p in peers[1:]]
+        if punch:
+            assert m["peerlearn_relayed_bytes_total"] == 0
+            assert all(o["peerlearn_punched_links_total"] >= 1 for o in ours), ours
+            assert all(o["peerlearn_relayed_links_total"] == 0 for o in ours), ours
+        else:
+            assert m["peerlearn_relayed_bytes_total"] > 0
+            assert all(o["peerlearn_relayed_links_total"] >= 1 for o in ours), ours
+            assert all(o["peerlearn_punched_links_total"] == 0 for o in ours), ours
 
         def same_state():
             rows = query_status(founder.hello["control"], SECRET.encode(), timeout=5)
