@@ -26,7 +26,9 @@ Model (docs/swarm.md has the reasoning):
   * A round: members broadcast Ready(step, hash); the coordinator picks the
     newest (step, hash) ready at a majority of the view, proposes the round to the
     peers holding exactly that state (late joiners included), commits when
-    every one of them acked, and the driver runs the collective. Each
+    every one of them acked (or at once, a fast Commit, when the round
+    repeats the last one it led among the same peers: coordinating.py), and
+    the driver runs the collective. Each
     participant reports Done; Apply follows only if all were ok, else Abort:
     a result is complete or it is discarded, never partial. A participant
     keeps its result until Apply or Abort; if the coordinator dies in
