@@ -418,6 +418,8 @@ class RoundCore(Coordinating, Settling, Departing, Deposing, Distrusting, Suspec
 
     def _on_join(self, now, sender, msg: m.Join) -> list:
         self.known[sender] = msg.peer
+        if msg.introduce:
+            return []  # it has its view; knowing it, we heartbeat it from now on
         if not self.members:
             return []  # joining ourselves: no view to give; the joiner asks again
         return [Send(sender, m.Welcome(self.epoch, self.step, tuple(self.members.values())))]

@@ -116,7 +116,8 @@ class Welcoming:
         self.epoch = epoch
         # Every member must know us to send us heartbeats: the parity check
         # that tells us what to sync needs a majority of them.
-        return [Send(i, m.Join(self.me)) for i in sorted({p.id for p in msg.members + view})
+        return [Send(i, m.Join(self.me, introduce=True))
+                for i in sorted({p.id for p in msg.members + view})
                 if i not in (sender, self.me.id)]
 
     def _introduce(self, now: float, msg: m.Welcome, unheard: list[str]) -> list:
@@ -133,7 +134,7 @@ class Welcoming:
         for p in msg.members:
             if p.id in unheard[:MAX_INTRODUCTIONS] and self._admit(p.id, now):
                 self.known.setdefault(p.id, p)
-                out.append(Send(p.id, m.Join(self.me)))
+                out.append(Send(p.id, m.Join(self.me, introduce=True)))
         return out
 
     def _vouched(self, msg: m.Welcome, sender: str, now: float) -> bool:
