@@ -173,10 +173,11 @@ class ScaleSim(Sim):
             self.sent_b[src, k] += len(data) * len(dsts)
             self.sent_n[src, k] += len(dsts)
             self.by_type[name] += len(data) * len(dsts)
-            if name == "Propose":
+            if name == "Propose" or (name == "Commit" and msg.fast):
+                # A fast Commit is its round's proposal (no Propose before it).
                 self.proposed.setdefault(msg.round_id, self.now)
                 self.participants[msg.round_id] = len(msg.participants)
-            elif name == "Commit":
+            if name == "Commit":
                 self.committed.setdefault(msg.round_id, self.now)
             elif name == "Abort":
                 self.aborted_ids.setdefault(msg.round_id, self.now)
@@ -302,26 +303,26 @@ def extrapolate(n: int, args) -> dict:
     size = wire_sizes(n)
     bandwidth_term = 2 * (n - 1) / n * state / bw if n > 1 else 0.0
     ring = 2 * (n - 1) * rtt / 2 + bandwidth_term
-    round_s = 2.5 * rtt + ring  # Propose, Ack, Commit, ring, Done, Apply
+    # A steady round repeats the last one: a fast Commit, no Propose or Ack.
+    round_s = 1.5 * rtt + ring  # Commit, ring, Done, Apply
     period = args.compute_s + 0.5 * rtt + round_s  # Apply -> compute -> Ready -> next round
     beat = 2 * (n - 1) / hb  # in and out, per peer per second
     sync = 2 * rtt + state / bw
     # While the ring runs, the leader sends the Commit again to every
-    # participant not yet Done once per ack timeout (coordinating._resend_commit),
-    # and every member hands it back to the leader once per ack timeout (the
-    # tick's forward for a leader that restarted, since the leader's heartbeat
-    # shows the round unsettled): k copies each way per member and round.
+    # participant not yet Done once per ack timeout (coordinating._resend_commit):
+    # k copies per member and round. (Members used to hand each back, once
+    # per ack timeout; a Heartbeat's `holding` now tells them the leader runs it.)
     k = 1 + math.floor((ring + rtt) / args_ack(args))
-    member_round = 2 * (n - 1) * (size["Ready"] + size["Done"]) + size["Propose"] + \
-        size["Ack"] + 2 * k * size["Commit"] + size["Apply"]
+    member_round = 2 * (n - 1) * (size["Ready"] + size["Done"]) + \
+        k * size["Commit"] + size["Apply"]
     coord_round = 2 * (n - 1) * (size["Ready"] + size["Done"]) + (n - 1) * (
-        size["Propose"] + size["Ack"] + 2 * k * size["Commit"] + size["Apply"])
+        k * size["Commit"] + size["Apply"])
     return {
         "heartbeat_bytes_per_s_per_peer": round(beat * size["Heartbeat"]),
         "round_bytes_per_s_per_member": round(member_round / period),
         "round_bytes_per_s_coordinator": round(coord_round / period),
-        "busiest_msgs_per_s": round(beat + (7 + 2 * k) * (n - 1) / period),
-        "commit_copies_each_way_per_member_and_round": k,
+        "busiest_msgs_per_s": round(beat + (5 + k) * (n - 1) / period),
+        "commit_copies_per_member_and_round": k,
         "detection_s": f"{args.dead_after - hb:g}..{args.dead_after + rtt / 2:g}",
         "round_s": round(round_s, 2), "round_rtts": round(round_s / rtt, 1),
         "round_rtts_beside_bandwidth": round((round_s - bandwidth_term) / rtt, 1),

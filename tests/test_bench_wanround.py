@@ -49,8 +49,9 @@ def test_bench_wanround_reports_rounds_stages_and_baseline(tmp_path):
         for ratio in ("end_to_end_over_ring_warm", "end_to_end_over_ring_after_idle"):
             assert res[ratio] > 0
         assert isinstance(res["stages_absent"], list)
-        if "Propose" in res["messages_sent_per_round"]:  # the coordinator was found
-            assert not {"propose", "propose_ack"} & set(res["stages_absent"]), res
+        # A round that repeats the last one has no Propose/Ack (a fast Commit):
+        # where one went through them, they took a round trip at least.
+        if "propose_ack" not in res["stages_absent"]:
             assert res["stages_median_s"]["propose_ack"] >= rtt
         assert res["messages_sent_per_round"] and \
             all(v >= 0 for v in res["messages_sent_per_round"].values())
