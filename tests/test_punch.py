@@ -178,8 +178,8 @@ def test_a_failed_punch_is_counted_relayed_and_not_tried_again_soon(relay, monke
                        relay=[relay.address]) for i in ids]
     try:
         for channel in (0, 1):  # the second link goes straight to the relay
-            a, b = _both(lambda: links[0].outgoing(ids[1].peer_id, DIAL_BACK, 8.0, channel),
-                         lambda: links[1].outgoing(ids[0].peer_id, DIAL_BACK, 8.0, channel))
+            a, b = _both(lambda c=channel: links[0].outgoing(ids[1].peer_id, DIAL_BACK, 8.0, c),
+                         lambda c=channel: links[1].outgoing(ids[0].peer_id, DIAL_BACK, 8.0, c))
             assert a.binding == b.binding, (a, b)
             _exchange(a, b)
         for pl in links:

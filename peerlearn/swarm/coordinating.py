@@ -4,9 +4,11 @@ The live view member with the smallest id leads: it proposes a round among
 the peers ready on the newest state a majority holds, commits once every one
 of them acked (or commits at once when the round repeats the last one it
 led: the same participants at the next step, `_repeats_last_round`), and
-decides Apply (every Done ok with one result hash) or Abort. It also finishes a round committed by a predecessor that died
-(adoption), and keeps deciding a round it committed even after a smaller id
-comes back. RoundCore (rounds.py) mixes this in; the state is RoundCore's.
+decides Apply (every Done ok with one result hash) or Abort. It also
+finishes a round committed by a predecessor that died (adoption), and keeps
+deciding a round it committed even after a smaller id comes back.
+Participating (participating.py) is the other half; RoundCore (rounds.py)
+mixes both in, and the state is RoundCore's.
 """
 
 from __future__ import annotations
