@@ -164,7 +164,10 @@ def test_a_member_opening_control_connections_without_end_is_bounded(tmp_path):
             d.curve_serverkey, d.curve_publickey, d.curve_secretkey = server_pub, pub, sec
             d.linger = 0
             d.reconnect_ivl = -1  # a cut connection stays cut: count each once
-            d.connect(f"tcp://{peer.control}")
+            # From an address of its own: the status query below comes from
+            # 127.0.0.1, which the flood must not starve by sharing its slots
+            # (it did once its connections won the race to the bound).
+            d.connect(f"tcp://127.0.0.3:0;{peer.control}")
             socks.append(d)
 
         key = 'peerlearn_refused_total{reason="control_connection_limit"}'
