@@ -39,6 +39,18 @@ def applied(log) -> dict[int, str]:
         r"step (\d+) applied \(round \d+\) state ([0-9a-f]{16})", log.read_text())}
 
 
+def stop(procs) -> None:
+    """Terminate every peer process still running; kill one that hangs."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wait(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,14 +110,7 @@ def test_peers_behind_two_nats_train_with_public_peers_and_survive_a_relays_deat
         # tried (the logs' applied lines show they took part regardless).
         for i in (1, 2, 3):
             assert len(applied(logs[i])) >= 20
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def scrape(wan: WanEmulator, host: int, port: int) -> dict[str, float]:
@@ -145,13 +150,7 @@ def _punching_swarm(tmp_path, nat_options) -> dict:
             metrics = {i: scrape(wan, i, hello[i]["metrics_port"]) for i in range(3)}
             stats = wan.stats()
         finally:
-            for p in procs.values():
-                p.terminate()
-            for p in procs.values():
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
     steps: dict[int, set[str]] = {}
     for log in logs:
         for step, h in applied(log).items():
