@@ -207,36 +207,50 @@ def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
 
     algo.peer.gossip = behind
     assert algo.exchange({"x": torch.zeros(2)}) is None
-    assert algo.round == 11
-    assert algo.caught_up == 7 and algo.failures == 1
+    assert algo.round == 10  # where the partner waits (rounds 4..9 skipped)
+    assert algo.caught_up == 6 and algo.failures == 1
     # A partner behind us never moves us back.
     algo.peer.gossip = lambda *a, **k: (_ for _ in ()).throw(GossipFailed("x", {"peer1": 2}))
     algo.exchange({"x": torch.zeros(2)})
-    assert algo.round == 12 and algo.caught_up == 7
+    assert algo.round == 11 and algo.caught_up == 6
     # A header claiming the end of the round space (broken or hostile) is not
     # followed: the next exchange would be refused, and training would end.
     algo.peer.gossip = lambda *a, **k: (_ for _ in ()).throw(
         GossipFailed("x", {"peer1": MAX_ROUND}))
     algo.exchange({"x": torch.zeros(2)})
-    assert algo.round == 13 and algo.caught_up == 7
-    assert next_round(5, [5 + MAX_CATCHUP]) == 6 + MAX_CATCHUP
+    assert algo.round == 12 and algo.caught_up == 6
+    assert next_round(5, [5 + MAX_CATCHUP]) == 5 + MAX_CATCHUP
     assert next_round(5, [6 + MAX_CATCHUP]) == 6
 
 
-@given(a=st.integers(0, 10**6), b=st.integers(0, 10**6), a_heard=st.booleans(),
-       b_heard=st.booleans())
-def test_both_sides_of_a_round_mismatch_go_to_the_same_next_round(a, b, a_heard, b_heard):
-    """Whichever of two mismatched partners heard the other's header (the
-    one behind always does when the one ahead sent it; the one ahead may fail
-    on a broken link instead), both go to the same round: they meet there."""
-    if a == b:
-        return
-    lo, hi = min(a, b), max(a, b)
-    heard_by_lo = [hi] if (a_heard if a == lo else b_heard) else []
-    heard_by_hi = [lo] if (b_heard if b == hi else a_heard) else []
-    if not heard_by_lo:
-        return  # the one behind heard nothing: no header reached it; both time out
-    assert next_round(lo, heard_by_lo) == next_round(hi, heard_by_hi) == hi + 1
+def test_a_partner_waiting_ahead_is_met_in_the_same_outer_step():
+    cfg = noloco_cfg(H=1)
+    sw, _, algos, _ = replicas(
+        2, lambda base: GossipSwarm(2, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: NoLoCo(p, mod, opt, H=1, config=cfg))
+    algo = algos[0]
+    algo.round = 3
+    calls = []
+
+    def gossip(tensors, *, round_, **_k):
+        calls.append(round_)
+        if round_ < 10:
+            raise GossipFailed("partner ahead", rounds={"peer1": 10}, ahead=True)
+        return tensors
+
+    algo.peer.gossip = gossip
+    assert algo.exchange({"x": torch.zeros(2)}) is not None
+    assert calls == [3, 10] and algo.round == 11
+    assert algo.exchanges == 1 and algo.failures == 0 and algo.caught_up == 6
+
+
+@given(lo=st.integers(0, 10**6), gap=st.integers(1, MAX_CATCHUP))
+def test_the_one_behind_goes_to_the_round_where_the_one_ahead_waits(lo, gap):
+    """The one ahead reads past the other's earlier attempt and waits at its
+    own round; the one behind heard that round, and next_round is it."""
+    hi = lo + gap
+    assert next_round(lo, [hi]) == hi
+    assert next_round(hi, []) == hi + 1  # a failure of its own: the next round
 
 
 def test_a_restarted_noloco_peer_resumes_its_own_progress_byte_for_byte(tmp_path):

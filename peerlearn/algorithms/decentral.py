@@ -41,10 +41,10 @@ it is the only round a gossip run holds besides the merge.
 Faults never reach the training loop except PeerClosed:
   * a failed exchange (partner gone, partition, timeout, views that disagree
     on the pairing) skips that outer step's averaging, counted; the peer
-    trains on. A partner that answered at another gossip round tells its
-    round, and both go on to the larger one + 1 (`gossip.next_round`): the
-    two sides of a healed partition, which trained at different speeds, meet
-    again.
+    trains on. A partner at a later gossip round tells its round and waits
+    there; the peer behind tries again at once at that round
+    (`gossip.next_round`), within the same gossip timeout: the two sides of
+    a healed partition, which trained at different speeds, meet again.
   * a peer alone in its live view (the rest partitioned away) takes its outer
     step with a group of one (counted as `alone`, not as a failure).
   * the merge is an ordinary round (`Peer.all_reduce`): a peer whose state
@@ -374,18 +374,23 @@ class GossipLoop:
             self.alone += 1
             self.round += 1
             return None
-        try:
-            out = self.peer.gossip(tensors, round_=self.round, seed=self.seed,
-                                   group_size=self.group, codec=self.codec,
-                                   block_size=self.block_size, timeout=self.gossip_timeout)
-        except GossipFailed as e:
-            self.failures += 1
-            log.info("outer step %d goes without averaging: %s", self.outer_steps + 1, e)
-            # Where the partners go as well, whichever side heard the other.
-            nxt = next_round(self.round, e.rounds.values())
-            self.caught_up += nxt - self.round - 1
-            self.round = nxt
-            return None
+        deadline = time.monotonic() + self.gossip_timeout
+        while True:
+            try:
+                out = self.peer.gossip(tensors, round_=self.round, seed=self.seed,
+                                       group_size=self.group, codec=self.codec,
+                                       block_size=self.block_size,
+                                       timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except GossipFailed as e:
+                nxt = next_round(self.round, e.rounds.values())
+                self.caught_up += nxt - self.round - 1
+                self.round = nxt
+                if e.ahead and time.monotonic() < deadline:
+                    continue  # the partners ahead wait for us at nxt
+                self.failures += 1
+                log.info("outer step %d goes without averaging: %s", self.outer_steps + 1, e)
+                return None
         self.round += 1
         self.exchanges += 1
         return out

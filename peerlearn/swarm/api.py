@@ -113,6 +113,9 @@ class Peer:
         self._interrupted = threading.Event()
         self.failure: BaseException | None = None  # what ended the daemon, if not close()
         self._gossip_lock = threading.Lock()
+        # Partners' headers read ahead of our round (gossip.exchange's
+        # `heard`); only touched under _gossip_lock.
+        self._gossip_heard: dict = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -333,7 +336,10 @@ class Peer:
 
         Groups are a pure function of (live members, round_, seed, group_size):
         peers that agree on the view meet without any message. No round, no
-        barrier; runs alongside all_reduce (separate links). Raises GossipFailed.
+        barrier; runs alongside all_reduce (separate links). Raises
+        GossipFailed; one with `ahead` set asks for a call at
+        gossip.next_round(round_, e.rounds.values()) now, where the partners
+        wait (see gossip.exchange).
         """
         flat, unflatten = flatten(tensors)
         me = self.id
@@ -347,11 +353,13 @@ class Peer:
         try:
             out, refused = g.exchange(self.daemon.links, me, group, addresses, flat, round_,
                                       codec=codec, block_size=block_size, timeout=timeout,
-                                      rule=self.daemon.cfg.aggregate)
+                                      rule=self.daemon.cfg.aggregate,
+                                      heard=self._gossip_heard)
         except GossipFailed as e:
-            # Counted on the loop, which owns the daemon's counters.
-            self._on_loop(self.daemon.stats.gossip_done, False, time.monotonic() - started,
-                          e.poisoned_by is not None)
+            if not e.ahead:  # (a call to catch up with: no failure yet)
+                # Counted on the loop, which owns the daemon's counters.
+                self._on_loop(self.daemon.stats.gossip_done, False,
+                              time.monotonic() - started, e.poisoned_by is not None)
             raise
         finally:
             self._gossip_lock.release()

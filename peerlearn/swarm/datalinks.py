@@ -405,16 +405,19 @@ class PeerLinks(DialBackLinks):
                 self._cv.wait(min(left, 0.1))
 
     def recv_into(self, peer: str, out: torch.Tensor, op_id: int, *, channel: int,
-                  timeout: float, address: str | None = None) -> None:
-        """Receives op_id from peer on channel into out (Link.recv_into semantics).
+                  timeout: float, address: str | None = None,
+                  follow: bool = False) -> Link:
+        """Receives op_id from peer on channel into out (Link.recv_into
+        semantics); returns the link it came on.
 
         A link whose sender failed an earlier op after sending it still looks
         healthy here (its frames are pending, so no EOF shows) until reading
         meets those stale frames and breaks it; the sender has meanwhile
         connected afresh, so the receive moves to that link. Likewise when a
         new link from peer replaces the one being read (closing it under the
-        receive). Raises what Link.recv_into raises, or TimeoutError, at the
-        deadline.
+        receive), and, with follow, whenever the link fails: the sender gave
+        it up, and what we wait for comes on its next one. Raises what
+        Link.recv_into raises, or TimeoutError, at the deadline.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -422,11 +425,11 @@ class PeerLinks(DialBackLinks):
             link = self.incoming(peer, timeout=left, channel=channel, address=address)
             try:
                 link.recv_into(out, op_id, timeout=left)
-                return
+                return link
             except StreamError as e:
                 replaced = link.closed and not self._closed
                 if time.monotonic() >= deadline or not (
-                        replaced or isinstance(e, StreamProtocolError)):
+                        replaced or follow or isinstance(e, StreamProtocolError)):
                     raise
 
     def abort(self, peer: str, channel: int) -> None:

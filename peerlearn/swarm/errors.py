@@ -50,11 +50,14 @@ class GossipFailed(PeerError):
     """A gossip exchange did not complete (partner gone, views disagreed on the
     pairing, timeout). The caller keeps its own tensor; the partner may or may
     not have averaged with ours (gossip results are not agreed). `rounds`:
-    partners that answered at another gossip round (peer id -> their round):
-    the caller's next round is `gossip.next_round` of its own and these."""
+    partners that answered at a later gossip round (peer id -> their round):
+    the caller's next round is `gossip.next_round` of its own and these.
+    `ahead`: that was the only failure, the links were kept and those
+    partners wait for us there: an attempt at next_round now meets them."""
 
     def __init__(self, message: str, rounds: dict[str, int] | None = None,
-                 poisoned_by: str | None = None):
+                 poisoned_by: str | None = None, ahead: bool = False):
         super().__init__(message)
         self.rounds = dict(rounds or {})
         self.poisoned_by = poisoned_by  # a partner whose values we refused
+        self.ahead = ahead

@@ -19,17 +19,24 @@ Invariants:
     caller needing agreement uses a round (all-reduce) instead.
   * Rounds are told, not assumed: each member first sends its round in a
     small header (op GOSSIP_HELLO_OP, the same for every round), then its
-    tensor (op GOSSIP_OP | round). A member whose partner is at another
-    round fails at once with GossipFailed naming that round, and both sides
-    go on to `next_round` = max(both rounds) + 1: the two sides of a healed
-    partition, which trained at different speeds, meet there; without it
-    they would pair by different rounds forever. Both sides give up, the
-    one ahead too: when it skipped the earlier header and waited, it read
-    the partner's *next* attempt, already one round past its own, and the
-    two leapfrogged each other for good (seen through a real partition).
-    A member that fails without hearing the other's round (timeout, link
-    broken) goes to its own round + 1, which is the same next_round when it
-    was the one ahead.
+    tensor (op GOSSIP_OP | round). The one behind catches up, the one ahead
+    waits: a member reading a partner's earlier round reads past that
+    attempt (its tensor too) and waits for the next, at its own round; a
+    member reading a later round stops with GossipFailed(ahead=True), and
+    its caller tries again at once at `next_round`, that later round, where
+    the partner waits. The links stay in order meanwhile (nothing aborted),
+    and the header already read is taken from `heard`. Two sides of a
+    healed partition, which trained at different speeds, meet this way in
+    one outer step. What it replaced: both sides gave up and went to
+    max(rounds) + 1; a side that failed fast started its next attempt while
+    the slower one still read the last, read one round off again, and under
+    load three peers stayed one round apart for the rest of a test (a
+    restarted peer, a joiner: 0 exchanges in 60 s).
+  * Any other failure (timeout, broken link, refused values) aborts the
+    group's links, after our headers went out (a partner behind still
+    learns our round); the member goes to its own round + 1. A link that
+    ends while we wait for a header was an earlier attempt's: the wait
+    moves to the partner's next link.
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ GROWTH_LIMIT = 1e4
 # The round header: outside every GOSSIP_OP | round (rounds stay below 2^48).
 GOSSIP_HELLO_OP = GOSSIP_OP | (1 << 48)
 HEADER_BYTES = 8  # the sender's round, uint64 little-endian
+# How long a failed exchange waits for its own round header to go out before
+# it aborts the links (see exchange): a live partner's connect and an 8-byte
+# send take milliseconds; a dead one's must not hold the failure up.
+HEADER_GRACE_S = 1.0
 
 
 def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
@@ -88,10 +99,10 @@ def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
 
 def next_round(mine: int, heard: Iterable[int] = ()) -> int:
     """The round to try after a failed exchange at round `mine`, having
-    heard the partners' rounds `heard`: the same on both sides of a round
-    mismatch, whichever of them heard the other. A round more than
-    MAX_CATCHUP ahead of ours is not followed."""
-    return max([mine, *(h for h in heard if h <= mine + MAX_CATCHUP)]) + 1
+    heard partners ahead of us at `heard` (GossipFailed.rounds): the latest
+    of them, where those partners wait for us; else the next one. A round
+    more than MAX_CATCHUP ahead of ours is not followed."""
+    return max([mine + 1, *(h for h in heard if h <= mine + MAX_CATCHUP)])
 
 
 def refused_value(theirs: torch.Tensor, mine: torch.Tensor) -> str | None:
@@ -115,8 +126,9 @@ def group_of(me: str, groups: list[tuple[str, ...]]) -> tuple[str, ...]:
 
 def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[str, str],
              tensor: torch.Tensor, round_: int, *, codec: int | None = None,
-             block_size: int = 64, timeout: float = 30.0,
-             rule: str = "mean") -> tuple[torch.Tensor, tuple[str, ...]]:
+             block_size: int = 64, timeout: float = 30.0, rule: str = "mean",
+             heard: dict[str, tuple[object, int]] | None = None,
+             ) -> tuple[torch.Tensor, tuple[str, ...]]:
     """Averages tensor (flat fp32, only read) over group; returns a new tensor
     and the partners whose values were left out (see `rule`).
 
@@ -127,16 +139,22 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     cannot outvote anyone, so pairs keep the refusals below.
 
     Sends to every other member and receives from each at the same time (the
-    sends on helper threads): first the round header, then the tensor. Raises
-    GossipFailed on any failure, after aborting the group's gossip links so
-    the partners fail fast too; its `rounds` names the partners heard at
-    another round than ours (peer id -> round): see `next_round`.
+    sends on helper threads): first the round header, then the tensor. A
+    partner's attempt at an earlier round is read past (header and tensor:
+    it reads our header and comes to our round). A partner at a later round
+    ends the exchange with GossipFailed(ahead=True), the links kept and its
+    header filed in `heard` (peer -> (link, round), owned by the caller, one
+    exchange at a time): the caller meets it at next_round at once, and that
+    exchange takes the filed header instead of waiting for another. Any other
+    failure raises GossipFailed after our headers went out and the group's
+    gossip links were aborted, so the partners fail fast too.
     """
     if not 0 <= round_ <= MAX_ROUND:
         raise ValueError("gossip round out of range")
     others = [p for p in group if p != me]
     if not others:
         return tensor.clone(), ()
+    heard = {} if heard is None else heard
     robust = rule != "mean" and len(group) >= 3
     if codec is not None and DEFAULT_CHUNK_ELEMS % block_size:
         raise ValueError("block_size must divide the stream chunk size")
@@ -149,51 +167,85 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     errors: list[BaseException] = []
 
     header = torch.tensor(list(round_.to_bytes(HEADER_BYTES, "little")), dtype=torch.uint8)
-    rounds: dict[str, int] = {}  # partners at another round than ours
+    rounds: dict[str, int] = {}  # partners ahead of us
     poisoned_by = None
+    header_out = {p: threading.Event() for p in others}  # sent, or failed to
 
     def send(peer: str) -> None:
         try:
             link = links.outgoing(peer, addresses[peer], timeout=timeout, channel=CHANNEL_GOSSIP)
-            # The tensor follows the header at once: a partner at another round
-            # reads the header, gives up and aborts the link, which drops it.
             link.send(header, GOSSIP_HELLO_OP, timeout=timeout)
+            header_out[peer].set()
             link.send(tensor, op, codec=codec, block_size=block_size, timeout=timeout)
         except (StreamError, TimeoutError, OSError, KeyError) as e:
             errors.append(e)
+        finally:
+            header_out[peer].set()
+
+    def left() -> float:
+        return max(0.1, deadline - time.monotonic())
+
+    def their_round(peer: str) -> tuple[object, int]:
+        filed = heard.pop(peer, None)
+        if filed is not None and filed[0] is links.incoming(peer, timeout=left(),
+                                                            channel=CHANNEL_GOSSIP):
+            return filed
+        raw = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        # follow: a link that ends here was an earlier attempt's, given up.
+        link = links.recv_into(peer, raw, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
+                               timeout=left(), follow=True)
+        return link, int.from_bytes(bytes(raw.tolist()), "little")
 
     senders = [threading.Thread(target=send, args=(p,), daemon=True) for p in others]
     for t in senders:
         t.start()
     deadline = time.monotonic() + timeout
+    ahead = False
     try:
         for peer in others:
-            theirs = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-            links.recv_into(peer, theirs, GOSSIP_HELLO_OP, channel=CHANNEL_GOSSIP,
-                            timeout=max(0.1, deadline - time.monotonic()))
-            their_round = int.from_bytes(bytes(theirs.tolist()), "little")
-            if their_round != round_:
-                if their_round <= MAX_ROUND:  # past 2^48 it is no round: no hint
-                    rounds[peer] = their_round
-                raise GossipFailed(f"{peer} is at gossip round {their_round}, "
-                                   f"we at {round_}")
             values[peer] = torch.empty_like(tensor)
-            links.recv_into(peer, values[peer], op, channel=CHANNEL_GOSSIP,
-                            timeout=max(0.1, deadline - time.monotonic()))
+            while True:
+                link, theirs = their_round(peer)
+                if theirs > MAX_ROUND:  # past 2^48 it is no round
+                    raise GossipFailed(f"{peer} sent gossip round {theirs}: no round")
+                if theirs > round_:
+                    heard[peer] = (link, theirs)
+                    rounds[peer] = theirs
+                    ahead = True
+                    raise GossipFailed(f"{peer} is at gossip round {theirs}, we at {round_}")
+                # Behind us: its tensor is read past (follow: or its link
+                # ends), and its next attempt, at our round, read after.
+                links.recv_into(peer, values[peer], GOSSIP_OP | theirs, channel=CHANNEL_GOSSIP,
+                                timeout=left(), follow=theirs != round_)
+                if theirs == round_:
+                    break
             why = None if robust else refused_value(values[peer], mine)
             if why is not None:
                 poisoned_by = peer
                 raise GossipFailed(f"{peer}'s values {why}: refused", poisoned_by=peer)
     except (StreamError, TimeoutError, OSError, GossipFailed) as e:
         errors.append(e)
-    if errors:
+    if ahead:  # the links stay, in order, for the caller's next attempt
+        for t in senders:
+            t.join()
+        ahead = len(errors) == 1
+    if errors and not ahead:
+        # Our round reaches the partners before the links go (a shut-down
+        # socket still delivers what was queued): a partner behind reads it
+        # and comes to our round; aborting first, it waited out its timeout
+        # hearing nothing and stayed behind, and the two never met (seen
+        # under load after a restart: our sender had not started yet).
+        grace = time.monotonic() + min(HEADER_GRACE_S, max(0.0, deadline - time.monotonic()))
+        for peer in others:
+            header_out[peer].wait(max(0.0, grace - time.monotonic()))
         for peer in others:
             links.abort(peer, CHANNEL_GOSSIP)
+            heard.pop(peer, None)
     for t in senders:
         t.join()
     if errors:
         raise GossipFailed(f"gossip round {round_} with {list(others)}: {errors[0]}",
-                           rounds=rounds, poisoned_by=poisoned_by) from errors[0]
+                           rounds=rounds, poisoned_by=poisoned_by, ahead=ahead) from errors[0]
     if rule != "mean":
         got = aggregate(torch.stack([values[p] for p in group]), rule)
         return got.value, tuple(group[i] for i in got.refused)
