@@ -48,7 +48,7 @@ def test_bench_stream_prints_json_with_its_baseline():
 def test_codec_help_lists_exactly_the_known_names():
     import re
 
-    from peerlearn.cli.app import _CODEC_HELP
+    from peerlearn.cli.shared_options import CODEC_HELP as _CODEC_HELP
     from peerlearn.wire.codecs import CODEC_NAMES, codec_from_name
 
     listed = re.findall(r"[\w-]+", _CODEC_HELP.split(":", 1)[1])

@@ -327,14 +327,14 @@ def test_no_numpy_warning_from_a_plain_install(tmp_path):
 
 
 def test_the_demo_summary_rounds_for_people():
-    from peerlearn.cli.app import _rounded
+    from peerlearn.cli.launch_cmds import _rounded
 
     assert _rounded(256.74023283299994) == 256.7
     assert _rounded([2.2494978964328767, None, 7]) == [2.249, None, 7]
 
 
 def test_aggregate_rules_spelled_out_in_the_cli_are_the_swarms():
-    from peerlearn.cli.app import AGGREGATE_RULES
+    from peerlearn.cli.shared_options import AGGREGATE_RULES
     from peerlearn.swarm.aggregate import RULES
 
     assert AGGREGATE_RULES == RULES

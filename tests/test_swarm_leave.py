@@ -14,7 +14,7 @@ import time
 
 from test_swarm import Swarm, parity
 
-from peerlearn.cli.app import quorum_line
+from peerlearn.cli.admin_cmds import quorum_line
 
 
 
