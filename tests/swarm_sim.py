@@ -319,3 +319,128 @@ class Sim:
 
     def max_step(self, ids=None) -> int:
         return max(self.peers[i].step for i in (ids or self.peers))
+
+
+# ---------------------------------------------------------------- SWIM
+
+
+class SwimNet:
+    """SWIM members (peerlearn/swarm/swim.py) on a simulated network, in
+    simulated time (issue 19): each message takes `latency` one way plus
+    U(0, jitter), is lost with probability `loss` (or always, on a cut
+    directed link), and is encoded by the real encoder once per send, its
+    exact length counted at both ends (decoded again with decode=True).
+    Members are woken at their own next_deadline(), so a run costs the
+    messages and timers it has, not N x ticks. `observe(t, observer, changed)`
+    sees every view change as it happens."""
+
+    def __init__(self, latency: float = 0.05, jitter: float = 0.0, loss: float = 0.0,
+                 seed: int = 0, config=None, decode: bool = False, observe=None):
+        from peerlearn.swarm import swim
+        from peerlearn.wire import swim as sw
+        self.swim, self.wire = swim, sw
+        self.cfg = config or swim.SwimConfig()
+        self.latency, self.jitter, self.loss = latency, jitter, loss
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.decode = decode
+        self.observe = observe
+        self.now = 0.0
+        self.queue: list = []
+        self.seq = itertools.count()
+        self.members: dict[str, object] = {}
+        self.alive: dict[str, bool] = {}
+        self.addrs: dict[str, str] = {}
+        self.wake_at: dict[str, float] = {}
+        self.cut: set[tuple[str, str]] = set()  # directed (src, dst) pairs that drop all
+        self.slow: dict[str, float] = {}  # member -> extra delay on everything it sends
+        self.sent_b: dict[str, int] = {}
+        self.sent_n: dict[str, int] = {}
+        self.recv_b: dict[str, int] = {}
+        self.recv_n: dict[str, int] = {}
+        self.by_type: dict[str, int] = {}
+        self.counting = True
+
+    def add(self, mid: str, addr: str | None = None, incarnation: int = 0,
+            via: list[str] | None = None, known: list[str] | None = None):
+        """A member; via: join through these members; known: start with
+        these in its table as ALIVE at incarnation 0 (a swarm that starts
+        together, as a restarted swarm would: no N joins at once)."""
+        addr = addr or f"{mid}:7400"
+        m = self.swim.SwimMember(mid, addr, self.now, random.Random(f"{self.seed}/{mid}"),
+                                 self.cfg, incarnation)
+        self.members[mid], self.alive[mid], self.addrs[mid] = m, True, addr
+        for k in known or ():
+            if k != mid:
+                u = self.wire.Update(self.wire.ALIVE, k, 0, self.addrs.get(k, f"{k}:7400"))
+                m._merge(self.now, u, [], gossip=False)
+        if via:
+            self._run(mid, m.join(self.now, [(v, self.addrs[v]) for v in via]))
+        else:
+            self._reschedule(mid)
+        return m
+
+    def kill(self, mid: str) -> None:
+        self.alive[mid] = False
+
+    def leave(self, mid: str) -> None:
+        self._run(mid, self.members[mid].leave(self.now))
+        self.alive[mid] = False
+
+    def live(self) -> list[str]:
+        return [i for i, a in self.alive.items() if a]
+
+    # ------------------------------------------------------------ engine
+
+    def _push(self, t: float, *item) -> None:
+        heapq.heappush(self.queue, (t, next(self.seq), *item))
+
+    def _reschedule(self, mid: str) -> None:
+        m = self.members[mid]
+        t = max(m.next_deadline(), self.now + 1e-6)
+        if t < self.wake_at.get(mid, float("inf")) or self.wake_at.get(mid, 0) <= self.now:
+            self.wake_at[mid] = t
+            self._push(t, "wake", mid)
+
+    def _run(self, mid: str, actions) -> None:
+        swim = self.swim
+        for a in actions:
+            if isinstance(a, swim.Send):
+                self._send(mid, a.to, a.msg)
+            elif isinstance(a, swim.Changed) and self.observe is not None:
+                self.observe(self.now, mid, a)
+        if self.alive[mid]:
+            self._reschedule(mid)
+
+    def _send(self, src: str, dst: str, msg) -> None:
+        data = self.wire.encode(msg)
+        n = len(data)
+        if self.counting:
+            self.sent_b[src] = self.sent_b.get(src, 0) + n
+            self.sent_n[src] = self.sent_n.get(src, 0) + 1
+            name = type(msg).__name__
+            self.by_type[name] = self.by_type.get(name, 0) + n
+        if (src, dst) in self.cut or (self.loss and self.rng.random() < self.loss):
+            return
+        delay = self.latency + (self.rng.uniform(0, self.jitter) if self.jitter else 0.0)
+        self._push(self.now + delay + self.slow.get(src, 0.0), "msg", src, dst, msg, data)
+
+    def run(self, until: float) -> None:
+        while self.queue and self.queue[0][0] <= until:
+            t, _, what, *rest = heapq.heappop(self.queue)
+            self.now = t
+            if what == "wake":
+                mid = rest[0]
+                if self.wake_at.get(mid) != t or not self.alive[mid]:
+                    continue
+                self._run(mid, self.members[mid].tick(t))
+            else:
+                src, dst, msg, data = rest
+                if not self.alive.get(dst, False):
+                    continue
+                if self.counting:
+                    self.recv_b[dst] = self.recv_b.get(dst, 0) + len(data)
+                    self.recv_n[dst] = self.recv_n.get(dst, 0) + 1
+                got = self.wire.decode(data) if self.decode else msg
+                self._run(dst, self.members[dst].receive(t, src, got))
+        self.now = max(self.now, until)

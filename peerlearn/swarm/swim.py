@@ -1,0 +1,610 @@
+"""SWIM membership with Lifeguard-style suspicion, sans-IO (issue 19).
+
+Not yet used by the daemon: RoundCore still heartbeats every member
+(docs/swarm.md, "The new membership (SWIM), simulated", says what wiring it
+in takes). cmd/scale_sim.py --membership swim runs it at up to 1,024 members.
+
+A `SwimMember` is driven by its owner with the time: `receive(now, src, msg)`
+for a message (src: the sender's id as the authenticated transport knows
+it), `tick(now)` at least by `next_deadline()`, `join(now, seeds)` and
+`leave(now)`. Each returns a list of actions: `Send(to, addr, msg)` (addr
+"" means: answer on the connection it came from) and `Changed(member,
+state, incarnation, addr, by_me)` when this member's view of one changes.
+No sockets, threads or clocks; given the same seeded `random.Random`, the
+same calls give the same actions. Messages and their encoding:
+peerlearn/wire/swim.py.
+
+The protocol (Das et al. 2002, "SWIM"; Dadgar et al. 2018, "Lifeguard"):
+
+* Every protocol period T (`period`, 1 s) a member probes one other member,
+  taken in a shuffled round-robin order (a new shuffle per pass; a member
+  that joins is put at a random place in the rest of the pass). No Ack
+  within `probe_timeout`: it asks `indirect` (k) others to probe the target
+  for it (PingReq; they answer Ack, or Nack if the target is silent to them
+  too). No Ack by the end of the period: the target is SUSPECT.
+* Updates (member, incarnation, state) travel piggybacked on Pings, Acks
+  and PingReqs: at most `max_piggyback` a message, the least sent first,
+  each sent `retransmit_mult * ceil(log10(n + 1))` times by every member
+  that learns it (lambda log n), then dropped. A newer update about a
+  member replaces the queued older one. A probe of a member held suspect or
+  dead carries that record first (Lifeguard's buddy system), so the member
+  hears of it at once.
+* A member that hears itself suspected or dead raises its incarnation and
+  gossips ALIVE at the new one (refutation); (incarnation, state) orders
+  updates about one member, higher wins, and at one incarnation DEAD/LEFT >
+  SUSPECT > ALIVE. So only the member itself can end a suspicion of it.
+* A suspicion ends in DEAD (confirmed) after a timeout that starts at
+  `suspicion_max_mult` x the minimum and shrinks, as independent members
+  suspect the same incarnation, towards the minimum `suspicion_mult x
+  max(1, log10 n) x T`, reached at `confirmations` others (Lifeguard's
+  LHA-suspicion). A confirmed DEAD spreads as an update and is taken at once.
+* Local health (Lifeguard's LHA-probe): a member that fails a probe without
+  the Nacks it asked for, or has to refute a suspicion of itself, raises a
+  multiplier (up to `max_health`) that stretches its own period and probe
+  timeout; each successful probe lowers it. A slow member accuses less.
+* A dead member is kept `dead_keep` seconds (so stale ALIVE updates cannot
+  bring it back) and probed now and then (`reprobe_every` periods, one
+  dead member in turn, no suspicion): if it was wrongly confirmed (a healed
+  partition) it hears so and refutes, and comes back.
+* Joining: Join to a seed, which adds the joiner, gossips it, and answers
+  with its table in Members messages (at most `max_syncs_per_period`
+  answers a period, so Join floods cannot make it send without bound).
+
+What a member guarantees, n the members it knows, T the period, delays
+below `probe_timeout / 2` each way (the simulator checks these; the unit
+and property tests in tests/test_swim.py check the first four):
+
+1. Completeness, deterministic: a member that crashes is confirmed DEAD by
+   every live member x within 2(n-1)T + T + suspicion_max(n) of the crash
+   (or of the last ALIVE update about it that x receives): x's own round
+   robin reaches it within two passes, and x's own suspicion timer needs
+   nobody else. With high probability much sooner: some member probes it
+   within a few periods (each period each of n-1 members picks it with
+   probability ~1/(n-1)), the timeout shrinks to the minimum as others
+   confirm, and DEAD reaches everyone in O(log n) periods.
+2. Accuracy when it answers: a member whose every link (both ways, to every
+   member) delivers within probe_timeout / 2 is never suspected by anyone:
+   every probe of it is acked in time, and only a failed probe starts a
+   suspicion. A member is confirmed DEAD by the member that confirms it
+   only after being held SUSPECT by that member, at the same incarnation
+   and with no newer update, for at least the suspicion timeout (never
+   less than suspicion_mult x T); the others take the confirmation as news.
+   What is not guaranteed: a live member whose links lose messages can be
+   confirmed dead if its refutation does not reach the suspecting members
+   within the timeout (SWIM's trade); it then refutes and comes back once it
+   hears (the buddy record on reprobes), while its dead entry is kept.
+3. Bounded state: at most `max_members` table entries (a full table drops
+   new members; the oldest dead entry goes first), one queued update per
+   member (and per confirming suspector, at most `confirmations` + 1),
+   `max_relays` indirect probes in flight for others, one own probe, and
+   `max_syncs_per_period` table answers a period. Whatever a stranger sends,
+   it can fill the table up to the cap and no further.
+4. Messages per period, O(1): one Ping out and its Ack in, k PingReqs
+   only after a missed Ack, one Reprobe every `reprobe_every` periods; in
+   expectation one Ping in (answered) and k/n PingReqs in. Bytes per
+   message: a header (8 bytes, 26 for a PingReq) plus at most
+   `max_piggyback` updates; with the daemon's 16-byte ids, IPv4 addresses
+   and incarnations below 2^32 an update is at most 47 bytes (ALIVE), so
+   a message is at most 402 bytes by default (tests/test_swim.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from peerlearn.wire import swim as w
+from peerlearn.wire.swim import ALIVE, DEAD, LEFT, STATE_NAMES, SUSPECT
+
+__all__ = ["SwimConfig", "SwimMember", "Send", "Changed"]
+
+_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
+_U32 = (1 << 32) - 1
+
+
+@dataclass(frozen=True)
+class SwimConfig:
+    period: float = 1.0
+    probe_timeout: float = 0.5  # for an Ack; at most period / 2 (a PingReq needs the rest)
+    indirect: int = 3  # k, members asked to probe a silent target
+    suspicion_mult: float = 4.0  # minimum suspicion = this x max(1, log10 n) x period
+    suspicion_max_mult: float = 6.0  # the timeout starts at this x the minimum
+    confirmations: int = 2  # independent suspicions that bring it down to the minimum
+    retransmit_mult: int = 4  # each update is sent this x ceil(log10(n + 1)) times
+    max_piggyback: int = 8  # updates on one message (wire cap: 16)
+    max_members: int = 4096
+    max_relays: int = 16  # indirect probes run for others at once
+    max_queue: int = 1024  # updates waiting to be piggybacked
+    max_health: int = 8  # local health multiplier cap (period x (1 + health))
+    dead_keep: float = 300.0  # seconds a dead member's entry is kept
+    reprobe_every: int = 10  # periods between probes of one kept dead member
+    join_retry: float = 2.0  # seconds between Joins until a Members answer comes
+    max_syncs_per_period: int = 2  # Members answers to Joins
+    members_per_message: int = 128
+
+    def __post_init__(self):
+        if not 0 < self.probe_timeout <= self.period / 2:
+            raise ValueError("probe_timeout must be in (0, period / 2]")
+        if not 1 <= self.max_piggyback <= w.MAX_UPDATES:
+            raise ValueError(f"max_piggyback must be 1..{w.MAX_UPDATES}")
+        if not 1 <= self.members_per_message <= w.MAX_ENTRIES:
+            raise ValueError(f"members_per_message must be 1..{w.MAX_ENTRIES}")
+        if self.max_members > 255 * self.members_per_message:
+            raise ValueError("max_members must fit in 255 Members messages")
+
+    def suspicion_min(self, n: int) -> float:
+        return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.period
+
+    def suspicion_max(self, n: int) -> float:
+        return self.suspicion_max_mult * self.suspicion_min(n)
+
+    def suspicion_timeout(self, n: int, confirmed: int) -> float:
+        """The timeout after `confirmed` independent suspicions besides the
+        first: from suspicion_max down to suspicion_min, logarithmically."""
+        lo, hi = self.suspicion_min(n), self.suspicion_max(n)
+        k = min(self.confirmations, max(n - 2, 0))
+        if k < 1 or confirmed >= k:
+            return lo
+        return max(lo, hi - (hi - lo) * math.log(confirmed + 1) / math.log(k + 1))
+
+    def retransmits(self, n: int) -> int:
+        return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
+
+
+@dataclass(frozen=True)
+class Send:
+    to: str
+    addr: str  # "" : answer on the connection the request came from
+    msg: object
+
+
+@dataclass(frozen=True)
+class Changed:
+    """This member's view of `member` changed: state is "alive", "suspect",
+    "dead" or "left". by_me: this member confirmed it dead itself (its own
+    suspicion timed out), rather than hearing so."""
+
+    member: str
+    state: str
+    incarnation: int
+    addr: str
+    by_me: bool = False
+
+
+class _Member:
+    __slots__ = ("id", "addr", "inc", "state", "since", "by")
+
+    def __init__(self, mid: str, addr: str, inc: int, state: int, since: float):
+        self.id, self.addr, self.inc, self.state, self.since = mid, addr, inc, state, since
+        self.by: list[str] = []  # who suspects this incarnation (first is the first)
+
+
+class _Probe:
+    __slots__ = ("target", "seq", "start", "timeout", "end", "relays", "nacks", "acked")
+
+    def __init__(self, target: str, seq: int, start: float, timeout: float, end: float):
+        self.target, self.seq, self.start, self.timeout, self.end = target, seq, start, \
+            timeout, end
+        self.relays: list[str] = []
+        self.nacks = 0
+        self.acked = False
+
+
+class SwimMember:
+    """One member's failure detector and view. See the module docstring for
+    the protocol and what it guarantees."""
+
+    def __init__(self, me: str, addr: str, now: float, rng: random.Random,
+                 config: SwimConfig = SwimConfig(), incarnation: int = 0):
+        self.me, self.addr, self.rng, self.cfg = me, addr, rng, config
+        self.incarnation = incarnation
+        self.health = 0  # Lifeguard's local health multiplier
+        self.table: dict[str, _Member] = {}
+        self.live = 0  # entries ALIVE or SUSPECT
+        self._suspects: dict[str, None] = {}
+        self._dead: deque[tuple[str, float]] = deque()  # (id, since), oldest first
+        self._order: list[str] = []
+        self._pos = 0
+        self._seq = rng.randrange(_U32)
+        self._probe: _Probe | None = None
+        self._next_probe = now + rng.uniform(0, config.period)  # members do not beat in step
+        self._relays: dict[int, tuple[str, int, str, float, bool]] = {}
+        self._periods = 0
+        self._reprobe_i = 0
+        # (member, suspector or "") -> [update, times sent, order queued]
+        self._queue: dict[tuple[str, str], list] = {}
+        self._queued = 0
+        self._joining: list[tuple[str, str]] = []
+        self._next_join = float("inf")
+        self._syncs = config.max_syncs_per_period
+        self._next_housekeeping = now + config.period
+        self.left = False
+
+    # ------------------------------------------------------------ queries
+
+    def n(self) -> int:
+        """Members this one counts for its timeouts: itself and those alive or suspect."""
+        return self.live + 1
+
+    def state_of(self, member: str) -> str | None:
+        if member == self.me:
+            return "left" if self.left else "alive"
+        rec = self.table.get(member)
+        return STATE_NAMES[rec.state] if rec else None
+
+    def members(self) -> list[str]:
+        """Ids held alive or suspect (a suspect still counts as a member)."""
+        return [i for i, r in self.table.items() if r.state in (ALIVE, SUSPECT)]
+
+    def queue_len(self) -> int:
+        return len(self._queue)
+
+    def relays_len(self) -> int:
+        return len(self._relays)
+
+    def next_deadline(self) -> float:
+        """The latest time by which tick() must be called next."""
+        t = min(self._next_housekeeping, self._next_join)
+        p = self._probe
+        if p is None:
+            t = min(t, self._next_probe)
+        else:
+            t = min(t, p.end if p.relays or p.acked else p.start + p.timeout)
+        for _, _, _, at, nacked in self._relays.values():
+            t = min(t, at if not nacked else at + self.cfg.probe_timeout)
+        n = self.n()
+        for mid in self._suspects:
+            rec = self.table[mid]
+            t = min(t, rec.since + self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1)))
+        return t
+
+    # ------------------------------------------------------------ driving
+
+    def join(self, now: float, seeds: list[tuple[str, str]]) -> list:
+        """Ask these (id, addr) members for the table; repeated every
+        join_retry seconds until one answers. At most `indirect` seeds."""
+        self._joining = [s for s in seeds if s[0] != self.me][:max(1, self.cfg.indirect)]
+        self._next_join = now
+        self._enqueue(self._self_update())
+        return self.tick(now)
+
+    def leave(self, now: float) -> list:
+        """Say LEFT to up to `indirect` members at once (and in what else
+        goes out) and stop: every later call returns nothing."""
+        if self.left:
+            return []
+        up = w.Update(LEFT, self.me, self.incarnation)
+        targets = self.members()
+        self.rng.shuffle(targets)
+        out = [Send(t, self.table[t].addr, w.Ping(self._next_seq(), (up,)))
+               for t in targets[:self.cfg.indirect]]
+        self.left = True
+        return out
+
+    def tick(self, now: float) -> list:
+        out: list = []
+        if self.left:
+            return out
+        if now >= self._next_housekeeping:
+            self._housekeeping(now, out)
+        if self._joining and now >= self._next_join:
+            self._next_join = now + self.cfg.join_retry
+            for sid, saddr in self._joining:
+                out.append(Send(sid, saddr, w.Join(self.incarnation, self.addr)))
+        self._check_probe(now, out)
+        if self._probe is None and now >= self._next_probe:
+            self._start_probe(now, out)
+        self._check_relays(now, out)
+        self._check_suspects(now, out)
+        return out
+
+    def receive(self, now: float, src: str, msg) -> list:
+        out: list = []
+        if self.left or src == self.me:
+            return out
+        if isinstance(msg, (w.Ping, w.Ack, w.PingReq)):
+            for u in msg.updates:
+                self._merge(now, u, out)
+        if isinstance(msg, w.Ping):
+            out.append(Send(src, "", w.Ack(msg.seq, self._piggyback(src))))
+        elif isinstance(msg, w.Ack):
+            self._on_ack(now, src, msg, out)
+        elif isinstance(msg, w.PingReq):
+            self._on_ping_req(now, src, msg, out)
+        elif isinstance(msg, w.Nack):
+            p = self._probe
+            if p is not None and msg.seq == p.seq and src in p.relays:
+                p.nacks += 1
+        elif isinstance(msg, w.Join):
+            self._merge(now, w.Update(ALIVE, src, msg.incarnation, msg.addr), out, own=True)
+            if self._syncs > 0:
+                self._syncs -= 1
+                self._answer_join(src, out)
+        elif isinstance(msg, w.Members):
+            if self._joining:
+                self._joining, self._next_join = [], float("inf")
+            for u in msg.entries:
+                self._merge(now, u, out, gossip=False)
+        return out
+
+    # ------------------------------------------------------------ probing
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & _U32
+        return self._seq
+
+    def _pick_target(self) -> str | None:
+        while True:
+            while self._pos < len(self._order):
+                mid = self._order[self._pos]
+                self._pos += 1
+                rec = self.table.get(mid)
+                if rec is not None and rec.state in (ALIVE, SUSPECT):
+                    return mid
+            if not self.live:
+                return None
+            self._order = self.members()
+            self.rng.shuffle(self._order)
+            self._pos = 0
+
+    def _start_probe(self, now: float, out: list) -> None:
+        scale = 1 + self.health
+        self._next_probe = now + self.cfg.period * scale
+        target = self._pick_target()
+        if target is None:
+            return
+        p = _Probe(target, self._next_seq(), now, self.cfg.probe_timeout * scale,
+                   now + self.cfg.period * scale)
+        self._probe = p
+        out.append(Send(target, self.table[target].addr, w.Ping(p.seq, self._piggyback(target))))
+
+    def _check_probe(self, now: float, out: list) -> None:
+        p = self._probe
+        if p is None:
+            return
+        rec = self.table.get(p.target)
+        if rec is None or rec.state not in (ALIVE, SUSPECT):
+            self._probe = None  # it left, or someone confirmed it, meanwhile
+            return
+        if p.acked:
+            if now >= p.end:
+                self._probe = None
+            return
+        if not p.relays and now >= p.start + p.timeout:
+            others = [i for i in self.members() if i != p.target]
+            k = min(self.cfg.indirect, len(others))
+            p.relays = self.rng.sample(others, k) if k else []
+            for r in p.relays:
+                out.append(Send(r, self.table[r].addr,
+                                w.PingReq(p.seq, p.target, self._piggyback(r))))
+            if not p.relays:
+                p.relays = [""]  # nobody to ask: wait for the period's end all the same
+        if now >= p.end:
+            self._probe = None
+            asked = len([r for r in p.relays if r])
+            if p.nacks < asked:  # a Nack missing: perhaps we are the slow one
+                self.health = min(self.cfg.max_health, self.health + 1)
+            self._suspect(now, rec, self.me, out)
+
+    def _on_ack(self, now: float, src: str, msg: w.Ack, out: list) -> None:
+        p = self._probe
+        if p is not None and msg.seq == p.seq and not p.acked and \
+                (src == p.target or src in p.relays):
+            p.acked = True
+            self.health = max(0, self.health - 1)
+            return
+        relay = self._relays.get(msg.seq)
+        if relay is not None and src == relay[2]:
+            del self._relays[msg.seq]
+            requester, seq = relay[0], relay[1]
+            addr = self.table[requester].addr if requester in self.table else ""
+            out.append(Send(requester, addr, w.Ack(seq, self._piggyback(requester))))
+        # Anything else (a reprobe's Ack, a late one) brought its updates only.
+
+    def _on_ping_req(self, now: float, src: str, msg: w.PingReq, out: list) -> None:
+        rec = self.table.get(msg.target)
+        if rec is None or rec.state not in (ALIVE, SUSPECT) or msg.target == src:
+            out.append(Send(src, "", w.Nack(msg.seq)))
+            return
+        if len(self._relays) >= self.cfg.max_relays:
+            return  # busy: the requester asked others too
+        seq = self._next_seq()
+        self._relays[seq] = (src, msg.seq, msg.target, now + self.cfg.probe_timeout / 2, False)
+        out.append(Send(msg.target, rec.addr, w.Ping(seq, self._piggyback(msg.target))))
+
+    def _check_relays(self, now: float, out: list) -> None:
+        for seq in list(self._relays):
+            requester, rseq, target, at, nacked = self._relays[seq]
+            if not nacked and now >= at:
+                self._relays[seq] = (requester, rseq, target, at, True)
+                out.append(Send(requester, "", w.Nack(rseq)))
+            elif nacked and now >= at + self.cfg.probe_timeout:
+                del self._relays[seq]
+
+    # ------------------------------------------------------------ suspicion
+
+    def _suspect(self, now: float, rec: _Member, by: str, out: list) -> None:
+        if rec.state == ALIVE:
+            self._set(now, rec, SUSPECT, rec.inc, out)
+            rec.by = [by]
+        elif rec.state == SUSPECT and by not in rec.by:
+            if len(rec.by) > self.cfg.confirmations:
+                return
+            rec.by.append(by)
+        else:
+            return
+        self._enqueue(w.Update(SUSPECT, rec.id, rec.inc, by=by))
+
+    def _check_suspects(self, now: float, out: list) -> None:
+        if not self._suspects:
+            return
+        n = self.n()
+        for mid in list(self._suspects):
+            rec = self.table[mid]
+            if now >= rec.since + self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1)):
+                self._set(now, rec, DEAD, rec.inc, out, by_me=True)
+                self._enqueue(w.Update(DEAD, mid, rec.inc))
+
+    # ------------------------------------------------------------ state
+
+    def _self_update(self) -> w.Update:
+        return w.Update(ALIVE, self.me, self.incarnation, self.addr)
+
+    def _set(self, now: float, rec: _Member, state: int, inc: int, out: list,
+             by_me: bool = False) -> None:
+        was_live = rec.state in (ALIVE, SUSPECT)
+        is_live = state in (ALIVE, SUSPECT)
+        self.live += is_live - was_live
+        rec.state, rec.inc, rec.since = state, inc, now
+        rec.by = []
+        if state == SUSPECT:
+            self._suspects[rec.id] = None
+        else:
+            self._suspects.pop(rec.id, None)
+        if not is_live:
+            self._dead.append((rec.id, now))
+            if len(self._dead) > 2 * self.cfg.max_members:  # drop the stale entries
+                self._dead = deque((i, t) for i, t in self._dead
+                                   if (r := self.table.get(i)) is not None and r.since == t
+                                   and r.state in (DEAD, LEFT))
+        elif not was_live:  # back (refuted): probe it in this pass
+            self._order.insert(self.rng.randint(self._pos, len(self._order)), rec.id)
+        out.append(Changed(rec.id, STATE_NAMES[state], inc, rec.addr, by_me))
+
+    def _merge(self, now: float, u: w.Update, out: list, gossip: bool = True,
+               own: bool = False) -> None:
+        """Take one update (own: the member's own claim, from its Join)."""
+        if u.member == self.me:
+            self._about_me(u)
+            return
+        rec = self.table.get(u.member)
+        if rec is None:
+            if u.state not in (ALIVE, SUSPECT) or not u.addr or not self._make_room():
+                return  # no address to probe it at, or no room
+            rec = _Member(u.member, u.addr, u.incarnation, DEAD, now)  # _set makes it live
+            self.table[u.member] = rec
+            self._set(now, rec, u.state, u.incarnation, out)
+            if u.state == SUSPECT:
+                rec.by = [u.by] if u.by else []
+            if gossip or own:
+                self._enqueue(u)
+            return
+        new, old = (u.incarnation, _RANK[u.state]), (rec.inc, _RANK[rec.state])
+        if new > old:
+            if u.state == ALIVE:
+                rec.addr = u.addr
+            self._set(now, rec, u.state, u.incarnation, out)
+            if u.state == SUSPECT and u.by:
+                rec.by = [u.by]
+            if gossip or own:
+                self._enqueue(u)
+        elif new == old and u.state == SUSPECT and u.by and u.by not in rec.by \
+                and len(rec.by) <= self.cfg.confirmations:
+            rec.by.append(u.by)  # an independent suspicion: the timeout shrinks
+            if gossip:
+                self._enqueue(u)
+
+    def _about_me(self, u: w.Update) -> None:
+        if u.state == ALIVE and u.incarnation <= self.incarnation:
+            return
+        if u.state in (SUSPECT, DEAD, LEFT) and u.incarnation < self.incarnation:
+            # A stale suspicion still about: say again who we are now.
+            self._enqueue(self._self_update())
+            return
+        if u.state in (SUSPECT, DEAD, LEFT):
+            self.health = min(self.cfg.max_health, self.health + 1)
+        self.incarnation = min(u.incarnation + 1, w.U64)  # a forged U64 pins it: no wrap
+        self._enqueue(self._self_update())
+
+    def _make_room(self) -> bool:
+        if len(self.table) < self.cfg.max_members:
+            return True
+        while self._dead:  # evict the oldest dead entry
+            mid, since = self._dead.popleft()
+            rec = self.table.get(mid)
+            if rec is not None and rec.state in (DEAD, LEFT) and rec.since == since:
+                del self.table[mid]
+                self._drop_queued(mid)
+                return True
+        return False
+
+    def _housekeeping(self, now: float, out: list) -> None:
+        self._next_housekeeping = now + self.cfg.period
+        self._syncs = self.cfg.max_syncs_per_period
+        self._periods += 1
+        while self._dead and now - self._dead[0][1] >= self.cfg.dead_keep:
+            mid, since = self._dead.popleft()
+            rec = self.table.get(mid)
+            if rec is not None and rec.state in (DEAD, LEFT) and rec.since == since:
+                del self.table[mid]
+                self._drop_queued(mid)
+        if self._periods % self.cfg.reprobe_every == 0:
+            dead = [mid for mid, since in self._dead
+                    if (r := self.table.get(mid)) is not None and r.since == since
+                    and r.state == DEAD]
+            if dead:
+                mid = dead[self._reprobe_i % len(dead)]
+                self._reprobe_i += 1
+                out.append(Send(mid, self.table[mid].addr,
+                                w.Ping(self._next_seq(), self._piggyback(mid))))
+
+    def _answer_join(self, src: str, out: list) -> None:
+        first = [self._self_update()]
+        rec = self.table.get(src)
+        if rec is not None and rec.state != ALIVE:
+            first.insert(0, w.Update(rec.state, src, rec.inc, rec.addr))
+        rest = [w.Update(r.state, r.id, r.inc, r.addr) for r in self.table.values()
+                if r.state in (ALIVE, SUSPECT) and r.id != src]
+        entries = first + rest
+        per = self.cfg.members_per_message
+        parts = (len(entries) + per - 1) // per
+        for i in range(parts):
+            out.append(Send(src, "", w.Members(i, parts, tuple(entries[i * per:(i + 1) * per]))))
+
+    # ------------------------------------------------------------ dissemination
+
+    def _enqueue(self, u: w.Update) -> None:
+        if u.state != SUSPECT:
+            self._drop_queued(u.member)
+        else:
+            self._queue.pop((u.member, ""), None)  # an older ALIVE: superseded
+        key = (u.member, u.by if u.state == SUSPECT else "")
+        self._queued += 1
+        self._queue[key] = [u, 0, self._queued]
+        if len(self._queue) > self.cfg.max_queue:  # drop the most sent, oldest first
+            worst = max(self._queue, key=lambda k: (self._queue[k][1], -self._queue[k][2]))
+            del self._queue[worst]
+
+    def _drop_queued(self, member: str) -> None:
+        stale = [k for k in self._queue if k[0] == member]
+        for k in stale:
+            del self._queue[k]
+
+    def _piggyback(self, dest: str) -> tuple[w.Update, ...]:
+        """Updates for one message to dest: our record of dest first if it
+        is not plain ALIVE (the buddy system), then the least sent."""
+        first: list[w.Update] = []
+        rec = self.table.get(dest)
+        if rec is not None and rec.state != ALIVE:
+            by = rec.by[0] if rec.state == SUSPECT and rec.by else self.me
+            first.append(w.Update(rec.state, dest, rec.inc, by=by if rec.state == SUSPECT
+                                  else ""))
+        room = self.cfg.max_piggyback - len(first)
+        if not self._queue or room <= 0:
+            return tuple(first)
+        limit = self.cfg.retransmits(self.n())
+        keys = sorted(self._queue, key=lambda k: (self._queue[k][1], -self._queue[k][2]))
+        picked = []
+        for k in keys:
+            if len(picked) >= room:
+                break
+            entry = self._queue[k]
+            if first and entry[0].member == dest and entry[0].state != ALIVE:
+                continue  # already first
+            picked.append(entry[0])
+            entry[1] += 1
+            if entry[1] >= limit:
+                del self._queue[k]
+        return tuple(first + picked)
