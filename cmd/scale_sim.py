@@ -23,6 +23,12 @@ the same applied record, as a whole swarm restarting would be), so the
 window measures the steady state rather than N joins at once. The cores'
 cost grows as N^2 per peer, so a window of 0 s gives the formulas alone
 (`extrapolate`), as the 1,024-peer row uses.
+
+`--membership swim` runs the new membership alone instead (peerlearn/swarm/
+swim.py, no rounds; `simulate_swim` says what it measures):
+
+    python cmd/scale_sim.py --membership swim --peers 16,64,256,1024 \\
+        --sim-seconds 1200,600,600,600 --json
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from swarm_sim import Sim, SimPeer  # noqa: E402
+from swarm_sim import Sim, SimPeer, SwimNet  # noqa: E402
 
 from peerlearn.swarm import rounds as r  # noqa: E402
 from peerlearn.wire import control as m  # noqa: E402
@@ -447,6 +453,168 @@ def simulate(n: int, args, seconds: float) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- SWIM
+
+
+def swim_config(args):
+    from peerlearn.swarm.swim import SwimConfig
+    return SwimConfig(period=args.swim_period, probe_timeout=args.swim_period / 2)
+
+
+def simulate_swim(n: int, args, seconds: float) -> dict:
+    """N SwimMembers (peerlearn/swarm/swim.py) on tests/swarm_sim.py's
+    SwimNet: one-way latency RTT/2 (+ jitter), message loss --loss, churn
+    as for today's design (kills of a random live member and joins of a new
+    one via a random live member, each churn-per-min x N a minute), and one
+    more kill 60 % into the window. Every member starts knowing the other
+    N - 1 (as today's sim starts from one view). Measured during the window:
+    bytes in and out of every member (the real encoder's lengths), messages
+    in and out of the busiest; after it, churn stops and the run goes on
+    (uncounted) until every kill of the window is confirmed everywhere or
+    two longest suspicion timeouts pass. For each kill, the time until every
+    member that was live then, knew the victim, and is live at the end holds
+    it dead; for each join, the time until every such member holds the
+    joiner alive."""
+    cfg = swim_config(args)
+    rtt = args.rtt_ms / 1000
+    dead_seen: dict[str, dict[str, float]] = {}  # victim -> watcher -> confirmed at
+    alive_seen: dict[str, dict[str, float]] = {}  # joiner -> watcher -> alive at
+    false_dead: list[tuple[float, str, str]] = []
+    net = None
+
+    def observe(t, who, c):
+        if c.state in ("dead", "left"):
+            if c.member in dead_seen:
+                dead_seen[c.member].setdefault(who, t)
+            elif net.alive.get(c.member):
+                false_dead.append((t, who, c.member))
+        elif c.state == "alive" and c.member in alive_seen:
+            alive_seen[c.member].setdefault(who, t)
+
+    net = SwimNet(latency=rtt / 2, jitter=args.jitter_ms / 1000, loss=args.loss, seed=args.seed,
+                  config=cfg, decode=args.decode, observe=observe)
+    infos = [peer_info(i) for i in range(n)]
+    next_index = n
+    everyone = [i.id for i in infos]
+    for info in infos:
+        net.addrs[info.id] = info.control
+    for info in infos:
+        net.add(info.id, info.control, known=everyone)
+    rng = random.Random(args.seed + 1)
+    started = time.monotonic()
+    warmup = max(args.warmup_s, 2 * cfg.period)
+    net.counting = False
+    net.run(warmup)
+    net.counting = True
+    t0 = net.now
+    end = t0 + seconds
+    kills: list[tuple[str, float, list[str]]] = []  # victim, at, watchers
+    joins: list[tuple[str, float, list[str]]] = []
+
+    def kill(victim: str) -> None:
+        watchers = [i for i in net.live() if i != victim
+                    and net.members[i].state_of(victim) in ("alive", "suspect")]
+        net.kill(victim)
+        dead_seen[victim] = {}
+        kills.append((victim, net.now, watchers))
+
+    def join() -> None:
+        nonlocal next_index
+        info = peer_info(next_index)
+        next_index += 1
+        via = rng.choice(sorted(net.live()))
+        alive_seen[info.id] = {}
+        joins.append((info.id, net.now, list(net.live())))
+        net.add(info.id, info.control, via=[via])
+
+    rate = args.churn_per_min * n / 60.0
+    events = []  # (time, what)
+    if rate > 0:
+        for what in ("kill", "join"):
+            t = t0 + rng.expovariate(rate)
+            while t < end:
+                events.append((t, what))
+                t += rng.expovariate(rate)
+    if args.probes:
+        events.append((t0 + 0.6 * seconds, "kill"))
+        events.append((t0 + 0.25, "join"))
+    events.sort()
+    for t, what in events:
+        net.run(t)
+        if what == "kill" and len(net.live()) > 2:
+            kill(rng.choice(sorted(net.live())))
+        elif what == "join":
+            join()
+        if time.monotonic() - started > args.max_wall_s:
+            break
+    net.run(end)
+    span = net.now - t0
+    net.counting = False
+    # Let the window's kills be confirmed (not counted as traffic).
+    tail_until = net.now + 2 * cfg.suspicion_max(n) + 2 * cfg.period * math.log2(n + 1)
+    while net.now < tail_until:
+        net.run(net.now + 5.0)
+        pending = [v for v, _, ws in kills
+                   if any(net.alive[x] and x not in dead_seen[v] for x in ws)]
+        if not pending:
+            break
+    wall = time.monotonic() - started
+
+    steady = [i for i in everyone if net.alive[i]]
+    per_peer = [(net.sent_b.get(i, 0) + net.recv_b.get(i, 0)) / span for i in steady]
+    msgs = {i: (net.sent_n.get(i, 0) + net.recv_n.get(i, 0)) / span for i in net.members}
+    busiest = max(msgs, key=msgs.get) if msgs else None
+    detect, undetected = [], 0
+    for victim, at, watchers in kills:
+        ws = [x for x in watchers if net.alive[x]]
+        if all(x in dead_seen[victim] for x in ws):
+            detect.append(max((dead_seen[victim][x] for x in ws), default=at) - at)
+        else:
+            undetected += 1
+    first = [min(d.values()) - at for (v, at, _), d in
+             ((k, dead_seen[k[0]]) for k in kills) if d]
+    entry, not_entered = [], 0
+    for joiner, at, watchers in joins:
+        ws = [x for x in watchers if net.alive[x]]
+        if all(x in alive_seen[joiner] for x in ws):
+            entry.append(max((alive_seen[joiner][x] for x in ws), default=at) - at)
+        else:
+            not_entered += 1
+    sizes = {name: round(b / span / n, 1) for name, b in
+             sorted(net.by_type.items(), key=lambda kv: -kv[1])}
+    return {
+        "peers": n, "membership": "swim", "rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms,
+        "loss": args.loss, "churn_per_min": args.churn_per_min,
+        "swim": {"period_s": cfg.period, "probe_timeout_s": cfg.probe_timeout,
+                 "indirect": cfg.indirect, "max_piggyback": cfg.max_piggyback,
+                 "retransmits_per_update": cfg.retransmits(n),
+                 "suspicion_s": [round(cfg.suspicion_min(n), 2),
+                                 round(cfg.suspicion_max(n), 2)],
+                 "detection_bound_s": round((2 * (n - 1) + 1) * cfg.period +
+                                            cfg.suspicion_max(n), 1)},
+        "measured": {
+            "simulated_s": round(span, 2), "kills": len(kills), "joins": len(joins),
+            "membership_bytes_per_s_per_peer": {
+                "mean": round(statistics.mean(per_peer)) if per_peer else None,
+                "max": round(max(per_peer)) if per_peer else None},
+            "sent_bytes_per_s_per_peer_by_type": sizes,
+            "busiest_peer_msgs_per_s": round(msgs[busiest], 1) if busiest else None,
+            "mean_peer_msgs_per_s": round(statistics.mean(msgs[i] for i in steady), 2)
+            if steady else None,
+            "dead_peer_held_dead_by_all_s": {
+                "median": _median(detect), "max": round(max(detect), 2) if detect else None,
+                "first_confirmation_median": _median(first),
+                "kills_measured": len(detect), "undetected": undetected},
+            "joiner_known_by_all_s": {"median": _median(entry),
+                                      "max": round(max(entry), 2) if entry else None,
+                                      "not_known_by_all": not_entered},
+            "false_dead": len(false_dead),
+            "false_dead_members": len({m for _, _, m in false_dead}),
+            "wall_s": round(wall, 1),
+        },
+    }
+
+
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", default="16,64,256,1024")
@@ -469,6 +637,13 @@ def parse(argv=None) -> argparse.Namespace:
                     help="no detection kill and no probe joiner: churn alone")
     ap.add_argument("--max-wall-s", type=float, default=540.0, help="per N")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--membership", choices=("today", "swim"), default="today",
+                    help="today: RoundCore's all-to-all heartbeats and rounds; swim: the "
+                    "membership of peerlearn/swarm/swim.py alone (no rounds)")
+    ap.add_argument("--swim-period", type=float, default=1.0,
+                    help="swim: protocol period in seconds (probe timeout: half of it)")
+    ap.add_argument("--loss", type=float, default=0.0,
+                    help="swim: probability that any one message is lost")
     ap.add_argument("--json", action="store_true", help="one JSON object per N (the default)")
     args = ap.parse_args(argv)
     args.ns = [int(x) for x in args.peers.split(",")]
@@ -482,8 +657,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(argv)
+    run = simulate_swim if args.membership == "swim" else simulate
     for n, s in zip(args.ns, args.secs):
-        print(json.dumps(simulate(n, args, s)), flush=True)
+        print(json.dumps(run(n, args, s)), flush=True)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,49 @@ def test_the_real_decoder_changes_nothing():
     for d in (plain, decoded):
         del d["wall_s"], d["sim_cpu_s_per_peer_per_s"]
     assert plain == decoded
+
+
+# ---------------------------------------------------------------- SWIM
+
+
+def run_swim(n: int, *extra: str, seconds: float = 120.0) -> dict:
+    args = scale_sim.parse(["--membership", "swim", "--peers", str(n), "--seed", "3",
+                            "--churn-per-min", "0.05", *extra])
+    return scale_sim.simulate_swim(n, args, seconds)
+
+
+@pytest.fixture(scope="module")
+def swim_small():
+    return {n: run_swim(n) for n in (16, 64)}
+
+
+def test_swim_messages_per_peer_do_not_grow_with_n(swim_small):
+    for n in (16, 64):
+        got = swim_small[n]["measured"]
+        assert got["kills"] >= 1 and got["joins"] >= 1
+        # A Ping out and its Ack in, a Ping in and the Ack out: ~4 a second.
+        assert 3.8 <= got["mean_peer_msgs_per_s"] <= 4.5
+        assert got["busiest_peer_msgs_per_s"] <= 8
+        assert got["membership_bytes_per_s_per_peer"]["max"] < 5000
+        assert got["false_dead"] == 0
+    a, b = (swim_small[n]["measured"]["membership_bytes_per_s_per_peer"]["mean"]
+            for n in (16, 64))
+    assert b < 4 * a  # x4 the peers (and the churn with them): far from x4 the bytes
+
+
+def test_swim_kills_are_confirmed_everywhere_within_the_bound(swim_small):
+    for n in (16, 64):
+        got = swim_small[n]["measured"]["dead_peer_held_dead_by_all_s"]
+        cfg = swim_small[n]["swim"]
+        assert got["undetected"] == 0 and got["kills_measured"] >= 1
+        assert cfg["suspicion_s"][0] <= got["median"] <= cfg["detection_bound_s"]
+        assert got["max"] < cfg["suspicion_s"][1]  # the shortened timeout, in practice
+        joined = swim_small[n]["measured"]["joiner_known_by_all_s"]
+        assert joined["not_known_by_all"] == 0 and joined["max"] < 15
+
+
+def test_swim_the_real_decoder_changes_nothing():
+    plain, decoded = (run_swim(16, *x, seconds=40.0)["measured"] for x in ((), ("--decode",)))
+    for d in (plain, decoded):
+        del d["wall_s"]
+    assert plain == decoded
