@@ -206,7 +206,7 @@ class Contributing:
             # swarm's and the parity check repairs it; the caller hears why.
             log.error("%s apply of round %d failed: %r", self.id[:8], a.round_id, error)
         self.core.result_applied(a.step + 1, digest)
-        self._save_record()
+        self._record_changed()
         self.rounds_applied += 1
         self.round_gaps.append(time.monotonic() - self.last_applied_at)
         self.last_applied_at = time.monotonic()

@@ -40,9 +40,9 @@ from peerlearn.swarm.errors import (
     JoinTimeout,
     PeerClosed,
     PeerStartError,
-    StateReplaced,
 )
 from peerlearn.swarm.keeper import StateKeeper
+from peerlearn.swarm.outbox import RecordedOutbox
 from peerlearn.swarm.records import (  # noqa: F401 - CHECKPOINT_FILE: the metrics read it here
     CHECKPOINT_FILE,
     load_checkpoint,
@@ -51,7 +51,8 @@ from peerlearn.swarm.records import (  # noqa: F401 - CHECKPOINT_FILE: the metri
 )
 from peerlearn.swarm.stalls import StallWatch
 from peerlearn.swarm.stats import PeerStats, TokenBucket
-from peerlearn.swarm.statesync import MAX_DONORS, BadState, StateTransfers, SyncFailed
+from peerlearn.swarm.statesync import StateTransfers
+from peerlearn.swarm.syncing import Syncing
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.relay import Relay
@@ -64,15 +65,12 @@ STATUS_REPLY_LINGER_S = 2.0
 STATUS_REPLIES_PER_S = 5.0
 STATUS_REPLY_BURST = 10
 TICK_S = 0.05  # the core's clock tick
-# A failed state sync is retried after this, doubling per failure in a row.
-SYNC_BACKOFF_S = 0.1
-SYNC_BACKOFF_MAX_S = 2.0
 # How long a stopping peer waits for a member that stays to answer its Leave
 # (one answer lets it leave the view for good, so the quorum shrinks).
 LEAVE_ANSWER_S = 1.0
 
 
-class PeerDaemon(Contributing, StallWatch):
+class PeerDaemon(Contributing, Syncing, StallWatch):
     def __init__(self, config: PeerConfig,
                  initial_state: Callable[[], SharedState] | None = None):
         """initial_state builds the state a founder starts from (when it has no
@@ -113,6 +111,11 @@ class PeerDaemon(Contributing, StallWatch):
         self.core = r.RoundCore(self.info, config.timeouts, founder=founder, resuming=resuming,
                                 record=load_record(config.data_dir))
         self._recorded_ids = (self.core.max_round_id, self.core.term)
+        # What we send waits for the record it depends on; the loop never
+        # writes it (outbox.py).
+        self.outbox = RecordedOutbox(self.core.record,
+                                     lambda rec: save_record(config.data_dir, rec),
+                                     self._execute)
         # Under pressure the socket and link tables keep the view's members
         # (transport.control.ControlPlane.keep, datalinks.PeerLinks.standing).
         self.plane.forward_via = self._forward_via
@@ -199,12 +202,12 @@ class PeerDaemon(Contributing, StallWatch):
             self.relay.set_data_key(key)
         write_atomic(self.cfg.data_dir / DATA_KEY_FILE, [key], mode=0o600)
 
-    def _save_record(self) -> None:
-        """After every applied round or sync: a restart must not forget that this
-        peer reached this step (its checkpoint may be older)."""
-        rec = self.core.record()
-        self._recorded_ids = (rec.max_round_id, rec.term)
-        save_record(self.cfg.data_dir, rec)
+    def _record_changed(self) -> None:
+        """After every applied round or sync, a proposal made or acked, a view
+        change: a restart must not forget it (its checkpoint may be older).
+        What is dispatched from now on leaves once the record is on disk."""
+        self._recorded_ids = (self.core.max_round_id, self.core.term)
+        self.outbox.changed()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs the peer until `stop` is set. Raises what ended it (JoinTimeout,
@@ -223,7 +226,8 @@ class PeerDaemon(Contributing, StallWatch):
         async with asyncio.TaskGroup() as group:
             self._group = group
             background = [group.create_task(self._recv_loop()),
-                          group.create_task(self.plane.watch_handshakes())]
+                          group.create_task(self.plane.watch_handshakes()),
+                          group.create_task(self.outbox.run())]
             try:
                 if self.cfg.join:
                     await self._join(stop)
@@ -270,6 +274,7 @@ class PeerDaemon(Contributing, StallWatch):
         await asyncio.gather(*[t for t in (*background, self.round_task, self.sync_task,
                                            self.ready_task, self.checkpoint_task)
                                if t is not None], return_exceptions=True)
+        await self.outbox.close()  # the last apply's record
         if self.state is not None:
             try:  # queued behind any apply still on the state thread
                 await asyncio.shield(self.keeper.checkpoint(self.cfg.data_dir / CHECKPOINT_FILE))
@@ -296,8 +301,9 @@ class PeerDaemon(Contributing, StallWatch):
             await asyncio.sleep(0.02)
         if self.core.stayers:
             sends = self.core.depart(time.monotonic())
-            self._save_record()
+            self._record_changed()
             self._dispatch(sends)
+            await self.outbox.drained()
             log.info("%s left the swarm: %d members go on without it", self.id[:8],
                      len(self.core.members))
 
@@ -373,11 +379,20 @@ class PeerDaemon(Contributing, StallWatch):
     def _dispatch(self, actions) -> None:
         if self.closing:
             return
-        if (self.core.max_round_id, self.core.term) > self._recorded_ids:
+        actions = list(actions)
+        if (self.core.max_round_id, self.core.term) > self._recorded_ids or any(
+                isinstance(a, r.ViewChanged) and frozenset(a.members) != self._view_logged
+                for a in actions):
             # A proposal made or acked is on disk before any message about it
             # leaves: a restart that forgot an ack could ack a second proposal
             # for the same step (two hashes for one step; the property run).
-            self._save_record()
+            self._record_changed()
+        self.outbox.dispatch(actions)
+
+    def _execute(self, actions: list) -> None:
+        """Runs a batch the outbox let go (on the loop, in dispatch order)."""
+        if self.closing:
+            return
         for a in actions:
             if isinstance(a, r.Send):
                 peer = self.core.known.get(a.to)
@@ -417,61 +432,8 @@ class PeerDaemon(Contributing, StallWatch):
                 # Every applied round starts a view: say so only when its members
                 # change. A member that departed shrinks it between rounds: the
                 # record must not count it after a restart.
-                self._view_logged = frozenset(a.members)
-                self._save_record()
+                self._view_logged = frozenset(a.members)  # recorded: see _dispatch
                 log.info("%s view %d: %d members", self.id[:8], a.epoch, len(a.members))
-
-    # ------------------------------------------------------------ state sync
-
-    async def _sync(self, need: r.SyncNeeded) -> None:
-        """Fetch and install the state the core asked for (statesync.StateTransfers)."""
-        try:
-            await self._fetch_and_install(need)
-        finally:
-            self.sync_task = None
-
-    async def _fetch_and_install(self, need: r.SyncNeeded) -> None:
-        if self.round_task is not None:
-            # A round is applying on the state thread: ask again once it is
-            # done (the swarm may be where we are by then).
-            await asyncio.wait({self.round_task})
-            self.core.sync_failed()
-            return
-        started = time.monotonic()
-        try:
-            state = await self.transfers.fetch(need)
-        except BadState as e:
-            self.sync_failures += 1
-            self.bad_states += 1
-            liars = self.core.refuse_state(time.monotonic(), need.step, need.state_hash)
-            log.warning("%s refused the state of step %d: %s; distrusting the peers that "
-                        "announced it: %s", self.id[:8], need.step, e,
-                        ", ".join(p[:8] for p in liars) or "none")
-            self.core.sync_failed()
-            return
-        except SyncFailed as e:
-            self.sync_failures += 1
-            self.sync_failed_in_a_row += 1
-            log.info("%s state sync failed: %s", self.id[:8], e)
-            # Asked again at once, donors still busy with (or waiting for the
-            # links of) the fetch just given up refuse again, and joiners
-            # arriving together kept each other out for minutes: back off.
-            await asyncio.sleep(min(SYNC_BACKOFF_MAX_S,
-                                    SYNC_BACKOFF_S * 2 ** (self.sync_failed_in_a_row - 1)))
-            self.core.sync_failed()
-            return
-        finally:
-            self.stats.durations.observe("state_sync", time.monotonic() - started)
-        digest = await self.keeper.install(state)
-        self.syncs += 1
-        self.sync_failed_in_a_row = 0
-        self.last_applied_at = time.monotonic()
-        self.core.state_synced(state.step, digest)
-        self._save_record()
-        log.info("%s synced to step %d from %d donors", self.id[:8], state.step,
-                 min(len(need.donors), MAX_DONORS))
-        # every contribution waiting was made against the state just dropped
-        self._fail_submissions(StateReplaced(state.step))
 
     # ------------------------------------------------------------ status
 
