@@ -466,7 +466,8 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
     SwimNet: one-way latency RTT/2 (+ jitter), message loss --loss, churn
     as for today's design (kills of a random live member and joins of a new
     one via a random live member, each churn-per-min x N a minute), and one
-    more kill 60 % into the window. Every member starts knowing the other
+    more kill 60 % into the window and one more join 0.25 s into it (churn
+    spares that joiner). Every member starts knowing the other
     N - 1 (as today's sim starts from one view). Measured during the window:
     bytes in and out of every member (the real encoder's lengths), messages
     in and out of the busiest; after it, churn stops and the run goes on
@@ -518,7 +519,9 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
         dead_seen[victim] = {}
         kills.append((victim, net.now, watchers))
 
-    def join() -> None:
+    spared: set[str] = set()  # the probe joiner: churn does not kill it
+
+    def join() -> str:
         nonlocal next_index
         info = peer_info(next_index)
         next_index += 1
@@ -526,6 +529,7 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
         alive_seen[info.id] = {}
         joins.append((info.id, net.now, list(net.live())))
         net.add(info.id, info.control, via=[via])
+        return info.id
 
     rate = args.churn_per_min * n / 60.0
     events = []  # (time, what)
@@ -542,9 +546,11 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
     for t, what in events:
         net.run(t)
         if what == "kill" and len(net.live()) > 2:
-            kill(rng.choice(sorted(net.live())))
+            kill(rng.choice(sorted(set(net.live()) - spared)))
         elif what == "join":
-            join()
+            joiner = join()
+            if not spared and t == t0 + 0.25:
+                spared.add(joiner)
         if time.monotonic() - started > args.max_wall_s:
             break
     net.run(end)
@@ -575,6 +581,8 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
              ((k, dead_seen[k[0]]) for k in kills) if d]
     entry, not_entered = [], 0
     for joiner, at, watchers in joins:
+        if not net.alive[joiner]:
+            continue  # killed by churn itself (counted in kills)
         ws = [x for x in watchers if net.alive[x]]
         if all(x in alive_seen[joiner] for x in ws):
             entry.append(max((alive_seen[joiner][x] for x in ws), default=at) - at)
@@ -605,7 +613,7 @@ def simulate_swim(n: int, args, seconds: float) -> dict:
                 "median": _median(detect), "max": round(max(detect), 2) if detect else None,
                 "first_confirmation_median": _median(first),
                 "kills_measured": len(detect), "undetected": undetected},
-            "joiner_known_by_all_s": {"median": _median(entry),
+            "joiner_known_by_all_s": {"measured": len(entry), "median": _median(entry),
                                       "max": round(max(entry), 2) if entry else None,
                                       "not_known_by_all": not_entered},
             "false_dead": len(false_dead),

@@ -371,9 +371,7 @@ class SwimNet:
                                  self.cfg, incarnation)
         self.members[mid], self.alive[mid], self.addrs[mid] = m, True, addr
         for k in known or ():
-            if k != mid:
-                u = self.wire.Update(self.wire.ALIVE, k, 0, self.addrs.get(k, f"{k}:7400"))
-                m._merge(self.now, u, [], gossip=False)
+            m.know(self.now, k, self.addrs.get(k, f"{k}:7400"))
         if via:
             self._run(mid, m.join(self.now, [(v, self.addrs[v]) for v in via]))
         else:

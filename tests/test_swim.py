@@ -172,6 +172,24 @@ def test_a_joiner_is_known_everywhere_and_knows_everyone():
     assert not [e for e in log.events if e[2].state != "alive"]
 
 
+def test_a_joiner_that_gossip_misses_is_told_by_its_own_probes():
+    """With updates sent only twice by each member, gossip alone misses
+    some members; the joiner's Pings carry its ALIVE until acked, so every
+    member knows it within a pass of its round robin."""
+    cfg = s.SwimConfig(retransmit_mult=1)
+    n = 48
+    net, log, members = swarm(n, seed=9, cfg=cfg)
+    net.run(3)
+    new = "ee" * 16
+    net.add(new, via=[members[0]])
+    net.run(3 + 8)
+    missed = [i for i in members if net.members[i].state_of(new) is None]
+    net.run(3 + (n + 2) * cfg.period * 2)
+    assert all(net.members[i].state_of(new) == "alive" for i in members)
+    assert missed  # gossip alone had not reached these 8 s in; none is left now
+    assert all(net.members[new].table[i].told == 0 for i in members)
+
+
 def test_a_healed_partition_brings_the_wrongly_dead_back():
     n = 8
     net, log, members = swarm(n, seed=5)

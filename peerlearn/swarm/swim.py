@@ -49,10 +49,14 @@ The protocol (Das et al. 2002, "SWIM"; Dadgar et al. 2018, "Lifeguard"):
 * Joining: Join to a seed, which adds the joiner, gossips it, and answers
   with its table in Members messages (at most `max_syncs_per_period`
   answers a period, so Join floods cannot make it send without bound).
+  Gossip can miss a member (each update is sent a bounded number of times),
+  so a member's Ping carries its own ALIVE until that target has acked one
+  at its current incarnation: every member learns of a joiner (or of a
+  refutation) within one pass of the joiner's round robin at the latest.
 
 What a member guarantees, n the members it knows, T the period, delays
-below `probe_timeout / 2` each way (the simulator checks these; the unit
-and property tests in tests/test_swim.py check the first four):
+below `probe_timeout / 2` each way (tests/test_swim.py checks each, 1 to 3
+also in its property test over random fault schedules):
 
 1. Completeness, deterministic: a member that crashes is confirmed DEAD by
    every live member x within 2(n-1)T + T + suspicion_max(n) of the crash
@@ -79,7 +83,10 @@ and property tests in tests/test_swim.py check the first four):
    `max_relays` indirect probes in flight for others, one own probe, and
    `max_syncs_per_period` table answers a period. Whatever a stranger sends,
    it can fill the table up to the cap and no further.
-4. Messages per period, O(1): one Ping out and its Ack in, k PingReqs
+4. A joiner that reaches its seed is known to every live member within
+   2(n-1)T + T of its Join, deterministically (its own Pings), and within
+   O(log n) periods with high probability (gossip).
+5. Messages per period, O(1): one Ping out and its Ack in, k PingReqs
    only after a missed Ack, one Reprobe every `reprobe_every` periods; in
    expectation one Ping in (answered) and k/n PingReqs in. Bytes per
    message: a header (8 bytes, 26 for a PingReq) plus at most
@@ -174,15 +181,17 @@ class Changed:
 
 
 class _Member:
-    __slots__ = ("id", "addr", "inc", "state", "since", "by")
+    __slots__ = ("id", "addr", "inc", "state", "since", "by", "told")
 
     def __init__(self, mid: str, addr: str, inc: int, state: int, since: float):
         self.id, self.addr, self.inc, self.state, self.since = mid, addr, inc, state, since
         self.by: list[str] = []  # who suspects this incarnation (first is the first)
+        self.told = -1  # our incarnation it acked a Ping carrying our ALIVE for
 
 
 class _Probe:
-    __slots__ = ("target", "seq", "start", "timeout", "end", "relays", "nacks", "acked")
+    __slots__ = ("target", "seq", "start", "timeout", "end", "relays", "nacks", "acked",
+                 "told")
 
     def __init__(self, target: str, seq: int, start: float, timeout: float, end: float):
         self.target, self.seq, self.start, self.timeout, self.end = target, seq, start, \
@@ -190,6 +199,7 @@ class _Probe:
         self.relays: list[str] = []
         self.nacks = 0
         self.acked = False
+        self.told = -1  # the incarnation of ours the Ping carried, if it did
 
 
 class SwimMember:
@@ -262,6 +272,16 @@ class SwimMember:
 
     # ------------------------------------------------------------ driving
 
+    def know(self, now: float, member: str, addr: str, incarnation: int = 0) -> None:
+        """Start with `member` in the table as ALIVE and as knowing us (a
+        swarm that starts again from one shared view, as today's applied
+        record; the simulator starts that way). Nothing is sent or gossiped."""
+        if member != self.me:
+            self._merge(now, w.Update(ALIVE, member, incarnation, addr), [], gossip=False)
+            if member in self.table:
+                self.table[member].told = self.incarnation
+
+
     def join(self, now: float, seeds: list[tuple[str, str]]) -> list:
         """Ask these (id, addr) members for the table; repeated every
         join_retry seconds until one answers. At most `indirect` seeds."""
@@ -306,6 +326,8 @@ class SwimMember:
             return out
         if isinstance(msg, (w.Ping, w.Ack, w.PingReq)):
             for u in msg.updates:
+                if u.member == self.me and u.state != ALIVE and src in self.table:
+                    self.table[src].told = -1  # it doubts us: our next Ping says who we are
                 self._merge(now, u, out)
         if isinstance(msg, w.Ping):
             out.append(Send(src, "", w.Ack(msg.seq, self._piggyback(src))))
@@ -358,7 +380,13 @@ class SwimMember:
         p = _Probe(target, self._next_seq(), now, self.cfg.probe_timeout * scale,
                    now + self.cfg.period * scale)
         self._probe = p
-        out.append(Send(target, self.table[target].addr, w.Ping(p.seq, self._piggyback(target))))
+        rec = self.table[target]
+        # Until it acks a Ping with our ALIVE in it, tell it who we are: a
+        # member that gossip missed learns of us within a pass of our round robin.
+        me = rec.told != self.incarnation
+        if me:
+            p.told = self.incarnation
+        out.append(Send(target, rec.addr, w.Ping(p.seq, self._piggyback(target, me))))
 
     def _check_probe(self, now: float, out: list) -> None:
         p = self._probe
@@ -393,6 +421,8 @@ class SwimMember:
         if p is not None and msg.seq == p.seq and not p.acked and \
                 (src == p.target or src in p.relays):
             p.acked = True
+            if src == p.target and p.told >= 0:
+                self.table[src].told = p.told
             self.health = max(0, self.health - 1)
             return
         relay = self._relays.get(msg.seq)
@@ -582,15 +612,18 @@ class SwimMember:
         for k in stale:
             del self._queue[k]
 
-    def _piggyback(self, dest: str) -> tuple[w.Update, ...]:
+    def _piggyback(self, dest: str, me: bool = False) -> tuple[w.Update, ...]:
         """Updates for one message to dest: our record of dest first if it
-        is not plain ALIVE (the buddy system), then the least sent."""
+        is not plain ALIVE (the buddy system), our own ALIVE if `me`, then
+        the least sent."""
         first: list[w.Update] = []
         rec = self.table.get(dest)
         if rec is not None and rec.state != ALIVE:
             by = rec.by[0] if rec.state == SUSPECT and rec.by else self.me
             first.append(w.Update(rec.state, dest, rec.inc, by=by if rec.state == SUSPECT
                                   else ""))
+        if me:
+            first.append(self._self_update())
         room = self.cfg.max_piggyback - len(first)
         if not self._queue or room <= 0:
             return tuple(first)
@@ -601,8 +634,8 @@ class SwimMember:
             if len(picked) >= room:
                 break
             entry = self._queue[k]
-            if first and entry[0].member == dest and entry[0].state != ALIVE:
-                continue  # already first
+            if any(entry[0].member == u.member for u in first):
+                continue  # what we hold now about it is in already
             picked.append(entry[0])
             entry[1] += 1
             if entry[1] >= limit:
