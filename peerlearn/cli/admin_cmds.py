@@ -55,13 +55,13 @@ def status(
         help=f"Ask again every SECONDS ({WATCH_DEFAULT_S:g} if omitted) until Ctrl-C."),
 ) -> None:
     """The swarm as one peer sees it: each peer's id, address, role, step and state hash."""
-    from peerlearn.cli import daemon
+    from peerlearn.cli import credentials, status_query
 
-    secret, keys = daemon.read_credentials(secret_file, allowlist)
+    secret, keys = credentials.read_credentials(secret_file, allowlist)
     if watch is not None and watch <= 0:
         raise typer.BadParameter("SECONDS must be above 0", param_hint="--watch")
     def show(first: bool) -> None:
-        rows = daemon.query_status(target, secret, data_dir=data_dir, allowlist=keys)
+        rows = status_query.query_status(target, secret, data_dir=data_dir, allowlist=keys)
         if watch is not None and not as_json and sys.stdout.isatty():
             typer.echo("\x1b[H\x1b[2J", nl=False)  # a terminal shows the latest table only
         if as_json:

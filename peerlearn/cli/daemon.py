@@ -1,28 +1,33 @@
-"""`peerlearn run`, `peerlearn swarm` and `peerlearn status`: thin launchers."""
+"""One peer process as `peerlearn run` starts it: its data directory taken,
+the swarm joined (or a refusal or signal reported in one line), the join
+command announced, metrics served, and the synthetic workload's loop
+(cli.train runs a real task's). The rest of the command line's helpers:
+credentials.py, addresses.py, status_query.py, local_swarm.py."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import json
 import logging
 import os
-import secrets
 import shlex
-import shutil
 import signal
-import socket
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-SECRET_ENV = "PEERLEARN_SECRET"
+from peerlearn.cli.addresses import loopback, resolve_advertise, split_addr
+from peerlearn.cli.credentials import SECRET_ENV
+
+# Moved out of this module, still imported from it (tests, bench/statesize.py).
+from peerlearn.cli.addresses import local_address_towards  # noqa: F401
+from peerlearn.cli.credentials import read_allowlist, read_credentials, read_secret  # noqa: F401
+from peerlearn.cli.credentials import write_secret_file  # noqa: F401
+from peerlearn.cli.status_query import query_status  # noqa: F401
+
 LOCK_FILE = "peer.lock"
 _held_locks: list[int] = []  # descriptors whose flock lasts as long as the process
 
@@ -122,135 +127,6 @@ def stopped_while_joining(join: str | None, signals: list[int]) -> None:
         raise SystemExit(128 + signal.SIGINT)
     print(f"peerlearn: stopped while {what}", file=sys.stderr, flush=True)
     raise SystemExit(0)
-
-
-def read_secret(secret_file: str | None) -> bytes:
-    """The swarm secret from a file (surrounding whitespace stripped), else from
-    $PEERLEARN_SECRET. A missing, unreadable or weak secret exits with one line
-    saying why (the rule: peerlearn.transport.swarm_secret)."""
-    from peerlearn.transport.swarm_secret import WeakSecretError, check_secret
-
-    if secret_file:
-        try:
-            check_secret_file_mode(secret_file)
-            secret = Path(secret_file).read_bytes().strip()
-        except OSError as e:
-            raise SystemExit(f"cannot read the secret file {secret_file}: {e.strerror}") from None
-    else:
-        secret = os.environ.get(SECRET_ENV, "").encode()
-    if not secret:
-        raise SystemExit(f"a swarm secret is needed: --secret-file or ${SECRET_ENV} "
-                         "(make one with `peerlearn secret new`)")
-    try:
-        return check_secret(secret)
-    except WeakSecretError as e:
-        raise SystemExit(f"refusing a weak secret: {e}") from None
-
-
-def check_secret_file_mode(secret_file: str) -> None:
-    """Refuses, in one line, a secret file other users can read or write, as
-    ssh refuses such a private key: whoever reads it is a member. A file owned
-    by root may also be group-readable when we are not root (a Kubernetes
-    Secret volume with fsGroup is root:fsGroup 0440; PostgreSQL's rule for its
-    key files). Anything but a regular file (a pipe from <(...)) is not judged."""
-    st = os.stat(secret_file)
-    if not stat.S_ISREG(st.st_mode):
-        return
-    mode = stat.S_IMODE(st.st_mode)
-    allowed = 0o040 if st.st_uid == 0 and os.getuid() != 0 else 0
-    if mode & 0o077 & ~allowed:
-        who = "other users" if mode & 0o007 else "its group"
-        raise SystemExit(f"peerlearn: the secret file {secret_file} can be read or written by "
-                         f"{who} (mode {mode:04o}), and whoever reads it is a member of the "
-                         f"swarm: chmod 600 {shlex.quote(secret_file)}")
-
-
-def read_credentials(secret_file: str | None,
-                     allowlist_file: str | None) -> tuple[bytes | None, list[bytes] | None]:
-    """(secret, allowlist): an allowlist file alone means an allowlist swarm (no
-    secret); otherwise the secret is required (file, else $PEERLEARN_SECRET)."""
-    keys = read_allowlist(allowlist_file) if allowlist_file else None
-    if keys and not secret_file and not os.environ.get(SECRET_ENV):
-        return None, keys
-    return read_secret(secret_file), keys
-
-
-def read_allowlist(path: str) -> list[bytes]:
-    """Ed25519 public keys, hex, one per line ('#' starts a comment)."""
-    keys = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        try:
-            key = bytes.fromhex(line)
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise SystemExit(f"{path}:{n}: expected a 64-hex-digit Ed25519 public key")
-        keys.append(key)
-    if not keys:
-        raise SystemExit(f"{path}: the allowlist is empty")
-    return keys
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise SystemExit(f"peerlearn: expected HOST:PORT with a port of 0..65535, got {addr!r}")
-    return host, int(port)
-
-
-def resolve_advertise(listen: str, advertise: str | None, join: str | None) -> str | None:
-    """What the other peers are told to reach us at (PeerConfig.advertise).
-    --advertise if given; else, when --listen binds every interface, the
-    address the route to the --join target leaves from; else None (the
-    listen address). An unspecified address to advertise exits with one line."""
-    from peerlearn.swarm.config import split_host_port, unspecified
-    from peerlearn.transport.control import split_target
-    from peerlearn.wire.control import DIAL_BACK
-
-    host, _ = split_addr(listen)
-    if advertise == DIAL_BACK:  # reached only over the connections it opens
-        if join is None:
-            raise SystemExit("peerlearn: --advertise dial-back needs --join: a peer nobody "
-                             "can reach cannot found a swarm")
-        return advertise
-    if advertise:
-        try:
-            ahost, aport = split_host_port(advertise)
-        except ValueError:
-            aport = -1
-        if aport is not None and not 0 < aport <= 65535:
-            raise SystemExit(f"peerlearn: --advertise wants HOST or HOST:PORT with a port of "
-                             f"1..65535, got {advertise!r}")
-        if unspecified(ahost):
-            raise SystemExit(f"peerlearn: --advertise {advertise} names no machine: give the "
-                             "address the other peers reach this one at")
-        return advertise
-    if not unspecified(host):
-        return None
-    if join is None:
-        raise SystemExit(f"peerlearn: --listen {listen} binds every interface but names none to "
-                         "the other peers: add --advertise HOST[:PORT] (the address they reach)")
-    jhost, jport = split_addr(split_target(join)[1])
-    try:
-        return local_address_towards(jhost, jport)
-    except OSError as e:
-        raise SystemExit(f"peerlearn: no route to --join {join}: {e.strerror or e}") from None
-
-
-def loopback(control: str) -> bool:
-    """Whether HOST:PORT names this machine only (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    from peerlearn.swarm.config import split_host_port
-
-    host = split_host_port(control)[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def join_command(peer_id: str, control: str, *, secret_swarm: bool, secret_file: str | None,
@@ -382,152 +258,3 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     if peer.failure is not None:
         raise SystemExit(f"peerlearn: the peer daemon failed: {peer.failure!r} "
                          "(its checkpoint was written)")
-
-
-def local_address_towards(host: str, port: int) -> str:
-    """The address of this machine that the route to host:port leaves from:
-    what a peer there can reach us at. (A UDP connect sends nothing.)"""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((host.strip("[]"), port))
-        addr = s.getsockname()[0]
-    # Bracketed, so "HOST:PORT" built from it stays one address (PeerConfig.advertised).
-    return f"[{addr}]" if ":" in addr else addr
-
-
-def query_status(target: str, secret: bytes | None, timeout: float = 5.0, *,
-                 data_dir: str | None = None, allowlist: list[bytes] | None = None) -> list[dict]:
-    """The target's status rows. A secret swarm answers anyone holding the
-    secret (a throwaway identity asks); an allowlist swarm only an identity on
-    its allowlist: pass the data_dir holding one (read, never created)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from peerlearn.state.identity import KEY_FILE, Identity
-    from peerlearn.transport.control import ControlPlane
-    from peerlearn.wire import control as m
-
-    if secret:
-        identity = Identity(Ed25519PrivateKey.generate())
-    elif data_dir is None or not (Path(data_dir) / KEY_FILE).exists():
-        raise SystemExit("an allowlist swarm answers only a listed identity: "
-                         "give --data-dir of a peer on the allowlist")
-    else:
-        identity = Identity.load_or_create(data_dir)
-
-    from peerlearn.transport.control import split_target
-
-    peer, target = split_target(target)
-    if not secret and peer is None:
-        raise SystemExit("an allowlist swarm is queried as PEER_ID@HOST:PORT")
-    host, port = split_addr(target)
-    # The answer comes to reply_to: it must be an address the target can reach.
-    here = local_address_towards(host, port)
-
-    async def ask() -> list[dict]:
-        plane = ControlPlane(identity, here, 0, secret=secret, allowlist=allowlist)
-        try:
-            plane.send(target, m.StatusRequest(f"{here}:{plane.port}"), to=peer)
-            while True:
-                _, msg = await asyncio.wait_for(plane.recv(), timeout)
-                if isinstance(msg, m.StatusReply):
-                    break
-        finally:
-            plane.close()
-        keys = ("id", "control", "data", "role", "step", "state_hash", "alive")
-        return [dict(zip(keys, (*row[:5], row[5].hex(), row[6]))) for row in msg.peers]
-
-    try:
-        return asyncio.run(ask())
-    except TimeoutError:
-        raise SystemExit(f"no status answer from {target} within {timeout} s") from None
-
-
-def write_secret_file(path: Path, secret: str) -> Path:
-    """A new file holding secret, mode 0600 from its creation (never readable
-    by others, not even for a moment); an existing file is never overwritten."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return path
-
-
-def interrupt_on_sigterm() -> None:
-    """SIGTERM ends a launcher as Ctrl-C does: its `finally` stops the
-    children and removes its temporary directory."""
-    def handler(*_):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
-
-
-def run_swarm(n: int, duration: float | None, base_port: int, numel: int, compute_s: float,
-              codec: str, *, progress: str = "auto", log_flags: list[str] | None = None) -> None:
-    """Starts n peers on loopback (the first founds, the rest join it) and
-    shows their rounds (peerlearn.cli.output); stops them and removes their
-    data directory at the end, after --duration or at Ctrl-C / SIGTERM."""
-    from peerlearn.cli import output
-
-    mode = output.choose(progress)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    interrupt_on_sigterm()
-    work = tempfile.mkdtemp(prefix="peerlearn-swarm-")  # 0700
-    # The secret is never printed (terminals and logs are read by more people
-    # than the swarm's members): a throwaway swarm's own goes to a 0600 file
-    # in its directory, removed with it; one from the environment stays there.
-    secret_args: list[str] = []
-    if os.environ.get(SECRET_ENV):
-        secret, own = os.environ[SECRET_ENV], f"${SECRET_ENV} as here"
-    else:
-        secret = secrets.token_urlsafe(32)
-        path = write_secret_file(Path(work) / "secret", secret)
-        own, secret_args = f"--secret-file {path}", ["--secret-file", str(path)]
-    procs: list[subprocess.Popen] = []
-    pumps: list[threading.Thread] = []
-    founder = f"127.0.0.1:{base_port}"
-    board = output.Board(mode, [f"peer{i}" for i in range(n)])
-    try:
-        board.line("swarm", f"{n} peers on 127.0.0.1:{base_port}..{base_port + n - 1}, data in "
-                            f"{work} (removed at the end); `peerlearn status {founder}` with "
-                            f"{own}")
-        for i in range(n):
-            # Metrics off: n peers on one host cannot share the default port.
-            argv = [sys.executable, "-m", "peerlearn.cli.app", "run", "--algo", "synthetic",
-                    "--listen", f"127.0.0.1:{base_port + i}", "--data-dir", f"{work}/peer{i}",
-                    "--numel", str(numel), "--compute-s", str(compute_s), "--codec", codec,
-                    "--metrics", "off", *secret_args, *(log_flags or []), "--log-format",
-                    "json"]
-            if i:
-                argv += ["--join", founder]
-            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-            procs.append(p)
-            t = threading.Thread(target=output.pump, args=(p.stdout, f"peer{i}", board),
-                                 kwargs={"other": lambda line: line.startswith('{"peer"')},
-                                 name=f"swarm-peer-{i}")
-            t.start()
-            pumps.append(t)
-        deadline = None if duration is None else time.monotonic() + duration
-        while deadline is None or time.monotonic() < deadline:
-            if all(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.2)
-        if duration is not None:
-            rows = query_status(founder, secret.encode())
-            board.close()
-            for row in rows:
-                print(json.dumps(row), flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for t in pumps:
-            t.join(timeout=5)
-        board.close()
-        shutil.rmtree(work, ignore_errors=True)

@@ -204,7 +204,7 @@ def swarm(
     quiet: int = QUIET_OPTION,
 ) -> None:
     """Start a local swarm and show its rounds; its data directory is removed at the end."""
-    from peerlearn.cli import daemon, logs
+    from peerlearn.cli import local_swarm, logs
 
-    daemon.run_swarm(peers, duration, base_port, numel, compute_s, codec, progress=progress,
-                     log_flags=logs.flags(log_level, "text", verbose, quiet)[:2])
+    local_swarm.run_swarm(peers, duration, base_port, numel, compute_s, codec, progress=progress,
+                          log_flags=logs.flags(log_level, "text", verbose, quiet)[:2])

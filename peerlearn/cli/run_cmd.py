@@ -108,7 +108,7 @@ def run(
 ) -> None:
     """Start a peer that trains a task with an algorithm, as one member of a swarm."""
     check_steps(ctx, algo, steps, 1 if outer_every_s else H)  # before anything loads torch
-    from peerlearn.cli import daemon, logs
+    from peerlearn.cli import credentials, daemon, logs
     from peerlearn.wire.codecs import codec_from_name
 
     logs.setup(log_level, log_format, verbose, quiet)
@@ -120,7 +120,7 @@ def run(
     if aggregate not in AGGREGATE_RULES:
         raise typer.BadParameter(f"{aggregate!r} is not one of {', '.join(AGGREGATE_RULES)}",
                                  param_hint="--aggregate")
-    secret, keys = daemon.read_credentials(secret_file, allowlist)
+    secret, keys = credentials.read_credentials(secret_file, allowlist)
     # What a joiner must pass as well: the settings every peer of a run shares
     # (a gossip run's peers refuse a swarm whose settings differ from theirs).
     shared = ["--algo", algo, "--codec", codec,

@@ -19,16 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from peerlearn.cli.daemon import (
-    SECRET_ENV,
-    announce,
-    interrupt_on_sigterm,
-    lock_data_dir,
-    resolve_advertise,
-    serve_metrics,
-    split_addr,
-    start_peer,
-)
+from peerlearn.cli.addresses import resolve_advertise, split_addr
+from peerlearn.cli.credentials import SECRET_ENV
+from peerlearn.cli.daemon import announce, lock_data_dir, serve_metrics, start_peer
+from peerlearn.cli.local_swarm import interrupt_on_sigterm
 
 
 def parse_shard(spec: str) -> tuple[int | None, int]:
