@@ -32,6 +32,7 @@ _EXPORTS = {
     "JoinTimeout": "peerlearn.swarm.errors",
     "StateReplaced": "peerlearn.swarm.errors",
     "CollectiveTimeout": "peerlearn.swarm.errors",
+    "ContributionLost": "peerlearn.swarm.errors",
     "Withdrawn": "peerlearn.swarm.errors",
     "GossipFailed": "peerlearn.swarm.errors",
     "CheckpointError": "peerlearn.state.checkpoint",

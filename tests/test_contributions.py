@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 from peerlearn.swarm.contributions import Contributions
-from peerlearn.swarm.errors import StateReplaced, Withdrawn
+from peerlearn.swarm.errors import ContributionLost, StateReplaced, Withdrawn
 
 
 class Sub:
@@ -61,6 +61,21 @@ def test_a_replaced_state_fails_everyone_and_the_carrying_round_settles_nothing(
     assert c.round_applied(5, "late") == [] and c.offer() is None
 
 
+def test_a_round_that_spent_its_contribution_in_place_fails_it_and_the_next_leads():
+    c = Contributions()
+    a, b = Sub("a"), Sub("b")
+    c.submit(a)
+    c.submit(b)
+    c.round_started(3)
+    (lost,) = c.round_spent(3, ContributionLost("ring failed after reducing in place"))
+    assert lost.sub is a and isinstance(lost.error, ContributionLost)
+    assert c.offer() is b and c.round_spent(3, ContributionLost("again")) == []
+    # One already failed (a replaced state) is not failed twice.
+    c.round_started(4)
+    c.state_replaced(StateReplaced(1))
+    assert c.round_spent(4, ContributionLost("late")) == []
+
+
 def test_random_schedules_end_every_contribution_exactly_once():
     """Property: whatever the order of submits, withdraws, round starts and
     ends, and replaced states, each contribution is settled once, a round
@@ -70,7 +85,8 @@ def test_random_schedules_end_every_contribution_exactly_once():
         c = Contributions()
         subs, ended, running, rid = [], {}, None, 0
         for _ in range(60):
-            op = rng.choice(["submit", "withdraw", "start", "apply", "fail", "replace"])
+            op = rng.choice(["submit", "withdraw", "start", "apply", "fail", "spend",
+                             "replace"])
             out = []
             if op == "submit":
                 subs.append(Sub(f"s{len(subs)}"))
@@ -82,10 +98,11 @@ def test_random_schedules_end_every_contribution_exactly_once():
                 lead = c.round_started(rid)
                 assert lead is not None
                 running = (rid, lead)
-            elif op in ("apply", "fail") and running is not None:
+            elif op in ("apply", "fail", "spend") and running is not None:
                 out = c.round_applied(running[0], running[0]) if op == "apply" \
-                    else c.round_failed(running[0])
-                if op == "apply":
+                    else c.round_failed(running[0]) if op == "fail" \
+                    else c.round_spent(running[0], ContributionLost("spent"))
+                if op in ("apply", "spend"):
                     assert all(s.sub is running[1] for s in out)
                 running = None
             elif op == "replace":

@@ -104,6 +104,9 @@ class AllReduceAborted(PeerlearnError, RuntimeError):
         self.step = step
         self.direction = direction
         self.cause = cause
+        # Set by a caller that reduced in place (swarm/collective.py): the
+        # input now holds partial sums and cannot be offered again.
+        self.spent = False
 
 
 def op_id(op_tag: int, step: int) -> int:

@@ -54,7 +54,8 @@ def flatten(tensors: Tensors, donate: bool = False
     """One flat fp32 copy of tensors, and how to cut a flat result back into
     the same names, shapes and dtypes.
 
-    donate: the caller gives the tensors up (never writes them again). Then
+    donate: the caller gives the tensors up (never reads or writes them
+    again: a round may write its result there). Then
     fp32 CPU tensors that already lie back to back in one buffer, in sorted
     name order, are taken as that buffer, without a copy (at GB sizes the
     copy is one state's worth of memory per round).
@@ -295,9 +296,12 @@ class Peer:
         Every participant gets byte-identical results. apply(state, mean), if
         given, runs on every participant as the round applies, before the
         shared step advances; this call returns after that. Aborted rounds
-        (a peer died) are retried with the same contribution. Raises
-        StateReplaced if the swarm replaced our state meanwhile (recompute),
-        CollectiveTimeout (the contribution is withdrawn), PeerClosed.
+        (a peer died) are retried with the same contribution, except one of
+        64 MiB or more whose ring had begun (it is reduced in place: see
+        collective.IN_PLACE_MIN_BYTES): that one raises ContributionLost, a
+        CollectiveTimeout. Raises StateReplaced if the swarm replaced our
+        state meanwhile (recompute), CollectiveTimeout (the contribution is
+        withdrawn), PeerClosed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.sync_state(timeout)
@@ -318,8 +322,9 @@ class Peer:
         in submission order, while the caller computes (Streaming DiLoCo
         overlaps a fragment's reduction with the next inner steps this way).
         The tensors are copied before this returns, unless `donate` (the
-        caller never writes them again) and they tile one fp32 buffer (see
-        `flatten`): then the rounds read them in place. Call sync_state first: a
+        caller never reads or writes them again) and they tile one fp32
+        buffer (see `flatten`): then the rounds use them in place, and a
+        large one's round writes its mean there. Call sync_state first: a
         contribution made against a state the swarm then replaces fails with
         StateReplaced, and so does every one queued behind it.
         """
@@ -409,7 +414,10 @@ class Peer:
             try:
                 return fut.result(max(left, 0.0))
             except FutureTimeout:
-                pass
+                # FutureTimeout is the builtin TimeoutError, and so is the
+                # CollectiveTimeout (ContributionLost) a future may settle with.
+                if fut.done():
+                    raise
             if self._thread is not None and not self._thread.is_alive():
                 raise PeerClosed("the peer stopped")
             if deadline is not None and time.monotonic() >= deadline:

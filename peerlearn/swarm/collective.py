@@ -32,6 +32,15 @@ from peerlearn.swarm.datalinks import CHANNEL_ROUND, PeerLinks
 from peerlearn.swarm.direct import DIRECT_MAX_BYTES, DIRECT_MAX_WORLD, direct_allreduce
 from peerlearn.wire.codecs import hash_tensor
 
+# Contributions at least this large are reduced in place, in the buffer the
+# submission handed over (the daemon's own: api.flatten's copy, or donated):
+# a peer then holds the state and one round buffer at its peak instead of
+# the state, the contribution and the result (3S: docs/benchmarks.md, "State
+# size"). The price: a round that fails once its ring began leaves others'
+# sums in that buffer, and its contribution fails (ContributionLost) instead
+# of going again. Below this, retrying is worth more than the memory.
+IN_PLACE_MIN_BYTES = 64 << 20
+
 # A round's mean may be at most this many times larger (max |x|) than this
 # peer's own contribution. Honest means are at most the largest contribution:
 # weighted ones (tokens) differ by the peers' token counts, so the margin is
@@ -51,6 +60,7 @@ class RoundResult:
     refused: tuple[str, ...] = ()
     poisoned: str | None = None
     digest: bytes = b""
+    spent: bool = False  # value is the contribution's own buffer: not offered again
 
 
 def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
@@ -58,16 +68,18 @@ def run_collective(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollectiv
     """My contribution, aggregated among a.participants (ring order).
 
     inflight[a.round_id] gets the links in use, so the loop can abort them.
-    Raises AllReduceAborted (or the link's StreamError/TimeoutError/OSError).
+    Raises AllReduceAborted (or the link's StreamError/TimeoutError/OSError);
+    one with `spent` set failed after reducing into `update` (in place).
     """
     if update is None:  # withdrawn after our Ready went out: fail the round
         raise AllReduceAborted("no contribution: the caller withdrew it",
                                rank=a.participants.index(me), phase="contribute",
                                step=0, direction=None, cause=None)
+    own_max = max_abs(update)  # before an in-place ring writes over it
     out = _aggregate(links, cfg, me, a, update, inflight)
-    why = poisoned_mean(out.value, update)
+    why = poisoned_mean(out.value, own_max if update.numel() == out.value.numel() else None)
     digest = b"" if why else hash_tensor(out.value).to_bytes(8, "little")  # native, no copy
-    return RoundResult(out.value, out.refused, why, digest)
+    return RoundResult(out.value, out.refused, why, digest, out.spent)
 
 
 def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
@@ -103,9 +115,15 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
                  a.participants, pred, "recv")
     inflight[a.round_id] = [setup, send, recv]
     if cfg.aggregate == "mean":
-        return RoundResult(ring_allreduce(
-            update, rank=rank, world=n, send_link=send, recv_link=recv, op_tag=a.round_id,
-            average=True, codec=codec, timeout=cfg.step_timeout, lanes=cfg.ring_lanes))
+        in_place = update.numel() * 4 >= IN_PLACE_MIN_BYTES
+        try:
+            return RoundResult(ring_allreduce(
+                update, rank=rank, world=n, send_link=send, recv_link=recv, op_tag=a.round_id,
+                average=True, codec=codec, timeout=cfg.step_timeout, lanes=cfg.ring_lanes,
+                out=update if in_place else None), spent=in_place)
+        except AllReduceAborted as e:
+            e.spent = in_place
+            raise
     rows = ring_allgather(update, rank=rank, world=n, send_link=send, recv_link=recv,
                           op_tag=a.round_id, codec=codec, timeout=cfg.step_timeout)
     out = agg.aggregate(rows, cfg.aggregate)
@@ -165,19 +183,24 @@ def stalled_neighbour(e: BaseException, me: str, participants: tuple[str, ...]) 
     return ""
 
 
-def poisoned_mean(mean: torch.Tensor, own: torch.Tensor | None) -> str | None:
+def max_abs(t: torch.Tensor) -> float:
+    """max |x| as a reduction (abs() would copy the tensor); NaN if any x is
+    NaN, inf if any is infinite."""
+    return float(torch.linalg.vector_norm(t, ord=float("inf"))) if t.numel() else 0.0
+
+
+def poisoned_mean(mean: torch.Tensor, own_max: float | None) -> str | None:
     """Why a round's result must not be applied, or None: not finite, or
     larger than MEAN_GROWTH_LIMIT times this peer's own contribution (an
     honest mean is at most the largest contribution; one member's 1e30 would
     otherwise be applied, and every later round refused as non-finite:
     training over)."""
-    # One pass for both checks: max |x| is NaN if any x is NaN and inf if any
-    # is infinite (a reduction: abs() would copy the whole result).
-    mean_max = float(torch.linalg.vector_norm(mean, ord=float("inf"))) if mean.numel() else 0.0
+    # One pass for both checks (max_abs). own_max: this peer's contribution's,
+    # taken before the round (an in-place ring writes over it).
+    mean_max = max_abs(mean)
     if not math.isfinite(mean_max):
         return "is not finite"
-    if own is not None and own.numel() == mean.numel():
-        own_max = float(torch.linalg.vector_norm(own, ord=float("inf"))) if own.numel() else 0.0
+    if own_max is not None:
         if own_max > 0 and mean_max > MEAN_GROWTH_LIMIT * own_max:
             return (f"is {mean_max / own_max:.3g} times larger than this peer's contribution "
                     f"(limit {MEAN_GROWTH_LIMIT:g})")

@@ -30,6 +30,7 @@ from peerlearn.swarm.allreduce import AllReduceAborted
 from peerlearn.swarm.collective import run_collective, stalled_neighbour
 from peerlearn.swarm.config import Submission
 from peerlearn.swarm.contributions import Settle
+from peerlearn.swarm.errors import ContributionLost
 from peerlearn.swarm.records import CHECKPOINT_FILE
 from peerlearn.transport.stream import StreamError
 
@@ -83,11 +84,21 @@ class Contributing:
         """Every contribution, the leading one and those queued, fails with exc."""
         self._carry_out(self.contribs.fail_all(exc))
 
-    def _retry(self, reason: str) -> None:
+    def _retry(self, reason: str, spent: int | None = None) -> None:
         """A round ended without applying (reason: stats.RETRY_REASONS): go again
         (with the same contribution, unless the caller withdrew it: the round's
-        end tells Contributions)."""
+        end tells Contributions). spent: that round's id when it reduced into
+        its contribution in place: that one fails, and the next one leads."""
         self.stats.retried(reason)
+        if spent is not None:
+            lost = self.contribs.round_spent(spent, ContributionLost(
+                f"round {spent} ended without applying ({reason}) after reducing this "
+                "contribution in place"))
+            if lost:
+                log.info("%s round %d reduced its contribution in place and did not apply: "
+                         "the contribution is lost (ContributionLost)", self.id[:8], spent)
+            self.stats.lost_contributions += len(lost)
+            self._carry_out(lost)
         self._schedule_ready(0.0)
 
     # ------------------------------------------------------------ Ready
@@ -148,13 +159,14 @@ class Contributing:
                      f" (the link with {blame[:8]} stalled)" if blame else "")
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False,
                                                          blame=blame))
-            self._retry("collective_failed")
+            self._retry("collective_failed", a.round_id if getattr(e, "spent", False) else None)
             return
         finally:
             self.inflight_links.pop(a.round_id, None)
             self.stats.durations.observe("all_reduce", time.monotonic() - started)
+        spent = a.round_id if outcome.spent else None
         if self.core.active is None or self.core.active.round_id != a.round_id:
-            self._retry("superseded")  # decided (aborted) while we were still at it
+            self._retry("superseded", spent)  # decided (aborted) while we were still at it
             return
         for culprit in outcome.refused:
             # The robust rule left its NaN row out; the coordinator (if it is
@@ -173,7 +185,7 @@ class Contributing:
                         a.round_id, outcome.poisoned)
             self._dispatch(self.core.collective_finished(time.monotonic(), a.round_id, False,
                                                          poisoned=True))
-            self._retry("nonfinite")
+            self._retry("nonfinite", spent)
             return
         # Registered before Done goes out: a round of one decides at once.
         decision = self.decisions[a.round_id] = self.loop.create_future()
@@ -181,7 +193,7 @@ class Contributing:
                                                      outcome.digest))
         applied = await decision  # an ApplyResult, or None: aborted
         if applied is None:
-            self._retry("aborted")
+            self._retry("aborted", spent)
             return
         await self._apply(applied, sub, outcome.value)
 

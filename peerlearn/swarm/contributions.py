@@ -15,7 +15,8 @@ Rules:
     applies settles the contribution it carried, whatever leads by then.
   * A round that ends without applying is retried with the same leader,
     unless the caller withdrew it: then it fails with Withdrawn and the next
-    one leads.
+    one leads. Unless the round reduced into it in place (large states):
+    then it fails with the error the daemon gives (ContributionLost).
   * Withdrawing a queued contribution fails it at once; withdrawing the
     leader while a round carries it only marks it: the round completes for
     everyone's sake (and then applies it, or it fails with Withdrawn).
@@ -105,6 +106,18 @@ class Contributions(Generic[T]):
         if lead is not None and id(lead) in self.withdrawn:
             return self._fail(lead, "withdrawn before its round")
         return []
+
+    def round_spent(self, round_id: int, error: BaseException) -> list[Settle]:
+        """The round ended without applying after reducing in place into the
+        contribution it carried: that one cannot go again and fails with
+        `error` (ContributionLost); the next one leads."""
+        sub = self.carried.pop(round_id, None)
+        if sub is None or sub not in self.queue:
+            return []
+        self.queue.remove(sub)
+        self.withdrawn.discard(id(sub))
+        self.settled += 1
+        return [Settle(sub, error=error)]
 
     def state_replaced(self, error: BaseException) -> list[Settle]:
         """Every contribution fails with `error` (StateReplaced)."""

@@ -42,6 +42,15 @@ class CollectiveTimeout(PeerError, TimeoutError):
     round already committed may still apply it: read `Peer.step` to know."""
 
 
+class ContributionLost(CollectiveTimeout):
+    """A round reduced this contribution in place (one of at least
+    collective.IN_PLACE_MIN_BYTES: the peer then holds one buffer for the
+    round, not two) and ended without applying: the buffer holds others'
+    sums, so it cannot go into another round. Nothing was applied; a
+    CollectiveTimeout, so a training loop skips that outer step as it would
+    on a timeout, and its next contribution spans both."""
+
+
 class Withdrawn(PeerError):
     """The caller withdrew this contribution before any round took it."""
 

@@ -47,6 +47,7 @@ class PeerStats:
     def __init__(self):
         self.durations = Durations(OPERATIONS, DURATION_BUCKETS)
         self.retries = dict.fromkeys(RETRY_REASONS, 0)
+        self.lost_contributions = 0  # failed with ContributionLost (in-place rounds)
         self.gossips = 0
         self.gossip_failures = 0
         self.gossip_poisoned = 0  # exchanges refused for a partner's values
