@@ -194,13 +194,18 @@ def test_noloco_failed_exchange_is_a_local_step_counted_and_training_goes_on():
     assert algos[0].alone == 1 and algos[0].failures == 1
 
 
-def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
+def noloco_at_round(round_: int) -> NoLoCo:
+    """One NoLoCo replica of a pair (H = 1), at gossip round round_."""
     cfg = noloco_cfg(H=1)
-    sw, _, algos, _ = replicas(
+    _, _, algos, _ = replicas(
         2, lambda base: GossipSwarm(2, GossipLoop.initial_state(base, cfg)),
         lambda p, mod, opt: NoLoCo(p, mod, opt, H=1, config=cfg))
-    algo = algos[0]
-    algo.round = 3
+    algos[0].round = round_
+    return algos[0]
+
+
+def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
+    algo = noloco_at_round(3)
 
     def behind(*_a, **_k):
         raise GossipFailed("partner ahead", rounds={"peer1": 10})
@@ -224,12 +229,7 @@ def test_a_partner_at_a_later_round_makes_the_peer_catch_up():
 
 
 def test_a_partner_waiting_ahead_is_met_in_the_same_outer_step():
-    cfg = noloco_cfg(H=1)
-    sw, _, algos, _ = replicas(
-        2, lambda base: GossipSwarm(2, GossipLoop.initial_state(base, cfg)),
-        lambda p, mod, opt: NoLoCo(p, mod, opt, H=1, config=cfg))
-    algo = algos[0]
-    algo.round = 3
+    algo = noloco_at_round(3)
     calls = []
 
     def gossip(tensors, *, round_, **_k):
