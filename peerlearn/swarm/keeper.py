@@ -41,7 +41,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from peerlearn.swarm.priority import bulk_executor
 from pathlib import Path
 
 import torch
@@ -62,7 +62,7 @@ class StateKeeper:
         self.step = state.step if state is not None else 0
         # The state's hash as last computed here (None: not yet, or no state).
         self.digest: bytes | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="peerlearn-state")
+        self._thread = bulk_executor(1, "peerlearn-state")
         self._snap: tuple[int, bytes, tuple, dict[str, torch.Tensor]] | None = None
         self.snapshot_users = 0  # pushes reading _snap
         self.loans = _Loans()  # pushes reading the live tensors

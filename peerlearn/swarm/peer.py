@@ -43,6 +43,7 @@ from peerlearn.swarm.errors import (
 )
 from peerlearn.swarm.keeper import StateKeeper
 from peerlearn.swarm.outbox import RecordedOutbox
+from peerlearn.swarm.priority import bulk_executor
 from peerlearn.swarm.records import (  # noqa: F401 - CHECKPOINT_FILE: the metrics read it here
     CHECKPOINT_FILE,
     load_checkpoint,
@@ -222,6 +223,8 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
 
     async def _run(self, stop: asyncio.Event) -> None:
         self.loop = asyncio.get_running_loop()
+        # Collectives and state pulls: bulk work, below the loop (priority.py).
+        self.loop.set_default_executor(bulk_executor(None, "peerlearn-bulk"))
         self.keeper.loop = self.loop
         async with asyncio.TaskGroup() as group:
             self._group = group

@@ -32,7 +32,7 @@ import asyncio
 import time
 import logging
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+from peerlearn.swarm.priority import bulk_executor
 
 import torch
 
@@ -70,7 +70,7 @@ class StateTransfers:
     def __init__(self, daemon):
         """daemon: the PeerDaemon whose state, core, plane and links this uses (on its loop)."""
         self.d = daemon
-        self.pool = ThreadPoolExecutor(MAX_PUSHES, thread_name_prefix="state-push")
+        self.pool = bulk_executor(MAX_PUSHES, "state-push")
         self.pushes: dict[str, asyncio.Task] = {}  # requester -> its push
         self.push_transfer: dict[str, int] = {}  # requester -> its push's transfer number
         self._refused_by: dict[str, float] = {}  # donor -> until when it is asked last
