@@ -34,7 +34,8 @@ would open one beyond that is dropped and counted (`refused_dealers`): what a
 flood of new addresses costs is bounded in sockets and in CPU alike.
 
 A peer that cannot be dialled (behind NAT) advertises m.DIAL_BACK and is
-answered on the connections it opens, each message signed (dialback.py).
+answered on the connections it opens, each message signed (dialback.py;
+this plane's half: control_dialback.py).
 
 Incoming connections are bounded per source address, per address prefix and
 in total (inbound.py); the rest are cut as soon as the monitor reports them.
@@ -63,6 +64,7 @@ from zmq.utils import z85
 from peerlearn.state.identity import Identity, peer_id_of
 from peerlearn.transport import dialback, keys
 from peerlearn.transport.admission import raise_fd_limit
+from peerlearn.transport.control_dialback import FORWARDED_EXTRA, MAX_FRAME, DialBackAnswering
 from peerlearn.transport.handshakes import _FAILED_HANDSHAKE, _WATCHES_MAX, HandshakeWatching
 from peerlearn.transport.inbound import InboundConnections
 from peerlearn.transport.traffic import CONTROL, WIRE
@@ -70,9 +72,6 @@ from peerlearn.wire import control as m
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 32 + m.MAX_MESSAGE_BYTES
-FORWARDED_EXTRA = dialback.FORWARD_OVERHEAD  # a message passed on carries its origin's proof
-FORWARD_PER_S = 200.0  # messages one member may have us pass on, per second
 # zmq-level liveness of each outgoing connection (see ControlPlane._dealer).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
@@ -103,7 +102,7 @@ def split_target(target: str) -> tuple[str | None, str]:
     return peer, address
 
 
-class ControlPlane(HandshakeWatching):
+class ControlPlane(HandshakeWatching, DialBackAnswering):
     """One peer's control sockets. Owned by one asyncio loop; close() joins everything."""
 
     def __init__(self, identity: Identity, bind_host: str, port: int, *,
@@ -326,46 +325,6 @@ class ControlPlane(HandshakeWatching):
         else:
             self._sent(sent, len(frame))
 
-    def _hello(self, d: zmq.asyncio.Socket) -> None:
-        """On a dial-back peer's DEALER: DialBack first, then at least every
-        HELLO_EVERY_S (the far end may have restarted and lost our route)."""
-        entry = self._nonce_of.setdefault(d, [dialback.new_nonce(), -1e18])
-        now = time.monotonic()
-        if now - entry[1] >= dialback.HELLO_EVERY_S:
-            entry[1] = now
-            self._send_on(d, self._pub + m.encode(m.DialBack(entry[0])))
-
-    def _send_back(self, to: str | None, msg) -> None:
-        """To a dial-back peer, on the connection it asked to be answered on,
-        signed for it; dropped (counted) when it never asked."""
-        route = self._routes.get(to)
-        body = m.encode(msg)
-        if route is None:
-            via = self.forward_via(to) if to is not None else None
-            if via is None:
-                self.dropped_sends += 1
-                return
-            # Neither of us can dial the other: through a member both reach.
-            d = self._dealer(via, self._server_pub)
-            if d is None:
-                self.dropped_sends += 1
-                return
-            if self.dial_back:
-                self._hello(d)
-            self._send_on(d, self._pub + dialback.forward_payload(
-                self.identity.private_key, to, body))
-            return
-        self._route_frame(route, body)
-
-    def _route_frame(self, route: tuple[bytes, bytes], body: bytes) -> None:
-        routing_id, nonce = route
-        frame = self._pub + dialback.sign(self.identity.private_key, nonce, body) + body
-        try:
-            self._router.send_multipart([routing_id, frame], flags=zmq.NOBLOCK, copy=True)
-            WIRE.add("sent", CONTROL, len(frame))
-        except zmq.ZMQError:  # EHOSTUNREACH: that connection is gone; Again: full
-            self.dropped_sends += 1
-
     def _sent(self, fut, n: int) -> None:
         if isinstance(fut, asyncio.Future) and (fut.cancelled() or fut.exception() is not None):
             self.dropped_sends += 1
@@ -426,64 +385,6 @@ class ControlPlane(HandshakeWatching):
                 continue
             self._routes.seen(sender, routing_id)
             return sender, msg
-
-    def _pass_on(self, sender: str, frame: bytes) -> None:
-        """A member that cannot dial `to` asks us to pass a signed message on
-        over to's dial-back route; FORWARD_PER_S per sender (burst twice that)."""
-        now = time.monotonic()
-        budget = self._forward_budget.setdefault(sender, [2.0 * FORWARD_PER_S, now])
-        budget[0] = min(2.0 * FORWARD_PER_S, budget[0] + (now - budget[1]) * FORWARD_PER_S)
-        budget[1] = now
-        if len(self._forward_budget) > dialback.MAX_ROUTES:
-            self._forward_budget.pop(next(iter(self._forward_budget)))
-        to, inner = dialback.passed_on(frame[:32], frame[32:])
-        route = self._routes.get(to)
-        if route is None or budget[0] < 1.0:
-            self.dropped_sends += 1
-            return
-        budget[0] -= 1.0
-        self.forwarded += 1
-        self._route_frame(route, inner)
-
-    async def _recv_any(self):
-        """(None, ROUTER frames), or (sender, message) from one of our
-        DEALERs (signed for its nonce), or None (nothing valid this time)."""
-        poller = zmq.asyncio.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        for d in self._nonce_of:
-            poller.register(d, zmq.POLLIN)
-        try:
-            ready = dict(await poller.poll(timeout=200))
-        except zmq.ZMQError:  # a DEALER closed meanwhile: poll again
-            return None
-        if self._router in ready:
-            return None, await self._router.recv_multipart(copy=False)
-        for d in ready:
-            entry = self._nonce_of.get(d)
-            if entry is None or d.closed:
-                continue
-            try:
-                frame = d.recv(flags=zmq.NOBLOCK, copy=True)
-                if isinstance(frame, asyncio.Future):
-                    frame = await frame
-            except zmq.ZMQError:
-                continue
-            WIRE.add("received", CONTROL, len(frame))
-            head = 32 + dialback.SIG_BYTES
-            if not head < len(frame) <= MAX_FRAME + dialback.SIG_BYTES + FORWARDED_EXTRA:
-                self.rejected_messages += 1
-                continue
-            pub, sig, body = frame[:32], frame[32:head], frame[head:]
-            try:
-                if not dialback.verified(pub, sig, entry[0], body):
-                    raise m.MessageError("not signed by its sender for this connection")
-                if body[:4] == dialback.FORWARD:  # passed on by that member
-                    pub, body = dialback.received(self.peer_id, body)
-                return peer_id_of(pub), m.decode(body)
-            except (m.MessageError, ValueError) as e:
-                self.rejected_messages += 1
-                log.debug("dropped a control message sent back: %s", e)
-        return None
 
     def close(self) -> None:
         if self.closed:
