@@ -127,7 +127,7 @@ class SwimConfig:
     max_health: int = 8  # local health multiplier cap (period x (1 + health))
     dead_keep: float = 300.0  # seconds a dead member's entry is kept
     reprobe_every: int = 10  # periods between probes of one kept dead member
-    join_retry: float = 2.0  # seconds between Joins until a Members answer comes
+    join_retry: float = 2.0  # seconds between Joins until a seed's whole table came
     max_syncs_per_period: int = 2  # Members answers to Joins
     members_per_message: int = 128
 
@@ -227,6 +227,7 @@ class SwimMember:
         self._queue: dict[tuple[str, str], list] = {}
         self._queued = 0
         self._joining: list[tuple[str, str]] = []
+        self._parts: dict[str, dict[int, None]] = {}  # seed -> Members parts it got
         self._next_join = float("inf")
         self._syncs = config.max_syncs_per_period
         self._next_housekeeping = now + config.period
@@ -345,8 +346,11 @@ class SwimMember:
                 self._syncs -= 1
                 self._answer_join(src, out)
         elif isinstance(msg, w.Members):
-            if self._joining:
-                self._joining, self._next_join = [], float("inf")
+            if any(src == sid for sid, _ in self._joining):
+                got = self._parts.setdefault(src, {})
+                got[msg.part] = None
+                if len(got) >= msg.parts:  # the whole table: joined (a lost part: ask again)
+                    self._joining, self._next_join, self._parts = [], float("inf"), {}
             for u in msg.entries:
                 self._merge(now, u, out, gossip=False)
         return out
