@@ -127,7 +127,7 @@ def test_joins_naming_new_control_addresses_keep_the_socket_table_bounded(tmp_pa
 
         # On an idle machine every Join beyond the table is counted evicted
         # or refused (at least 1244); under load some were neither (1108 to
-        # 1214 in failing runs with two busy loops beside it, 4 of 6 runs
+        # 1214 in failing runs with two busy loops beside it, 4 of 7 runs
         # on 7f2d3d3 and later; 4 of 4 passed on 6de5e78 and b5069c5, too
         # few to clear them). Where the rest went was not found. Both bounds must
         # have acted; the table and the descriptors stay bounded either way.
