@@ -190,6 +190,25 @@ def test_a_joiner_that_gossip_misses_is_told_by_its_own_probes():
     assert all(net.members[new].table[i].told == 0 for i in members)
 
 
+def test_a_restarted_member_goes_past_its_old_incarnation():
+    """A member that crashed and comes back (fresh state, incarnation 0,
+    same id) hears from its seed what the swarm held about it, DEAD at
+    some incarnation, and comes back above it."""
+    n = 10
+    net, log, members = swarm(n, seed=10)
+    x = members[3]
+    net.run(5)
+    net.kill(x)
+    net.run(5 + detection_bound(n))
+    assert all(net.members[i].state_of(x) == "dead" for i in net.live())
+    t = net.now
+    net.add(x, via=[members[0]])
+    net.run(t + 10)
+    assert net.members[x].incarnation >= 1
+    assert all(net.members[i].state_of(x) == "alive" for i in net.live() if i != x)
+    assert sorted(net.members[x].members()) == sorted(set(members) - {x})
+
+
 def test_a_healed_partition_brings_the_wrongly_dead_back():
     n = 8
     net, log, members = swarm(n, seed=5)

@@ -282,7 +282,6 @@ class SwimMember:
             if member in self.table:
                 self.table[member].told = self.incarnation
 
-
     def join(self, now: float, seeds: list[tuple[str, str]]) -> list:
         """Ask these (id, addr) members for the table; repeated every
         join_retry seconds until one answers. At most `indirect` seeds."""
@@ -503,7 +502,9 @@ class SwimMember:
                 self._dead = deque((i, t) for i, t in self._dead
                                    if (r := self.table.get(i)) is not None and r.since == t
                                    and r.state in (DEAD, LEFT))
-        elif not was_live:  # back (refuted): probe it in this pass
+        elif not was_live and len(self._order) - self._pos < 2 * self.cfg.max_members:
+            # Back (refuted), or new: probe it in this pass (the cap: a member
+            # made to flap cannot grow the pass; it is in the next one anyway).
             self._order.insert(self.rng.randint(self._pos, len(self._order)), rec.id)
         out.append(Changed(rec.id, STATE_NAMES[state], inc, rec.addr, by_me))
 
@@ -587,7 +588,7 @@ class SwimMember:
     def _answer_join(self, src: str, out: list) -> None:
         first = [self._self_update()]
         rec = self.table.get(src)
-        if rec is not None and rec.state != ALIVE:
+        if rec is not None:  # what we hold about it: a restarted member goes past it
             first.insert(0, w.Update(rec.state, src, rec.inc, rec.addr))
         rest = [w.Update(r.state, r.id, r.inc, r.addr) for r in self.table.values()
                 if r.state in (ALIVE, SUSPECT) and r.id != src]
@@ -602,8 +603,10 @@ class SwimMember:
     def _enqueue(self, u: w.Update) -> None:
         if u.state != SUSPECT:
             self._drop_queued(u.member)
-        else:
-            self._queue.pop((u.member, ""), None)  # an older ALIVE: superseded
+        else:  # superseded: an ALIVE, or another member's suspicion of an older incarnation
+            for k in [k for k, e in self._queue.items() if k[0] == u.member and
+                      (e[0].state != SUSPECT or e[0].incarnation < u.incarnation)]:
+                del self._queue[k]
         key = (u.member, u.by if u.state == SUSPECT else "")
         self._queued += 1
         self._queue[key] = [u, 0, self._queued]
