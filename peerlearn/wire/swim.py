@@ -126,8 +126,9 @@ def _update_out(u: Update, entry: bool = False) -> list:
 
 
 def encode(msg) -> bytes:
-    """Serialises a message; the result always passes decode() (checked
-    here for sizes and counts, so a caller cannot send what peers refuse)."""
+    """Serialises a message. Counts and the total size are checked here
+    (MessageError); the fields' own ranges are the caller's (SwimMember builds
+    only valid ones, and tests/test_swim.py round-trips every layout)."""
     code = _CODE[type(msg)]
     if isinstance(msg, (Ping, Ack)):
         body = [code, msg.seq, [_update_out(u) for u in msg.updates]]
