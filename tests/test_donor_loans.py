@@ -103,3 +103,58 @@ def test_a_push_cut_by_an_apply_is_served_again_from_a_copy(tmp_path, monkeypatc
         for p in (joiner, founder):
             if p is not None:
                 p.close()
+
+
+def test_a_failed_pull_fails_the_fetch_only_once_every_pull_ended(tmp_path, monkeypatch):
+    """A joiner fetches from two donors at once; one pull fails at once, the
+    other is slow. The fetch fails only after the slow pull ended (its links
+    aborted): a pull left running held the failed fetch's tensors, and wrote
+    into them, while the next fetch allocated another state."""
+    from peerlearn.swarm.datalinks import CHANNEL_STATE, PeerLinks
+    from peerlearn.swarm.statesync import StateTransfers, SyncFailed
+    from peerlearn.transport.stream import StreamError
+
+    a = Peer(PeerConfig(tmp_path / "a", SECRET, timeouts=FAST), initial).start()
+    b = c = None
+    events: list[str] = []
+    try:
+        b = Peer(PeerConfig(tmp_path / "b", SECRET, join=a.control_address,
+                            timeouts=FAST)).start(timeout=20)
+        b.sync_state(timeout=30)
+        done = [threading.Thread(target=p.all_reduce, args=(torch.ones(N),),
+                                 kwargs=dict(apply=add, timeout=30)) for p in (a, b)]
+        for t in done:
+            t.start()
+        for t in done:
+            t.join()
+        assert b.id in a.members()  # two donors for the next joiner
+        donors = {id(a.daemon.links), id(b.daemon.links)}
+        real_recv, real_fetch = PeerLinks.recv_into, StateTransfers.fetch
+
+        def recv(self, peer, out, op_id, *, channel, **kw):
+            if channel == CHANNEL_STATE and id(self) not in donors and len(events) < 2:
+                if not events:
+                    events.append("a pull failed")
+                    raise StreamError("injected")
+                time.sleep(1.0)
+                events.append("the other pull ended")
+            return real_recv(self, peer, out, op_id, channel=channel, **kw)
+
+        async def fetch(self, need):
+            try:
+                return await real_fetch(self, need)
+            except SyncFailed:
+                events.append("the fetch failed")
+                raise
+
+        monkeypatch.setattr(PeerLinks, "recv_into", recv)
+        monkeypatch.setattr(StateTransfers, "fetch", fetch)
+        c = Peer(PeerConfig(tmp_path / "c", SECRET, join=a.control_address,
+                            timeouts=FAST)).start(timeout=20)
+        c.sync_state(timeout=30)  # the next fetch succeeds
+        assert events[:3] == ["a pull failed", "the other pull ended", "the fetch failed"]
+        assert c.state.state_hash() == a.state.state_hash()
+    finally:
+        for p in (c, b, a):
+            if p is not None:
+                p.close()

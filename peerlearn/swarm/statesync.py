@@ -265,11 +265,17 @@ class StateTransfers:
                                           timeout=d.cfg.step_timeout,
                                           address=addresses.get(donor))
 
-            try:
-                await asyncio.gather(*[d.loop.run_in_executor(None, pull, i, x)
-                                       for i, x in enumerate(donors)])
-            except Exception as e:  # noqa: BLE001 - a stream or timeout error of any kind
-                raise SyncFailed(f"transfer failed: {e}") from e
+            pulls = [d.loop.run_in_executor(None, pull, i, x) for i, x in enumerate(donors)]
+            await asyncio.wait(pulls, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((f.exception() for f in pulls if f.done() and f.exception()), None)
+            if failed is not None:
+                # The other pulls end before the fetch does: left running, they
+                # held this state's tensors (and wrote into them) while the
+                # next fetch allocated another.
+                for x in donors:
+                    d.links.abort(x, CHANNEL_STATE)
+                await asyncio.gather(*pulls, return_exceptions=True)
+                raise SyncFailed(f"transfer failed: {failed}") from failed
             digest, bad = await d.keeper.verify(state)  # read on the state thread
             if digest != first.state_hash:
                 raise BadState("fetched state does not match its hash")
