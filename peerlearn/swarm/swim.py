@@ -38,6 +38,11 @@ The protocol (Das et al. 2002, "SWIM"; Dadgar et al. 2018, "Lifeguard"):
   suspect the same incarnation, towards the minimum `suspicion_mult x
   max(1, log10 n) x T`, reached at `confirmations` others (Lifeguard's
   LHA-suspicion). A confirmed DEAD spreads as an update and is taken at once.
+* A member that holds a suspicion nobody else has confirmed asks the
+  suspect directly once, halfway through the timeout (a Ping carrying the
+  suspicion): a live one refutes on its Ack. Without it, a suspicion that
+  reached a member late, after the refutation's gossip had run out, ran to
+  DEAD (seen once at 1,024 members and 5 % loss).
 * Local health (Lifeguard's LHA-probe): a member that fails a probe without
   the Nacks it asked for, or has to refute a suspicion of itself, raises a
   multiplier (up to `max_health`) that stretches its own period and probe
@@ -87,8 +92,9 @@ also in its property test over random fault schedules):
    2(n-1)T + T of its Join, deterministically (its own Pings), and within
    O(log n) periods with high probability (gossip).
 5. Messages per period, O(1): one Ping out and its Ack in, k PingReqs
-   only after a missed Ack, one Reprobe every `reprobe_every` periods; in
-   expectation one Ping in (answered) and k/n PingReqs in. Bytes per
+   only after a missed Ack, one reprobe of a dead member every
+   `reprobe_every` periods, one check Ping per suspicion nobody else
+   confirms; in expectation one Ping in (answered) and k/n PingReqs in. Bytes per
    message: a header (8 bytes, 26 for a PingReq) plus at most
    `max_piggyback` updates; with the daemon's 16-byte ids, IPv4 addresses
    and incarnations below 2^32 an update is at most 47 bytes (ALIVE), so
@@ -181,12 +187,13 @@ class Changed:
 
 
 class _Member:
-    __slots__ = ("id", "addr", "inc", "state", "since", "by", "told")
+    __slots__ = ("id", "addr", "inc", "state", "since", "by", "told", "checked")
 
     def __init__(self, mid: str, addr: str, inc: int, state: int, since: float):
         self.id, self.addr, self.inc, self.state, self.since = mid, addr, inc, state, since
         self.by: list[str] = []  # who suspects this incarnation (first is the first)
         self.told = -1  # our incarnation it acked a Ping carrying our ALIVE for
+        self.checked = False  # a lone suspicion of it: asked it directly once
 
 
 class _Probe:
@@ -268,7 +275,8 @@ class SwimMember:
         n = self.n()
         for mid in self._suspects:
             rec = self.table[mid]
-            t = min(t, rec.since + self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1)))
+            timeout = self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1))
+            t = min(t, rec.since + (timeout / 2 if self._lone(rec) else timeout))
         return t
 
     # ------------------------------------------------------------ driving
@@ -476,9 +484,20 @@ class SwimMember:
         n = self.n()
         for mid in list(self._suspects):
             rec = self.table[mid]
-            if now >= rec.since + self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1)):
+            timeout = self.cfg.suspicion_timeout(n, max(0, len(rec.by) - 1))
+            if now >= rec.since + timeout:
                 self._set(now, rec, DEAD, rec.inc, out, by_me=True)
                 self._enqueue(w.Update(DEAD, mid, rec.inc))
+            elif self._lone(rec) and now >= rec.since + timeout / 2:
+                # Nobody else suspects it: ask it once, our record of it first.
+                # A live member refutes on the Ack; gossip of a refutation can
+                # run out before a late, stale suspicion reaches everyone.
+                rec.checked = True
+                out.append(Send(mid, rec.addr, w.Ping(self._next_seq(), self._piggyback(mid))))
+
+    @staticmethod
+    def _lone(rec: _Member) -> bool:
+        return not rec.checked and len(rec.by) <= 1
 
     # ------------------------------------------------------------ state
 
@@ -492,6 +511,7 @@ class SwimMember:
         self.live += is_live - was_live
         rec.state, rec.inc, rec.since = state, inc, now
         rec.by = []
+        rec.checked = False
         if state == SUSPECT:
             self._suspects[rec.id] = None
         else:
