@@ -148,6 +148,29 @@ def test_local_health_stretches_a_slow_members_timeouts():
     assert with_health < without * 0.75
 
 
+def test_a_late_stale_suspicion_is_checked_with_the_suspect():
+    """A suspicion that reaches a member after the refutation's gossip has
+    run out (here: injected) would run to DEAD; the member asks the suspect
+    once, halfway through the timeout, and the suspect's Ack refutes it."""
+    n = 64
+    net, log, members = swarm(n, seed=11)
+    a, x, b = members[1], members[2], members[3]
+    net.run(3)
+    net.members[x].incarnation = 1  # it refuted long ago; everyone but a knows
+    for i in members:
+        if i not in (a, x):
+            net.members[i].know(net.now, x, net.addrs[x], 1)
+    stale = w.Ping(1, (w.Update(w.SUSPECT, x, 0, by=b),))
+    net._run(a, net.members[a].receive(net.now, b, stale))
+    t0 = net.now
+    assert net.members[a].state_of(x) == "suspect"
+    timeout = CFG.suspicion_timeout(n, 0)
+    net.run(t0 + timeout + 5)
+    back = [t for t, who, c in log.about(x, "alive") if who == a and c.incarnation == 1]
+    assert back and back[0] - t0 <= timeout / 2 + 1
+    assert not log.about(x, "dead")
+
+
 def test_a_member_that_leaves_is_left_everywhere_at_once():
     net, log, members = swarm(10, seed=3)
     net.run(5)
