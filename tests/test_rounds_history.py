@@ -465,3 +465,25 @@ def test_readies_for_far_steps_do_not_hide_a_slow_members_lateness():
     assert sum("p03" in v for v in views) >= len(views) - 1, views
     assert 0.9 < sim.peers["p00"].core.lateness["p03"] < 2.0
     assert sim.parity_violations() == []
+
+
+def test_a_joiner_whose_sync_outlasts_the_rounds_is_waited_for_and_enters():
+    """Issue 17: a joiner's state transfer plus its first contribution took
+    longer than a round (1 GB on 2 cores): a gather waited one gather for it,
+    once, and it then fetched the state at every step and never entered. A
+    joiner catching up is now waited for until it is ready (at most
+    CATCHUP_MAX_FACTOR gathers), such waits rate-limited by their length."""
+    from peerlearn.swarm.coordinating import CATCHUP_EVERY, CATCHUP_MAX_FACTOR
+
+    sim = Sim(3, sync_time=5.0)  # five gathers (1 s each), rounds every ~0.4 s
+    sim.run(4)
+    sim.join("p09", via="p01")
+    t0 = sim.now
+    horizon = CATCHUP_EVERY * CATCHUP_MAX_FACTOR * 1.0 + 20
+    sim.run(t0 + horizon)
+    assert set(sim.peers["p00"].core.members) == {"p00", "p01", "p02", "p09"}
+    entered = min(e[0] for e in sim.events if e[1] == "view" and e[2] == "p00" and "p09" in e[3])
+    assert entered - t0 < 30, entered - t0
+    # The others went on meanwhile, and the waits cost a bounded share.
+    assert sim.max_step(["p00", "p01", "p02"]) > 40
+    assert sim.parity_violations() == []

@@ -21,6 +21,11 @@ from peerlearn.wire import control as m
 # No honest swarm reaches 2^62 rounds; reports above it are a member's lie.
 ROUND_ID_LIMIT = 1 << 62
 CATCHUP_EVERY = 10
+# A gather waits for a joiner still fetching the state until it is ready, at
+# most this many gathers (its sync and first contribution can take longer
+# than GATHER_MAX_FACTOR gathers at GB sizes); and such waits take at most
+# 1 / (CATCHUP_EVERY + 1) of the time (see _maybe_propose).
+CATCHUP_MAX_FACTOR = 12.0
 # A round waits for a member up to its measured lateness times this margin,
 # and never more than this many gathers.
 LATENESS_MARGIN = 1.25
@@ -214,26 +219,39 @@ class Coordinating:
                     and b.step == step and (p not in live or live[p].step != step)
                     and p not in left_out]
         # A joiner still catching up (fetching, or synced to an older step) is
-        # waited for once: where rounds are shorter than a state transfer
-        # plus the joiner's first contribution, a swarm that never waited
-        # would apply just before each of its arrivals and it would never enter.
-        # At most one such wait per CATCHUP_EVERY gathers' time: identities
-        # that heartbeat and never contribute cost a bounded share of rounds.
-        catching = []
-        if now - self.catchup_wait_at >= CATCHUP_EVERY * self.t.gather:
+        # waited for once, until it is ready or CATCHUP_MAX_FACTOR gathers
+        # passed: where rounds are shorter than a state transfer plus the
+        # joiner's first contribution, a swarm that never waited would apply
+        # just before each of its arrivals and it would never enter (a wait
+        # of one gather let no 1 GB joiner in on this 2-core machine: each
+        # fetched the state at every step for minutes). The joiners waited
+        # for stay waited for in this gather once they have synced, until
+        # their Ready. Such waits start only CATCHUP_EVERY times the last
+        # one's length after it ended: identities that heartbeat and never
+        # contribute cost a bounded share of the swarm's time.
+        catching = [p for p in self.catching_now if p in self.beats and p not in ids
+                    and p not in left_out and self.alive(p, now)]
+        if not catching and now - self.catchup_wait_at >= CATCHUP_EVERY * max(
+                self.t.gather, self.catchup_wait_len):
             catching = [p for p, b in self.beats.items()
                         if p not in self.members and p not in self.waited_once and
                         p not in left_out and self.alive(p, now) and
                         (not b.synced or b.step < step)]
-        waiting += catching
+        waiting += [p for p in catching if p not in waiting]
         first = self.first_ready_at if self.first_ready_at is not None else now
-        if waiting and now - first < self._gather_for(waiting):
+        limit = CATCHUP_MAX_FACTOR * self.t.gather if catching else self._gather_for(waiting)
+        if waiting and now - first < limit:
+            if catching and not self.catching_now:
+                self.catching_now = set(catching)
+                self.waited_once = (self.waited_once | set(catching)) & set(self.beats)
             self.stall = "gathering: waiting for " + ", ".join(
                 "this peer's own contribution" if p == self.me.id else p for p in sorted(waiting))
             return []
-        if catching:
-            self.waited_once = (self.waited_once | set(catching)) & set(self.beats)
+        if self.catching_now or catching:
             self.catchup_wait_at = now
+            self.catchup_wait_len = now - first
+            self.waited_once = (self.waited_once | set(catching)) & set(self.beats)
+            self.catching_now = set()
         participants = tuple(sorted(ids))
         self.probing = probe
         # Round ids and terms go on from the highest any member or participant knows: a

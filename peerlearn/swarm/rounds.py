@@ -135,7 +135,9 @@ class RoundCore(Coordinating, Participating, Settling, Departing, Deposing, Dist
         self.waited_once: set[str] = set()  # joiners a gather already waited for
         self.lateness: dict[str, float] = {}  # member -> its Readies' smoothed delay
         self.first_ready_of: dict[int, float] = {}  # step -> when its first Ready came
-        self.catchup_wait_at = -1e18  # when a gather last waited for one
+        self.catchup_wait_at = -1e18  # when a gather that waited for one ended
+        self.catchup_wait_len = 0.0  # ...and how long it had waited
+        self.catching_now: set[str] = set()  # joiners this gather waits for (catching up)
         self.acked: tuple[int, int] = (0, 0)  # (round_id, term) of my last Ack
         self.acked_to: str | None = None  # ...and the coordinator it went to
         self.observed: m.Commit | None = None  # latest undecided commit seen
