@@ -61,8 +61,13 @@ def test_a_push_cut_by_an_apply_is_served_again_from_a_copy(tmp_path, monkeypatc
     """The donor applies a round while its first push holds the loan: the
     apply cuts it (it waits LEND_WAIT_S at most), the joiner's fetch fails
     as a transfer, and the next push comes from the keeper's one copy."""
+    from peerlearn.swarm import coordinating
+
     copies = count_copies(monkeypatch)
     monkeypatch.setattr(k, "LEND_WAIT_S", 0.05)
+    # The founder's round must apply during the push: it does not wait for
+    # the joiner catching up (the subject here is the cut, not admission).
+    monkeypatch.setattr(coordinating, "CATCHUP_MAX_FACTOR", 0.0)
     lent = threading.Event()
     real_lend = k.StateKeeper.lend
 

@@ -229,6 +229,7 @@ class StateTransfers:
         self._transfer = (self._transfer + 1) % (1 << 40)
         transfer = self._transfer
         self._offers = {x: d.loop.create_future() for x in donors}
+        state, tensors = SharedState(0), []
         try:
             for i, x in enumerate(donors):
                 d.plane.send(d.core.known[x].control,
@@ -282,9 +283,16 @@ class StateTransfers:
             if bad is not None:
                 raise BadState(f"fetched state is not finite ({bad} holds NaN or inf)")
             return state
-        except SyncFailed:
-            for x in donors:
-                d.links.abort(x, CHANNEL_STATE)
+        except BaseException as e:
+            if isinstance(e, SyncFailed):
+                for x in donors:
+                    d.links.abort(x, CHANNEL_STATE)
+            # A failed fetch's tensors go now: the exception's traceback keeps
+            # this frame (and `state`) alive, in reference cycles through the
+            # pulls' futures that only a full collection frees; a joiner
+            # fetching again held them beside the next fetch's.
+            state.tensors.clear()
+            tensors.clear()
             raise
         finally:
             self._offers = {}
