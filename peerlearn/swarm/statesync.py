@@ -287,10 +287,12 @@ class StateTransfers:
             if isinstance(e, SyncFailed):
                 for x in donors:
                     d.links.abort(x, CHANNEL_STATE)
-            # A failed fetch's tensors go now: the exception's traceback keeps
-            # this frame (and `state`) alive, in reference cycles through the
-            # pulls' futures that only a full collection frees; a joiner
-            # fetching again held them beside the next fetch's.
+            # A failed fetch's tensors go now, whoever still holds this frame:
+            # the exception's traceback does, and through the pulls' futures
+            # it can sit in reference cycles that only a full collection
+            # frees. (Joiners re-fetching 1 GB grew 0.5 GiB a fetch until
+            # something freed it all at once; which references held it was
+            # not traced.)
             state.tensors.clear()
             tensors.clear()
             raise
