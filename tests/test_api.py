@@ -480,11 +480,21 @@ def test_a_poisoned_state_fetched_from_the_only_other_voter_is_refused(swarm):
     assert all(bool(torch.isfinite(t.float()).all()) for t in honest.state.tensors.values())
 
 
-def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(swarm, caplog):
+def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(
+        swarm, caplog, monkeypatch):
     """A member acks a round, then never joins its ring (it neither sends nor
     reads): the participant after it times out receiving, names it in its
     Done, and the coordinator leaves both out for a cooldown; the others'
-    rounds apply. Checks the naming on real links, not only in simulation."""
+    rounds apply. Checks the naming on real links, not only in simulation.
+
+    The ring, not the direct all-reduce that 4 peers and a small tensor take
+    since session 11: there every participant opens its links to all before
+    it sends, so a neighbour waiting for the staller's link stalls a third
+    peer too, and under load that third peer's timeout can come first and
+    name the neighbour (a fresh-clone CI run did; see issue 17's notes)."""
+    from peerlearn.swarm import collective
+
+    monkeypatch.setattr(collective, "_direct", lambda update, n: False)
     caplog.set_level("INFO", logger="peerlearn.peer")
     peers = swarm(4, step_timeout=2.0)
     run_all(peers, lambda i, p: p.all_reduce(contribution(i, 0), apply=add_mean, timeout=30))
