@@ -244,6 +244,23 @@ def test_a_partner_waiting_ahead_is_met_in_the_same_outer_step():
     assert algo.exchanges == 1 and algo.failures == 0 and algo.caught_up == 6
 
 
+def test_a_partner_claiming_ever_later_rounds_gets_a_bounded_number_of_attempts():
+    """Each attempt sends the whole tensor: a member answering every one with
+    a later round must not make us send it for the whole gossip timeout."""
+    from peerlearn.algorithms.decentral import MEET_ATTEMPTS
+
+    algo = noloco_at_round(3)
+    calls = []
+
+    def gossip(tensors, *, round_, **_k):
+        calls.append(round_)
+        raise GossipFailed("ahead", rounds={"peer1": round_ + 5}, ahead=True)
+
+    algo.peer.gossip = gossip
+    assert algo.exchange({"x": torch.zeros(2)}) is None
+    assert calls == [3, 8, 13][:MEET_ATTEMPTS] and algo.failures == 1
+
+
 @given(lo=st.integers(0, 10**6), gap=st.integers(1, MAX_CATCHUP))
 def test_the_one_behind_goes_to_the_round_where_the_one_ahead_waits(lo, gap):
     """The one ahead reads past the other's earlier attempt and waits at its

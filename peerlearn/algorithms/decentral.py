@@ -86,6 +86,10 @@ LOCAL_COUNTERS = "#counters"  # int64 [merges seen, round, inner steps, outer st
 ADMIT_EVERY = 1.0  # seconds between asking whether a joiner waits to enter the view
 ADMIT_BACKOFF_MAX = 64.0  # ... at most, after admission rounds that took nobody in
 MAX_LOGGED = 1000  # exchanges kept in the report's distance log
+# Attempts of one outer step's exchange: the first, and meeting partners that
+# told a later round (honest ones need one more). Each attempt sends our whole
+# tensor, so a member claiming ever later rounds gets at most this many.
+MEET_ATTEMPTS = 3
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +379,7 @@ class GossipLoop:
             self.round += 1
             return None
         deadline = time.monotonic() + self.gossip_timeout
-        while True:
+        for attempt in range(1, MEET_ATTEMPTS + 1):
             try:
                 out = self.peer.gossip(tensors, round_=self.round, seed=self.seed,
                                        group_size=self.group, codec=self.codec,
@@ -386,7 +390,7 @@ class GossipLoop:
                 nxt = next_round(self.round, e.rounds.values())
                 self.caught_up += nxt - self.round - 1
                 self.round = nxt
-                if e.ahead and time.monotonic() < deadline:
+                if e.ahead and attempt < MEET_ATTEMPTS and time.monotonic() < deadline:
                     continue  # the partners ahead wait for us at nxt
                 self.failures += 1
                 log.info("outer step %d goes without averaging: %s", self.outer_steps + 1, e)
