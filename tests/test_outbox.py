@@ -27,9 +27,15 @@ class Disk:
         self.on_disk.append(record)
 
 
-async def settle() -> None:
+async def settle(until=None, timeout: float = 10.0) -> None:
+    """Lets the loop and the record thread run: until `until()` holds (at most
+    timeout, for a busy machine), else a short while (for what must NOT happen)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     for _ in range(20):
         await asyncio.sleep(0.005)
+    while until is not None and not until() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def test_held_batches_wait_for_the_write_in_order_and_the_loop_never_writes():
@@ -53,11 +59,11 @@ def test_held_batches_wait_for_the_write_in_order_and_the_loop_never_writes():
         box.changed()  # changed again while the first write runs
         box.dispatch(["c"])
         disk.gate.release()  # the first write (version 1) ends
-        await settle()
+        await settle(lambda: len(ran) >= 2 and box.writes >= 1)
         # b waited for version 1 only; c needs a write started after its change.
         assert ran[1:] == [("b", [1])]
         disk.gate.release()
-        await settle()
+        await settle(lambda: len(ran) >= 3)
         assert ran[2:] == [("c", [1, 2])]
         await asyncio.wait_for(box.drained(), 1)
         box.dispatch(["d"])  # nothing outstanding again: at once
