@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peerlearn.cli.addresses import loopback, resolve_advertise, split_addr
 from peerlearn.cli.credentials import SECRET_ENV
+from peerlearn.cli.signals import StopOnSignal
 
 # Moved out of this module, still imported from it (tests, bench/statesize.py).
 from peerlearn.cli.addresses import local_address_towards  # noqa: F401
@@ -199,7 +200,6 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     any moment, joining included. A join that times out, or a daemon that dies
     (after writing its checkpoint), exits 1 with one line on stderr."""
     from peerlearn.swarm.api import Peer
-    from peerlearn.swarm.errors import PeerClosed, StateReplaced
     from peerlearn.swarm.config import PeerConfig
     from peerlearn.swarm.rounds import Timeouts
     from peerlearn.swarm.synthetic import SyntheticWorkload
@@ -213,14 +213,15 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     lock_data_dir(data_dir)
     stop = threading.Event()
-    signals: list[int] = []
+    with StopOnSignal(stop) as on_signal:
+        _run_synthetic(Peer(cfg, work.initial_state), work, stop, on_signal.signals, join,
+                       metrics, join_cmd)
 
-    def on_signal(signum, _frame) -> None:
-        signals.append(signum)
-        stop.set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    peer = Peer(cfg, work.initial_state)
+
+def _run_synthetic(peer, work, stop: threading.Event, signals: list[int], join: str | None,
+                   metrics: str | None, join_cmd: Callable[[str, str], str]) -> None:
+    from peerlearn.swarm.errors import PeerClosed, StateReplaced
+
     start_peer(peer, stop, join, signals)
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,

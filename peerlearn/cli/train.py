@@ -23,6 +23,7 @@ from peerlearn.cli.addresses import resolve_advertise, split_addr
 from peerlearn.cli.credentials import SECRET_ENV
 from peerlearn.cli.daemon import announce, lock_data_dir, serve_metrics, start_peer
 from peerlearn.cli.local_swarm import interrupt_on_sigterm
+from peerlearn.cli.signals import StopOnSignal
 
 
 def parse_shard(spec: str) -> tuple[int | None, int]:
@@ -85,7 +86,6 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
     from peerlearn.swarm.actions import Timeouts
     from peerlearn.swarm.api import Peer
     from peerlearn.swarm.config import PeerConfig
-    from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed
     from peerlearn.tasks import TaskError, load
 
     torch.manual_seed(seed)
@@ -107,18 +107,24 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                      relay_port=relay, relay_via=relay_via, hole_punch=hole_punch)
     lock_data_dir(data_dir)
     stop = threading.Event()
-    signals: list[int] = []
     traffic_from = training.traffic_bytes()  # the report counts joining and its sync too
     peer = Peer(cfg, lambda: training.initial_state(algo, task.model, hyper))
+    # A run blocked in an outer step (say, its partners left) ends at once:
+    # that step is skipped, the report still comes.
+    with StopOnSignal(stop, then=(peer.interrupt,)) as on_signal:
+        _train_peer(peer, task, algo, hyper, stop, on_signal.signals, join=join, metrics=metrics,
+                    join_cmd=join_cmd, steps=steps, rank=rank, world=world, shard=shard,
+                    seed=seed, progress_every=progress_every, wait_peers=wait_peers,
+                    traffic_from=traffic_from)
 
-    def on_signal(signum, _frame) -> None:
-        # A run blocked in an outer step (say, its partners left) ends at once:
-        # that step is skipped, the report still comes.
-        signals.append(signum)
-        stop.set()
-        peer.interrupt()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+
+def _train_peer(peer, task, algo: str, hyper, stop: threading.Event, signals: list[int], *,
+                join: str | None, metrics: str | None, join_cmd, steps: int, rank: int,
+                world: int, shard: str, seed: int, progress_every: int, wait_peers: int,
+                traffic_from) -> None:
+    from peerlearn.algorithms import training
+    from peerlearn.swarm.errors import CollectiveTimeout, PeerClosed
+
     start_peer(peer, stop, join, signals)
     metrics_port, stop_metrics = serve_metrics(peer, metrics)
     announce(peer, {"peer": peer.id, "control": peer.control_address,
