@@ -97,17 +97,21 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
     setup = _SetupAbort(links, [p for p in a.participants if p != me])
     inflight[a.round_id] = [setup]
     if cfg.aggregate == "mean" and _direct(update, n):
-        others = [p for p in a.participants if p != me]
-        sends = {p: _link(lambda p=p: links.outgoing(p, addr[p], timeout=cfg.step_timeout),
-                          a.participants, p, "send") for p in others}
-        recvs = {p: _link(lambda p=p: links.incoming(p, timeout=cfg.step_timeout,
-                                                     address=addr[p]),
-                          a.participants, p, "recv") for p in others}
-        inflight[a.round_id] = [setup, *sends.values(), *recvs.values()]
+        # Each link is opened in its own transfer's thread (direct.py); the
+        # loop's abort reaches them through `setup` (PeerLinks.abort ends
+        # both a wait and a link in use).
+        def opener(p: str, direction: str):
+            def open_link():
+                if direction == "send":
+                    return links.outgoing(p, addr[p], timeout=cfg.step_timeout)
+                return links.incoming(p, timeout=cfg.step_timeout, address=addr[p])
+            return lambda: _link(open_link, a.participants, p, direction)
         return RoundResult(direct_allreduce(
-            update, rank=rank, world=n, send_links=[sends.get(p) for p in a.participants],
-            recv_links=[recvs.get(p) for p in a.participants], op_tag=a.round_id,
-            average=True, codec=codec, timeout=cfg.step_timeout))
+            update, rank=rank, world=n,
+            send_links=[None if p == me else opener(p, "send") for p in a.participants],
+            recv_links=[None if p == me else opener(p, "recv") for p in a.participants],
+            op_tag=a.round_id, average=True, codec=codec, timeout=cfg.step_timeout,
+            abort_setup=setup.abort))
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     send = _link(lambda: links.outgoing(succ, addr[succ], timeout=cfg.step_timeout),
                  a.participants, succ, "send")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -66,20 +67,32 @@ def _first_lane(link: Link | None) -> Link | None:
 
 
 class _Failures:
-    """The first failure wins; recording one aborts every link at once."""
+    """The first failure wins; recording one aborts every link at once, those
+    opened later too, and the setups still waiting (abort_setup)."""
 
-    def __init__(self, rank: int, links: list[Link]):
+    def __init__(self, rank: int, abort_setup: Callable[[], None] | None):
         self.rank = rank
-        self.links = links
+        self.links: list[Link] = []
+        self.abort_setup = abort_setup
         self.errors: list[tuple[str, int, str, int, BaseException]] = []
         self.lock = threading.Lock()
+
+    def opened(self, link: Link) -> None:
+        with self.lock:
+            self.links.append(link)
+            failed = bool(self.errors)
+        if failed:
+            link.abort()
 
     def fail(self, phase: str, step: int, direction: str, peer: int,
              cause: BaseException) -> None:
         with self.lock:
             self.errors.append((phase, step, direction, peer, cause))
-        for link in self.links:
+            links = list(self.links)
+        for link in links:
             link.abort()
+        if self.abort_setup is not None:
+            self.abort_setup()
 
     def aborted(self) -> AllReduceAborted:
         phase, step, direction, peer, cause = self.errors[0]
@@ -96,21 +109,27 @@ def direct_allreduce(
     *,
     rank: int,
     world: int,
-    send_links: list[Link | None],
-    recv_links: list[Link | None],
+    send_links: list[Link | Callable[[], Link] | None],
+    recv_links: list[Link | Callable[[], Link] | None],
     op_tag: int,
     average: bool = True,
     codec: CodecSpec | None = None,
     timeout: float = 60.0,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     out: torch.Tensor | None = None,
+    abort_setup: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """The sum (average=False) or mean of `tensor` over world peers.
 
     tensor: contiguous fp32 on CPU, the same numel at every peer.
     send_links[j] goes to rank j, recv_links[j] comes from rank j (None at
-    j == rank); op_tag as for ring_allreduce (the same at every peer, new
-    for every all-reduce sharing these links). timeout: seconds any one
+    j == rank), or a function opening it, called in that transfer's own
+    thread: one peer slow to connect then holds up only its own transfers,
+    and a peer that never connects is the one the timeouts name (opened in
+    turn before any send, a third peer waiting for our link timed out on
+    us instead). abort_setup: ends the openings still waiting, called on
+    the first failure. op_tag as for ring_allreduce (the same at every peer,
+    new for every all-reduce sharing these links). timeout: seconds any one
     transfer may take. out: as for ring_allreduce (`out=tensor` in place).
     Raises AllReduceAborted (with `peer_rank`, the other end of the link
     that failed first) after aborting every link.
@@ -136,6 +155,7 @@ def direct_allreduce(
     others = [j for j in range(world) if j != rank]
     if any(send_links[j] is None or recv_links[j] is None for j in others):
         raise ValueError("a direct all-reduce needs a link to and from every other peer")
+    given = [x for x in send_links + recv_links if isinstance(x, Link)]
     align = SEGMENT_ALIGN if codec is None else math.lcm(SEGMENT_ALIGN, codec.block_size)
     bounds = segment_bounds(flat.numel(), world, align)
     chunk = max(align, chunk_elems // align * align)
@@ -148,12 +168,17 @@ def direct_allreduce(
     # Sends read the input, never `out`: with out=tensor the gather overwrites
     # the other segments only after every scatter send has finished.
     parts = {j: torch.empty_like(mine) for j in others}
-    links = [link for link in send_links + recv_links if link is not None]
-    failures = _Failures(rank, links)  # the whole links: an abort ends every lane
+    failures = _Failures(rank, abort_setup)  # the whole links: an abort ends every lane
+    for link in given:
+        failures.opened(link)
     seg_max = max(bounds[i + 1] - bounds[i] for i in range(world))
-    if seg_max * 4 <= ONE_CONNECTION_BYTES:
-        send_links = [_first_lane(link) for link in send_links]
-        recv_links = [_first_lane(link) for link in recv_links]
+    one_lane = seg_max * 4 <= ONE_CONNECTION_BYTES
+
+    def opened(link: Link | Callable[[], Link]) -> Link:
+        if not isinstance(link, Link):
+            link = link()
+            failures.opened(link)
+        return _first_lane(link) if one_lane else link
     scattered = threading.Barrier(len(others) + 1)  # every scatter send done
     # In place, seg j of `out` is what the scatter sends to j: j's gather
     # may land there only once that send has read it.
@@ -171,8 +196,9 @@ def direct_allreduce(
             ev.set()
 
     def sender(j: int) -> None:
-        link, step = send_links[j], 0
+        step = 0
         try:
+            link = opened(send_links[j])
             t = seg(flat_in, j)
             if t.numel():
                 link.send(t, op_id(op_tag, 0), codec=None if codec is None else codec.codec,
@@ -196,8 +222,9 @@ def direct_allreduce(
             give_up()
 
     def receiver(j: int) -> None:
-        link, step = recv_links[j], 0
+        step = 0
         try:
+            link = opened(recv_links[j])
             if parts[j].numel():
                 link.recv_into(parts[j], op_id(op_tag, 0), timeout=timeout)
             arrived.add(j)
