@@ -306,12 +306,18 @@ class Peer:
         deadline = None if timeout is None else time.monotonic() + timeout
         self.sync_state(timeout)
         pending = self.all_reduce_async(tensors, apply=apply, donate=donate)
+        # This frame ends up in a failure's traceback, which the failed
+        # future keeps: holding the caller's tensors here kept them (2 GB
+        # each at a large state) until the cycle collector ran.
+        del tensors
         try:
             return pending.result(None if deadline is None
                                   else max(0.0, deadline - time.monotonic()))
         except CollectiveTimeout:
             pending.withdraw()
             raise
+        finally:
+            del pending
 
     def all_reduce_async(self, tensors: Tensors, *,
                          apply: Callable[[SharedState, Tensors], None] | None = None,

@@ -118,13 +118,14 @@ class Submission:
     """One contribution waiting for a round.
 
     tensor: flat contiguous fp32, owned by the daemon until the future is
-    settled (it is only read). apply(state, mean) runs on the daemon's state
+    settled (it is only read); None once settled (a collective already
+    running keeps its own reference). apply(state, mean) runs on the daemon's state
     thread (swarm/keeper.py) when a round applies; it must be deterministic
     (every peer runs it on identical inputs). Heartbeats go on while it runs;
     the next round's apply, a checkpoint and a donor's copy wait for it.
     The future gets the mean, or StateReplaced / PeerClosed.
     """
 
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     apply: Callable[[SharedState, torch.Tensor], None] | None
     future: Future = field(default_factory=Future)

@@ -77,6 +77,10 @@ class Contributing:
     def _carry_out(self, decisions: list[Settle]) -> None:
         for d in decisions:
             settle(d.sub.future, result=d.result, exc=d.error)
+            # Settled, the buffer is the caller's again (or garbage): not
+            # kept alive by the Submission, which the caller's frames and a
+            # failed future's traceback may hold in a cycle for a while.
+            d.sub.tensor = None
         if decisions and self.contribs.leader is not None:
             self._schedule_ready(0.0)  # the next one leads
 
