@@ -6,9 +6,11 @@ d rounds that all applied)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +266,46 @@ def test_the_full_grid_result_is_the_global_mean_only_up_to_rounding():
         assert v == pytest.approx(flat, rel=1e-13, abs=1e-15)
         differs += bits(v) != bits(flat)
     assert 0 < differs < 20
+
+
+# ------------------------------------------------------------ cmd/group_sim.py
+
+_spec = importlib.util.spec_from_file_location(
+    "group_sim", Path(__file__).resolve().parent.parent / "cmd" / "group_sim.py")
+group_sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(group_sim)
+
+
+def sim(n: int, *extra: str) -> dict:
+    args = group_sim.parse(["--peers", str(n), "--sim-s", "600", "--notebook", "no", *extra])
+    times = group_sim.swim_times(args.swim, n)
+    return {d: (group_sim.simulate_today(n, args, times) if d == "today" else
+                group_sim.simulate_groups(n, args, times, d)) for d in args.design_list}
+
+
+def test_sim_without_churn_applies_every_group_in_2_one_way_delays_plus_the_bytes():
+    row = sim(16, "--churn-per-min", "0", "--headroom", "1", "--designs", "abort")["abort"]
+    assert row["grid"] == [4, 4]
+    assert row["group_rounds_applied"] == 1.0 and row["failures_by_cause"] == {}
+    # 2 x 50 ms + 2 (3/4) x 1 MB at 100 Mbit/s
+    assert row["group_round_s"]["median"] == pytest.approx(0.1 + 1.5 * 0.08)
+    assert row["rounds_to_1e-9"]["max"] == 2  # a full grid: d rounds
+
+
+def test_sim_under_churn_fails_groups_for_the_reasons_each_design_has():
+    rows = sim(64)
+    assert rows["abort"]["failures_by_cause"].get("dead_in_view", 0) > 0
+    assert "dead_in_view" not in rows["exclude"]["failures_by_cause"]
+    assert rows["exclude"]["failures_by_cause"].get("views_disagree", 0) > 0
+    assert set(rows["settled"]["failures_by_cause"]) <= {"killed_in_transfer", "alone"}
+    assert rows["settled"]["group_rounds_applied"] > rows["exclude"]["group_rounds_applied"]
+    today = rows["today"]
+    assert today["rounds_applied"] == pytest.approx(today["rounds_applied_formula"], abs=0.05)
+
+
+@pytest.mark.parametrize("n,theirs", [(512, 8.2), (900, 5.0)])
+def test_the_notebook_setting_gives_the_authors_rounds_without_failures(n, theirs):
+    # yandex-research/moshpit-sgd, averaging_experiments/plot_results.ipynb:
+    # rounds to 1e-9, mean of 10 runs, 32 x 32 grid, p = 0.
+    assert group_sim.notebook(n, 0.0, exclude=True)["rounds_to_1e-9"] == pytest.approx(
+        theirs, abs=0.5)
