@@ -220,6 +220,8 @@ def simulate_groups(n: int, args, times: dict, design: str) -> dict:
     rtt = args.rtt_ms / 1000
     one_way, sync_s = rtt / 2, rtt + bandwidth_s(2, args) / 2
     grid = mp.grid_for(n, args.dims, args.headroom)
+    while args.max_side and grid.side > args.max_side:
+        grid = mp.grid_for(n, grid.dims + 1, args.headroom)
     swarm = Swarm(n, times, random.Random(args.seed), sync_s, settle_s)
     churn = Churn(n, args.churn_per_min, args.seed + 1, args.sim_s)
     trials = Trials(random.Random(args.seed + 2), args.trial_cap)
@@ -304,7 +306,8 @@ def simulate_groups(n: int, args, times: dict, design: str) -> dict:
     data_b = 4 * (g_mean - 1) / g_mean * args.state_mb * 1e6 if g_mean else 0
     return {
         "design": f"groups, {design}", "settle_s": settle_s,
-        "grid": [grid.side] * grid.dims, "cells": grid.cells,
+        "grid": [grid.side] * (grid.dims - 1) + [grid.last or grid.side],
+        "cells": grid.cells,
         "rounds": len(round_s), "kills": len(swarm.killed), "joins": swarm.next_id - n,
         "group_round_s": {"median": round(pct(lat, 0.5), 3), "p95": round(pct(lat, 0.95), 3)},
         "group_round_rtts": {"median": round(pct(lat, 0.5) / rtt, 2),
@@ -424,6 +427,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--compute-s", type=float, default=1.0,
                     help="each peer's compute between two rounds (scale_sim's default)")
     ap.add_argument("--dims", type=int, default=2, help="grid axes d")
+    ap.add_argument("--max-side", type=int, default=0,
+                    help="more axes until groups are at most this (8: direct.py's "
+                    "DIRECT_MAX_WORLD, above which the daemon takes the ring)")
     ap.add_argument("--headroom", type=float, default=1.05,
                     help="cells per member at the start: room for joiners")
     ap.add_argument("--sim-s", type=float, default=1800.0, help="simulated seconds per design")

@@ -40,8 +40,10 @@ def gauss(members, seed: int) -> dict[str, float]:
     return {m: rng.gauss(0.0, 1.0) for m in members}
 
 
-# Grids up to 1,296 cells, with a member count that fits.
-grids = st.tuples(st.integers(1, 6), st.integers(1, 4)).map(lambda t: mp.Grid(*t))
+# Grids up to 1,296 cells (the last axis possibly shorter), with a member
+# count that fits.
+grids = st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(0, 6)).map(
+    lambda t: mp.Grid(t[0], t[1], min(t[2], t[0])))
 
 
 @st.composite
@@ -95,11 +97,17 @@ def test_more_members_than_cells_is_refused():
 
 
 def test_grid_for_is_the_smallest_with_room():
-    assert mp.grid_for(1024, 2) == mp.Grid(32, 2)
-    assert mp.grid_for(1025, 2) == mp.Grid(33, 2)
-    assert mp.grid_for(1024, 2, headroom=1.05) == mp.Grid(33, 2)
-    assert mp.grid_for(16, 4) == mp.Grid(2, 4)
-    assert mp.grid_for(1, 3) == mp.Grid(1, 3)
+    assert mp.grid_for(1024, 2) == mp.Grid(32, 2, 32)
+    assert mp.grid_for(1025, 2) == mp.Grid(33, 2, 32)
+    assert mp.grid_for(1024, 2, headroom=1.05).cells == 33 * 33
+    assert mp.grid_for(16, 2, headroom=1.05) == mp.Grid(5, 2, 4)
+    assert mp.grid_for(16, 4) == mp.Grid(2, 4, 2)
+    assert mp.grid_for(1, 3) == mp.Grid(1, 3, 1)
+    for n in range(1, 300):
+        for d in (1, 2, 3):
+            g = mp.grid_for(n, d)
+            assert g.cells >= n and (g.side - 1) ** d < n  # enough, and the smallest side
+            assert g.cells - n < g.side ** (d - 1)  # the last axis is no longer than needed
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,14 +7,16 @@ there still span every member. cmd/group_sim.py runs it at up to 1,024
 peers; docs/swarm.md, "Group rounds (Moshpit-style), simulated", has what
 it measures.
 
-Every member of a view gets a cell of a d-dimensional grid of side g (`Grid`,
-`place`); round r averages, in one group, the members whose cells agree on
-every coordinate but axis r mod d (`groups`). Each group runs its own
-all-reduce (the direct one, swarm/direct.py, fits: groups are small); a
-failure aborts only that group's part (`apply_group`). Pure functions of
-their arguments: no sockets, threads, clocks or messages. Peers that agree
-on the view (the member ids), the grid and the seed agree on every group of
-every round without exchanging anything.
+Every member of a view gets a cell of a d-dimensional grid of side g, its
+last axis possibly shorter (`Grid`, `grid_for`, `place`); round r
+averages, in one group, the members whose cells agree on every coordinate
+but axis r mod d (`groups`). Each group runs its own all-reduce (the
+direct one, swarm/direct.py, two one-way delays, as collective.py takes it
+for up to DIRECT_MAX_WORLD = 8 members); a failure aborts only that
+group's part (`apply_group`). Pure functions of their arguments: no
+sockets, threads, clocks or messages. Peers that agree on the view (the
+member ids), the grid and the seed agree on every group of every round
+without exchanging anything.
 
 Invariants:
   * Agreement: `place` and `groups` depend only on the set of ids, the grid
@@ -26,7 +28,8 @@ Invariants:
   * Sum kept: a group that applies replaces its members' values by their
     mean and a failed one keeps them, so the sum over the view is unchanged
     (up to rounding) and the members' spread never grows.
-  * Exact mean: with N = g^d members and a fixed view, any d consecutive
+  * Exact mean: with every cell full (N = g^d, or g^(d-1) x the last
+    axis's length; "a full grid" below) and a fixed view, any d consecutive
     rounds that all apply leave every member holding the global mean.
     After the axes a_1..a_k have been averaged, a member's value depends
     only on its coordinates on the other axes; after all d it is one
@@ -35,31 +38,31 @@ Invariants:
     group's order (its members' coordinates on the axis) and then divided
     by its size, as direct.py's owner of a segment sums the parts in rank
     order; every member takes those same bits (`group_mean`).
-  * Parity, across groups: on a full grid (N = g^d), fixed view, d
-    consecutive rounds that all apply leave every member with
-    bit-identical values: by the induction above, the members of every
-    group of round k hold the same bits for the same coordinate on the
-    axes not yet averaged, and every group sums them in the same order
-    (by coordinate). Those bits are the global mean up to rounding (a
-    nested sum, not the flat sum's bits). Anything else (N < g^d, a failed
-    group, a view change, fewer than d rounds) leaves members of different
-    groups with values that differ, by more than rounding until the
-    averaging has converged. A state hash is therefore one per group and
-    round, not one per step for the swarm as in today's global rounds.
+  * Parity, across groups: on a full grid, fixed view, d consecutive
+    rounds that all apply leave every member with bit-identical values: by
+    the induction above, the members of every group of round k hold the
+    same bits for the same coordinate on the axes not yet averaged, and
+    every group sums them in the same order (by coordinate). Those bits
+    are the global mean up to rounding (a nested sum, not the flat sum's
+    bits). Anything else (empty cells, a failed group, a view change, fewer
+    than d rounds) leaves members of different groups with values that
+    differ, by more than rounding until the averaging has converged. A
+    state hash is therefore one per group and round, not one per step for
+    the swarm as in today's global rounds.
 
-When N < g^d some cells are empty: groups are smaller and uneven, and d
-rounds no longer give the exact mean; the mean is still kept and the
+When N is below the cells some are empty: groups are smaller and uneven,
+and d rounds no longer give the exact mean; the mean is still kept and the
 spread still shrinks every round (the authors' own simulation uses such
 sparse grids: 512 to 900 peers on 32 x 32). `place` fills cells by linear
 probing from each member's hashed cell, members taken in hashed order, so
-a view that gains or loses one member moves only that member and the few
-whose probing passed its cell; at N = g^d every cell is full and a change
-moves more. Under churn: a member dead but still in the view leaves its
-group unable to finish (its all-reduce aborts) and that group keeps its
-values; a peer not yet in the view is in no group and averages nothing;
-peers that disagree on the view compute different groups only around the
-cells that differ, and those groups fail to meet. The caller decides, from
-its own all-reduce, which groups failed.
+a member that joins or leaves moves nobody hashed before it, and only
+those after it whose probing passed its cell (about 10 at 1,024 members
+in 33 x 33 cells, more as the grid fills). Under churn: a member dead but
+still in the view leaves its group unable to finish (its all-reduce
+aborts) and that group keeps its values; a peer not yet in the view is in
+no group and averages nothing; peers that disagree on the view compute
+different groups around the cells that differ, and those groups fail to
+meet. The caller decides, from its own all-reduce, which groups failed.
 """
 
 from __future__ import annotations
@@ -76,18 +79,19 @@ T = TypeVar("T")  # a value that supports + and / by an int: float, tensor, arra
 class Grid:
     side: int  # g: the most members in one group
     dims: int  # d: rounds for one pass over every axis
+    last: int = 0  # the last axis's length, at most g (0: g); see grid_for
 
     def __post_init__(self):
-        if self.side < 1 or self.dims < 1:
-            raise ValueError("a grid has side >= 1 and dims >= 1")
+        if self.side < 1 or self.dims < 1 or not 0 <= self.last <= self.side:
+            raise ValueError("a grid has side >= 1, dims >= 1 and 0 <= last <= side")
 
     @property
     def cells(self) -> int:
-        return self.side ** self.dims
+        return self.side ** (self.dims - 1) * (self.last or self.side)
 
     def coords(self, cell: int) -> tuple[int, ...]:
         """The cell's coordinates, axis 0 first (base-g digits, least
-        significant first)."""
+        significant first; the last one below `last`)."""
         out = []
         for _ in range(self.dims):
             cell, c = divmod(cell, self.side)
@@ -96,14 +100,17 @@ class Grid:
 
 
 def grid_for(n: int, dims: int, headroom: float = 1.0) -> Grid:
-    """The smallest grid of `dims` axes with at least n x headroom cells.
-    Headroom above 1 leaves cells for joiners: the grid must not change
-    with every join, since a new side moves every member."""
+    """The smallest grid of `dims` axes with at least n x headroom cells:
+    side g the smallest with g^d cells enough, the last axis cut to what is
+    needed. Empty cells make groups uneven and the averaging slower, so the
+    last axis is not left mostly empty (16 members: 5 x 4, not 5 x 5).
+    Headroom above 1 leaves cells for joiners: a grid that changes moves
+    every member."""
     need = max(1, -(-int(n * headroom * 1000) // 1000))  # ceil, robust to float error
     side = 1
     while side ** dims < need:
         side += 1
-    return Grid(side, dims)
+    return Grid(side, dims, -(-need // side ** (dims - 1)))
 
 
 def _key(seed: int, member: str) -> bytes:
