@@ -214,14 +214,20 @@ def bandwidth_s(g: int, args) -> float:
     return 2 * (g - 1) / g * 8 * args.state_mb * 1e6 / (args.bandwidth_mbit * 1e6)
 
 
+def choose_grid(n: int, args) -> mp.Grid:
+    grid = mp.grid_for(n, args.dims, args.headroom)
+    while args.max_side and grid.side > args.max_side:
+        grid = mp.grid_for(n, grid.dims + 1, args.headroom)
+    return grid
+
+
 def simulate_groups(n: int, args, times: dict, design: str) -> dict:
     exclude = design in ("exclude", "settled")
     settle_s = times["joiner_known_by_all_max_s"] if design == "settled" else None
     rtt = args.rtt_ms / 1000
     one_way, sync_s = rtt / 2, rtt + bandwidth_s(2, args) / 2
-    grid = mp.grid_for(n, args.dims, args.headroom)
-    while args.max_side and grid.side > args.max_side:
-        grid = mp.grid_for(n, grid.dims + 1, args.headroom)
+    grid, regrids = choose_grid(n, args), 0
+    first_grid = grid
     swarm = Swarm(n, times, random.Random(args.seed), sync_s, settle_s)
     churn = Churn(n, args.churn_per_min, args.seed + 1, args.sim_s)
     trials = Trials(random.Random(args.seed + 2), args.trial_cap)
@@ -245,7 +251,10 @@ def simulate_groups(n: int, args, times: dict, design: str) -> dict:
         if counting:
             trials.begin(swarm, v_in)
         if len(v_in) > grid.cells:
-            raise SystemExit(f"{len(v_in)} members outgrew {grid}: raise --headroom")
+            # Outgrown: a new grid, taken by every member at once (modelled as
+            # agreed; nothing builds it), which moves every member.
+            grid, regrids = choose_grid(len(v_in), args), regrids + 1
+            cache.clear()
         if len(cache) > 64:
             cache.clear()
         cells = [cache.setdefault(frozenset(v), mp.place(v, grid, args.seed))
@@ -306,8 +315,8 @@ def simulate_groups(n: int, args, times: dict, design: str) -> dict:
     data_b = 4 * (g_mean - 1) / g_mean * args.state_mb * 1e6 if g_mean else 0
     return {
         "design": f"groups, {design}", "settle_s": settle_s,
-        "grid": [grid.side] * (grid.dims - 1) + [grid.last or grid.side],
-        "cells": grid.cells,
+        "grid": [first_grid.side] * (first_grid.dims - 1) + [first_grid.last],
+        "cells": first_grid.cells, "regrids": regrids, "cells_at_end": grid.cells,
         "rounds": len(round_s), "kills": len(swarm.killed), "joins": swarm.next_id - n,
         "group_round_s": {"median": round(pct(lat, 0.5), 3), "p95": round(pct(lat, 0.95), 3)},
         "group_round_rtts": {"median": round(pct(lat, 0.5) / rtt, 2),
