@@ -40,6 +40,9 @@ class SimPeer:
         # does; a process that restarts and writes nothing keeps the old one.
         self.disk_record = record
         self.slowdown = 1.0  # its compute between rounds takes this many times the sim's
+        # Seconds its driver takes to apply a decided round (a checkpoint
+        # ahead of it on the state thread), during which its core waits.
+        self.apply_delay = 0.0
         self.applied_steps: dict[int, bytes] = {}  # step -> state hash after applying
         # The caller's contributions, decided by the daemon's own rules: a
         # peer that wants a round submits one token (its "pseudo-gradient").
@@ -52,8 +55,11 @@ class Sim:
     def __init__(self, n: int, timeouts=r.Timeouts(heartbeat_every=0.1, dead_after=0.6,
                                                    gather=1.0, ack=0.5, collective=5.0),
                  latency=0.01, compute=0.2, collective_time=0.15, sync_time=0.1,
-                 jitter=0.0, seed=0, durable=True):
+                 jitter=0.0, seed=0, durable=True, ready_after_sync=0.0):
         self.now = 0.0
+        # A peer that synced is Ready this long after (its first contribution
+        # is made against the fetched state: seconds at GB sizes).
+        self.ready_after_sync = ready_after_sync
         self.t = timeouts
         self.latency = latency
         self.jitter = jitter  # each message takes latency + U(0, jitter): reordering
@@ -201,25 +207,11 @@ class Sim:
                 p.contribs.round_started(a.round_id)
                 self.at(self.collective_time, self._collective_end, p, a)
             elif isinstance(a, r.ApplyResult):
-                if p.pending is None or p.pending[0] != a.round_id:
-                    # Decided "apply" but our collective failed here: stay, as the
-                    # daemon does; the parity check fetches what the swarm applied.
-                    p.pending = None
-                    p.core.state_synced(p.step, p.state)
-                    self._settle(p.contribs.round_failed(a.round_id), None)
-                    self.at(self.compute / 4, self._ready, p)
-                    continue
-                rid, result = p.pending
-                assert rid == a.round_id
-                self._settle(p.contribs.round_applied(a.round_id, result), result)
-                p.step = a.step + 1
-                p.state = h(p.state, result)
-                p.pending = None
-                p.applied_steps[p.step] = p.state
-                p.core.result_applied(p.step, p.state)
-                p.disk_record = p.core.record()
-                self.events.append((self.now, "apply", p.id, p.step))
-                self.at(self.compute * p.slowdown, self._ready, p)
+                if p.apply_delay and p.pending is not None and p.pending[0] == a.round_id:
+                    self.events.append((self.now, "applying", p.id, a.step + 1))
+                    self.at(p.apply_delay, self._apply_result, p, a)
+                else:
+                    self._apply_result(p, a)
             elif isinstance(a, r.DiscardResult):
                 p.pending = None
                 self._settle(p.contribs.round_failed(a.round_id), None)
@@ -229,6 +221,29 @@ class Sim:
             elif isinstance(a, r.ViewChanged):
                 p.disk_record = p.core.record()  # as the daemon: a smaller view is kept
                 self.events.append((self.now, "view", p.id, a.members))
+
+    def _apply_result(self, p: SimPeer, a: r.ApplyResult) -> None:
+        if not p.alive:
+            return
+        if p.pending is None or p.pending[0] != a.round_id:
+            # Decided "apply" but our collective failed here: stay, as the
+            # daemon does; the parity check fetches what the swarm applied.
+            p.pending = None
+            p.core.state_synced(p.step, p.state)
+            self._settle(p.contribs.round_failed(a.round_id), None)
+            self.at(self.compute / 4, self._ready, p)
+            return
+        rid, result = p.pending
+        assert rid == a.round_id
+        self._settle(p.contribs.round_applied(a.round_id, result), result)
+        p.step = a.step + 1
+        p.state = h(p.state, result)
+        p.pending = None
+        p.applied_steps[p.step] = p.state
+        p.core.result_applied(p.step, p.state)
+        p.disk_record = p.core.record()
+        self.events.append((self.now, "apply", p.id, p.step))
+        self.at(self.compute * p.slowdown, self._ready, p)
 
     def _deliver(self, src: str, dst: str, data: bytes):
         if dst not in self.peers or (src in self.peers and not self.connected(src, dst)):
@@ -303,7 +318,10 @@ class Sim:
                 self.events.append((self.now, "sync", p.id, p.step))
                 # A peer that just synced enters the next round at once with a
                 # zero update (as prime does), rather than chase the swarm.
-                self._ready(p)
+                if self.ready_after_sync:
+                    self.at(self.ready_after_sync, self._ready, p)
+                else:
+                    self._ready(p)
                 return
         p.core.sync_failed()  # donor moved on: the parity check will ask again
 

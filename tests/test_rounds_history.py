@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from swarm_sim import Sim
 
+from peerlearn.swarm.coordinating import CATCHUP_MAX_FACTOR
 from peerlearn.swarm import rounds as r
 from peerlearn.wire import control as m
 
@@ -255,7 +256,10 @@ def test_a_swarm_whose_only_member_restarted_behind_a_joiner_goes_on():
     del sim.peers["p01"].core.local_ready  # back to the real method
     t0 = sim.now
     sim.restart("p00", via="p01", back=1)
-    sim.run(t0 + 8)
+    # The restarted founder waits once for the joiner, which holds its state
+    # and never readies here, as for any joiner still making its first
+    # contribution: at most CATCHUP_MAX_FACTOR gathers.
+    sim.run(t0 + 8 + CATCHUP_MAX_FACTOR * sim.t.gather)
     assert sim.parity_violations() == []
     assert any(e[1] == "sync" and e[2] == "p00" and e[0] > t0 for e in sim.events)
     assert min(p.step for p in sim.peers.values()) >= held + 2
@@ -467,13 +471,54 @@ def test_readies_for_far_steps_do_not_hide_a_slow_members_lateness():
     assert sim.parity_violations() == []
 
 
+def test_joiners_synced_before_the_first_ready_are_waited_for_their_first_contribution():
+    """Issue 17 at 2 GB: two joiners fetched the founder's state before its
+    first Ready (it was serving them), then took 15 s to make their first
+    contributions; a joiner synced to the current step was waited for one
+    gather only, so the founder applied alone, both fetched again, and they
+    entered only after 6 more syncs each (190 s). A joiner synced to this step
+    but not yet ready is catching up too: waited for, once, as the others."""
+    sim = Sim(1, compute=3.0, sync_time=0.5, ready_after_sync=4.0)
+    sim.run(0.3)
+    sim.join("p08", via="p00")
+    sim.join("p09", via="p00")
+    sim.run(15)
+    first = [e for e in sim.events if e[1] == "view" and e[2] == "p00"]
+    assert first and set(first[0][3]) == {"p00", "p08", "p09"}, first[:2]
+    assert [e for e in sim.events if e[1] == "sync" and e[2] in ("p08", "p09")] and not [
+        e for e in sim.events if e[1] == "sync" and e[2] in ("p08", "p09") and e[3] > 0]
+    assert sim.parity_violations() == []
+
+
+def test_a_peer_whose_apply_waits_behind_a_checkpoint_is_not_sent_to_fetch_the_state():
+    """A 2 GB checkpoint (22 s here) runs on the state thread, so the apply
+    of the round after it waits: the others, done applying, announced the
+    next step, and the slow peer's parity check asked to fetch it (counted
+    as a parity mismatch, 3 in a 5-minute 2 GB run with no real one). While
+    the driver applies a decided round its core asks for nothing."""
+    sim = Sim(3)
+    sim.run(2)
+    slow = sim.peers["p02"]
+    slow.apply_delay = 1.5  # many gathers of the others' rounds
+    t0 = sim.now
+    sim.run(t0 + 10)
+    mine = [e for e in sim.events if e[2] == "p02" and e[0] > t0]
+    began = {e[3]: e[0] for e in mine if e[1] == "applying"}
+    ended = {e[3]: e[0] for e in mine if e[1] == "apply"}
+    assert len(ended) >= 3  # (left out of the rounds it is too slow for, it syncs then)
+    for step, at in began.items():
+        inside = [e for e in mine if e[1] == "sync" and at <= e[0] < ended.get(step, sim.now)]
+        assert not inside, (step, at, inside)
+    assert sim.parity_violations() == []
+
+
 def test_a_joiner_whose_sync_outlasts_the_rounds_is_waited_for_and_enters():
     """Issue 17: a joiner's state transfer plus its first contribution took
     longer than a round (1 GB on 2 cores): a gather waited one gather for it,
     once, and it then fetched the state at every step and never entered. A
     joiner catching up is now waited for until it is ready (at most
     CATCHUP_MAX_FACTOR gathers), such waits rate-limited by their length."""
-    from peerlearn.swarm.coordinating import CATCHUP_EVERY, CATCHUP_MAX_FACTOR
+    from peerlearn.swarm.coordinating import CATCHUP_EVERY
 
     sim = Sim(3, sync_time=5.0)  # five gathers (1 s each), rounds every ~0.4 s
     sim.run(4)

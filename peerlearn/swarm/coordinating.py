@@ -218,13 +218,17 @@ class Coordinating:
                     if p not in self.members and self.alive(p, now) and b.synced
                     and b.step == step and (p not in live or live[p].step != step)
                     and p not in left_out]
-        # A joiner still catching up (fetching, or synced to an older step) is
+        # A joiner still catching up (fetching, synced to an older step, or
+        # synced to this one and still making its first contribution) is
         # waited for once, until it is ready or CATCHUP_MAX_FACTOR gathers
         # passed: where rounds are shorter than a state transfer plus the
         # joiner's first contribution, a swarm that never waited would apply
         # just before each of its arrivals and it would never enter (a wait
         # of one gather let no 1 GB joiner in on this 2-core machine: each
-        # fetched the state at every step for minutes). The joiners waited
+        # fetched the state at every step for minutes; at 2 GB two joiners
+        # synced before the founder's first Ready, were waited for one
+        # gather while making their first contributions, and entered only
+        # after 6 more syncs each, 190 s). The joiners waited
         # for stay waited for in this gather once they have synced, until
         # their Ready. Such waits start only CATCHUP_EVERY times the last
         # one's length after it ended: identities that heartbeat and never
@@ -235,8 +239,8 @@ class Coordinating:
                 self.t.gather, self.catchup_wait_len):
             catching = [p for p, b in self.beats.items()
                         if p not in self.members and p not in self.waited_once and
-                        p not in left_out and self.alive(p, now) and
-                        (not b.synced or b.step < step)]
+                        p not in left_out and self.alive(p, now) and p not in ids and
+                        (not b.synced or b.step <= step)]
         waiting += [p for p in catching if p not in waiting]
         first = self.first_ready_at if self.first_ready_at is not None else now
         limit = CATCHUP_MAX_FACTOR * self.t.gather if catching else self._gather_for(waiting)

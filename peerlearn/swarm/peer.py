@@ -142,6 +142,7 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
         self.last_applied_at = time.monotonic()  # or synced: the swarm moved us forward
         self.round_gaps: deque[float] = deque(maxlen=8)  # seconds between recent applies
         self._stall_logged: tuple[str | None, float] = (None, 0.0)
+        self._stall_seen: str | None = None  # core.stall at the last tick (debug log)
         self.loop_errors = 0
         self.nonfinite_rounds = 0
         self.refused_contributions = 0  # rows a robust rule left out as not finite

@@ -153,6 +153,11 @@ class RoundCore(Coordinating, Participating, Settling, Departing, Deposing, Dist
         self.last_dead_beat_at = -1e18
         self.view_asked_at = -1e18
         self.sync_requested: tuple[int, bytes] | None = None
+        # The step an ApplyResult told the driver to reach, until it says it
+        # did (result_applied) or stayed (state_synced). Meanwhile members
+        # announcing that step are not a parity mismatch: the driver's apply
+        # may wait behind a checkpoint on its state thread (22 s at 2 GB here).
+        self.applying: int | None = None
         self.rejected = 0  # messages dropped as invalid in context
         self.started_at: float | None = None
         # A founder resuming from a checkpoint: peers that held newer states
@@ -264,6 +269,7 @@ class RoundCore(Coordinating, Participating, Settling, Departing, Deposing, Dist
         self.step, self.state_hash, self.synced = step, state_hash, True
         self._raise_floor()
         self.sync_requested = None
+        self.applying = None
 
     def sync_failed(self) -> None:
         """The driver could not fetch or verify the state it was told to: the
@@ -273,6 +279,7 @@ class RoundCore(Coordinating, Participating, Settling, Departing, Deposing, Dist
     def result_applied(self, step: int, state_hash: bytes) -> None:
         """After ApplyResult: the driver's new state and its hash."""
         self.step, self.state_hash = step, state_hash
+        self.applying = None
         self._raise_floor()
 
     def _raise_floor(self) -> None:

@@ -148,6 +148,7 @@ class Settling:
             # may apply off its loop, and a heartbeat meanwhile must not pair
             # the new step with the old hash.
             out.insert(0, ApplyResult(round_id, c.step))
+            self.applying = c.step + 1
         return out
 
     # ---------------------------------------------------------- parity
@@ -182,8 +183,8 @@ class Settling:
 
     def _check_sync(self, now: float) -> list:
         """Parity: if a majority of the view holds a state I do not, fetch it."""
-        if self.active is not None:
-            return []
+        if self.active is not None or self.applying is not None:
+            return []  # (applying: the others are where my apply is taking me)
         if self.epoch == 0 and set(self.members) <= {self.me.id}:
             return self._resume_newest(now)
         views: dict[tuple[int, bytes], list[str]] = {}

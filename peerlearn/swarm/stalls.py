@@ -23,12 +23,17 @@ STALL_FIRST_S = 60.0
 
 class StallWatch:
     """Mixed into PeerDaemon: needs core, cfg, id, submissions, last_applied_at,
-    round_gaps and _stall_logged."""
+    round_gaps, _stall_logged and _stall_seen."""
 
     def _watch_stall(self, now: float) -> None:
         """A swarm that stops applying rounds says why, once per reason and
         every STALL_LOG_EVERY_S while it lasts (the coordinator knows why).
         A lost majority is an ERROR that says what the operator can do."""
+        if self.core.stall != self._stall_seen and log.isEnabledFor(logging.DEBUG):
+            # Every change, for tracing why a round waited or went ahead
+            # (the warning below comes only once a stall is long).
+            self._stall_seen = self.core.stall
+            log.debug("%s round state: %s", self.id[:8], self._stall_seen)
         idle = now - self.last_applied_at
         lost = self.core.unreachable_voters(now) if idle > 2 * self.cfg.timeouts.dead_after \
             else []
