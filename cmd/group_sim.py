@@ -214,6 +214,18 @@ def bandwidth_s(g: int, args) -> float:
     return 2 * (g - 1) / g * 8 * args.state_mb * 1e6 / (args.bandwidth_mbit * 1e6)
 
 
+def moves(members, grid: mp.Grid, seed: int, tries: int = 20) -> dict:
+    """How many other members change cells when one member leaves (linear
+    probing: those hashed after it whose probing passed its cell)."""
+    rng = random.Random(seed)
+    cells = mp.place(members, grid, seed)
+    moved = []
+    for gone in rng.sample(sorted(members), min(tries, len(members))):
+        after = mp.place([m for m in members if m != gone], grid, seed)
+        moved.append(sum(after[m] != cells[m] for m in after))
+    return {"tries": len(moved), "mean": round(statistics.mean(moved), 2), "max": max(moved)}
+
+
 def choose_grid(n: int, args) -> mp.Grid:
     grid = mp.grid_for(n, args.dims, args.headroom)
     while args.max_side and grid.side > args.max_side:
@@ -317,6 +329,7 @@ def simulate_groups(n: int, args, times: dict, design: str) -> dict:
         "design": f"groups, {design}", "settle_s": settle_s,
         "grid": [first_grid.side] * (first_grid.dims - 1) + [first_grid.last],
         "cells": first_grid.cells, "regrids": regrids, "cells_at_end": grid.cells,
+        "others_moved_when_one_leaves": moves(list(swarm.joined)[:n], first_grid, args.seed),
         "rounds": len(round_s), "kills": len(swarm.killed), "joins": swarm.next_id - n,
         "group_round_s": {"median": round(pct(lat, 0.5), 3), "p95": round(pct(lat, 0.95), 3)},
         "group_round_rtts": {"median": round(pct(lat, 0.5) / rtt, 2),
