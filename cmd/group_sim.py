@@ -3,7 +3,7 @@ docs/swarm.md, "Group rounds (Moshpit-style), simulated", has the tables).
 
     python cmd/group_sim.py --json          # N = 16, 64, 256, 1024 and the notebook rows
 
-Per N, three designs under one model and one churn process:
+Per N, four designs under one model and one churn process:
 
 * today: one global round of every synced peer, as scale_sim's formula for
   a steady round (a fast Commit, the ring, Done, Apply: `extrapolate`'s
@@ -19,13 +19,19 @@ Per N, three designs under one model and one churn process:
   (one one-way delay; one RTT when someone is missing) and runs among the
   members that answered, as the authors' simulation leaves failed peers out
   of their group. This hello is modelled only: nothing builds it yet.
+* groups, settled: exclude, and every view change takes effect, in every
+  view at once, SWIM's longest measured time for a joiner to be known by
+  all after it is made (changes would carry the round they take effect in;
+  swim.py's do not). The views never disagree.
 
 Modelled, not measured: the network (one-way RTT/2, no jitter or loss; each
 peer's access link the bottleneck at `--bandwidth-mbit`, full duplex);
 rounds in lockstep (every group of round r starts when the slowest of round
 r - 1 ended, plus `--compute-s`); churn as Poisson kills of a random live
 peer and joins of a new one, each `--churn-per-min` x N a minute; a joiner
-copies a random settled member's value (its state sync). The membership is
+copies the value of a member already in the views when it enters them (its
+state sync); a view that outgrows the grid gets a new one, taken by every
+member at once (`regrids`). The membership is
 SWIM's, taken from its own simulation (docs/experiments/swim-scale.jsonl,
 medians at this N): a killed peer stays in every view until some member
 confirms it dead (first confirmation) and in some views until all do; a
