@@ -359,23 +359,24 @@ class PeerLinks(DialBackLinks):
             if self.dial_back:
                 return self._relayed(peer, timeout, channel)
             return self._wait_incoming(peer, timeout, channel)
-        with self._cv:
-            link = self._out.get((peer, channel))
-        if link is not None and link.healthy():
+        with self._dial_lock((peer, channel)):  # concurrent callers: one connection
+            with self._cv:
+                link = self._out.get((peer, channel))
+            if link is not None and link.healthy():
+                return link
+            if link is not None:
+                link.close()
+            host, port = address.rsplit(":", 1)
+            link = connect_link(host, int(port), self.secret, self.n_conns, timeout=timeout)
+            try:
+                send_greeting(link, self.my_id, channel, timeout, self.identity)
+            except StreamError:
+                link.close()
+                raise
+            with self._cv:
+                link.traffic = traffic_of(channel)
+                self._out[(peer, channel)] = link
             return link
-        if link is not None:
-            link.close()
-        host, port = address.rsplit(":", 1)
-        link = connect_link(host, int(port), self.secret, self.n_conns, timeout=timeout)
-        try:
-            send_greeting(link, self.my_id, channel, timeout, self.identity)
-        except StreamError:
-            link.close()
-            raise
-        with self._cv:
-            link.traffic = traffic_of(channel)
-            self._out[(peer, channel)] = link
-        return link
 
     def incoming(self, peer: str, timeout: float = 10.0, channel: int = CHANNEL_ROUND,
                  address: str | None = None) -> Link:

@@ -36,6 +36,7 @@ log = logging.getLogger("peerlearn.links")
 RELAY_DIAL_S = 3.0  # a relay that does not accept a connection within this is passed over
 PUNCH_RETRY_S = 600.0
 MAX_PUNCH_FAILURES = 1024  # peers whose failed punch is remembered
+MAX_DIAL_LOCKS = 1024  # links being (or last) opened, one lock each
 
 
 class DialBackLinks:
@@ -50,15 +51,28 @@ class DialBackLinks:
         self.punch_failures = 0
         self.relayed_links = 0
 
+    def _dial_lock(self, key: tuple[str, int]) -> threading.Lock:
+        """The lock that makes concurrent callers opening the link `key`
+        open one: the direct all-reduce opens a peer's send and receive side
+        on two threads at once, and for a peer that cannot be dialled (or a
+        link to one) both are the same link. Entries not held are dropped
+        past MAX_DIAL_LOCKS (a bound, not a history)."""
+        with self._cv:
+            lock = self._relaying.get(key)
+            if lock is None:
+                if len(self._relaying) >= MAX_DIAL_LOCKS:
+                    for k in [k for k, v in self._relaying.items() if not v.locked()]:
+                        del self._relaying[k]
+                lock = self._relaying[key] = threading.Lock()
+            return lock
+
     def _relayed(self, peer: str, timeout: float, channel: int) -> Link:
         """The link with another dial-back peer: one link, both directions."""
         if not self.relay:
             raise StreamError(f"{peer} and this peer both cannot be dialled (NAT) and no "
                               "relay is configured (relay_via)")
         key = (peer, channel)
-        with self._cv:
-            lock = self._relaying.setdefault(key, threading.Lock())
-        with lock:  # the round's send and receive side ask at once: one link
+        with self._dial_lock(key):  # the round's send and receive side ask at once: one link
             with self._cv:
                 link = self._out.get(key)
             if link is not None and link.healthy():
