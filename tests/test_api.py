@@ -526,8 +526,11 @@ def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(
     it). The direct one used to open every link before sending anything, so
     a participant held up by the staller held up a third peer too, which
     could time out first and name that innocent one (a fresh-clone CI run
-    did); each link now opens inside its own transfer, and no honest peer is
-    named there."""
+    did); each link now opens inside its own transfer. Under load an honest
+    peer can still be named, on either path: one that starts its collective
+    later than step_timeout after a partner (seen in a fresh-clone CI run);
+    the coordinator's rule of leaving out accuser and accused absorbs it,
+    so only the staller's naming is checked."""
     from peerlearn.swarm import collective
 
     if path == "ring":
@@ -573,15 +576,6 @@ def test_a_member_that_stalls_its_ring_is_named_left_out_and_rounds_go_on(
     # others'), it was named and shut out: the accused, and the accuser unless
     # that is the coordinator. (The round above set took_part too: comparing
     # with None let this pass vacuously.)
-    if path == "direct":
-        # Every waiting participant times out on the staller itself. (In the
-        # ring, a peer further round waits on an honest predecessor that
-        # waits on the staller, and under load its timeout can come first:
-        # it names that predecessor, and the coordinator's rule of leaving
-        # out accuser and accused absorbs it.)
-        for p in honest:
-            assert not any(f"the link with {p.id[:8]} stalled" in r.getMessage()
-                           for r in caplog.records), p.id
     if staller.daemon.core.took_part is not took_part_before:
         named = f"the link with {staller.id[:8]} stalled"
         assert any(named in r.getMessage() for r in caplog.records)
