@@ -10,7 +10,7 @@ import pytest
 
 from peerlearn.swarm.config import PeerConfig
 from peerlearn.transport import keys
-from peerlearn.transport.swarm_secret import WeakSecretError, check_secret
+from peerlearn.transport.swarm_secret import WeakSecretError, check_secret, new_secret
 
 WEAK = [
     b"short-secret",  # under 16 bytes
@@ -52,10 +52,17 @@ def test_strong_secrets_are_accepted(strong, tmp_path):
 
 
 def test_generated_secrets_are_never_refused():
-    # The pattern rule must not reject what a CSPRNG produces at the minimum sizes.
+    # The pattern rule must not reject what a CSPRNG produces: what `peerlearn
+    # secret new` and the launchers make (token_urlsafe(32)), and sizes at
+    # which even the smallest alphabet the characters could fall in keeps
+    # 128 bits. At exactly 16 bytes the rule judges a token by the characters
+    # it holds: token_urlsafe(16) gave 22 lowercase letters and digits (114
+    # bits by that alphabet) in a CI run, (36/64)^22, about 3e-6 a token, and
+    # token_hex(16) all digits would be 106 bits.
     for _ in range(2000):
-        check_secret(secrets.token_hex(16).encode())
-        check_secret(secrets.token_urlsafe(16).encode())
+        check_secret(new_secret().encode())
+        check_secret(secrets.token_hex(20).encode())  # 40 digits at worst: 133 bits
+        check_secret(secrets.token_urlsafe(24).encode())  # 32 symbols: 150 bits if all [a-z]
         check_secret(secrets.token_bytes(16))
 
 
