@@ -45,7 +45,7 @@ class DialBackLinks:
     def _init_dial_back(self, relay: list[tuple[str, int]] | None, hole_punch: bool) -> None:
         self.relay = relay or []  # relays (host, port) for links with other dial-back peers
         self.hole_punch = hole_punch
-        self._relaying: dict[tuple[str, int], threading.Lock] = {}
+        self._dial_locks: dict[tuple[str, int], threading.Lock] = {}  # see _dial_lock
         self._punch_failed_at: dict[str, float] = {}
         self.punched_links = 0
         self.punch_failures = 0
@@ -58,12 +58,12 @@ class DialBackLinks:
         link to one) both are the same link. Entries not held are dropped
         past MAX_DIAL_LOCKS (a bound, not a history)."""
         with self._cv:
-            lock = self._relaying.get(key)
+            lock = self._dial_locks.get(key)
             if lock is None:
-                if len(self._relaying) >= MAX_DIAL_LOCKS:
-                    for k in [k for k, v in self._relaying.items() if not v.locked()]:
-                        del self._relaying[k]
-                lock = self._relaying[key] = threading.Lock()
+                if len(self._dial_locks) >= MAX_DIAL_LOCKS:
+                    for k in [k for k, v in self._dial_locks.items() if not v.locked()]:
+                        del self._dial_locks[k]
+                lock = self._dial_locks[key] = threading.Lock()
             return lock
 
     def _relayed(self, peer: str, timeout: float, channel: int) -> Link:
