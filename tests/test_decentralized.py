@@ -2,8 +2,8 @@
 correction, the single merge) against their identities and invariants.
 
 Replicas run in one thread over tests/fake_swarm.py, extended here with a
-gossip exchange that pairs with the real `gossip_groups` and averages as
-`swarm.gossip.exchange` does (zeros, then each member in sorted-id order,
+gossip exchange that pairs with the real `gossip.groups_for` and averages as
+`swarm.gossip.exchange` does (zeros, then each member in the group's order,
 then one division)."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from peerlearn.algorithms.training import Hyper, gossip_config
 from peerlearn.state import checkpoint
 from peerlearn.swarm.api import flatten
 from peerlearn.swarm.errors import GossipFailed
-from peerlearn.swarm.gossip import MAX_CATCHUP, MAX_ROUND, gossip_groups, group_of, next_round
+from peerlearn.swarm.gossip import (
+    MAX_CATCHUP, MAX_ROUND, group_of, groups_for, next_round)
 from tests.fake_swarm import FakePeer, FakeSwarm, Lockstep
 
 torch.set_num_threads(1)
@@ -42,9 +43,10 @@ class GossipPeer(FakePeer):
         return sorted(p.id for p in self.swarm.peers if p.index not in self.swarm.down)
 
     def gossip(self, tensors, *, round_, seed=0, group_size=2, codec=None, block_size=64,
-               timeout=30.0):
+               timeout=30.0, grouping="random"):
         flat, unflatten = flatten(tensors)
-        group = group_of(self.id, gossip_groups(self.live_members(), round_, seed, group_size))
+        group = group_of(self.id, groups_for(grouping, self.live_members(), round_, seed,
+                                             group_size))
         if round_ in self.swarm.failing:
             raise GossipFailed(f"round {round_} fails (test)")
         subs = self.swarm.exchanges.setdefault((round_, group), {})
@@ -508,3 +510,28 @@ def test_gossip_pairs_end_byte_identical_and_vc_restores_the_variance(vc):
         assert all(0.5 < r / var0 < 2.0 for r in ratios), ratios
     else:
         assert ratios[0] / var0 < 0.75, ratios
+
+
+def test_gossip_on_the_grid_brings_independent_replicas_to_one_model_in_log2_m_outer_steps():
+    """8 replicas from 8 initialisations, inner lr 0 (the exchanges alone move
+    the parameters), groups of 2 on the grid (a 2 x 2 x 2 cube): after 3
+    outer steps every replica holds the same bits, the mean of the 8
+    initialisations; after 2 they are still apart."""
+    m, H = 8, 2
+    cfg = gossip_config("gossip", Hyper(H=H, independent_init=True, grouping="grid"))
+    sw, models, algos, _ = replicas(
+        m, lambda base: GossipSwarm(m, GossipLoop.initial_state(base, cfg)),
+        lambda p, mod, opt: GossipAveraging(p, mod, opt, H=H, config=cfg,
+                                            grouping="grid", init_seed=7 + int(p.id[4:])))
+    start = torch.stack([mod[0].weight.detach().clone() for mod in models])
+
+    def tick(i: int, t: int) -> None:
+        algos[i].step()
+
+    seen = []
+    Lockstep(sw, tick).run(3 * H, lambda t: seen.append(
+        len({mod[0].weight.detach().numpy().tobytes() for mod in models})) if (t + 1) % H == 0
+        else None)
+    assert all(a.exchanges == 3 for a in algos)
+    assert seen[1] > 1 and seen[2] == 1, seen
+    torch.testing.assert_close(models[0][0].weight.detach(), start.mean(0), rtol=1e-5, atol=1e-6)

@@ -74,7 +74,7 @@ from peerlearn.swarm.errors import (
     PeerError,
     StateReplaced,
 )
-from peerlearn.swarm.gossip import MAX_ROUND, next_round
+from peerlearn.swarm.gossip import GROUPINGS, MAX_ROUND, next_round
 
 CONFIG = "gossip/config"
 MERGED = "merged/"
@@ -149,18 +149,21 @@ class GossipLoop:
     and may override `after_merge()`."""
 
     def __init__(self, peer, model: nn.Module, inner_optimizer, *, H: int, config: dict,
-                 group: int = 2, seed: int = 0, merge_at: int = 0,
+                 group: int = 2, seed: int = 0, merge_at: int = 0, grouping: str = "random",
                  init_seed: int | None = None, timeout: float | None = 120.0,
                  gossip_timeout: float = 30.0, local_path: str | Path | None = None):
         if H < 1:
             raise ValueError("H must be >= 1")
         if group < 2:
             raise ValueError("a gossip group has at least 2 members")
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping {grouping!r}: one of {', '.join(GROUPINGS)}")
         if merge_at < -1:
             raise ValueError("merge_at: 0 (never), -1 (at the end) or an inner step")
         self.peer, self.model = peer, model
         self.inner_optimizer = inner_optimizer  # local, never synchronised
         self.H, self.group, self.seed, self.merge_at = H, group, seed, merge_at
+        self.grouping = grouping
         self.timeout, self.gossip_timeout = timeout, gossip_timeout
         self.params = dict(model.named_parameters())
         self.names = sorted(self.params)
@@ -382,7 +385,8 @@ class GossipLoop:
         for attempt in range(1, MEET_ATTEMPTS + 1):
             try:
                 out = self.peer.gossip(tensors, round_=self.round, seed=self.seed,
-                                       group_size=self.group, codec=self.codec,
+                                       group_size=self.group, grouping=self.grouping,
+                                       codec=self.codec,
                                        block_size=self.block_size,
                                        timeout=max(0.1, deadline - time.monotonic()))
                 break

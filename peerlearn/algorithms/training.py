@@ -38,6 +38,7 @@ from peerlearn.algorithms.decentral import LOCAL_FILE, GossipLoop, derive_seed
 from peerlearn.algorithms.diloco import OUTER, DiLoCo
 from peerlearn.algorithms.gossip import GossipAveraging
 from peerlearn.algorithms.noloco import NoLoCo
+from peerlearn.swarm.gossip import GROUPINGS
 from peerlearn.algorithms.outer import Nesterov
 from peerlearn.algorithms.streaming import StreamingDiLoCo, check_schedule
 from peerlearn.state.shared import SharedState
@@ -90,6 +91,10 @@ class Hyper:
     independent_init: bool = False  # each peer starts from its own initialisation
     gossip_timeout: float = 30.0  # an exchange waits this long for its group, then is skipped
     gossip_seed: int = 0  # the pairing's seed (the same at every peer)
+    # How gossip groups are drawn: "random" (a new random partition every
+    # round, as NoLoCo's code) or "grid" (Moshpit SGD's: exact mean in
+    # ceil(log_group N) rounds on a full grid; swarm/gossip.grid_groups).
+    grouping: str = "random"
 
     def check(self, algo: str) -> None:
         """Raises ValueError (one line) for settings `algo` cannot run with,
@@ -101,6 +106,9 @@ class Hyper:
         if algo in GOSSIP_ALGORITHMS:
             if self.group < 2:
                 raise ValueError(f"--group must be at least 2, not {self.group}")
+            if self.grouping not in GROUPINGS:
+                raise ValueError(f"--grouping must be one of {', '.join(GROUPINGS)}, "
+                                 f"not {self.grouping!r}")
             if self.merge_at < -1:
                 raise ValueError("--merge-at: off, end or an inner step")
             if not self.gossip_timeout > 0:
@@ -135,6 +143,8 @@ def gossip_config(algo: str, hp: Hyper) -> dict:
     """What the peers of a gossip run must agree on (the shared `gossip/config`)."""
     cfg = {"algo": algo, "H": hp.H, "group": hp.group, "merge_at": hp.merge_at,
            "independent_init": hp.independent_init, "gossip_seed": hp.gossip_seed}
+    if hp.grouping != "random":  # absent when random: the configuration of earlier runs stands
+        cfg["grouping"] = hp.grouping
     if algo == "noloco":
         cfg.update(outer_lr=hp.outer_lr, momentum=hp.noloco_momentum, gamma=hp.gamma)
         if hp.noloco_nesterov:  # absent when off: the configuration of earlier runs stands
@@ -154,7 +164,8 @@ def make(algo: str, peer, model: nn.Module, optimizer, hp: Hyper, *, rank: int =
     outer = Nesterov(hp.outer_lr, hp.momentum)
     if algo in GOSSIP_ALGORITHMS:
         kw = dict(H=hp.H, config=gossip_config(algo, hp), group=hp.group, seed=hp.gossip_seed,
-                  merge_at=hp.merge_at, timeout=hp.timeout, gossip_timeout=hp.gossip_timeout,
+                  merge_at=hp.merge_at, grouping=hp.grouping, timeout=hp.timeout,
+                  gossip_timeout=hp.gossip_timeout,
                   init_seed=derive_seed("init", hp.gossip_seed, rank)
                   if hp.independent_init else None,
                   local_path=local_checkpoint_path(peer))

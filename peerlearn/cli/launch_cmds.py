@@ -83,6 +83,7 @@ def demo(
     noloco_nesterov: bool = GOSSIP["noloco_nesterov"],
     independent_init: bool = GOSSIP["independent_init"],
     gossip_timeout: float = GOSSIP["gossip_timeout"],
+    grouping: str = GOSSIP["grouping"],
     codec: str = typer.Option("none", help=CODEC_HELP),
     aggregate: str = typer.Option("mean", help=AGGREGATE_HELP),
     task_set: list[str] = typer.Option([], "--set", help="KEY=VALUE for the task (repeat)."),
@@ -146,7 +147,7 @@ def demo(
              "--progress-every", str(progress_every), "--group", str(group),
              "--noloco-momentum", str(noloco_momentum),
              "--gamma", str(gamma), "--merge-at", merge_at,
-             "--gossip-timeout", str(gossip_timeout),
+             "--gossip-timeout", str(gossip_timeout), "--grouping", grouping,
              *(["--independent-init"] if independent_init else []),
              *(["--noloco-nesterov"] if noloco_nesterov else [])]
     for pair in task_set:

@@ -84,6 +84,7 @@ def run(
     noloco_nesterov: bool = GOSSIP["noloco_nesterov"],
     independent_init: bool = GOSSIP["independent_init"],
     gossip_timeout: float = GOSSIP["gossip_timeout"],
+    grouping: str = GOSSIP["grouping"],
     progress_every: int = typer.Option(25, help="A progress line every this many steps."),
     wait_peers: int = typer.Option(0, help="Start training once this many peers are heard "
                                            "from (0: at once)."),
@@ -136,7 +137,7 @@ def run(
         if algo in ("noloco", "gossip", "gossip-vc"):  # training.GOSSIP_ALGORITHMS (no torch here)
             shared += ["--group", str(group), "--noloco-momentum", str(noloco_momentum),
                        "--gamma", str(gamma), "--merge-at", merge_at,
-                       "--gossip-timeout", str(gossip_timeout),
+                       "--gossip-timeout", str(gossip_timeout), "--grouping", grouping,
                        *(["--independent-init"] if independent_init else []),
                        *(["--noloco-nesterov"] if noloco_nesterov else [])]
         shared += [*(["--task", task] if task else []),
@@ -161,7 +162,8 @@ def run(
                         group=group, noloco_momentum=noloco_momentum, gamma=gamma,
                         noloco_nesterov=noloco_nesterov,
                         merge_at=_merge_at(merge_at), independent_init=independent_init,
-                        gossip_timeout=gossip_timeout, outer_every_s=outer_every_s),
+                        gossip_timeout=gossip_timeout, grouping=grouping,
+                        outer_every_s=outer_every_s),
             steps=steps, shard=shard, seed=seed, codec=codec_id, aggregate=aggregate,
             data_port=data_port, dead_after=dead_after,
             metrics=None if metrics == "off" else metrics, allowlist=keys,

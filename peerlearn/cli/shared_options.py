@@ -35,6 +35,10 @@ GOSSIP = {
     "independent_init": typer.Option(False, "--independent-init",
                                      help="Gossip: each peer starts from its own "
                                           "initialisation (the task's, permuted per peer)."),
+    "grouping": typer.Option("random", help="Gossip: how groups are drawn each round: random "
+                                            "(NoLoCo's), or grid (Moshpit SGD's: every peer "
+                                            "holds the exact mean after ceil(log_group N) "
+                                            "rounds on a full grid)."),
     "gossip_timeout": typer.Option(30.0, help="Gossip: seconds an exchange waits for its "
                                               "group before it is skipped."),
 }

@@ -342,10 +342,12 @@ class Peer:
 
     def gossip(self, tensors: Tensors, *, round_: int, seed: int = 0, group_size: int = 2,
                codec: int | None = None, block_size: int = 64,
-               timeout: float = 30.0) -> Tensors:
+               timeout: float = 30.0, grouping: str = "random") -> Tensors:
         """The mean of tensors within this peer's gossip group for round_.
 
-        Groups are a pure function of (live members, round_, seed, group_size):
+        Groups are a pure function of (live members, round_, seed, group_size,
+        grouping: gossip.groups_for; "grid" is Moshpit's, exact in
+        ceil(log_group_size N) rounds on a full grid):
         peers that agree on the view meet without any message. No round, no
         barrier; runs alongside all_reduce (separate links). Raises
         GossipFailed; one with `ahead` set asks for a call at
@@ -355,7 +357,7 @@ class Peer:
         flat, unflatten = flatten(tensors)
         me = self.id
         members = self.live_members()
-        group = g.group_of(me, g.gossip_groups(members, round_, seed, group_size))
+        group = g.group_of(me, g.groups_for(grouping, members, round_, seed, group_size))
         addresses = self._on_loop(lambda: {p: self.daemon.core.known[p].data for p in group
                                            if p in self.daemon.core.known})
         if not self._gossip_lock.acquire(blocking=False):

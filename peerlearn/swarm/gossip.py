@@ -11,9 +11,14 @@ Invariants:
   * `gossip_groups` is a pure function; its order is a keyed hash, not
     Python's `random`, so peers on different Python versions agree.
   * Every member of a group ends with byte-identical results when the
-    exchange succeeds everywhere: values are summed in sorted-id order, and
-    with a codec each member's own value is its dequantized bytes, which is
-    exactly what the others decode.
+    exchange succeeds everywhere: values are summed in the group's order
+    (the same tuple at every member: sorted ids for random groups, grid
+    coordinates for grid groups), and with a codec each member's own value
+    is its dequantized bytes, which is exactly what the others decode.
+  * Grid groups (`grid_groups`, Moshpit SGD's, swarm/moshpit.py): on a full
+    grid with a fixed view, ceil(log_size N) rounds that all succeed leave
+    every member with the same bits, the global mean up to rounding; random
+    groups of 2 only shrink the spread (by half a round, in expectation).
   * Not agreed: if one side's exchange fails after the other side finished,
     the two hold different tensors. Gossip algorithms tolerate this; a
     caller needing agreement uses a round (all-reduce) instead.
@@ -48,6 +53,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from peerlearn.swarm import moshpit
 from peerlearn.swarm.aggregate import aggregate
 from peerlearn.swarm.datalinks import CHANNEL_GOSSIP, PeerLinks
 from peerlearn.swarm.errors import GossipFailed
@@ -97,6 +103,38 @@ def gossip_groups(members: Sequence[str], round_: int, seed: int = 0,
     return [tuple(sorted(g)) for g in groups]
 
 
+GROUPINGS = ("random", "grid")
+
+
+def grid_groups(members: Sequence[str], round_: int, seed: int = 0,
+                size: int = 2) -> list[tuple[str, ...]]:
+    """Moshpit SGD's groups (Ryabinin et al., NeurIPS 2021): the members on
+    a grid of d = ceil(log_size N) axes of side at most `size`, cells from a
+    keyed hash of (seed, id) that does not change with the round; round r
+    groups the members that differ only on axis r mod d, in their order on
+    that axis (the order their values are summed in). Members alone in
+    their line (cells left empty when N is not size^d) form a group of one.
+    Same inputs, same output, on every peer."""
+    if size < 2:
+        raise ValueError("a gossip group has at least 2 members")
+    ids = sorted(set(members))
+    dims = 1
+    while size ** dims < len(ids):
+        dims += 1
+    grid = moshpit.grid_for(len(ids), dims)
+    return moshpit.groups(moshpit.place(ids, grid, seed), grid, round_)
+
+
+def groups_for(grouping: str, members: Sequence[str], round_: int, seed: int = 0,
+               size: int = 2) -> list[tuple[str, ...]]:
+    """Round round_'s groups by `grouping` (one of GROUPINGS)."""
+    if grouping == "random":
+        return gossip_groups(members, round_, seed, size)
+    if grouping == "grid":
+        return grid_groups(members, round_, seed, size)
+    raise ValueError(f"grouping {grouping!r}: one of {', '.join(GROUPINGS)}")
+
+
 def next_round(mine: int, heard: Iterable[int] = ()) -> int:
     """The round to try after a failed exchange at round `mine`, having
     heard partners ahead of us at `heard` (GossipFailed.rounds): the latest
@@ -133,7 +171,7 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
     and the partners whose values were left out (see `rule`).
 
     rule: "mean", or a robust rule of swarm.aggregate applied to the group's
-    values in sorted-id order (the same rows at every member, so the same
+    values in the group's order (the same rows at every member, so the same
     bits). With a robust rule and three or more members, a partner's NaN is
     left out and its 1e30 clipped, instead of failing the exchange; a pair
     cannot outvote anyone, so pairs keep the refusals below.
@@ -250,6 +288,6 @@ def exchange(links: PeerLinks, me: str, group: tuple[str, ...], addresses: dict[
         got = aggregate(torch.stack([values[p] for p in group]), rule)
         return got.value, tuple(group[i] for i in got.refused)
     out = torch.zeros_like(tensor)
-    for p in group:  # sorted: the same additions in the same order everywhere
+    for p in group:  # the group's order: the same additions in the same order everywhere
         out.add_(values[p])
     return out.div_(len(group)), ()
