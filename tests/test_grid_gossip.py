@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerlearn.algorithms.training import Hyper, gossip_config
+from peerlearn.swarm import moshpit
 from peerlearn.swarm.gossip import GROUPINGS, grid_groups, gossip_groups, group_of, groups_for
 from tests.test_api import run_all
 from tests.test_decentralized_swarm import peers  # noqa: F401 - a fixture
@@ -52,6 +53,20 @@ def test_grid_groups_partition_the_members_into_groups_of_at_most_size(n, size, 
     assert all(1 <= len(g) <= size for g in gs)
     assert gs == grid_groups(members, round_, seed, size)  # the input's order does not matter
     assert gs == groups_for("grid", members, round_, seed, size)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), dims=st.integers(1, 4), steps=st.integers(0, 9),
+       seed=st.integers(0, 3))
+def test_compacting_groups_are_a_partition_of_lines_and_the_fixed_groups_on_a_full_grid(
+        n, dims, steps, seed):
+    grid = moshpit.grid_for(n, dims)
+    cells = moshpit.place(ids(n), grid, seed)
+    gs = moshpit.compacting_groups(cells, grid, steps)
+    assert sorted(m for g in gs for m in g) == ids(n)
+    assert all(1 <= len(g) <= grid.side for g in gs)
+    if len(cells) == grid.cells:  # full: an index in a full line is its coordinate
+        assert sorted(gs) == sorted(moshpit.groups(cells, grid, steps))
 
 
 @pytest.mark.parametrize("n,size,rounds", [(8, 2, 3), (9, 3, 2), (16, 4, 2), (16, 2, 4),

@@ -109,11 +109,13 @@ GROUPINGS = ("random", "grid")
 def grid_groups(members: Sequence[str], round_: int, seed: int = 0,
                 size: int = 2) -> list[tuple[str, ...]]:
     """Moshpit SGD's groups (Ryabinin et al., NeurIPS 2021): the members on
-    a grid of d = ceil(log_size N) axes of side at most `size`, cells from a
-    keyed hash of (seed, id) that does not change with the round; round r
+    a grid of d = ceil(log_size N) axes of side at most `size`; round r
     groups the members that differ only on axis r mod d, in their order on
-    that axis (the order their values are summed in). Members alone in
-    their line (cells left empty when N is not size^d) form a group of one.
+    that axis (the order their values are summed in). Each pass of d rounds
+    starts from cells drawn by a keyed hash of (seed, pass, id), and within
+    it a member's coordinate on an averaged axis becomes its index in its
+    group (moshpit.compacting_groups), so a sparse grid (N not size^d)
+    mixes about as fast as a full one would instead of repeating its holes.
     Same inputs, same output, on every peer."""
     if size < 2:
         raise ValueError("a gossip group has at least 2 members")
@@ -122,7 +124,10 @@ def grid_groups(members: Sequence[str], round_: int, seed: int = 0,
     while size ** dims < len(ids):
         dims += 1
     grid = moshpit.grid_for(len(ids), dims)
-    return moshpit.groups(moshpit.place(ids, grid, seed), grid, round_)
+    pass_, step = divmod(round_, dims)
+    pass_seed = int.from_bytes(hashlib.blake2b(f"grid/{seed}/{pass_}".encode(),
+                                               digest_size=8).digest(), "big")
+    return moshpit.compacting_groups(moshpit.place(ids, grid, pass_seed), grid, step)
 
 
 def groups_for(grouping: str, members: Sequence[str], round_: int, seed: int = 0,
