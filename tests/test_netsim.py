@@ -69,16 +69,43 @@ def test_zero_rtt_unlimited_rate():
     assert t["mbit"] > 1000
 
 
+def _best_window_mbit(samples: list, after_s: float, window_s: float) -> float:
+    """The highest receive rate over any stretch of at least window_s starting at
+    or after after_s (the sink's (seconds, bytes) samples)."""
+    best = 0.0
+    for i, (t0, b0) in enumerate(samples):
+        if t0 < after_s:
+            continue
+        end = next(((t, b) for t, b in samples[i + 1:] if t - t0 >= window_s), None)
+        if end is not None:
+            best = max(best, (end[1] - b0) * 8 / (end[0] - t0) / 1e6)
+    return best
+
+
 def test_rate_is_reached_and_not_exceeded():
     rate = 200
     with WanEmulator(n_hosts=2, rtt_ms=10, rate_mbit=rate) as wan:
         t0, s0 = time.monotonic(), wan.stats()["per_host"]["tx_bytes"][1]
         r = measure.tcp_throughput(wan, 0, 1, conns=4, seconds=3.0)
         t1, s1 = time.monotonic(), wan.stats()["per_host"]["tx_bytes"][1]
-    assert 0.85 * rate <= r["mbit"] <= 1.05 * rate
+    # Not exceeded: the shaper's own promise, whatever the load (a starved
+    # sender or forwarder only makes less get through).
+    assert r["mbit"] <= 1.05 * rate
     assert sum(r["mbit_per_conn"]) <= 1.02 * rate
     # What the forwarder delivered, by wall clock (IP headers included).
     assert (s1 - s0) * 8 / (t1 - t0) / 1e6 <= 1.02 * rate
+    # Reached: checked over the best second after slow start, not the whole
+    # run. The whole run's average is also the sender's, the receiver's and
+    # the forwarder's share of a loaded CPU, and TCP's recovery from drops
+    # at the queue (RTOs with a few 64 KB segments in flight), all of which
+    # a busy 2-core machine stretches: a fresh-clone CI run got 154 of 200
+    # Mbit/s, and here under three busy loops 40 Mbit/s shaped gave 28. One
+    # second in which the sender kept the queue full shows that the link
+    # drains at the configured rate; a model that paces slower (capacity
+    # lost at every wake-up, a wrong unit) has no such second: a late
+    # wake-up's burst only delivers what the model had due before the
+    # window (tens of ms of it under load), never more than its schedule.
+    assert _best_window_mbit(r["samples"], 1.0, 1.0) >= 0.85 * rate
 
 
 def test_single_connection_is_window_limited_on_long_fat_pipe():

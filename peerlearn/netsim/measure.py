@@ -51,7 +51,8 @@ def tcp_flows(wan: WanEmulator, pairs: Sequence[tuple[int, int]], conns: int = 1
 
     Per pair: ``mbit`` is the aggregate receive rate after ``warmup_s`` (default a
     third of the run, so slow start is mostly excluded), ``mbit_per_conn`` the
-    whole-run average of each connection, ``connect_ms`` the handshake times.
+    whole-run average of each connection, ``connect_ms`` the handshake times,
+    ``samples`` the sink's (seconds since first data, bytes received) series.
     """
     warmup_s = seconds / 3 if warmup_s is None else warmup_s
     sinks = [_start(wan, dst, "sink", port + i, conns, server=True)
@@ -68,6 +69,7 @@ def tcp_flows(wan: WanEmulator, pairs: Sequence[tuple[int, int]], conns: int = 1
             "mbit_per_conn": [b * 8 / dur / 1e6 for b in r["per_conn"]],
             "bytes": r["bytes"],
             "connect_ms": s["connect_ms"],
+            "samples": r["samples"],
         })
     return results
 
