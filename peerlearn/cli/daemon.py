@@ -193,7 +193,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
              join_timeout: float | None = 60.0, advertise: str | None = None,
              join_cmd: Callable[[str, str], str] = lambda i, c: "",
              relay: int | None = None, relay_via: str | None = None,
-             hole_punch: bool = True) -> None:
+             hole_punch: bool = True, swim: bool = False) -> None:
     """One peer running the built-in synthetic task through the Python API,
     exactly as a training loop would: wait for the swarm's state, contribute,
     let the round apply the mean, repeat. SIGINT/SIGTERM leave gracefully at
@@ -209,7 +209,7 @@ def run_peer(listen: str, join: str | None, data_dir: str, secret: bytes | None,
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
                      advertise=resolve_advertise(listen, advertise, join),
-                     relay_port=relay, relay_via=relay_via, hole_punch=hole_punch)
+                     relay_port=relay, relay_via=relay_via, hole_punch=hole_punch, swim=swim)
     work = SyntheticWorkload(numel=numel, compute_s=compute_s)
     lock_data_dir(data_dir)
     stop = threading.Event()

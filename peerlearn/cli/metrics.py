@@ -66,6 +66,7 @@ REQUEST_DEADLINE_S = 10.0
 # greeting), and the control plane's messages (transport.traffic.CONTROL).
 DIRECTIONS = ("sent", "received")
 TRAFFIC = ("round", "state", "gossip", "other", CONTROL)
+SWIM_STATES = ("alive", "suspect", "dead", "left")  # wire.swim.STATE_NAMES (no torch here)
 
 
 def snapshot(d) -> dict:
@@ -113,7 +114,13 @@ def snapshot(d) -> dict:
         # or invalid (the plane), refused by the protocol (the core: stale
         # epoch, not a member, ...), or a handler that failed on them.
         "rejected": {"invalid": d.plane.rejected_messages, "protocol": d.core.rejected,
-                     "handler_error": d.handler_errors},
+                     "handler_error": d.handler_errors, "swim_off": d.swim_dropped},
+        # SWIM beside the heartbeats (swarm/swim_driver.py): 0s when it is off.
+        "swim_members": {k: (d.swim.states().get(k, 0) if d.swim is not None else 0)
+                         for k in SWIM_STATES},
+        "swim_messages": {"sent": sum(d.swim.sent.values()) if d.swim is not None else 0,
+                          "received": sum(d.swim.received.values()) if d.swim is not None
+                          else 0},
         "retries": dict(d.stats.retries),
         "counters": {
             "rounds_applied": d.rounds_applied,
@@ -255,6 +262,18 @@ class PeerCollector:
         yield GaugeMetricFamily("peerlearn_loop_lag_max_seconds",
                                 "The longest loop lag since the peer started.",
                                 value=s["loop_lag_max_seconds"])
+        swim = GaugeMetricFamily("peerlearn_swim_members",
+                                 "Members SWIM holds in each state (--swim; 0 when off).",
+                                 labels=["state"])
+        for state, n in s["swim_members"].items():
+            swim.add_metric([state], n)
+        yield swim
+        msgs = CounterMetricFamily("peerlearn_swim_messages",
+                                   "SWIM messages sent and received (--swim).",
+                                   labels=["direction"])
+        for direction, n in s["swim_messages"].items():
+            msgs.add_metric([direction], n)
+        yield msgs
 
     def _disk(self):
         from peerlearn.swarm.peer import CHECKPOINT_FILE

@@ -51,6 +51,11 @@ def run(
         help="Relay every link between two dial-back peers (by default they are punched "
              "through both NATs first, the relay only introducing them, and relayed if that "
              "fails)."),
+    swim: bool = typer.Option(
+        False, "--swim",
+        help="Also run SWIM membership (probes, O(1) messages a second) beside the "
+             "heartbeats: logged at debug and exported (peerlearn_swim_*); rounds do not use "
+             "it yet (issue 19)."),
     data_dir: str = typer.Option("./peerlearn-data", help="Identity, checkpoints."),
     secret_file: Optional[str] = typer.Option(
         None, help="File holding the swarm secret (else $PEERLEARN_SECRET)."),
@@ -169,7 +174,7 @@ def run(
             metrics=None if metrics == "off" else metrics, allowlist=keys,
             join_timeout=join_timeout or None, progress_every=progress_every,
             wait_peers=wait_peers, advertise=advertise, join_cmd=join_cmd,
-            relay=relay, relay_via=relay_via, hole_punch=not no_hole_punch)
+            relay=relay, relay_via=relay_via, hole_punch=not no_hole_punch, swim=swim)
         return
     daemon.run_peer(listen, join, data_dir, secret, numel=numel,
                     compute_s=compute_s, codec=codec_id, aggregate=aggregate,
@@ -177,7 +182,7 @@ def run(
                     metrics=None if metrics == "off" else metrics,
                     allowlist=keys, join_timeout=join_timeout or None, advertise=advertise,
                     join_cmd=join_cmd, relay=relay, relay_via=relay_via,
-                    hole_punch=not no_hole_punch)
+                    hole_punch=not no_hole_punch, swim=swim)
 
 
 def _merge_at(spec: str) -> int:

@@ -75,7 +75,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                  advertise: str | None = None,
                  join_cmd=lambda peer_id, control: "",
                  relay: int | None = None, relay_via: str | None = None,
-                 hole_punch: bool = True) -> None:
+                 hole_punch: bool = True, swim: bool = False) -> None:
     """One peer trains `task_spec` with `algo` for `steps` inner steps, logging
     progress lines (logger peerlearn.train, INFO) and, at the end, printing
     one JSON report on stdout.
@@ -104,7 +104,7 @@ def run_training(listen: str, join: str | None, data_dir: str, secret: bytes | N
                      join=join, codec=codec, allowlist=allowlist, join_timeout=join_timeout,
                      timeouts=Timeouts.for_dead_after(dead_after), aggregate=aggregate,
                      advertise=resolve_advertise(listen, advertise, join),
-                     relay_port=relay, relay_via=relay_via, hole_punch=hole_punch)
+                     relay_port=relay, relay_via=relay_via, hole_punch=hole_punch, swim=swim)
     lock_data_dir(data_dir)
     stop = threading.Event()
     traffic_from = training.traffic_bytes()  # the report counts joining and its sync too

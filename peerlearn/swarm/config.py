@@ -49,6 +49,9 @@ class PeerConfig:
     # control and data connection itself; the far ends use them both ways.
     # advertise="dial-back" (the CLI's --advertise dial-back) sets it.
     dial_back: bool = False
+    # Run SWIM membership (swim_driver.py) beside the heartbeats: observed,
+    # logged and exported; the round logic does not use it yet (issue 19).
+    swim: bool = False
     # Serve a relay (transport/relay.py) on this port of `host` (0: any free
     # one) for members that cannot dial each other; None: none.
     relay_port: int | None = None

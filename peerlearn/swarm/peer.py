@@ -53,11 +53,13 @@ from peerlearn.swarm.records import (  # noqa: F401 - CHECKPOINT_FILE: the metri
 from peerlearn.swarm.stalls import StallWatch
 from peerlearn.swarm.stats import PeerStats, TokenBucket
 from peerlearn.swarm.statesync import StateTransfers
+from peerlearn.swarm.swim_driver import SwimOnLoop
 from peerlearn.swarm.syncing import Syncing
 from peerlearn.transport.control import ControlPlane, split_target
 from peerlearn.transport.keys import data_secret
 from peerlearn.transport.relay import Relay
 from peerlearn.wire import control as m
+from peerlearn.wire.messages import SWIM_MESSAGES
 
 log = logging.getLogger("peerlearn.peer")
 
@@ -160,6 +162,11 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
         self.parity_mismatches = 0
         self.handler_errors = 0
         self._view_logged: frozenset[str] = frozenset()
+        # SWIM beside the heartbeats, observed only (swim_driver.py).
+        self.swim = SwimOnLoop(self.id, self.info.control, time.monotonic(),
+                               send=lambda to, addr, msg: self.plane.send(addr, msg, to=to),
+                               address_of=self._swim_address) if config.swim else None
+        self.swim_dropped = 0  # SWIM messages to a peer that runs none
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
 
@@ -245,6 +252,10 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
                 now = time.monotonic()
                 self._dispatch(self.core.tick(now))
                 self._watch_stall(now)
+                if self.swim is not None:
+                    if not self.swim.joined:
+                        self.swim.seed(now, [(i, p.control) for i, p in self.core.members.items()])
+                    self.swim.tick(now)
             except Exception:  # noqa: BLE001 - a bug here must not end the peer silently
                 self.loop_errors += 1
                 if self.loop_errors <= 10 or self.loop_errors % 1000 == 0:
@@ -298,6 +309,8 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
         may shrink their quorum. Bounded: a swarm stopping all at once waits
         LEAVE_ANSWER_S at most, and then every peer keeps its place."""
         now = time.monotonic()
+        if self.swim is not None:
+            self.swim.leave(now)
         self._dispatch(self.core.leave(now))
         deadline = now + LEAVE_ANSWER_S
         while self.core.staying_members(time.monotonic()) and not self.core.stayers and \
@@ -346,6 +359,12 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
 
     def _handle(self, sender: str, msg) -> None:
         """Daemon-level messages here; membership and rounds go to the core."""
+        if isinstance(msg, SWIM_MESSAGES):
+            if self.swim is None:
+                self.swim_dropped += 1
+            else:
+                self.swim.receive(time.monotonic(), sender, msg)
+            return
         if isinstance(msg, m.StateRequest):
             self.transfers.serve(sender, msg)
         elif isinstance(msg, (m.StateOffer, m.StateRefused)):
@@ -364,6 +383,11 @@ class PeerDaemon(Contributing, Syncing, StallWatch):
             self.loop.call_later(STATUS_REPLY_LINGER_S, self.plane.disconnect, msg.reply_to)
         elif not isinstance(msg, m.StatusReply):  # unsolicited replies are ignored
             self._dispatch(self.core.receive(time.monotonic(), sender, msg))
+
+    def _swim_address(self, peer: str) -> str | None:
+        rec = self.swim.member.table.get(peer) if self.swim is not None else None
+        info = self.core.known.get(peer)
+        return rec.addr if rec is not None else info.control if info is not None else None
 
     def _forward_via(self, to: str) -> str | None:
         """The control address of a live member that can pass a message on to

@@ -69,6 +69,7 @@ from peerlearn.transport.handshakes import _FAILED_HANDSHAKE, _WATCHES_MAX, Hand
 from peerlearn.transport.inbound import InboundConnections
 from peerlearn.transport.traffic import CONTROL, WIRE
 from peerlearn.wire import control as m
+from peerlearn.wire import messages
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class ControlPlane(HandshakeWatching, DialBackAnswering):
             return
         if self.dial_back:
             self._hello(d)
-        self._send_on(d, self._pub + m.encode(msg))
+        self._send_on(d, self._pub + messages.encode(msg))
 
     def _send_on(self, d: zmq.asyncio.Socket, frame: bytes) -> None:
         try:
@@ -374,7 +375,7 @@ class ControlPlane(HandshakeWatching, DialBackAnswering):
                 if frames[1].bytes[32:36] == dialback.FORWARD:
                     self._pass_on(sender, frames[1].bytes)
                     continue
-                msg = m.decode(frames[1].bytes[32:])
+                msg = messages.decode(frames[1].bytes[32:])
             except (m.MessageError, ValueError) as e:
                 self.rejected_messages += 1
                 log.debug("dropped a control message: %s", e)

@@ -21,6 +21,7 @@ from peerlearn.state.identity import peer_id_of
 from peerlearn.transport import dialback
 from peerlearn.transport.traffic import CONTROL, WIRE
 from peerlearn.wire import control as m
+from peerlearn.wire import messages
 
 log = logging.getLogger("peerlearn.transport.control")
 
@@ -45,7 +46,7 @@ class DialBackAnswering:
         """To a dial-back peer, on the connection it asked to be answered on,
         signed for it; dropped (counted) when it never asked."""
         route = self._routes.get(to)
-        body = m.encode(msg)
+        body = messages.encode(msg)
         if route is None:
             via = self.forward_via(to) if to is not None else None
             if via is None:
@@ -124,7 +125,7 @@ class DialBackAnswering:
                     raise m.MessageError("not signed by its sender for this connection")
                 if body[:4] == dialback.FORWARD:  # passed on by that member
                     pub, body = dialback.received(self.peer_id, body)
-                return peer_id_of(pub), m.decode(body)
+                return peer_id_of(pub), messages.decode(body)
             except (m.MessageError, ValueError) as e:
                 self.rejected_messages += 1
                 log.debug("dropped a control message sent back: %s", e)
