@@ -102,7 +102,8 @@ def test_members_find_each_other_and_a_silent_one_is_confirmed_dead(swarm):
         assert all(view[i] == "alive" for i in ids - {p.id, quiet.id}), view
 
 
-def test_a_closed_peer_is_left_at_once_and_a_peer_without_swim_drops_its_messages(swarm):
+def test_a_closed_peer_is_left_at_once_and_comes_back_and_a_peer_without_swim_drops_its_messages(
+        swarm, tmp_path):
     peers = swarm(3, swim=lambda i: i != 2)  # p2 runs no SWIM
     with_swim = peers[:2]
     assert wait_until(lambda: all(swim_view(p).get(q.id) == "alive"
@@ -122,3 +123,10 @@ def test_a_closed_peer_is_left_at_once_and_a_peer_without_swim_drops_its_message
     closing.close()
     assert wait_until(lambda: swim_view(peers[0]).get(gone) == "left", 10), swim_view(peers[0])
     assert time.monotonic() - t0 < 10
+    # Restarted from its data directory (the same id): its new incarnation
+    # outranks the LEFT the others keep, and it is alive to them again.
+    back = Peer(PeerConfig(tmp_path / "p1", SECRET, timeouts=FAST, swim=True,
+                           join=peers[0].control_address)).start(timeout=20)
+    peers.append(back)  # closed by the fixture
+    assert back.id == gone
+    assert wait_until(lambda: swim_view(peers[0]).get(gone) == "alive", 20), swim_view(peers[0])

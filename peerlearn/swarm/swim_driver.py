@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -43,7 +44,13 @@ class SwimOnLoop:
                  send: Callable[[str, str, object], None],
                  address_of: Callable[[str], str | None],
                  config: SwimConfig = SwimConfig(), rng: random.Random | None = None):
-        self.member = SwimMember(me, addr, now, rng or random.Random(), config)
+        # A restart must outrank what the others hold about this id (DEAD or
+        # LEFT at the old incarnation, kept dead_keep seconds, beats a stale
+        # ALIVE): incarnations start at the wall clock in ms, so a restarted
+        # peer is taken back at once unless it refuted more often than once a
+        # millisecond of its downtime.
+        self.member = SwimMember(me, addr, now, rng or random.Random(), config,
+                                 incarnation=time.time_ns() // 1_000_000)
         self.send, self.address_of = send, address_of
         self.joined = False
         self.sent: Counter[str] = Counter()  # message type -> count
