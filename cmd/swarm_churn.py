@@ -12,7 +12,11 @@ What it reports (JSON):
   * cost: each peer process's CPU (user + system, from /proc) over the run
     and over a quiet minute (no kill, join or restart in it: the idle cost of
     membership and rounds, since the synthetic workload sleeps for its
-    compute), and its resident memory.
+    compute), and its resident memory;
+  * with --swim (every peer also runs SWIM beside its heartbeats,
+    swarm/swim_driver.py): for each kill, how long after it each peer that
+    lived through it logged the victim suspect and dead in SWIM, from the
+    peers' own debug lines (and how many never did before its restart).
 
 Churn: every `--kill-every` seconds one random live peer is SIGKILLed (the
 founder too) and restarted `--restart-after` seconds later from its data
@@ -67,6 +71,7 @@ class Swarm:
         self.port: dict[str, int] = {}
         self.events: list[tuple[float, str, str]] = []
         self.cpu: dict[str, float] = {}  # CPU seconds of ended processes, per name
+        self.killed_at: list[tuple[float, str]] = []  # (wall time, name)
 
     def start(self, name: str, join: str | None) -> None:
         if name not in self.port:
@@ -76,6 +81,8 @@ class Swarm:
                 str(self.work / name), "--numel", str(self.args.numel), "--compute-s",
                 str(self.args.compute_s), "--metrics", "off", "--secret-file", str(self.secret),
                 "--log-level", "debug", "--log-format", "json"]  # debug: "step N applied" lines
+        if self.args.swim:
+            argv.append("--swim")
         if join:
             argv += ["--join", join]
         log = open(self.work / f"{name}.log", "a")
@@ -97,6 +104,7 @@ class Swarm:
         p.wait()
         self.cpu[name] = self.cpu.get(name, 0.0) + (used or 0.0)
         self.events.append((time.monotonic(), "kill", name))
+        self.killed_at.append((time.time(), name))
 
     def close(self) -> None:
         for name, p in self.procs.items():
@@ -131,6 +139,48 @@ def applied(work: Path, names) -> dict[str, list[tuple[float, int, str]]]:
     return out
 
 
+def peer_id(work: Path, name: str) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from peerlearn.state.identity import Identity
+    return Identity.load_or_create(work / name).peer_id
+
+
+def swim_detection(work: Path, names, killed_at, restart_after: float) -> list[dict]:
+    """Per kill: seconds from the SIGKILL until each other peer's SWIM logged
+    the victim suspect, and dead (debug lines of swim_driver.py), within the
+    victim's downtime; a peer that logged nothing in it counts as missed."""
+    lines = {}
+    for name in names:
+        rows = []
+        for line in (work / f"{name}.log").read_text(errors="replace").splitlines():
+            if line.startswith("{") and "swim: " in line:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                rows.append((_seconds(rec.get("time", "")), str(rec.get("message", ""))))
+        lines[name] = rows
+    out = []
+    for at, victim in killed_at:
+        short = peer_id(work, victim)[:8]
+        seen: dict[str, dict[str, float]] = {}
+        for name, rows in lines.items():
+            if name == victim:
+                continue
+            for t, msg in rows:
+                if at <= t <= at + restart_after and f"swim: {short} is " in msg:
+                    state = msg.split(f"swim: {short} is ", 1)[1].split(" ", 1)[0]
+                    seen.setdefault(name, {}).setdefault(state, t - at)
+        dead = sorted(v["dead"] for v in seen.values() if "dead" in v)
+        suspect = sorted(v["suspect"] for v in seen.values() if "suspect" in v)
+        out.append({"victim": victim, "peers_that_saw_it_dead": len(dead),
+                    "dead_s_median": statistics.median(dead) if dead else None,
+                    "dead_s_max": max(dead) if dead else None,
+                    "suspect_s_median": statistics.median(suspect) if suspect else None,
+                    "first_suspect_s": suspect[0] if suspect else None})
+    return out
+
+
 def _seconds(stamp: str) -> float:
     """A log line's UTC time (2026-12-07T10:01:02.345Z) in epoch seconds."""
     import calendar
@@ -150,6 +200,8 @@ def main() -> None:
     p.add_argument("--compute-s", type=float, default=1.0)
     p.add_argument("--base-port", type=int, default=7600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--swim", action="store_true",
+                   help="every peer also runs SWIM beside its heartbeats (peerlearn run --swim)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -234,6 +286,9 @@ def main() -> None:
         "rss_mb_max": max(rss) / 2**20 if rss else None,
         "logs": str(work),
     }
+    if args.swim:
+        report["swim"] = {"detections": swim_detection(work, names, sw.killed_at,
+                                                       args.restart_after)}
     print(json.dumps(report, indent=None if args.json else 2))
 
 
