@@ -11,6 +11,7 @@ import msgpack
 import pytest
 import torch
 
+from peerlearn.cli.metrics import snapshot
 from peerlearn.state.shared import SharedState
 from peerlearn.swarm.api import Peer
 from peerlearn.swarm.peer import PeerConfig
@@ -82,6 +83,9 @@ def test_members_find_each_other_and_a_silent_one_is_confirmed_dead(swarm):
     ids = {p.id for p in peers}
     assert wait_until(lambda: all(swim_view(p) == {i: "alive" for i in ids - {p.id}}
                                   for p in peers), 30), [swim_view(p) for p in peers]
+    shown = peers[0]._on_loop(lambda: snapshot(peers[0].daemon))  # what /metrics serves
+    assert shown["swim_members"] == {"alive": 3, "suspect": 0, "dead": 0, "left": 0}
+    assert shown["swim_messages"]["sent"] > 0 and shown["swim_messages"]["received"] > 0
     # O(1) messages a period: each member's own Pings at most one a period
     # (its probe), whatever the swarm; PingReqs only after a missed Ack.
     window_start = {p.id: p._on_loop(lambda p=p: dict(p.daemon.swim.sent)) for p in peers}

@@ -171,6 +171,13 @@ _COUNTER_DOCS = {
 }
 
 
+def _labelled(family, name: str, doc: str, label: str, values: dict):
+    fam = family(name, doc, labels=[label])
+    for value, n in values.items():
+        fam.add_metric([value], n)
+    return fam
+
+
 def _histogram(name: str, doc: str, durations, label: str | None) -> HistogramMetricFamily:
     fam = HistogramMetricFamily(name, doc, labels=[label] if label else None)
     bounds = [repr(float(b)) for b in durations.buckets] + ["+Inf"]
@@ -245,10 +252,7 @@ class PeerCollector:
                 ("round_retries",
                  "Times this peer's contribution went into another round, by reason.",
                  "reason", s["retries"])):
-            fam = CounterMetricFamily(f"peerlearn_{name}", doc, labels=[label])
-            for value, n in values.items():
-                fam.add_metric([value], n)
-            yield fam
+            yield _labelled(CounterMetricFamily, f"peerlearn_{name}", doc, label, values)
         for name, value in s["counters"].items():
             yield CounterMetricFamily(f"peerlearn_{name}", _COUNTER_DOCS[name], value=value)
         yield _histogram("peerlearn_collective_seconds",
@@ -262,18 +266,12 @@ class PeerCollector:
         yield GaugeMetricFamily("peerlearn_loop_lag_max_seconds",
                                 "The longest loop lag since the peer started.",
                                 value=s["loop_lag_max_seconds"])
-        swim = GaugeMetricFamily("peerlearn_swim_members",
-                                 "Members SWIM holds in each state (--swim; 0 when off).",
-                                 labels=["state"])
-        for state, n in s["swim_members"].items():
-            swim.add_metric([state], n)
-        yield swim
-        msgs = CounterMetricFamily("peerlearn_swim_messages",
-                                   "SWIM messages sent and received (--swim).",
-                                   labels=["direction"])
-        for direction, n in s["swim_messages"].items():
-            msgs.add_metric([direction], n)
-        yield msgs
+        yield _labelled(GaugeMetricFamily, "peerlearn_swim_members",
+                        "Members SWIM holds in each state (--swim; 0 when off).", "state",
+                        s["swim_members"])
+        yield _labelled(CounterMetricFamily, "peerlearn_swim_messages",
+                        "SWIM messages sent and received (--swim).", "direction",
+                        s["swim_messages"])
 
     def _disk(self):
         from peerlearn.swarm.peer import CHECKPOINT_FILE
