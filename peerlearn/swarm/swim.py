@@ -1,8 +1,10 @@
 """SWIM membership with Lifeguard-style suspicion, sans-IO (issue 19).
 
-Not yet used by the daemon: RoundCore still heartbeats every member
-(docs/swarm.md, "The new membership (SWIM), simulated", says what wiring it
-in takes). cmd/scale_sim.py --membership swim runs it at up to 1,024 members.
+The daemon runs it beside its heartbeats with `peerlearn run --swim`
+(swim_driver.py), observed only: RoundCore still heartbeats every member and
+decides liveness from them (docs/swarm.md, "SWIM between real peers", says
+what wiring it in takes). cmd/scale_sim.py --membership swim runs it at up to
+1,024 members.
 
 A `SwimMember` is driven by its owner with the time: `receive(now, src, msg)`
 for a message (src: the sender's id as the authenticated transport knows
