@@ -98,13 +98,24 @@ def rtt(wan: WanEmulator, a: int, b: int, count: int = 10, gap_s: float = 0.01,
 
 def udp_delivery(wan: WanEmulator, src: int, dst: int, count: int = 2000,
                  gap_s: float = 0.0005, size: int = 1000, port: int = 5401) -> dict:
-    """Send ``count`` numbered datagrams one way; which sequence numbers arrived."""
+    """Send ``count`` numbered datagrams one way; which sequence numbers arrived.
+
+    The sink's receive buffer holds all ``count`` datagrams, so ``lost`` is the
+    path's loss however late the sink process gets the CPU; ``sink_dropped`` is
+    what the destination's kernel still dropped at the sink's socket (should be 0;
+    None where the kernel cannot tell).
+    """
     idle_s = wan.rtt_ms / 1e3 + 0.5
-    sink = _start(wan, dst, "udpsink", port, idle_s, server=True)
+    # A datagram costs its skb's truesize in the buffer, about twice its size or
+    # more for small ones; 2x the payload plus 2 KiB each leaves room.
+    rcvbuf = count * (2 * size + 2048)
+    sink = _start(wan, dst, "udpsink", port, idle_s, rcvbuf, server=True)
     _result(_start(wan, src, "udpsend", wan.hosts[dst].addr, port, count, gap_s, size,
                    server=False), timeout=count * gap_s * 10 + 60)
-    seqs = _result(sink, timeout=count * gap_s * 10 + 60)["seqs"]
-    return {"sent": count, "received": len(seqs), "lost": sorted(set(range(count)) - set(seqs))}
+    r = _result(sink, timeout=count * gap_s * 10 + 60)
+    seqs = r["seqs"]
+    return {"sent": count, "received": len(seqs),
+            "lost": sorted(set(range(count)) - set(seqs)), "sink_dropped": r["dropped"]}
 
 
 def udp_hole_punch(wan: WanEmulator, rendezvous: int, a: int, b: int, seconds: float = 1.0,

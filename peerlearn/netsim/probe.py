@@ -8,7 +8,7 @@ then exactly one JSON line with its results.
     source ADDR PORT CONNS S  open CONNS TCP connections, send for S seconds
     echo PORT                 UDP echo until killed
     ping ADDR PORT COUNT GAP  UDP round trips, one every GAP seconds
-    udpsink PORT IDLE         collect UDP sequence numbers (first 4 bytes) until IDLE s quiet
+    udpsink PORT IDLE [RCVBUF] collect UDP sequence numbers (first 4 bytes) until IDLE s quiet
     udpsend ADDR PORT COUNT GAP SIZE
     rendezvous PORT           UDP: tell each of two registered peers the other's endpoint
     punch ADDR PORT LPORT S   UDP hole punch from LPORT via rendezvous ADDR:PORT for S s
@@ -142,9 +142,40 @@ def ping(addr: str, port: int, count: int, gap: float) -> None:
     _emit({"rtt_ms": rtts})
 
 
-def udpsink(port: int, idle_s: float) -> None:
-    """Stops once ``idle_s`` pass without a datagram (waiting at most 10 s for the first)."""
+# Linux socket options Python's socket module does not name (asm-generic values).
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_SK_MEMINFO_DROPS = 8  # index of sk_drops in SO_MEMINFO's u32 array
+
+
+def _socket_drops(s: socket.socket) -> int | None:
+    """Datagrams the kernel dropped at this socket (full receive buffer), or None
+    where SO_MEMINFO is not available."""
+    try:
+        raw = s.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 64)
+    except OSError:
+        return None
+    if len(raw) < 4 * (_SK_MEMINFO_DROPS + 1):
+        return None
+    return struct.unpack_from("I", raw, 4 * _SK_MEMINFO_DROPS)[0]
+
+
+def udpsink(port: int, idle_s: float, rcvbuf: int = 0) -> None:
+    """Stops once ``idle_s`` pass without a datagram (waiting at most 10 s for the first).
+
+    ``rcvbuf`` (bytes, 0: the kernel's default) sizes the receive buffer so that
+    datagrams wait in it while this process is not scheduled: with the default
+    (about 100 small datagrams) a sink starved for a few tens of milliseconds on a
+    busy machine loses whole runs of them, which would count as path loss. Forced
+    past net.core.rmem_max where allowed (CAP_NET_ADMIN, as in the emulator's
+    hosts). ``dropped`` reports what the kernel still dropped at this socket.
+    """
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if rcvbuf > 0:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.bind(("0.0.0.0", port))
     _ready()
     seqs = []
@@ -155,7 +186,7 @@ def udpsink(port: int, idle_s: float) -> None:
         except TimeoutError:
             break
         s.settimeout(idle_s)
-    _emit({"seqs": seqs})
+    _emit({"seqs": seqs, "dropped": _socket_drops(s)})
 
 
 def udpsend(addr: str, port: int, count: int, gap: float, size: int) -> None:
@@ -237,7 +268,7 @@ def main(argv: list[str]) -> None:
     elif cmd == "ping":
         ping(args[0], int(args[1]), int(args[2]), float(args[3]))
     elif cmd == "udpsink":
-        udpsink(int(args[0]), float(args[1]))
+        udpsink(int(args[0]), float(args[1]), int(args[2]) if len(args) > 2 else 0)
     elif cmd == "udpsend":
         udpsend(args[0], int(args[1]), int(args[2]), float(args[3]), int(args[4]))
     elif cmd == "rendezvous":
