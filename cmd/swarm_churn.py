@@ -196,6 +196,9 @@ def main() -> None:
     p.add_argument("--restart-after", type=float, default=10.0)
     p.add_argument("--join-every", type=float, default=90.0)
     p.add_argument("--quiet-s", type=float, default=60.0)
+    p.add_argument("--settle-s", type=float, default=10.0,
+                   help="the quiet window's CPU is counted from this long after the last start "
+                        "(32 peers starting at once take about a minute of both cores)")
     p.add_argument("--numel", type=int, default=65536)
     p.add_argument("--compute-s", type=float, default=1.0)
     p.add_argument("--base-port", type=int, default=7600)
@@ -223,7 +226,7 @@ def main() -> None:
         cpu_at_quiet_start = cpu_at_quiet_end = None
         while time.monotonic() < end:
             now = time.monotonic()
-            if cpu_at_quiet_start is None and now >= formed + 10:
+            if cpu_at_quiet_start is None and now >= formed + args.settle_s:
                 cpu_at_quiet_start = (now, {n: cpu_seconds(sw.procs[n].pid) for n in sw.live()})
             if cpu_at_quiet_end is None and now >= quiet_end:
                 cpu_at_quiet_end = (now, {n: cpu_seconds(sw.procs[n].pid) for n in sw.live()})
