@@ -1,0 +1,132 @@
+"""The recursive halving and doubling all-reduce (swarm/halving.py) over
+real links on loopback, one thread per peer: bit-identical results equal to
+the mean, the input left alone, powers of two and folded ranks, only the
+schedule's partners used, a rerun's bits the same, and a peer that never
+sends named by its partners."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from peerlearn.swarm.allreduce import AllReduceAborted
+from peerlearn.swarm.halving import halving_allreduce, partners
+from tests.test_direct_allreduce import Mesh, _inputs
+
+torch.set_num_threads(1)
+
+
+def run(mesh: Mesh, inputs, *, tag: int, stalled: int | None = None, timeout: float = 10.0,
+        used: set | None = None, **kw) -> dict[int, object]:
+    out: dict[int, object] = {}
+
+    def slots(r: int, table, direction: str):
+        def opener(j: int):
+            def open_link():
+                if used is not None:
+                    used.add((r, j, direction))
+                return table[r][j]
+            return open_link
+        return [None if j == r else opener(j) for j in range(mesh.n)]
+
+    def peer(r: int) -> None:
+        try:
+            out[r] = halving_allreduce(inputs[r], rank=r, world=mesh.n,
+                                       send_links=slots(r, mesh.send, "send"),
+                                       recv_links=slots(r, mesh.recv, "recv"),
+                                       op_tag=tag, timeout=timeout, **kw)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            out[r] = e
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(mesh.n) if r != stalled]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 12])
+def test_every_peer_gets_the_same_bits_the_mean_and_only_its_partners_are_used(n):
+    mesh = Mesh(n)
+    try:
+        for numel in (1, 1000, 70_001):
+            inputs = _inputs(n, numel, seed=numel)
+            before = [x.clone() for x in inputs]
+            used: set = set()
+            got = run(mesh, inputs, tag=numel, used=used)
+            assert all(isinstance(got[r], torch.Tensor) for r in range(n)), got
+            assert all(torch.equal(got[r], got[0]) for r in range(n))
+            exact = torch.stack([x.double() for x in inputs]).mean(0)
+            torch.testing.assert_close(got[0].double(), exact, rtol=1e-5, atol=1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(inputs, before))  # only read
+            again = run(mesh, inputs, tag=numel + 1)
+            assert torch.equal(again[0], got[0])  # no timing in the bits
+            if numel > 1:  # (one element: most segments are empty, fewer links open)
+                for r in range(n):
+                    want = set(partners(r, n))
+                    assert {j for (i, j, _) in used if i == r} == want, (r, used)
+    finally:
+        mesh.close()
+
+
+def test_a_log_number_of_partners():
+    assert partners(0, 32) == [16, 8, 4, 2, 1]
+    assert partners(5, 12) == [5 ^ 4, 5 ^ 2, 5 ^ 1]  # 12 = 8 + 4: ranks 8-11 fold into 0-3
+    assert partners(1, 12) == [9, 1 ^ 4, 1 ^ 2, 0]
+    assert partners(9, 12) == [1]
+    assert all(r in partners(j, 12) for r in range(12) for j in partners(r, 12))
+
+
+def test_a_peer_that_never_sends_is_named_by_its_partners_and_all_fail():
+    mesh = Mesh(5)
+    try:
+        got = run(mesh, _inputs(5, 4096), tag=7, stalled=2, timeout=1.0)
+        assert all(isinstance(got[r], AllReduceAborted) for r in got), got
+        # Its first partner in the schedule times out waiting for it.
+        first = partners(2, 5)[0]
+        assert got[first].peer_rank == 2, got[first]
+    finally:
+        mesh.close()
+
+
+def test_a_round_of_nine_real_peers_runs_halving_and_applies_the_same_bits(tmp_path,
+                                                                          monkeypatch):
+    """Past direct.py's 8, a small mean takes recursive halving in the
+    daemon (collective.py): 9 peers (8 + 1 folded) get one result, the mean."""
+    from peerlearn.swarm import collective
+    from peerlearn.swarm.api import Peer
+    from peerlearn.swarm.peer import PeerConfig
+    from peerlearn.swarm.rounds import Timeouts
+    from tests.test_api import run_all
+
+    calls = []
+    real = collective.halving_allreduce
+
+    def counted(*a, **kw):
+        calls.append(kw["world"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(collective, "halving_allreduce", counted)
+    secret = b"halving-test-secret-0123456789ab"
+    # Patient: 9 peers on 2 cores; a gather that ends before every Ready came
+    # would leave the late ones out (StateReplaced), which is not under test.
+    fast = Timeouts(heartbeat_every=0.2, dead_after=5.0, gather=15.0, ack=5.0)
+    peers = [Peer(PeerConfig(tmp_path / "p0", secret, timeouts=fast)).start()]
+    try:
+        for i in range(1, 9):
+            peers.append(Peer(PeerConfig(tmp_path / f"p{i}", secret, timeouts=fast,
+                                         join=peers[0].control_address)).start(timeout=30))
+        for p in peers:
+            p.sync_state(timeout=30)
+        run_all(peers, lambda i, p: p.wait_for_peers(9, timeout=60))
+        xs = [torch.randn(5000, generator=torch.Generator().manual_seed(i)) for i in range(9)]
+        got = run_all(peers, lambda i, p: p.all_reduce({"x": xs[i]}, timeout=60)["x"])
+        assert all(torch.equal(got[i], got[0]) for i in range(9))
+        torch.testing.assert_close(got[0], torch.stack(xs).mean(0), rtol=1e-5, atol=1e-6)
+        assert calls and set(calls) == {9}, calls
+    finally:
+        for p in peers:
+            p.close()
