@@ -240,7 +240,7 @@ def _install_daemon_hooks(emit: _Events, slot_s: float, cc: str | None,
     sc.run_collective = run_collective
     # The collectives a round may run (another may be added: it is timed as a whole)
     for name, algo in (("ring_allreduce", "ring"), ("direct_allreduce", "direct"),
-                       ("ring_allgather", "allgather")):
+                       ("halving_allreduce", "halving"), ("ring_allgather", "allgather")):
         if hasattr(scol, name):
             setattr(scol, name, timed(getattr(scol, name), algo))
     sd.PeerLinks.outgoing, sd.PeerLinks.incoming = outgoing, incoming
