@@ -3,9 +3,9 @@
 With `aggregate="mean"` (the default) the round is an all-reduce: nobody
 sees another member's contribution, and the bytes are 2(N-1)/N of one
 contribution. A small tensor among a few peers takes the direct all-reduce
-(direct.py: two one-way hops); one under IN_PLACE_MIN_BYTES among more
-peers, without a codec, recursive halving and doubling (halving.py: 2 log2 N
-hops); anything else the ring (2(N-1) hops, pipelined, in lanes). With a
+(direct.py: two one-way hops), anything larger the ring (2(N-1) hops,
+pipelined, in lanes). halving.py (2 log2 N hops) is not taken yet: see
+docs/swarm.md, "Rounds past 8 peers". With a
 robust rule (aggregate.py) the round all-gathers every contribution
 (allgather.py, N/2 times the bytes) and every participant applies the rule
 to the same rows: a member that sends 1e30, a sign flip or noise moves the
@@ -32,7 +32,6 @@ from peerlearn.swarm.allreduce import AllReduceAborted, CodecSpec, ring_allreduc
 from peerlearn.swarm.config import PeerConfig
 from peerlearn.swarm.datalinks import CHANNEL_ROUND, PeerLinks
 from peerlearn.swarm.direct import DIRECT_MAX_BYTES, DIRECT_MAX_WORLD, direct_allreduce
-from peerlearn.swarm.halving import halving_allreduce
 from peerlearn.wire.codecs import hash_tensor
 
 # Contributions at least this large are reduced in place, in the buffer the
@@ -100,7 +99,7 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
     setup = _SetupAbort(links, [p for p in a.participants if p != me])
     inflight[a.round_id] = [setup]
     # Each link is opened when a transfer first needs it, in that transfer's
-    # thread (direct.py, halving.py); the loop's abort reaches them through
+    # thread (direct.py); the loop's abort reaches them through
     # `setup` (PeerLinks.abort ends both a wait and a link in use).
     def opener(p: str, direction: str):
         def open_link():
@@ -114,11 +113,6 @@ def _aggregate(links: PeerLinks, cfg: PeerConfig, me: str, a: StartCollective,
         return RoundResult(direct_allreduce(
             update, rank=rank, world=n, send_links=sends, recv_links=recvs,
             op_tag=a.round_id, average=True, codec=codec, timeout=cfg.step_timeout,
-            abort_setup=setup.abort))
-    if cfg.aggregate == "mean" and _halving(update, n, codec):
-        return RoundResult(halving_allreduce(
-            update, rank=rank, world=n, send_links=sends, recv_links=recvs,
-            op_tag=a.round_id, average=True, timeout=cfg.step_timeout,
             abort_setup=setup.abort))
     succ, pred = a.participants[(rank + 1) % n], a.participants[(rank - 1) % n]
     send = _link(lambda: links.outgoing(succ, addr[succ], timeout=cfg.step_timeout),
@@ -160,14 +154,6 @@ def _direct(update: torch.Tensor, n: int) -> bool:
     tensor, where the ring's hops, not the bytes, set its time. Every
     participant decides alike: the same n, numel and constants."""
     return 3 <= n <= DIRECT_MAX_WORLD and update.numel() * 4 <= DIRECT_MAX_BYTES
-
-
-def _halving(update: torch.Tensor, n: int, codec: CodecSpec | None) -> bool:
-    """Whether a mean among n runs as recursive halving and doubling (2
-    log2 n hops) rather than the ring: past the direct path's world, under
-    the size reduced in place, without a codec (halving.py has none). Every
-    participant decides alike."""
-    return n > DIRECT_MAX_WORLD and codec is None and update.numel() * 4 < IN_PLACE_MIN_BYTES
 
 
 def _link(open_link, participants: tuple[str, ...], peer: str, direction: str):

@@ -28,9 +28,13 @@ Invariants, as the ring's:
     (x + y is the same bits as y + x), so they do not depend on timing and
     a rerun gives the same bits.
   * `tensor` is only read.
-No codec (collective.py takes the ring when one is set) and no pipelining
-across steps: meant for the small tensors of swarms past direct.py's
-DIRECT_MAX_WORLD, where the ring's hops, not its bytes, set the time.
+No codec and no pipelining across steps: meant for the small tensors of
+swarms past direct.py's DIRECT_MAX_WORLD, where the ring's hops, not its
+bytes, set the time. Not taken by collective.py yet: a receive here uses
+the Link its opener returned, so a link still holding an aborted round's
+frame fails the next round (StreamProtocolError) where the ring's
+PeerLinks.recv_into moves to the sender's next link (docs/swarm.md,
+"Rounds past 8 peers").
 """
 
 from __future__ import annotations
