@@ -91,3 +91,47 @@ def test_a_peer_that_never_sends_is_named_by_its_partners_and_all_fail():
     finally:
         mesh.close()
 
+
+
+def test_a_link_holding_an_aborted_rounds_frame_is_read_past_to_the_senders_next_one():
+    """A partner that sent its step of an aborted round after we gave that
+    round up left the frame on a link we never read; the next round's
+    receive meets it (StreamProtocolError) and moves on to the partner's
+    next link, as PeerLinks.recv_into does for the ring."""
+    from peerlearn.swarm.allreduce import op_id
+    from peerlearn.transport.stream import connect_link
+    from tests.test_direct_allreduce import SECRET
+
+    mesh = Mesh(2)
+    stale_send = connect_link("127.0.0.1", mesh.listeners[1].address[1], SECRET, 2, timeout=5.0)
+    stale_recv = mesh.listeners[1].accept_link(timeout=5.0)
+    try:
+        tag, numel = 9, 4096
+        stale_send.send(torch.ones(numel // 2), op_id(tag - 1, 1), timeout=5.0)  # round 8's step
+        handed = iter([stale_recv, mesh.recv[1][0]])
+        inputs = _inputs(2, numel)
+        out: dict[int, object] = {}
+
+        def peer(r: int) -> None:
+            recv = [None, None]
+            recv[1 - r] = (lambda: next(handed)) if r == 1 else (lambda: mesh.recv[0][1])
+            send = [None, None]
+            send[1 - r] = lambda: mesh.send[r][1 - r]
+            try:
+                out[r] = halving_allreduce(inputs[r], rank=r, world=2, send_links=send,
+                                           recv_links=recv, op_tag=tag, timeout=10.0)
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                out[r] = e
+
+        threads = [threading.Thread(target=peer, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(isinstance(out[r], torch.Tensor) for r in range(2)), out
+        assert torch.equal(out[0], out[1])
+        torch.testing.assert_close(out[0], (inputs[0] + inputs[1]) / 2)
+    finally:
+        stale_send.close()
+        stale_recv.close()
+        mesh.close()

@@ -30,23 +30,21 @@ Invariants, as the ring's:
   * `tensor` is only read.
 No codec and no pipelining across steps: meant for the small tensors of
 swarms past direct.py's DIRECT_MAX_WORLD, where the ring's hops, not its
-bytes, set the time. Not taken by collective.py yet: a receive here uses
-the Link its opener returned, so a link still holding an aborted round's
-frame fails the next round (StreamProtocolError) where the ring's
-PeerLinks.recv_into moves to the sender's next link (docs/swarm.md,
-"Rounds past 8 peers").
+bytes, set the time. Not taken by collective.py yet (docs/swarm.md,
+"Rounds past 8 peers": a daemon test under CI load comes first).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 
 from peerlearn.swarm.allreduce import SEGMENT_ALIGN, AllReduceAborted, op_id, segment_bounds
 from peerlearn.swarm.direct import _Failures
-from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link
+from peerlearn.transport.stream import DEFAULT_CHUNK_ELEMS, Link, StreamProtocolError
 
 LinkOrOpener = Link | Callable[[], Link] | None
 
@@ -98,6 +96,23 @@ def halving_allreduce(
             links[key] = opened
         return links[key]
 
+    def receive(j: int, into: torch.Tensor, op: int) -> None:
+        """into <- op from j. A link from j can still hold an aborted round's
+        frames (j sent them after we had given that round up): reading one
+        breaks that link (StreamProtocolError), and when the slot is an
+        opener the receive moves to j's next link, as PeerLinks.recv_into
+        does for the ring, until the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            current = link(j, "recv")
+            try:
+                current.recv_into(into, op, timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except StreamProtocolError:
+                if isinstance(recv_links[j], Link) or time.monotonic() >= deadline:
+                    raise
+                links.pop((j, "recv"), None)  # the next opening returns j's newer link
+
     def exchange(step: int, phase: str, partner: int, out: torch.Tensor | None,
                  into: torch.Tensor | None) -> None:
         """Sends `out` to partner while receiving its part into `into`."""
@@ -117,7 +132,7 @@ def halving_allreduce(
             sender.start()
         try:
             if into is not None and into.numel():
-                link(partner, "recv").recv_into(into, op_id(op_tag, step), timeout=timeout)
+                receive(partner, into, op_id(op_tag, step))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(("recv", e))
             failures.fail(phase, step, "recv", partner, e)
